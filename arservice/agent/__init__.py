@@ -1,0 +1,3 @@
+from .agent import Agent, AgentExit
+
+__all__ = ["Agent", "AgentExit"]

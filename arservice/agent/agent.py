@@ -1,0 +1,255 @@
+"""The agent: a headless worker that owns environment instances and runs commands in them.
+
+One thread owns the DEALER socket to the broker and the table of instances. Work that
+blocks (starting an environment, running a command, closing) goes to a thread pool; each
+worker hands its answer back through an inproc PUSH socket that the loop polls, so a slow
+command never delays another one or the heartbeat.
+"""
+
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import zmq
+
+from .. import environments, protocol
+from ..logs import EventLog
+from ..protocol import ProtocolError
+from . import workdirs
+
+log = EventLog("agent")
+
+INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
+                     protocol.WRITE_FILE, protocol.READ_FILE)
+CLOSE_ALL_TIMEOUT_S = 60.0
+
+
+class AgentExit(Exception):
+    """The broker refused this agent (for example a wrong secret); the agent cannot go on."""
+
+
+class Agent:
+    def __init__(self, broker, *, instances=4, cpus=None, memory=None, env_types=None, secret=None,
+                 agent_id=None, heartbeat_s=1.0, broker_timeout_s=15.0, workdir_root=None,
+                 max_concurrent=256):
+        self.broker = broker
+        self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.capacity = {"instances": instances, "cpus": cpus, "memory": memory}
+        self.env_types = env_types or environments.available_types()
+        self.secret = secret
+        self.heartbeat_s = heartbeat_s
+        self.broker_timeout_s = broker_timeout_s
+        self.workdir_root = workdir_root or workdirs.DEFAULT_ROOT
+        self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="work")
+        self.envs = {}  # instance id -> (Environment, Future of its start); touched only by the loop
+        self.stopping = threading.Event()
+        self.ctx = zmq.Context()
+        self.outbox_address = f"inproc://outbox-{id(self)}"
+        self._outbox_sockets = threading.local()
+        self._next_id = 0
+
+    def stop(self):
+        """Ask the loop to finish; safe from signal handlers and other threads."""
+        self.stopping.set()
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self):
+        """Serve until stop() or until the broker is gone; clean up every instance however it ends."""
+        self.workdir = workdirs.claim(self.workdir_root, self.agent_id)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.connect(self.broker)
+        outbox = self.ctx.socket(zmq.PULL)
+        outbox.bind(self.outbox_address)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(outbox, zmq.POLLIN)
+        log.info("agent_started", agent=self.agent_id, broker=self.broker, capacity=self.capacity, types=",".join(self.env_types))
+        self.registered = False
+        self.last_heard = time.monotonic()
+        next_beat = 0.0
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if now - self.last_heard > self.broker_timeout_s:
+                    log.warning("broker_lost", agent=self.agent_id, silent_s=round(now - self.last_heard, 1))
+                    break
+                if now >= next_beat:
+                    # Until registered, the heartbeat is a registration attempt.
+                    self._send(protocol.request(protocol.HEARTBEAT, self._id(), instances=len(self.envs))
+                               if self.registered else self._register_message())
+                    next_beat = now + self.heartbeat_s
+                for sock, _ in poller.poll(timeout=max(0, min(next_beat - time.monotonic(), 0.5)) * 1000):
+                    if sock is outbox:
+                        self._forward_answer(outbox.recv_multipart())
+                    else:
+                        self._on_broker_frame(self.sock.recv())
+        finally:
+            self._close_all()
+            if self.registered:
+                self._send(protocol.request(protocol.DISCONNECT, self._id()))
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            outbox.close(linger=0)
+            self.sock.close()
+            self.ctx.term()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            log.info("agent_stopped", agent=self.agent_id)
+
+    def _id(self):
+        self._next_id += 1
+        return f"{self.agent_id}:{self._next_id}"
+
+    def _send(self, msg):
+        self.sock.send(protocol.encode(msg))
+
+    def _register_message(self):
+        return protocol.request(
+            protocol.REGISTER, self._id(), agent_id=self.agent_id, secret=self.secret,
+            capacity=self.capacity, env_types=self.env_types, hostname=socket.gethostname(),
+            pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+        )
+
+    def _on_broker_frame(self, frame):
+        self.last_heard = time.monotonic()
+        try:
+            msg = protocol.decode(frame)
+        except ProtocolError as exc:
+            log.warning("bad_frame_from_broker", error=exc.message)
+            return
+        kind = msg["type"]
+        if kind == protocol.REPLY and not self.registered and msg.get("result", {}).get("registered"):
+            self.registered = True
+            log.info("registered", agent=self.agent_id, broker=self.broker)
+        elif kind == protocol.ERROR:
+            self._on_broker_error(msg.get("error") or {})
+        elif kind in INSTANCE_REQUESTS:
+            try:
+                getattr(self, f"_on_{kind}")(msg)
+            except ProtocolError as exc:
+                self._send(protocol.error(msg.get("id"), exc.code, exc.message))
+        elif kind not in (protocol.HEARTBEAT, protocol.REPLY):
+            self._send(protocol.error(msg.get("id"), "invalid_request", f"agents do not handle {kind!r} messages"))
+
+    def _on_broker_error(self, error):
+        code = error.get("code")
+        if code == "unauthorized":
+            raise AgentExit(f"broker refused registration: {error.get('message')}")
+        if code == "not_registered":
+            # The broker no longer counts this agent (declared lost, or restarted): its
+            # instances are gone for the broker, so they go here too, then register again.
+            log.warning("broker_forgot_agent", agent=self.agent_id, instances=len(self.envs))
+            self._close_all()
+            self.registered = False
+        else:
+            log.warning("broker_error", code=code, message=error.get("message"))
+
+    # -- instance requests: validate on the loop, run on the pool ----------------
+
+    def _on_start_instance(self, msg):
+        instance_id = protocol.field(msg, "instance_id", str)
+        if instance_id in self.envs:
+            raise ProtocolError("conflict", f"instance {instance_id} exists already")
+        spec = protocol.field(msg, "environment", dict)
+        cls = environments.backend(spec.get("type"))
+        env = cls(instance_id, cls.parse_config(spec), self.agent_id, self.workdir)
+        started = self.pool.submit(self._start, msg["id"], env)
+        self.envs[instance_id] = (env, started)
+
+    def _on_execute(self, msg):
+        env, started = self._instance(msg)
+        self._submit(msg["id"], started, env.execute, protocol.field(msg, "command", str),
+                     protocol.field(msg, "timeout", float), msg.get("cwd"), msg.get("env"), msg.get("output_limit"))
+
+    def _on_write_file(self, msg):
+        env, started = self._instance(msg)
+        content = protocol.field(msg, "content", (bytes, str))
+        self._submit(msg["id"], started, env.write_file, protocol.field(msg, "path", str),
+                     content.encode() if isinstance(content, str) else content,
+                     protocol.field(msg, "mode", int, default=0o644))
+
+    def _on_read_file(self, msg):
+        env, started = self._instance(msg)
+        self._submit(msg["id"], started, env.read_file, protocol.field(msg, "path", str), protocol.field(msg, "limit", int))
+
+    def _on_close_instance(self, msg):
+        env, started = self._instance(msg)
+        del self.envs[env.instance_id]
+        self._submit(msg["id"], started, env.close)
+
+    def _instance(self, msg):
+        instance_id = protocol.field(msg, "instance_id", str)
+        if instance_id not in self.envs:
+            raise ProtocolError("not_found", f"no instance {instance_id} on agent {self.agent_id}")
+        return self.envs[instance_id]
+
+    def _submit(self, request_id, started, fn, *args):
+        """Run fn on the pool once the instance has started, and answer the request with its result."""
+        def job():
+            started.result()
+            return fn(*args)
+        self.pool.submit(self._answer, request_id, job)
+
+    def _start(self, request_id, env):
+        def start():
+            try:
+                return {"instance_id": env.instance_id, "info": env.start()}
+            except BaseException:
+                env.close()
+                raise
+        if not self._answer(request_id, start, drop_on_error=env.instance_id):
+            raise RuntimeError("start failed")  # fails the work queued behind this start
+
+    def _answer(self, request_id, job, drop_on_error=""):
+        """Run job on this worker thread and post its answer (or its error) to the loop; True if it succeeded."""
+        drop = ""
+        try:
+            result = job()
+            msg = protocol.reply(request_id, {} if result is None else result)
+        except ProtocolError as exc:
+            msg = protocol.error(request_id, exc.code, exc.message)
+        except FileNotFoundError as exc:
+            msg = protocol.error(request_id, "not_found", f"no such file: {exc.filename}")
+        except (IsADirectoryError, NotADirectoryError) as exc:
+            msg = protocol.error(request_id, "invalid_request", str(exc))
+        except Exception as exc:
+            log.error("request_failed", request=request_id, error=repr(exc))
+            msg = protocol.error(request_id, "environment_error", f"{exc.__class__.__name__}: {exc}")
+        if msg["type"] == protocol.ERROR:
+            drop = drop_on_error
+        sock = getattr(self._outbox_sockets, "sock", None)
+        if sock is None:
+            sock = self._outbox_sockets.sock = self.ctx.socket(zmq.PUSH)
+            sock.connect(self.outbox_address)
+        sock.send_multipart([protocol.encode(msg), drop.encode()])
+        return not drop_on_error or not drop
+
+    def _forward_answer(self, frames):
+        payload, drop = frames
+        if drop:
+            self.envs.pop(drop.decode(), None)
+        self.sock.send(payload)
+
+    def _close_all(self):
+        """Close every instance in parallel, waiting a bounded time."""
+        if not self.envs:
+            return
+        envs = [env for env, _ in self.envs.values()]
+        self.envs.clear()
+        log.info("closing_instances", agent=self.agent_id, count=len(envs))
+        done, pending = wait([self.pool.submit(_close_quietly, env) for env in envs], timeout=CLOSE_ALL_TIMEOUT_S)
+        if pending:
+            log.error("close_timed_out", agent=self.agent_id, count=len(pending))
+
+
+def _close_quietly(env):
+    try:
+        env.close()
+    except Exception as exc:
+        log.error("close_failed", instance=env.instance_id, error=repr(exc))
+

@@ -1,0 +1,3 @@
+from .broker import INPROC_ADDRESS, Broker
+
+__all__ = ["Broker", "INPROC_ADDRESS"]

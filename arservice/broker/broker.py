@@ -1,0 +1,332 @@
+"""The broker: one thread, one ROUTER socket, one handler per message type.
+
+Agents and clients share the ROUTER (bound on TCP, and on inproc for the HTTP front end);
+the message type tells them apart. The loop never blocks on anything but the poller:
+commands, environment starts and everything slow happen on agents.
+"""
+
+import hmac
+import itertools
+import secrets
+import time
+import traceback
+
+import zmq
+
+from .. import environments, protocol
+from ..logs import EventLog
+from ..protocol import ProtocolError, field
+from .state import Agent, Instance, Pending, Pool, cost_of
+
+log = EventLog("broker")
+
+INPROC_ADDRESS = "inproc://arservice-broker"
+# An agent answers after the command's own time limit; allow it this much more.
+ANSWER_GRACE_S = 10.0
+REQUEST_TIMEOUT_S = 60.0
+LOST_INSTANCE_KEEP_S = 3600.0
+MAX_MESSAGE_BYTES = 256 << 20
+TICK_S = 0.1
+
+
+class Broker:
+    def __init__(self, bind, *, context=None, limits=None, presets=None, token=None,
+                 heartbeat_s=1.0, agent_timeout_s=5.0):
+        self.ctx = context or zmq.Context.instance()
+        self.pool = Pool(limits or {})
+        self.presets = presets or {}
+        self.token = token
+        self.heartbeat_s = heartbeat_s
+        self.agent_timeout_s = agent_timeout_s
+        self.pending = {}  # broker request id -> Pending
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._next_heartbeat = 0.0
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(bind)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sock.bind(INPROC_ADDRESS)
+        self.handlers = {
+            protocol.REGISTER: self.on_register,
+            protocol.HEARTBEAT: self.on_heartbeat,
+            protocol.DISCONNECT: self.on_disconnect,
+            protocol.REPLY: self.on_agent_answer,
+            protocol.ERROR: self.on_agent_answer,
+            protocol.START_INSTANCE: self.on_start_instance,
+            protocol.EXECUTE: self.on_execute,
+            protocol.CLOSE_INSTANCE: self.on_close_instance,
+            protocol.WRITE_FILE: self.on_file_request,
+            protocol.READ_FILE: self.on_file_request,
+            protocol.RESOURCES: self.on_resources,
+            protocol.INSTANCES: self.on_instances,
+            protocol.PING: self.on_ping,
+        }
+        self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
+                             protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
+                             protocol.INSTANCES, protocol.PING}
+
+    def stop(self):
+        """Ask the loop to end within one tick; safe from any thread."""
+        self._stopping = True
+
+    def run(self):
+        log.info("broker_started", address=self.address, limits=self.pool.limits)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        next_tick = 0.0
+        try:
+            while not self._stopping:
+                if poller.poll(timeout=max(0.0, next_tick - time.monotonic()) * 1000):
+                    self._drain()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.tick(now)
+                    next_tick = now + TICK_S
+        finally:
+            self.sock.close()
+            log.info("broker_stopped")
+
+    def _drain(self):
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle(frames[:-1], frames[-1])
+
+    def handle(self, envelope, payload):
+        msg_id = None
+        try:
+            msg = protocol.decode(payload)
+            msg_id = msg.get("id")
+            handler = self.handlers.get(msg["type"])
+            if handler is None:
+                raise ProtocolError("invalid_request", f"unknown message type {msg['type']!r}")
+            if msg["type"] in self.client_types:
+                self._authorize(msg.get("token"))
+            handler(envelope, msg)
+        except ProtocolError as exc:
+            self.send(envelope, protocol.error(msg_id, exc.code, exc.message))
+        except Exception as exc:  # a bug must cost one request, never the broker
+            log.error("handler_failed", error=repr(exc), trace=traceback.format_exc().replace("\n", " | "))
+            self.send(envelope, protocol.error(msg_id, "internal", f"internal error: {exc!r}"))
+
+    def send(self, envelope, msg):
+        """Send to a peer; False if it is gone (its messages are then dropped)."""
+        try:
+            self.sock.send_multipart([*envelope, protocol.encode(msg)])
+            return True
+        except zmq.ZMQError as exc:
+            log.debug("peer_unreachable", peer=envelope[0].hex() if envelope else "", error=exc.strerror)
+            return False
+
+    def _authorize(self, presented):
+        if self.token and not (isinstance(presented, str) and hmac.compare_digest(presented, self.token)):
+            raise ProtocolError("unauthorized", "missing or wrong token")
+
+    # -- time ---------------------------------------------------------------------
+
+    def tick(self, now):
+        beat = now >= self._next_heartbeat
+        if beat:
+            self._next_heartbeat = now + self.heartbeat_s
+        for identity, agent in list(self.pool.agents.items()):
+            if now - agent.last_seen > self.agent_timeout_s:
+                self._lose_agent(agent, f"no heartbeat for {now - agent.last_seen:.1f}s")
+            elif beat:
+                self.send([identity], protocol.request(protocol.HEARTBEAT, None))
+        for request_id, pending in list(self.pending.items()):
+            if now >= pending.deadline:
+                del self.pending[request_id]
+                self._expire(pending)
+        wall = time.time()
+        for inst in list(self.pool.instances.values()):
+            if inst.state == "lost" and wall - inst.lost_at > LOST_INSTANCE_KEEP_S:
+                del self.pool.instances[inst.instance_id]
+
+    def _expire(self, pending):
+        inst = self.pool.instances.get(pending.instance_id)
+        what = f"{pending.kind} on instance {pending.instance_id}"
+        log.warning("request_timed_out", kind=pending.kind, instance=pending.instance_id, agent=pending.agent_id)
+        if inst is not None and pending.kind in (protocol.START_INSTANCE, protocol.CLOSE_INSTANCE):
+            self.pool.release(inst)
+            agent = self.pool.agent_by_id(inst.agent_id)
+            if agent is not None and pending.kind == protocol.START_INSTANCE:
+                # The agent may still finish the start; make sure that instance goes away.
+                self._forward(agent, inst, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
+        self._answer_client(pending, protocol.error(pending.client_id, "timeout", f"agent {pending.agent_id} did not answer {what} in time"))
+
+    def _answer_client(self, pending, msg):
+        if pending.envelope is not None:
+            msg["id"] = pending.client_id
+            self.send(pending.envelope, msg)
+
+    # -- agents -------------------------------------------------------------------
+
+    def on_register(self, envelope, msg):
+        if self.token and not hmac.compare_digest(str(msg.get("secret") or ""), self.token):
+            log.warning("agent_refused", agent=msg.get("agent_id"), reason="wrong secret")
+            raise ProtocolError("unauthorized", "wrong agent secret")
+        identity = envelope[0]
+        agent_id = field(msg, "agent_id", str)
+        if agent_id.encode() != identity:
+            raise ProtocolError("invalid_request", "agent_id must be the agent socket's identity")
+        capacity = field(msg, "capacity", dict)
+        for name in ("instances", "cpus", "memory"):
+            value = capacity.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise ProtocolError("invalid_request", f"capacity '{name}' must be a non-negative number")
+        env_types = field(msg, "env_types", list)
+        old = self.pool.agents.get(identity)
+        if old is not None:
+            self._lose_agent(old, "registered again")
+        now = time.monotonic()
+        self.pool.agents[identity] = Agent(
+            identity, agent_id, {k: capacity.get(k) for k in ("instances", "cpus", "memory")},
+            [t for t in env_types if isinstance(t, str)], str(msg.get("hostname", "")), msg.get("pid"),
+            msg.get("slurm_job_id"), now,
+        )
+        log.info("agent_registered", agent=agent_id, capacity=capacity, types=",".join(map(str, env_types)),
+                 slurm_job=msg.get("slurm_job_id"))
+        self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s}))
+
+    def _agent(self, envelope):
+        agent = self.pool.agents.get(envelope[0]) if envelope else None
+        if agent is None:
+            raise ProtocolError("not_registered", "this agent is not registered (lost or unknown); register again")
+        agent.last_seen = time.monotonic()
+        return agent
+
+    def on_heartbeat(self, envelope, msg):
+        self._agent(envelope)
+
+    def on_disconnect(self, envelope, msg):
+        agent = self.pool.agents.get(envelope[0])
+        if agent is not None:
+            self._lose_agent(agent, "disconnected")
+
+    def _lose_agent(self, agent, reason):
+        """Forget an agent: its instances become lost and its capacity leaves the pool."""
+        log.warning("agent_lost", agent=agent.agent_id, reason=reason, instances=len(agent.instance_ids))
+        self.pool.drop_agent(agent)
+        for request_id, pending in list(self.pending.items()):
+            if pending.agent_id == agent.agent_id:
+                del self.pending[request_id]
+                self._answer_client(pending, protocol.error(None, "agent_lost", f"agent {agent.agent_id} was lost: {reason}"))
+
+    def on_agent_answer(self, envelope, msg):
+        agent = self._agent(envelope)
+        pending = self.pending.get(msg.get("id"))
+        if pending is None or pending.agent_id != agent.agent_id:
+            return  # the answer to a request that already timed out
+        del self.pending[msg["id"]]
+        inst = self.pool.instances.get(pending.instance_id)
+        ok = msg["type"] == protocol.REPLY
+        result = msg.get("result") if ok else None
+        if pending.kind == protocol.START_INSTANCE and inst is not None:
+            if ok:
+                inst.state = "running"
+                inst.info = result.get("info") or {}
+                result = {"instance_id": inst.instance_id, "agent_id": inst.agent_id,
+                          "environment": inst.spec, "info": inst.info}
+                log.info("instance_started", instance=inst.instance_id, agent=inst.agent_id, type=inst.config["type"])
+            else:
+                self.pool.release(inst)
+                log.warning("instance_start_failed", instance=inst.instance_id, error=msg.get("error"))
+        elif pending.kind == protocol.CLOSE_INSTANCE and inst is not None:
+            self.pool.release(inst)
+            result = {"instance_id": inst.instance_id, "closed": True}
+            log.info("instance_closed", instance=inst.instance_id, agent=inst.agent_id)
+        if ok:
+            self._answer_client(pending, protocol.reply(None, result))
+        else:
+            error = msg.get("error") or {}
+            code = error.get("code") if error.get("code") in protocol.ERROR_CODES else "environment_error"
+            self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
+
+    # -- clients ------------------------------------------------------------------
+
+    def on_ping(self, envelope, msg):
+        self.send(envelope, protocol.reply(msg["id"], {"pong": True, "agents": len(self.pool.agents)}))
+
+    def on_resources(self, envelope, msg):
+        self.send(envelope, protocol.reply(msg["id"], self.pool.describe(time.monotonic())))
+
+    def on_instances(self, envelope, msg):
+        self.send(envelope, protocol.reply(msg["id"], {"instances": [i.describe() for i in self.pool.instances.values()]}))
+
+    def on_start_instance(self, envelope, msg):
+        spec = msg.get("environment")
+        if isinstance(spec, str):
+            if spec not in self.presets:
+                raise ProtocolError("not_found", f"no environment preset named {spec!r}; known: {', '.join(sorted(self.presets)) or 'none'}")
+            spec = self.presets[spec]
+        elif not isinstance(spec, dict):
+            raise ProtocolError("invalid_request", "field 'environment' must be a preset name or an environment spec object")
+        config = environments.backend(spec.get("type")).parse_config(spec)
+        agent = self.pool.place(config["type"], cost_of(config))
+        inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config)
+        self.pool.admit(inst, agent)
+        self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, msg["id"], config["start_timeout"])
+
+    def on_execute(self, envelope, msg):
+        inst = self._running_instance(msg)
+        timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= 86400, what="in (0, 86400] seconds")
+        fields = {
+            "command": field(msg, "command", str),
+            "timeout": timeout,
+            "cwd": field(msg, "cwd", str, default=None),
+            "env": protocol.string_map(msg, "env"),
+            "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
+                                  check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
+        }
+        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg["id"], timeout + ANSWER_GRACE_S)
+
+    def on_file_request(self, envelope, msg):
+        inst = self._running_instance(msg)
+        fields = {"path": field(msg, "path", str)}
+        if msg["type"] == protocol.WRITE_FILE:
+            fields["content"] = field(msg, "content", (bytes, str))
+            fields["mode"] = field(msg, "mode", int, default=0o644, check=lambda m: 0 <= m <= 0o7777, what="a file mode like 0o644")
+        else:
+            fields["limit"] = field(msg, "limit", int, default=environments.base.MAX_OUTPUT_LIMIT,
+                                    check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB")
+        self._forward(self.pool.agent_by_id(inst.agent_id), inst, msg["type"], fields, envelope, msg["id"], REQUEST_TIMEOUT_S)
+
+    def on_close_instance(self, envelope, msg):
+        inst = self._instance(msg)
+        if inst.state == "lost":
+            del self.pool.instances[inst.instance_id]
+            self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, "closed": True, "lost": True}))
+            return
+        if inst.state != "running":
+            raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
+        inst.state = "closing"
+        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, envelope, msg["id"], REQUEST_TIMEOUT_S)
+
+    def _instance(self, msg):
+        instance_id = field(msg, "instance_id", str)
+        inst = self.pool.instances.get(instance_id)
+        if inst is None:
+            raise ProtocolError("not_found", f"no instance {instance_id!r}")
+        return inst
+
+    def _running_instance(self, msg):
+        inst = self._instance(msg)
+        if inst.state == "lost":
+            raise ProtocolError("agent_lost", f"instance {inst.instance_id} was lost with agent {inst.agent_id}")
+        if inst.state != "running":
+            raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
+        return inst
+
+    def _forward(self, agent, inst, kind, fields, envelope, client_id, timeout_s):
+        request_id = f"b{next(self._ids)}"
+        self.pending[request_id] = Pending(kind, envelope, client_id, agent.agent_id, inst.instance_id,
+                                           time.monotonic() + timeout_s)
+        if not self.send([agent.identity], protocol.request(kind, request_id, instance_id=inst.instance_id, **fields)):
+            self._lose_agent(agent, "unreachable")

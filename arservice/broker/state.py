@@ -1,0 +1,159 @@
+"""The broker's state: agents, instances, requests in flight, and resource accounting.
+
+Plain objects, owned by the broker loop alone, so nothing here needs a lock.
+"""
+
+import time
+
+from ..protocol import ProtocolError
+
+RESOURCES = ("instances", "cpus", "memory")
+INSTANCE_STATES = ("starting", "running", "closing", "lost")
+
+
+def cost_of(config):
+    """What one instance of this parsed environment config takes from the pool."""
+    return {"instances": 1, "cpus": config["cpus"] or 0, "memory": config["memory"] or 0}
+
+
+class Agent:
+    def __init__(self, identity, agent_id, capacity, env_types, hostname, pid, slurm_job_id, now):
+        self.identity = identity
+        self.agent_id = agent_id
+        self.capacity = capacity  # resource -> amount; None means "not limited by this agent"
+        self.env_types = env_types
+        self.hostname = hostname
+        self.pid = pid
+        self.slurm_job_id = slurm_job_id
+        self.registered_at = now
+        self.last_seen = now
+        self.used = dict.fromkeys(RESOURCES, 0)
+        self.instance_ids = set()
+
+    def shortfall(self, cost):
+        """The first resource this agent lacks for `cost`, or None if it fits."""
+        for name in RESOURCES:
+            cap = self.capacity.get(name)
+            if cap is not None and self.used[name] + cost[name] > cap:
+                return name
+        return None
+
+    def describe(self, now):
+        return {
+            "agent_id": self.agent_id, "hostname": self.hostname, "pid": self.pid,
+            "slurm_job_id": self.slurm_job_id, "env_types": self.env_types,
+            "capacity": self.capacity, "used": dict(self.used), "instances": len(self.instance_ids),
+            "last_seen_s": round(now - self.last_seen, 3),
+        }
+
+
+class Instance:
+    def __init__(self, instance_id, agent_id, spec, config):
+        self.instance_id = instance_id
+        self.agent_id = agent_id
+        self.spec = spec      # as the user gave it (preset resolved): what the agent builds from
+        self.config = config  # spec parsed, with defaults
+        self.cost = cost_of(config)
+        self.state = "starting"
+        self.created = time.time()
+        self.lost_at = None
+        self.info = {}
+
+    def describe(self):
+        return {
+            "instance_id": self.instance_id, "agent_id": self.agent_id, "type": self.config["type"],
+            "state": self.state, "created": self.created, "info": self.info,
+        }
+
+
+class Pending:
+    """A request forwarded to an agent, waiting for the agent's answer."""
+
+    def __init__(self, kind, envelope, client_id, agent_id, instance_id, deadline):
+        self.kind = kind
+        self.envelope = envelope  # the client's ROUTER envelope; None when nobody waits for the answer
+        self.client_id = client_id
+        self.agent_id = agent_id
+        self.instance_id = instance_id
+        self.deadline = deadline
+
+
+class Pool:
+    """Agents and instances, with the accounting that ties them to the service-wide limits."""
+
+    def __init__(self, limits):
+        self.limits = {name: limits[name] for name in RESOURCES if limits.get(name) is not None}
+        self.agents = {}     # identity -> Agent
+        self.instances = {}  # instance id -> Instance
+        self.used = dict.fromkeys(RESOURCES, 0)
+
+    def place(self, env_type, cost):
+        """Pick the agent for a new instance, or raise no_capacity naming what ran out."""
+        for name, cap in self.limits.items():
+            if self.used[name] + cost[name] > cap:
+                raise ProtocolError("no_capacity", f"service limit reached: {name} ({self.used[name]} of {cap} in use)")
+        able = [a for a in self.agents.values() if env_type in a.env_types]
+        if not able:
+            raise ProtocolError("no_capacity", f"no registered agent runs {env_type!r} environments")
+        fitting = [a for a in able if a.shortfall(cost) is None]
+        if not fitting:
+            short = sorted({a.shortfall(cost) for a in able})
+            raise ProtocolError("no_capacity", f"every agent that runs {env_type!r} is out of {', '.join(short)}")
+        return min(fitting, key=lambda a: (a.used["instances"] / (a.capacity.get("instances") or 1), a.registered_at))
+
+    def admit(self, instance, agent):
+        agent.instance_ids.add(instance.instance_id)
+        self.instances[instance.instance_id] = instance
+        self._charge(agent, instance.cost, +1)
+
+    def release(self, instance):
+        """Give an instance's resources back; the record stays only if it is marked lost."""
+        agent = self.agent_by_id(instance.agent_id)
+        if agent is not None and instance.instance_id in agent.instance_ids:
+            agent.instance_ids.discard(instance.instance_id)
+            self._charge(agent, instance.cost, -1)
+        if instance.state != "lost":
+            self.instances.pop(instance.instance_id, None)
+
+    def drop_agent(self, agent):
+        """Forget an agent: its instances become lost and its capacity leaves the pool."""
+        del self.agents[agent.identity]
+        wall = time.time()
+        for instance_id in agent.instance_ids:
+            inst = self.instances[instance_id]
+            inst.state, inst.lost_at = "lost", wall
+        agent.instance_ids.clear()
+        for name in RESOURCES:
+            self.used[name] -= agent.used[name]
+
+    def agent_by_id(self, agent_id):
+        return self.agents.get(agent_id.encode())
+
+    def _charge(self, agent, cost, sign):
+        for name in RESOURCES:
+            agent.used[name] += sign * cost[name]
+            self.used[name] += sign * cost[name]
+
+    def capacity(self):
+        """Service-wide capacity: the agents' sum, capped by the limits."""
+        total = {}
+        for name in RESOURCES:
+            caps = [a.capacity.get(name) for a in self.agents.values()]
+            agents_sum = None if any(c is None for c in caps) else sum(caps)
+            limit = self.limits.get(name)
+            total[name] = limit if agents_sum is None else agents_sum if limit is None else min(limit, agents_sum)
+        return total
+
+    def describe(self, now):
+        total = self.capacity()
+        states = dict.fromkeys(INSTANCE_STATES, 0)
+        for inst in self.instances.values():
+            states[inst.state] += 1
+        return {
+            "limits": self.limits,
+            "total": total,
+            "used": dict(self.used),
+            "available": {k: None if total[k] is None else max(0, total[k] - self.used[k]) for k in RESOURCES},
+            "agents": [a.describe(now) for a in self.agents.values()],
+            "instances": states,
+        }

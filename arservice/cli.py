@@ -1,0 +1,192 @@
+"""The `arservice` command.
+
+    arservice --runner local [--port 8000] [--max-resources JSON] [--environments FILE]
+    arservice broker [...]                     the broker and HTTP front end, no runner
+    arservice agent --broker tcp://HOST:PORT   one agent, for job scripts or by hand
+"""
+
+import json
+import signal
+import sys
+import threading
+
+import click
+import zmq
+
+from . import environments, logs
+from .agent import Agent, AgentExit
+from .broker import Broker
+from .environments.base import parse_memory_mib
+from .http.app import HTTPServer, create_app
+from .protocol import ProtocolError
+from .runners import RUNNERS
+
+DEFAULT_MAX_RESOURCES = '{"instances": 10}'
+LIMIT_KEYS = ("instances", "cpus", "memory", "jobs")
+READY_TIMEOUT_S = 60.0
+
+
+class CliError(click.ClickException):
+    """A one-line error and exit code 2, for bad options."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"arservice: error: {self.message}", err=True)
+
+
+def parse_max_resources(ctx, param, value):
+    try:
+        limits = json.loads(value)
+    except ValueError as exc:
+        raise CliError(f"--max-resources is not valid JSON: {exc}")
+    if not isinstance(limits, dict):
+        raise CliError("--max-resources must be a JSON object, e.g. '{\"instances\": 5}'")
+    unknown = sorted(set(limits) - set(LIMIT_KEYS))
+    if unknown:
+        raise CliError(f"--max-resources has unknown key(s) {', '.join(unknown)}; known: {', '.join(LIMIT_KEYS)}")
+    try:
+        if "memory" in limits:
+            limits["memory"] = parse_memory_mib(limits["memory"])
+    except ProtocolError as exc:
+        raise CliError(f"--max-resources: {exc.message}")
+    for key, amount in limits.items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+            raise CliError(f"--max-resources: {key} must be a non-negative number")
+    return limits
+
+
+def load_presets(ctx, param, path):
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            presets = json.load(f)
+    except OSError as exc:
+        raise CliError(f"cannot read --environments file: {exc.strerror}: {path}")
+    except ValueError as exc:
+        raise CliError(f"--environments file {path} is not valid JSON: {exc}")
+    if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
+        raise CliError(f"--environments file {path} must map preset names to environment objects")
+    for name, spec in presets.items():
+        try:
+            environments.backend(spec.get("type")).parse_config(spec)
+        except ProtocolError as exc:
+            raise CliError(f"preset {name!r} in {path}: {exc.message}")
+    return presets
+
+
+def check_runner(ctx, param, value):
+    if value is not None and value not in RUNNERS:
+        raise CliError(f"unknown runner {value!r}; choose one of: {', '.join(RUNNERS)}")
+    return value
+
+
+def service_options(fn):
+    for option in reversed([
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP API and the ZMQ socket bind to."),
+        click.option("--port", default=8000, show_default=True, type=int, help="HTTP API port (0: any free port)."),
+        click.option("--zmq-port", default=5555, show_default=True, type=int, help="ZMQ port for agents and direct clients (0: any free port)."),
+        click.option("--max-resources", default=DEFAULT_MAX_RESOURCES, show_default=True, callback=parse_max_resources,
+                     help="JSON caps for the whole service: instances, cpus, memory, jobs."),
+        click.option("--environments", "presets", default=None, callback=load_presets,
+                     help="JSON file of named environment presets."),
+        click.option("--token", envvar="ARSERVICE_TOKEN", default=None,
+                     help="Bearer token for clients and shared secret for agents [env ARSERVICE_TOKEN]."),
+        click.option("--agent-timeout", default=5.0, show_default=True, type=float, help="Seconds of silence before an agent is lost."),
+        click.option("--http-threads", default=64, show_default=True, type=int, help="HTTP worker threads (requests in flight)."),
+        click.option("--log-level", default="INFO", show_default=True),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--runner", callback=check_runner, help=f"Where agents come from: {', '.join(RUNNERS)}.")
+@click.option("--agents", default=1, show_default=True, type=click.IntRange(1), help="Local runner: agent processes to start.")
+@service_options
+@click.pass_context
+def main(ctx, runner, agents, **options):
+    """Agent Rollout Service: environment instances and shell commands, over HTTP and ZeroMQ."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if runner is None:
+        raise CliError("--runner is required (local or slurm), or use a subcommand: broker, agent")
+    serve(runner, agents=agents, **options)
+
+
+@main.command("broker")
+@service_options
+def broker_command(**options):
+    """The broker and HTTP front end alone; agents join with `arservice agent`."""
+    serve(None, **options)
+
+
+@main.command("agent")
+@click.option("--broker", "broker_address", required=True, help="Broker ZMQ address, e.g. tcp://HOST:5555.")
+@click.option("--instances", default=4, show_default=True, type=click.IntRange(1), help="Instances this agent may hold.")
+@click.option("--cpus", default=None, type=float, help="CPUs this agent offers (default: not counted).")
+@click.option("--memory", default=None, help="Memory this agent offers, e.g. 16g (default: not counted).")
+@click.option("--types", default=None, help="Comma-separated environment types to offer (default: all this host can run).")
+@click.option("--token", envvar="ARSERVICE_TOKEN", default=None, help="Shared secret [env ARSERVICE_TOKEN].")
+@click.option("--heartbeat", default=1.0, show_default=True, type=float)
+@click.option("--broker-timeout", default=15.0, show_default=True, type=float, help="Seconds of broker silence before the agent cleans up and exits.")
+@click.option("--workdir-root", default=None, help="Where instance working directories go (default /tmp/arservice).")
+@click.option("--log-level", default="INFO", show_default=True)
+def agent_command(broker_address, instances, cpus, memory, types, token, heartbeat, broker_timeout, workdir_root, log_level):
+    """One agent: connects to the broker, runs environments and commands until stopped."""
+    logs.setup(log_level)
+    try:
+        memory_mib = parse_memory_mib(memory)
+        env_types = types.split(",") if types else None
+        for t in env_types or ():
+            environments.backend(t)
+    except ProtocolError as exc:
+        raise CliError(exc.message)
+    agent = Agent(broker_address, instances=instances, cpus=cpus, memory=memory_mib, env_types=env_types,
+                  secret=token, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout, workdir_root=workdir_root)
+    _on_signals(agent.stop)
+    try:
+        agent.run()
+    except AgentExit as exc:
+        click.echo(f"arservice agent: {exc}", err=True)
+        sys.exit(3)
+
+
+def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads, log_level, agents=1):
+    logs.setup(log_level)
+    context = zmq.Context.instance()
+    try:
+        broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets,
+                        token=token, agent_timeout_s=agent_timeout)
+        http = HTTPServer(create_app(context, token), host, port, threads=http_threads)
+    except (zmq.ZMQError, OSError) as exc:
+        raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}")
+    stop = threading.Event()
+    _on_signals(stop.set)
+    broker_thread = threading.Thread(target=broker.run, name="broker")
+    broker_thread.start()
+    http.start()
+    zmq_address = broker.address.replace("0.0.0.0", "127.0.0.1")
+    runner = None
+    if runner_name is not None:
+        runner = RUNNERS[runner_name](max_resources, zmq_address, token=token, context=context, agents=agents)
+        runner.start()
+        ready = runner.wait_ready(READY_TIMEOUT_S, stop, progress=lambda line: click.echo(f"arservice: {line}", err=True))
+        if not ready and not stop.is_set():
+            click.echo("arservice: warning: not every agent registered in time; serving with what is there", err=True)
+    click.echo(f"arservice ready http=http://{host}:{http.port} zmq={zmq_address}", err=True)
+    try:
+        stop.wait()
+    finally:
+        click.echo("arservice: shutting down", err=True)
+        if runner is not None:
+            runner.stop()
+        http.stop()
+        broker.stop()
+        broker_thread.join()
+
+
+def _on_signals(handler):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: handler())

@@ -1,0 +1,27 @@
+"""Environment backends by the name users give in a spec's "type".
+
+A new backend is one file with an Environment subclass plus one line here.
+Modules are imported on first use, so a backend's own imports cost nothing until asked for.
+"""
+
+import importlib
+
+from ..protocol import ProtocolError
+
+BACKENDS = {
+    "local": "arservice.environments.local:LocalEnvironment",
+}
+
+
+def backend(type_):
+    """The Environment class for a type name; invalid_request if there is none."""
+    path = BACKENDS.get(type_) if isinstance(type_, str) else None
+    if path is None:
+        raise ProtocolError("invalid_request", f"unknown environment type {type_!r}; known: {', '.join(sorted(BACKENDS))}")
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def available_types():
+    """The backends this host can run."""
+    return sorted(name for name in BACKENDS if backend(name).available())

@@ -1,0 +1,116 @@
+"""The one small base class every environment backend implements.
+
+An environment instance belongs to one agent. The agent calls `start` once, then
+`execute`, `write_file` and `read_file` from many threads at once, then `close` once.
+`parse_config` is pure and cheap: the broker calls it too, to refuse a bad spec
+before any agent sees it.
+"""
+
+import os
+
+from ..protocol import ProtocolError
+
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_OUTPUT_LIMIT = 1 << 20
+MAX_OUTPUT_LIMIT = 64 << 20
+DEFAULT_START_TIMEOUT_S = 300.0
+
+
+def _positive(value):
+    return value > 0
+
+
+class Environment:
+    type = None  # the name users put in "type"; set by each backend
+
+    # Spec fields: name -> (python type, default, check or None). Backends extend this.
+    options = {
+        "type": (str, ..., None),
+        "cwd": (str, None, None),
+        "env": (dict, {}, None),
+        "timeout": (float, DEFAULT_TIMEOUT_S, _positive),
+        "output_limit": (int, DEFAULT_OUTPUT_LIMIT, lambda n: 0 < n <= MAX_OUTPUT_LIMIT),
+        "start_timeout": (float, DEFAULT_START_TIMEOUT_S, _positive),
+        "cpus": (float, None, _positive),
+        "memory": (None, None, None),  # "512m", "2g" or MiB as a number; normalised to MiB
+    }
+
+    @classmethod
+    def parse_config(cls, spec):
+        """Validate a spec dict and return it complete with defaults."""
+        unknown = sorted(set(spec) - set(cls.options))
+        if unknown:
+            raise ProtocolError("invalid_request", f"unknown field(s) for a {cls.type} environment: {', '.join(unknown)}")
+        config = {}
+        for name, (kind, default, check) in cls.options.items():
+            value = spec.get(name)
+            if value is None:
+                if default is ...:
+                    raise ProtocolError("invalid_request", f"{cls.type} environment needs '{name}'")
+                config[name] = default
+                continue
+            if kind is float:
+                kind = (int, float)
+            if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ProtocolError("invalid_request", f"environment field '{name}' has the wrong type: {type(value).__name__}")
+            if check is not None and not check(value):
+                raise ProtocolError("invalid_request", f"environment field '{name}' is out of range: {value!r}")
+            config[name] = value
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in config["env"].items()):
+            raise ProtocolError("invalid_request", "environment field 'env' must map strings to strings")
+        config["memory"] = parse_memory_mib(config["memory"])
+        return config
+
+    @classmethod
+    def available(cls):
+        """Whether this host can run the backend (its tools are installed)."""
+        return True
+
+    def __init__(self, instance_id, config, agent_id, workdir_root):
+        self.instance_id = instance_id
+        self.config = config
+        self.agent_id = agent_id
+        self.workdir_root = workdir_root
+
+    def start(self):
+        """Bring the instance up; return a dict of facts worth telling the user (may be empty)."""
+        raise NotImplementedError
+
+    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        """Run a shell command; return {output: bytes, returncode, timed_out, truncated, duration_s}."""
+        raise NotImplementedError
+
+    def write_file(self, path, content, mode):
+        """Write bytes to path (relative to the instance's cwd); return {path, written}."""
+        raise NotImplementedError
+
+    def read_file(self, path, limit):
+        """Return {content: bytes} of at most `limit` bytes; raise ProtocolError("payload_too_large") past it."""
+        raise NotImplementedError
+
+    def close(self):
+        """Stop the instance and remove everything it made. Must be safe to call twice."""
+        raise NotImplementedError
+
+
+def parse_memory_mib(value):
+    """'512m', '2g', '1024k' or a number of MiB -> MiB as an int; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    if isinstance(value, str):
+        units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+        text = value.strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "m")
+        try:
+            mib = float(number) * units[unit]
+        except ValueError:
+            mib = 0
+        if mib >= 1:
+            return int(mib)
+    raise ProtocolError("invalid_request", f"memory must be like '512m' or '2g' or MiB as a number, not {value!r}")
+
+
+def resolve_path(path, cwd):
+    return path if os.path.isabs(path) else os.path.join(cwd, path)

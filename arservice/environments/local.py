@@ -1,0 +1,62 @@
+"""Commands run as host processes, each instance in its own working directory."""
+
+import os
+import shutil
+import tempfile
+
+from ..protocol import ProtocolError
+from . import process
+from .base import Environment, resolve_path
+
+
+class LocalEnvironment(Environment):
+    type = "local"
+    options = {**Environment.options, "shell": (str, "bash", None)}
+    workdir = None
+    groups = ()
+
+    def start(self):
+        shell = shutil.which(self.config["shell"])
+        if shell is None:
+            raise ProtocolError("environment_error", f"shell {self.config['shell']!r} is not installed on this agent")
+        self.shell = shell
+        self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        self.cwd = self.config["cwd"] or self.workdir
+        if not os.path.isdir(self.cwd):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise ProtocolError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
+        self.env = {**os.environ, **self.config["env"]}
+        self.groups = set()
+        return {"workdir": self.workdir}
+
+    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        return process.run(
+            [self.shell, "-c", command],
+            timeout=timeout,
+            output_limit=output_limit or self.config["output_limit"],
+            groups=self.groups,
+            cwd=resolve_path(cwd, self.cwd) if cwd else self.cwd,
+            env={**self.env, **env} if env else self.env,
+        )
+
+    def write_file(self, path, content, mode):
+        path = resolve_path(path, self.cwd)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.chmod(path, mode)
+        return {"path": path, "written": len(content)}
+
+    def read_file(self, path, limit):
+        with open(resolve_path(path, self.cwd), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+        return {"content": data}
+
+    def close(self):
+        for pgid in list(self.groups):
+            process.kill_group(pgid)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)

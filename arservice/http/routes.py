@@ -1,0 +1,21 @@
+"""The HTTP API's routes and how each maps to a protocol message; shared by server and HTTP client."""
+
+from .. import protocol
+
+ROUTES = {
+    "/start_instance": ("POST", protocol.START_INSTANCE),
+    "/execute_command": ("POST", protocol.EXECUTE),
+    "/close_instance": ("POST", protocol.CLOSE_INSTANCE),
+    "/write_file": ("POST", protocol.WRITE_FILE),
+    "/read_file": ("POST", protocol.READ_FILE),
+    "/get_available_resources": ("GET", protocol.RESOURCES),
+    "/instances": ("GET", protocol.INSTANCES),
+    "/health": ("GET", protocol.PING),
+}
+PATHS = {kind: path for path, (_, kind) in ROUTES.items()}
+
+# Byte fields travel as text in JSON; a request with "base64": true carries them base64-encoded instead.
+BYTES_IN = {protocol.WRITE_FILE: "content"}
+BYTES_OUT = {protocol.EXECUTE: "output", protocol.READ_FILE: "content"}
+
+MAX_BODY_BYTES = 100 << 20

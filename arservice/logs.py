@@ -1,0 +1,38 @@
+"""Greppable logs: `<time> <LEVEL> <component> <event> key=value ...`, one line per event."""
+
+import logging
+import sys
+
+
+class EventLog:
+    def __init__(self, component):
+        self._logger = logging.getLogger(f"arservice.{component}")
+
+    def _log(self, level, event, fields):
+        if self._logger.isEnabledFor(level):
+            pairs = " ".join(f"{k}={_value(v)}" for k, v in fields.items())
+            self._logger.log(level, f"{event} {pairs}" if pairs else event)
+
+    def debug(self, event, **fields):
+        self._log(logging.DEBUG, event, fields)
+
+    def info(self, event, **fields):
+        self._log(logging.INFO, event, fields)
+
+    def warning(self, event, **fields):
+        self._log(logging.WARNING, event, fields)
+
+    def error(self, event, **fields):
+        self._log(logging.ERROR, event, fields)
+
+
+def _value(v):
+    text = str(v)
+    return repr(text) if (not text or any(c.isspace() or c in "'\"=" for c in text)) else text
+
+
+def setup(level="INFO"):
+    logging.basicConfig(
+        stream=sys.stderr, level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )

@@ -1,0 +1,7 @@
+"""Runners by the name given to `arservice --runner`."""
+
+from .local import LocalRunner
+
+RUNNERS = {
+    "local": LocalRunner,
+}

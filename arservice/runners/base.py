@@ -1,0 +1,49 @@
+"""What every runner shares: the resource limits, and agents asked for versus agents registered.
+
+A runner decides where agents come from. It runs on its own thread and sees the broker
+only as a client does (over inproc ZMQ), so the broker's state keeps a single owner.
+"""
+
+import threading
+import time
+
+from ..broker import INPROC_ADDRESS
+from ..client import ZMQClient
+from ..logs import EventLog
+
+log = EventLog("runner")
+
+
+class BaseRunner:
+    name = None
+
+    def __init__(self, limits, broker_address, token=None, context=None):
+        self.limits = limits
+        self.broker_address = broker_address  # what agents dial
+        self.token = token
+        self.broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)
+        self.stopping = threading.Event()
+        self.requested = 0  # agents asked for and not yet known to be gone
+
+    def registered(self):
+        return len(self.broker.available_resources()["agents"])
+
+    def wait_ready(self, timeout_s, abort, progress=print):
+        """Block until every agent asked for has registered or `abort` is set; show progress; False if not ready."""
+        deadline = time.monotonic() + timeout_s
+        shown = None
+        while time.monotonic() < deadline and not abort.is_set():
+            count = self.registered()
+            if count != shown:
+                progress(f"agents registered: {count}/{self.requested}")
+                shown = count
+            if count >= self.requested:
+                return True
+            abort.wait(0.1)
+        return False
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        raise NotImplementedError

@@ -1,0 +1,77 @@
+"""Agents as child processes of this host, restarted if they die, stopped with the service."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from ..agent import workdirs
+from ..logs import EventLog
+from .base import BaseRunner
+
+log = EventLog("runner.local")
+
+STOP_TIMEOUT_S = 30.0
+RESTART_BACKOFF_S = (0.5, 30.0)
+
+
+class LocalRunner(BaseRunner):
+    name = "local"
+
+    def __init__(self, limits, broker_address, token=None, context=None, agents=1, agent_args=()):
+        super().__init__(limits, broker_address, token, context)
+        self.count = agents
+        instances = limits.get("instances", 10)
+        # Split the service's instances over the agents; the broker enforces the total anyway.
+        self.per_agent = max(1, -(-instances // agents))
+        self.agent_args = list(agent_args)
+        self.procs = [None] * agents
+        self.thread = threading.Thread(target=self._watch, name="runner", daemon=True)
+
+    def _spawn(self, slot):
+        argv = [sys.executable, "-m", "arservice", "agent", "--broker", self.broker_address,
+                "--instances", str(self.per_agent), *self.agent_args]
+        env = dict(os.environ)
+        if self.token:
+            env["ARSERVICE_TOKEN"] = self.token
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        self.procs[slot] = proc
+        log.info("agent_spawned", slot=slot, pid=proc.pid)
+
+    def start(self):
+        for slot in range(self.count):
+            self._spawn(slot)
+        self.requested = self.count
+        self.thread.start()
+
+    def _watch(self):
+        backoff = RESTART_BACKOFF_S[0]
+        while not self.stopping.wait(0.5):
+            for slot, proc in enumerate(self.procs):
+                if proc.poll() is not None and not self.stopping.is_set():
+                    log.warning("agent_died", slot=slot, pid=proc.pid, returncode=proc.returncode, restart_in_s=backoff)
+                    if self.stopping.wait(backoff):
+                        return
+                    self._spawn(slot)
+                    backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+
+    def stop(self):
+        """SIGTERM every agent (they close their instances), SIGKILL what is left after a while."""
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        live = [p for p in self.procs if p is not None and p.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in live:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("agent_kill", pid=proc.pid, reason="did not stop in time")
+                proc.kill()
+                proc.wait()
+        workdirs.reap(workdirs.DEFAULT_ROOT)
+        log.info("runner_stopped", agents=len(live))
