@@ -18,6 +18,7 @@ from .agent import Agent, AgentExit
 from .broker import Broker
 from .environments.base import parse_memory_mib
 from .http.app import HTTPServer, create_app
+from .http.routes import DEFAULT_MAX_BODY_BYTES
 from .protocol import ProtocolError
 from .runners import RUNNERS
 
@@ -95,6 +96,8 @@ def service_options(fn):
                      help="Bearer token for clients and shared secret for agents [env ARSERVICE_TOKEN]."),
         click.option("--agent-timeout", default=5.0, show_default=True, type=float, help="Seconds of silence before an agent is lost."),
         click.option("--http-threads", default=64, show_default=True, type=int, help="HTTP worker threads (requests in flight)."),
+        click.option("--max-request-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(1024),
+                     help="Largest HTTP request body; larger ones get 413."),
         click.option("--log-level", default="INFO", show_default=True),
     ]):
         fn = option(fn)
@@ -153,13 +156,15 @@ def agent_command(broker_address, instances, cpus, memory, types, token, heartbe
         sys.exit(3)
 
 
-def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads, log_level, agents=1):
+def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads,
+          max_request_bytes, log_level, agents=1):
     logs.setup(log_level)
     context = zmq.Context.instance()
     try:
         broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets,
                         token=token, agent_timeout_s=agent_timeout)
-        http = HTTPServer(create_app(context, token), host, port, threads=http_threads)
+        http = HTTPServer(create_app(context, token, max_request_bytes), host, port, threads=http_threads,
+                          max_body=max_request_bytes)
     except (zmq.ZMQError, OSError) as exc:
         raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}")
     stop = threading.Event()

@@ -17,7 +17,7 @@ from .. import protocol
 from ..broker import INPROC_ADDRESS
 from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, ServiceError, ZMQClient
 from ..logs import EventLog
-from .routes import BYTES_IN, BYTES_OUT, MAX_BODY_BYTES, ROUTES
+from .routes import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, ROUTES
 
 log = EventLog("http")
 
@@ -29,20 +29,25 @@ def error_body(code, message):
 
 
 class Endpoint:
-    def __init__(self, kind, broker, token):
+    """One route; Falcon finds its one responder, so other methods get 405."""
+
+    def __init__(self, method, kind, broker, token, max_body):
         self.kind = kind
         self.broker = broker
         self.token = token
+        self.max_body = max_body
+        setattr(self, f"on_{method.lower()}", self._get if method == "GET" else self._post)
 
-    def on_get(self, req, resp):
+    def _get(self, req, resp):
         self._serve(req, resp, {})
 
-    def on_post(self, req, resp):
-        if req.content_length is not None and req.content_length > MAX_BODY_BYTES:
-            raise ServiceError("payload_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-        raw = req.bounded_stream.read(MAX_BODY_BYTES + 1)
-        if len(raw) > MAX_BODY_BYTES:
-            raise ServiceError("payload_too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+    def _post(self, req, resp):
+        too_large = ServiceError("payload_too_large", f"request body is larger than {self.max_body} bytes")
+        if req.content_length is not None and req.content_length > self.max_body:
+            raise too_large
+        raw = req.bounded_stream.read(self.max_body + 1)
+        if len(raw) > self.max_body:
+            raise too_large
         try:
             body = json.loads(raw or b"{}")
         except ValueError as exc:
@@ -88,11 +93,11 @@ def _http_error(req, resp, exc, params):
     resp.text = error_body(STATUS_CODES.get(status, "invalid_request"), exc.title + (f": {exc.description}" if exc.description else ""))
 
 
-def create_app(context, token=None):
+def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
     broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)
     app = falcon.App()
-    for path, (_, kind) in ROUTES.items():
-        app.add_route(path, Endpoint(kind, broker, token))
+    for path, (method, kind) in ROUTES.items():
+        app.add_route(path, Endpoint(method, kind, broker, token, max_body))
     app.add_error_handler(ServiceError, _service_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
     return app
@@ -101,9 +106,10 @@ def create_app(context, token=None):
 class HTTPServer:
     """waitress serving the app on its own threads, stoppable from another thread."""
 
-    def __init__(self, app, host, port, threads=64):
+    def __init__(self, app, host, port, threads=64, max_body=DEFAULT_MAX_BODY_BYTES):
+        # waitress's own limit is a backstop for chunked bodies; the app answers 413 in JSON first.
         self.server = waitress.create_server(
-            app, host=host, port=port, threads=threads, max_request_body_size=MAX_BODY_BYTES,
+            app, host=host, port=port, threads=threads, max_request_body_size=2 * max_body,
             channel_timeout=3600, ident="arservice",
         )
         self.port = self.server.effective_port

@@ -18,4 +18,4 @@ PATHS = {kind: path for path, (_, kind) in ROUTES.items()}
 BYTES_IN = {protocol.WRITE_FILE: "content"}
 BYTES_OUT = {protocol.EXECUTE: "output", protocol.READ_FILE: "content"}
 
-MAX_BODY_BYTES = 100 << 20
+DEFAULT_MAX_BODY_BYTES = 100 << 20

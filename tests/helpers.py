@@ -1,0 +1,104 @@
+"""Start the real `arservice` command for a test, and wait on conditions with deadlines."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from arservice.client import HTTPClient, ZMQClient
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout=10.0, interval=0.02, what="condition"):
+    """Poll condition() until it returns something truthy; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def live_processes(marker):
+    """Pids of live (non-zombie) processes whose command line contains marker."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != b"Z" and int(pid) != os.getpid():
+            found.append(int(pid))
+    return found
+
+
+class Service:
+    """`arservice --runner local ...` as a subprocess on free ports."""
+
+    def __init__(self, *args, token=None, env=None):
+        self.http_port, self.zmq_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.zmq = f"tcp://127.0.0.1:{self.zmq_port}"
+        self.token = token
+        self.log = tempfile.NamedTemporaryFile(prefix="arservice-test-", suffix=".log", delete=False)
+        full_env = dict(os.environ, **(env or {}))
+        full_env.pop("ARSERVICE_TOKEN", None)
+        if token:
+            full_env["ARSERVICE_TOKEN"] = token
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "arservice", *args, "--port", str(self.http_port), "--zmq-port", str(self.zmq_port)],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env,
+        )
+        self.http = HTTPClient(self.url, token=token or "")
+        self.client = ZMQClient(self.zmq, token=token or "")
+
+    def output(self):
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+    def wait_ready(self, agents=1, timeout=30):
+        def ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"arservice exited with {self.proc.returncode}:\n{self.output()}")
+            return "arservice ready" in self.output() and len(self.client.available_resources()["agents"]) >= agents
+        wait_for(ready, timeout, what=f"{agents} agent(s) registered")
+        return self
+
+    def agent_pids(self):
+        return [p for p in live_processes("arservice agent") if _parent(p) == self.proc.pid]
+
+    def stop(self, sig=signal.SIGTERM, timeout=40):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"arservice did not stop within {timeout}s:\n{self.output()}")
+        self.client.close()
+        os.unlink(self.log.name)
+        return self.proc.returncode
+
+
+def _parent(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[1])
+    except OSError:
+        return None
