@@ -37,7 +37,7 @@ def live_processes(marker):
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
+                cmdline = f.read().replace(b"\0", b" ")
             with open(f"/proc/{pid}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
@@ -80,7 +80,9 @@ class Service:
         return self
 
     def agent_pids(self):
-        return [p for p in live_processes("arservice agent") if _parent(p) == self.proc.pid]
+        pids = [a["pid"] for a in self.client.available_resources()["agents"]]
+        assert all(_parent(p) == self.proc.pid for p in pids), "an agent that is not the service's child"
+        return pids
 
     def stop(self, sig=signal.SIGTERM, timeout=40):
         if self.proc.poll() is None:

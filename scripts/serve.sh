@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up and run the service on its default: the local runner. Extra arguments go to arservice.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec arservice --runner local "$@"

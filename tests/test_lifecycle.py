@@ -1,0 +1,192 @@
+"""Agents dying, the service stopping or crashing: nothing lost, nothing left behind."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import zmq
+
+from arservice import protocol
+from arservice.client import HTTPClient, ServiceError, ZMQClient
+from helpers import Service, free_port, live_processes, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def agent_dirs(pids):
+    return [d for pid in pids for d in glob.glob(f"/tmp/arservice/*-{pid}-*")]
+
+
+def test_killed_agent_loses_its_instances_and_frees_capacity():
+    svc = Service("--runner", "local", "--max-resources", '{"instances": 2}', "--agent-timeout", "1").wait_ready()
+    try:
+        [pid] = svc.agent_pids()
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        assert svc.client.available_resources()["used"]["instances"] == 1
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: svc.client.available_resources()["instances"]["lost"] == 1, timeout=10, what="the instance to be lost")
+        resources = svc.client.available_resources()
+        assert resources["used"]["instances"] == 0
+        with pytest.raises(ServiceError) as err:
+            svc.client.execute(inst, "true")
+        assert err.value.code == "agent_lost"
+        with pytest.raises(ServiceError) as err:
+            svc.http.execute(inst, "true")
+        assert err.value.code == "agent_lost"
+        # The runner replaces the agent; its capacity comes back, and the new agent reaps the old one's directory.
+        wait_for(lambda: [a for a in svc.client.available_resources()["agents"] if a["pid"] != pid], timeout=20, what="a new agent")
+        wait_for(lambda: not agent_dirs([pid]), timeout=10, what="the dead agent's directory to be reaped")
+        assert svc.client.close_instance(inst) == {"instance_id": inst, "closed": True, "lost": True}
+        fresh = svc.client.start_instance({"type": "local"})["instance_id"]
+        assert svc.client.execute(fresh, "echo back")["output"] == "back\n"
+        svc.client.close_instance(fresh)
+    finally:
+        assert svc.stop() == 0
+
+
+def test_in_flight_request_fails_fast_when_agent_dies():
+    svc = Service("--runner", "local", "--agent-timeout", "1").wait_ready()
+    try:
+        [pid] = svc.agent_pids()
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(svc.client.execute, inst, "sleep 60", timeout=60)
+            wait_for(lambda: live_processes("sleep 60"), timeout=10, what="the command to start")
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ServiceError) as err:
+                running.result(timeout=20)  # far sooner than the command's 60 s
+            assert err.value.code == "agent_lost"
+    finally:
+        assert svc.stop() == 0
+
+
+def test_long_command_keeps_agent_alive():
+    """A command longer than the agent timeout must not starve the heartbeat."""
+    svc = Service("--runner", "local", "--agent-timeout", "1").wait_ready()
+    try:
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        assert svc.client.execute(inst, "sleep 3; echo done")["output"] == "done\n"
+        assert svc.client.available_resources()["instances"]["lost"] == 0
+        svc.client.close_instance(inst)
+    finally:
+        assert svc.stop() == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_service_leaves_nothing_behind(sig):
+    svc = Service("--runner", "local", "--agents", "2", "--max-resources", '{"instances": 4}').wait_ready(agents=2)
+    pids = svc.agent_pids()
+    marker = f"arservice-stop-marker-{os.getpid()}-{sig}"
+    dirs = []
+    for _ in range(3):
+        inst = svc.client.start_instance({"type": "local"})
+        dirs.append(inst["info"]["workdir"])
+        svc.client.execute(inst["instance_id"], f"(exec -a {marker} sleep 300) >/dev/null 2>&1 &")
+    assert len(live_processes(marker)) == 3
+    assert svc.stop(sig) == 0
+    assert not [p for p in pids if _alive(p)]
+    assert not [d for d in dirs if os.path.exists(d)]
+    assert not agent_dirs(pids)
+    wait_for(lambda: not live_processes(marker), timeout=5, what="instance processes to die")
+
+
+def test_crashed_service_agents_clean_up_by_themselves():
+    svc = Service("--runner", "local").wait_ready()
+    [pid] = svc.agent_pids()
+    inst = svc.client.start_instance({"type": "local"})
+    workdir = inst["info"]["workdir"]
+    svc.proc.kill()  # SIGKILL: the service gets no chance to stop its agents
+    svc.proc.wait()
+    wait_for(lambda: not _alive(pid), timeout=40, what="the orphaned agent to notice the broker is gone and exit")
+    assert not os.path.exists(workdir)
+    svc.stop()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def test_agent_with_wrong_secret_is_refused():
+    svc = Service("--runner", "local", token="s3cret").wait_ready()
+    try:
+        env = dict(os.environ, ARSERVICE_TOKEN="wrong")
+        proc = subprocess.run([sys.executable, "-m", "arservice", "agent", "--broker", svc.zmq],
+                              env=env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 3
+        assert "wrong agent secret" in proc.stderr
+        assert len(svc.client.available_resources()["agents"]) == 1
+    finally:
+        assert svc.stop() == 0
+
+
+def test_token_guards_every_endpoint_but_health():
+    svc = Service("--runner", "local", token="s3cret").wait_ready()
+    try:
+        for anonymous in (HTTPClient(svc.url, token=""), ZMQClient(svc.zmq, token="")):
+            with pytest.raises(ServiceError) as err:
+                anonymous.start_instance({"type": "local"})
+            assert err.value.code == "unauthorized"
+        wrong = HTTPClient(svc.url, token="guess")
+        with pytest.raises(ServiceError) as err:
+            wrong.available_resources()
+        assert err.value.code == "unauthorized"
+        assert HTTPClient(svc.url, token="").ping()["status"] == "ok"
+        inst = svc.http.start_instance({"type": "local"})["instance_id"]
+        assert svc.http.execute(inst, "echo ok")["output"] == "ok\n"
+        svc.http.close_instance(inst)
+    finally:
+        assert svc.stop() == 0
+
+
+def test_agent_survives_bad_messages_from_its_broker():
+    """A real agent process against a ROUTER played by the test: garbage in, error replies out."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = free_port()
+    router.bind(f"tcp://127.0.0.1:{port}")
+    agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", f"tcp://127.0.0.1:{port}"],
+                             stderr=subprocess.DEVNULL)
+    try:
+        def receive():
+            assert router.poll(15000), "the agent said nothing"
+            identity, frame = router.recv_multipart()
+            return identity, protocol.decode(frame)
+
+        identity, msg = receive()
+        assert msg["type"] == "register"
+        router.send_multipart([identity, protocol.encode(protocol.reply(msg["id"], {"registered": True}))])
+
+        def answer_to(frame):
+            router.send_multipart([identity, frame])
+            while True:
+                _, reply = receive()
+                if reply["type"] != "heartbeat":
+                    return reply
+
+        router.send_multipart([identity, b"\x00\xffnot msgpack"])  # no id to answer to: logged and dropped
+        bad = answer_to(protocol.encode(protocol.request("execute", "x1", instance_id="i-none", command="true", timeout=5)))
+        assert bad["type"] == "error" and bad["error"]["code"] == "not_found" and bad["id"] == "x1"
+        bad = answer_to(protocol.encode(protocol.request("start_instance", "x2", instance_id="i-1", environment={"type": "nope"})))
+        assert bad["error"]["code"] == "invalid_request"
+        bad = answer_to(protocol.encode(protocol.request("bogus", "x3")))
+        assert bad["error"]["code"] == "invalid_request" and bad["id"] == "x3"
+        bad = answer_to(protocol.encode(protocol.request("start_instance", "x4", environment={"type": "local"})))
+        assert bad["error"]["code"] == "invalid_request" and "instance_id" in bad["error"]["message"]
+        ok = answer_to(protocol.encode(protocol.request("start_instance", "x5", instance_id="i-1", environment={"type": "local"})))
+        assert ok["type"] == "reply" and ok["id"] == "x5"
+        ok = answer_to(protocol.encode(protocol.request("execute", "x6", instance_id="i-1", command="echo alive", timeout=5)))
+        assert ok["result"]["output"] == b"alive\n"
+        assert agent.poll() is None
+    finally:
+        agent.terminate()
+        assert agent.wait(timeout=30) == 0
+        router.close()
