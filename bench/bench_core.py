@@ -18,14 +18,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from helpers import Service  # noqa: E402
 
 
-def latencies(fn, n):
-    fn()  # warm up connections and caches
-    out = []
+def latencies(fns, n):
+    """Latency series of each fn, sampled in turn (a, b, c, a, b, c, ...) so that the machine's
+    drift over the run affects every series alike."""
+    series = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm up connections and caches
     for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            series[name].append(time.perf_counter() - t)
+    return series
 
 
 def percentile(values, q):
@@ -59,11 +63,11 @@ def main():
     try:
         instances = [svc.client.start_instance({"type": "local"})["instance_id"] for _ in range(args.threads)]
         inst = instances[0]
-        series = {
-            "raw subprocess bash -c true": latencies(raw_spawn, args.n),
-            "ZMQ execute true": latencies(lambda: svc.client.execute(inst, "true"), args.n),
-            "HTTP execute true": latencies(lambda: svc.http.execute(inst, "true"), args.n),
-        }
+        series = latencies({
+            "raw subprocess bash -c true": raw_spawn,
+            "ZMQ execute true": lambda: svc.client.execute(inst, "true"),
+            "HTTP execute true": lambda: svc.http.execute(inst, "true"),
+        }, args.n)
         raw_p50 = statistics.median(series["raw subprocess bash -c true"])
         print(f"latency over {args.n} commands each (ms)")
         print(f"{'':32} {'p50':>8} {'p99':>8} {'p50 overhead':>14}")

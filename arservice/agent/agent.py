@@ -1,9 +1,11 @@
 """The agent: a headless worker that owns environment instances and runs commands in them.
 
-One thread owns the DEALER socket to the broker and the table of instances. Work that
-blocks (starting an environment, running a command, closing) goes to a thread pool; each
-worker hands its answer back through an inproc PUSH socket that the loop polls, so a slow
-command never delays another one or the heartbeat.
+One thread owns the DEALER socket to the broker and the table of instances. Commands that
+are host processes (Environment.spawn) are driven by that loop itself: their output pipe and
+pidfd sit in the same poller as the socket, so thousands of short commands cost no thread
+handoffs. Work that blocks (starting an environment, closing it, a backend without spawn)
+goes to a thread pool; each worker hands its answer back through an inproc PUSH socket that
+the loop polls. Either way a slow command never delays another one or the heartbeat.
 """
 
 import os
@@ -19,6 +21,7 @@ import zmq
 from .. import environments, protocol
 from ..logs import EventLog
 from ..protocol import ProtocolError
+from ..environments import process
 from . import workdirs
 
 log = EventLog("agent")
@@ -46,6 +49,8 @@ class Agent:
         self.workdir_root = workdir_root or workdirs.DEFAULT_ROOT
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="work")
         self.envs = {}  # instance id -> (Environment, Future of its start); touched only by the loop
+        self.commands = {}  # request id -> process.Command driven by the loop
+        self.command_fds = {}  # fd being watched -> request id
         self.stopping = threading.Event()
         self.ctx = zmq.Context()
         self.outbox_address = f"inproc://outbox-{id(self)}"
@@ -67,7 +72,7 @@ class Agent:
         self.sock.connect(self.broker)
         outbox = self.ctx.socket(zmq.PULL)
         outbox.bind(self.outbox_address)
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(outbox, zmq.POLLIN)
         log.info("agent_started", agent=self.agent_id, broker=self.broker, capacity=self.capacity, types=",".join(self.env_types))
@@ -85,13 +90,20 @@ class Agent:
                     self._send(protocol.request(protocol.HEARTBEAT, self._id(), instances=len(self.envs))
                                if self.registered else self._register_message())
                     next_beat = now + self.heartbeat_s
-                for sock, _ in poller.poll(timeout=max(0, min(next_beat - time.monotonic(), 0.5)) * 1000):
+                wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()])
+                for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):
                     if sock is outbox:
                         self._forward_answer(outbox.recv_multipart())
-                    else:
+                    elif sock is self.sock:
                         self._on_broker_frame(self.sock.recv())
+                    elif sock in self.command_fds:
+                        self._on_command_fd(sock)
+                self._expire_commands()
         finally:
             self._close_all()
+            for request_id in list(self.commands):
+                process.kill_tree(self.commands[request_id].proc.pid)
+                self._finish_command(request_id)
             if self.registered:
                 self._send(protocol.request(protocol.DISCONNECT, self._id()))
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -163,8 +175,51 @@ class Agent:
 
     def _on_execute(self, msg):
         env, started = self._instance(msg)
-        self._submit(msg["id"], started, env.execute, protocol.field(msg, "command", str),
-                     protocol.field(msg, "timeout", float), msg.get("cwd"), msg.get("env"), msg.get("output_limit"))
+        args = (protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
+                msg.get("cwd"), msg.get("env"), msg.get("output_limit"))
+        if started.done() and started.exception() is None:
+            try:
+                command = env.spawn(*args)
+            except OSError as exc:
+                raise ProtocolError("environment_error", f"cannot start the command: {exc}")
+            if command is not None:
+                self.commands[msg["id"]] = command
+                for fd in command.fds:
+                    self.command_fds[fd] = msg["id"]
+                    self.poller.register(fd, zmq.POLLIN)
+                return
+        self._submit(msg["id"], started, env.execute, *args)
+
+    # -- commands driven by the loop ---------------------------------------------
+
+    def _on_command_fd(self, fd):
+        request_id = self.command_fds[fd]
+        command = self.commands[request_id]
+        if command.on_readable(fd):
+            self._unwatch(fd)
+        if command.done:
+            self._finish_command(request_id)
+
+    def _expire_commands(self):
+        now = time.monotonic()
+        for request_id, command in list(self.commands.items()):
+            if now >= command.deadline:
+                command.on_deadline()
+                self._finish_command(request_id)
+
+    def _unwatch(self, fd):
+        if self.command_fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def _finish_command(self, request_id):
+        command = self.commands.pop(request_id)
+        for fd in command.fds:
+            self._unwatch(fd)
+        try:
+            msg = protocol.reply(request_id, command.result())
+        except OSError as exc:
+            msg = protocol.error(request_id, "environment_error", f"command failed: {exc}")
+        self._send(msg)
 
     def _on_write_file(self, msg):
         env, started = self._instance(msg)

@@ -76,9 +76,18 @@ class Environment:
         """Bring the instance up; return a dict of facts worth telling the user (may be empty)."""
         raise NotImplementedError
 
+    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        """Start a shell command as a host process and return its process.Command, or None.
+
+        Backends whose commands are host processes implement this: the agent then drives the
+        command from its event loop, with no thread per command. Others return None and
+        implement `execute`.
+        """
+        return None
+
     def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
         """Run a shell command; return {output: bytes, returncode, timed_out, truncated, duration_s}."""
-        raise NotImplementedError
+        return self.spawn(command, timeout, cwd, env, output_limit).wait()
 
     def write_file(self, path, content, mode):
         """Write bytes to path (relative to the instance's cwd); return {path, written}."""

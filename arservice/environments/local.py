@@ -29,8 +29,8 @@ class LocalEnvironment(Environment):
         self.groups = set()
         return {"workdir": self.workdir}
 
-    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
-        return process.run(
+    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        return process.Command(
             [self.shell, "-c", command],
             timeout=timeout,
             output_limit=output_limit or self.config["output_limit"],

@@ -89,65 +89,91 @@ def _signal(send, target):
         pass
 
 
-def run(argv, *, timeout, output_limit, groups, cwd=None, env=None):
-    """Run argv in a new session; return the result dict that `execute` answers with.
+class Command:
+    """One command running as a host process, driven by whoever watches its file descriptors.
 
-    Background processes that let go of the output (redirected, as daemons do) outlive
-    the command. `groups` is the caller's set of live process groups: the command's
-    group is in it while anything of it runs, so the caller can kill it on close.
+    The agent's event loop drives many at once (no thread per command); `wait()` drives one
+    from the calling thread. Background processes that let go of the output (redirected, as
+    daemons do) outlive the command. `groups` is the caller's set of live process groups: the
+    command's group is in it while anything of it runs, so the caller can kill it on close.
     """
-    started = time.monotonic()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        cwd=cwd, env=env, start_new_session=True,
-    )
-    groups.add(proc.pid)
-    output = BoundedOutput(output_limit)
-    pipe = proc.stdout.fileno()
-    os.set_blocking(pipe, False)
-    pidfd = os.pidfd_open(proc.pid)
-    timed_out = False
-    with selectors.DefaultSelector() as sel:
-        sel.register(pipe, selectors.EVENT_READ)
-        sel.register(pidfd, selectors.EVENT_READ)
-        exited = eof = False
-        deadline = started + timeout
-        while not (exited and eof):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if exited:  # only background children still hold the pipe
-                    kill_group(proc.pid)
+
+    def __init__(self, argv, *, timeout, output_limit, groups, cwd=None, env=None):
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=cwd, env=env, start_new_session=True,
+        )
+        self.groups = groups
+        groups.add(self.proc.pid)
+        self.output = BoundedOutput(output_limit)
+        self.pipe = self.proc.stdout.fileno()
+        os.set_blocking(self.pipe, False)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.deadline = self.started + timeout
+        self.exited = self.eof = self.timed_out = self.done = False
+
+    @property
+    def fds(self):
+        return (self.pipe, self.pidfd)
+
+    def on_readable(self, fd):
+        """Handle readiness of one of `fds`; True when that fd needs no more watching."""
+        if fd == self.pidfd:
+            self.exited = True
+            self.deadline = min(self.deadline, time.monotonic() + AFTER_EXIT_GRACE_S)
+            finished = True
+        else:
+            try:
+                chunk = os.read(self.pipe, 1 << 16)
+            except BlockingIOError:
+                return False
+            self.output.feed(chunk)
+            self.eof = finished = not chunk
+        self.done = self.exited and self.eof
+        return finished
+
+    def on_deadline(self):
+        """Called once the deadline has passed without the command being done."""
+        if self.exited:  # only background children still hold the pipe
+            kill_group(self.proc.pid)
+        else:
+            self.timed_out = True
+            kill_tree(self.proc.pid)
+        self.done = True
+
+    def result(self):
+        """Release the command's resources; the result dict `execute` answers with."""
+        if not self.eof:  # what is already in the pipe belongs to the command
+            _drain(self.pipe, self.output)
+        os.close(self.pidfd)
+        self.proc.stdout.close()
+        returncode = self.proc.wait()
+        if not group_alive(self.proc.pid):
+            self.groups.discard(self.proc.pid)
+        data, truncated = self.output.value()
+        return {
+            "output": data,
+            "returncode": returncode,
+            "timed_out": self.timed_out,
+            "truncated": truncated,
+            "duration_s": round(time.monotonic() - self.started, 6),
+        }
+
+    def wait(self):
+        """Drive the command from this thread until it is done; its result."""
+        with selectors.DefaultSelector() as sel:
+            for fd in self.fds:
+                sel.register(fd, selectors.EVENT_READ)
+            while not self.done:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    self.on_deadline()
                     break
-                timed_out = True
-                kill_tree(proc.pid)
-                break
-            for key, _ in sel.select(remaining):
-                if key.fd == pidfd:
-                    exited = True
-                    sel.unregister(pidfd)
-                    deadline = min(deadline, time.monotonic() + AFTER_EXIT_GRACE_S)
-                else:
-                    chunk = os.read(pipe, 1 << 16)
-                    if chunk:
-                        output.feed(chunk)
-                    else:
-                        eof = True
-                        sel.unregister(pipe)
-    if not eof:  # what is already in the pipe belongs to the command
-        _drain(pipe, output)
-    os.close(pidfd)
-    proc.stdout.close()
-    returncode = proc.wait()
-    if not group_alive(proc.pid):
-        groups.discard(proc.pid)
-    data, truncated = output.value()
-    return {
-        "output": data,
-        "returncode": returncode,
-        "timed_out": timed_out,
-        "truncated": truncated,
-        "duration_s": round(time.monotonic() - started, 6),
-    }
+                for key, _ in sel.select(remaining):
+                    if self.on_readable(key.fd):
+                        sel.unregister(key.fd)
+        return self.result()
 
 
 def _drain(fd, output):
