@@ -66,6 +66,7 @@ class Agent:
     def run(self):
         """Serve until stop() or until the broker is gone; clean up every instance however it ends."""
         self.workdir = workdirs.claim(self.workdir_root, self.agent_id)
+        self._reap_leftovers()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
@@ -112,6 +113,17 @@ class Agent:
             self.ctx.term()
             shutil.rmtree(self.workdir, ignore_errors=True)
             log.info("agent_stopped", agent=self.agent_id)
+
+    def _reap_leftovers(self):
+        """Remove what dead agents of this host left behind, for every backend offered."""
+        for name in self.env_types:
+            try:
+                reaped = environments.backend(name).reap(socket.gethostname(), workdirs.alive)
+            except Exception as exc:
+                log.warning("reap_failed", type=name, error=repr(exc))
+                continue
+            if reaped:
+                log.info("reaped_leftovers", type=name, count=len(reaped))
 
     def _id(self):
         self._next_id += 1

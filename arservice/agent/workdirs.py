@@ -34,13 +34,13 @@ def reap(root):
                 owner_host, pid = f.read().split()
         except (OSError, ValueError):
             continue
-        if owner_host == host and not _alive(int(pid)):
+        if owner_host == host and not alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             reaped.append(path)
     return reaped
 
 
-def _alive(pid):
+def alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

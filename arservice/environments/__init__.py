@@ -10,6 +10,7 @@ from ..protocol import ProtocolError
 
 BACKENDS = {
     "local": "arservice.environments.local:LocalEnvironment",
+    "docker": "arservice.environments.docker:DockerEnvironment",
 }
 
 

@@ -20,8 +20,13 @@ def _positive(value):
     return value > 0
 
 
+LIMITS = ("cpus", "memory", "pids", "network")
+
+
 class Environment:
     type = None  # the name users put in "type"; set by each backend
+    # Which of LIMITS this backend can enforce; asking for another one is an error.
+    enforces = set()
 
     # Spec fields: name -> (python type, default, check or None). Backends extend this.
     options = {
@@ -31,8 +36,11 @@ class Environment:
         "timeout": (float, DEFAULT_TIMEOUT_S, _positive),
         "output_limit": (int, DEFAULT_OUTPUT_LIMIT, lambda n: 0 < n <= MAX_OUTPUT_LIMIT),
         "start_timeout": (float, DEFAULT_START_TIMEOUT_S, _positive),
+        # Limits: enforced by the backend, and counted against the agent's and service's capacity.
         "cpus": (float, None, _positive),
         "memory": (None, None, None),  # "512m", "2g" or MiB as a number; normalised to MiB
+        "pids": (int, None, _positive),
+        "network": ((bool, str), None, None),  # off by default where the backend isolates
     }
 
     @classmethod
@@ -49,9 +57,10 @@ class Environment:
                     raise ProtocolError("invalid_request", f"{cls.type} environment needs '{name}'")
                 config[name] = default
                 continue
-            if kind is float:
-                kind = (int, float)
-            if kind is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            if float in kinds:
+                kinds += (int,)
+            if kind is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
                 raise ProtocolError("invalid_request", f"environment field '{name}' has the wrong type: {type(value).__name__}")
             if check is not None and not check(value):
                 raise ProtocolError("invalid_request", f"environment field '{name}' is out of range: {value!r}")
@@ -59,12 +68,20 @@ class Environment:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in config["env"].items()):
             raise ProtocolError("invalid_request", "environment field 'env' must map strings to strings")
         config["memory"] = parse_memory_mib(config["memory"])
+        asked = [name for name in LIMITS if config[name] is not None and name not in cls.enforces]
+        if asked:
+            raise ProtocolError("invalid_request", f"{cls.type} environments cannot enforce {', '.join(asked)}")
         return config
 
     @classmethod
     def available(cls):
         """Whether this host can run the backend (its tools are installed)."""
         return True
+
+    @classmethod
+    def reap(cls, host, alive):
+        """Remove what dead agents of `host` left behind (alive(pid) tells); return what was removed."""
+        return []
 
     def __init__(self, instance_id, config, agent_id, workdir_root):
         self.instance_id = instance_id

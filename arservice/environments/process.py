@@ -35,11 +35,26 @@ class BoundedOutput:
     def value(self):
         """(output bytes, truncated)."""
         tail = self.tail[len(self.tail) - self.tail_limit:] if self.tail_limit else b""
-        dropped = self.total - len(self.head) - len(tail)
-        if dropped <= 0:
-            return bytes(self.head + self.tail), False
-        marker = f"\n[... {dropped} bytes truncated ...]\n".encode()
-        return bytes(self.head) + marker + bytes(tail), True
+        return joined(bytes(self.head), bytes(tail), self.total - len(self.head) - len(tail))
+
+
+def joined(head, tail, dropped):
+    """(output, truncated): head and tail with a marker where `dropped` bytes were left out."""
+    if dropped <= 0:
+        return head + tail, False
+    return head + f"\n[... {dropped} bytes truncated ...]\n".encode() + tail, True
+
+
+def read_bounded(path, limit):
+    """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size <= limit:
+            return f.read(), False
+        head = f.read(limit // 2)
+        tail_size = limit - limit // 2
+        f.seek(size - tail_size)
+        return joined(head, f.read(tail_size), size - len(head) - tail_size)
 
 
 def descendants(pid):

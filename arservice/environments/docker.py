@@ -1,0 +1,240 @@
+"""Docker containers through the docker SDK, with the fast exec path of helper.py.
+
+Each instance is one container running `sleep <container_timeout>` (so a container outlives
+a crashed agent by at most that) under Docker's init, which reaps the orphans of killed
+commands (zombies would count against pids_limit), labelled arservice=1 with its instance, agent, host and
+agent pid, so an agent can reap the containers of dead agents of its host.
+"""
+
+import io
+import os
+import shutil
+import socket
+import struct
+import tarfile
+import tempfile
+import time
+
+from ..logs import EventLog
+from ..protocol import ProtocolError
+from .base import Environment, resolve_path
+from .helper import MOUNT, SCRIPT, ExecHelper
+
+log = EventLog("docker")
+
+LABEL = "arservice"
+PULL_PROGRESS_EVERY_S = 5.0
+
+
+def _positive(value):
+    return value > 0
+
+
+class DockerEnvironment(Environment):
+    type = "docker"
+    enforces = {"cpus", "memory", "pids", "network"}
+    options = {
+        **Environment.options,
+        "image": (str, ..., None),
+        "pull": (str, "missing", lambda v: v in ("never", "missing", "always")),
+        "pull_timeout": (float, 600.0, _positive),
+        "forward_env": (list, [], lambda names: all(isinstance(n, str) for n in names)),
+        "container_timeout": (float, 24 * 3600.0, _positive),
+        "run_options": (dict, {}, None),
+        "shell": (str, None, None),
+        "fast_exec": (bool, True, None),
+    }
+    helper = None
+    container = None
+    host_dir = None
+
+    @classmethod
+    def available(cls):
+        return shutil.which("dockerd") is not None or os.path.exists("/var/run/docker.sock")
+
+    @classmethod
+    def client(cls):
+        import docker
+        return docker.from_env(timeout=120)
+
+    @classmethod
+    def reap(cls, host, alive):
+        """Remove containers of dead agents of this host; return their ids."""
+        client = cls.client()
+        reaped = []
+        for container in client.containers.list(all=True, filters={"label": [f"{LABEL}=1", f"{LABEL}.host={host}"]}):
+            pid = container.labels.get(f"{LABEL}.pid", "")
+            if pid.isdigit() and not alive(int(pid)):
+                container.remove(force=True)
+                reaped.append(container.id)
+        return reaped
+
+    def start(self):
+        config = self.config
+        self.docker = self.client()
+        self._ensure_image()
+        self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        env = {name: os.environ[name] for name in config["forward_env"] if name in os.environ}
+        env.update(config["env"])
+        network = config["network"]
+        options = dict(
+            command=["sleep", str(int(config["container_timeout"]))],
+            detach=True, init=True, environment=env,
+            labels={LABEL: "1", f"{LABEL}.instance": self.instance_id, f"{LABEL}.agent": self.agent_id,
+                    f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())},
+            network_mode="none" if network in (None, False) else ("bridge" if network is True else network),
+            volumes={self.host_dir: {"bind": MOUNT, "mode": "rw"}},
+        )
+        if config["cwd"]:
+            options["working_dir"] = config["cwd"]
+        if config["cpus"]:
+            options["nano_cpus"] = int(config["cpus"] * 1e9)
+        if config["memory"]:
+            options["mem_limit"] = f"{config['memory']}m"
+            options["memswap_limit"] = f"{config['memory']}m"
+        if config["pids"]:
+            options["pids_limit"] = config["pids"]
+        options.update(config["run_options"])
+        try:
+            self.container = self.docker.containers.run(config["image"], **options)
+        except Exception as exc:
+            raise ProtocolError("environment_error", f"docker could not start {config['image']}: {exc}")
+        self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
+        self.shell = config["shell"] or self._pick_shell()
+        if config["fast_exec"]:
+            try:
+                self.helper = self._start_helper()
+            except (ProtocolError, OSError) as exc:
+                log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
+        return {"container_id": self.container.id, "shell": self.shell, "fast_exec": self.helper is not None}
+
+    def _ensure_image(self):
+        import docker.errors
+        image, policy = self.config["image"], self.config["pull"]
+        if policy != "always":
+            try:
+                self.docker.images.get(image)
+                return
+            except docker.errors.ImageNotFound:
+                if policy == "never":
+                    raise ProtocolError("environment_error", f"image {image} is not present and pull is 'never'")
+        repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+        deadline = time.monotonic() + self.config["pull_timeout"]
+        shown = 0.0
+        log.info("image_pull_started", image=image)
+        try:
+            for event in self.docker.api.pull(repository, tag=tag, stream=True, decode=True):
+                now = time.monotonic()
+                if now > deadline:
+                    raise ProtocolError("timeout", f"pulling {image} took longer than {self.config['pull_timeout']}s")
+                if "error" in event:
+                    raise ProtocolError("environment_error", f"pulling {image} failed: {event['error']}")
+                if now - shown >= PULL_PROGRESS_EVERY_S:
+                    log.info("image_pull_progress", image=image, status=event.get("status"), progress=event.get("progress", ""))
+                    shown = now
+        except docker.errors.APIError as exc:
+            raise ProtocolError("environment_error", f"pulling {image} failed: {exc.explanation or exc}")
+        log.info("image_pull_done", image=image)
+
+    def _pick_shell(self):
+        result = self.container.exec_run(["sh", "-c", "command -v bash || command -v sh"])
+        found = result.output.decode(errors="replace").strip().splitlines()
+        if result.exit_code != 0 or not found:
+            raise ProtocolError("environment_error", f"image {self.config['image']} has no POSIX shell")
+        return found[0]
+
+    def _start_helper(self):
+        api = self.docker.api
+        exec_id = api.exec_create(self.container.id, ["sh", "-c", SCRIPT], stdin=True, stdout=True, stderr=True)["Id"]
+        conn = api.exec_start(exec_id, socket=True)
+        raw = getattr(conn, "_sock", conn)
+        self._helper_conn = conn
+        return ExecHelper(raw.sendall, _stdout_lines(raw), self.host_dir)
+
+    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        cwd = resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None
+        output_limit = output_limit or self.config["output_limit"]
+        if self.helper is not None and self.helper.alive:
+            return self.helper.run(command, timeout, cwd, env or {}, output_limit, self.shell)
+        return self._plain_exec(command, timeout, cwd, env, output_limit)
+
+    def _plain_exec(self, command, timeout, cwd, env, output_limit):
+        """The slow path, one exec per command; `timeout -s KILL` ends it inside the container."""
+        from .process import BoundedOutput
+        started = time.monotonic()
+        argv = ["timeout", "-s", "KILL", str(max(1, round(timeout))), self.shell, "-c", command]
+        result = self.container.exec_run(argv, workdir=cwd, environment=env or None)
+        output = BoundedOutput(output_limit)
+        output.feed(result.output or b"")
+        data, truncated = output.value()
+        timed_out = result.exit_code == 137 and time.monotonic() - started >= timeout
+        return {"output": data, "returncode": result.exit_code, "timed_out": timed_out,
+                "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}
+
+    def write_file(self, path, content, mode):
+        path = resolve_path(path, self.config["cwd"] or self.workdir)
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            info = tarfile.TarInfo(os.path.basename(path))
+            info.size, info.mode, info.mtime = len(content), mode, int(time.time())
+            tar.addfile(info, io.BytesIO(content))
+        parent = os.path.dirname(path)
+        self.container.exec_run(["mkdir", "-p", parent])
+        if not self.container.put_archive(parent, archive.getvalue()):
+            raise ProtocolError("environment_error", f"could not write {path}")
+        return {"path": path, "written": len(content)}
+
+    def read_file(self, path, limit):
+        import docker.errors
+        path = resolve_path(path, self.config["cwd"] or self.workdir)
+        try:
+            stream, stat = self.container.get_archive(path)
+        except docker.errors.NotFound:
+            raise ProtocolError("not_found", f"no such file: {path}")
+        if stat["size"] > limit:
+            raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                raise ProtocolError("invalid_request", f"{path} is not a regular file")
+            return {"content": tar.extractfile(member).read()}
+
+    def close(self):
+        if self.container is not None:
+            try:
+                self.container.remove(force=True)
+            except Exception as exc:
+                if "No such container" not in str(exc):
+                    raise
+        if self.host_dir:
+            shutil.rmtree(self.host_dir, ignore_errors=True)
+
+
+def _stdout_lines(raw):
+    """Lines of an exec session's stdout, from Docker's multiplexed stream (8-byte frame headers)."""
+    pending = b""
+    while True:
+        header = _recv_exact(raw, 8)
+        if header is None:
+            return
+        stream, size = header[0], struct.unpack(">I", header[4:])[0]
+        data = _recv_exact(raw, size)
+        if data is None:
+            return
+        if stream != 1:  # the helper's shell reports killed jobs there
+            log.debug("helper_stderr", text=data.decode(errors="replace").strip())
+            continue
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line.decode(errors="replace")
+
+
+def _recv_exact(raw, size):
+    data = b""
+    while len(data) < size:
+        chunk = raw.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data

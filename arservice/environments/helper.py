@@ -1,0 +1,124 @@
+"""The fast exec path: one long-lived shell inside an instance that starts each command.
+
+A container exec costs tens of milliseconds before the command does anything. Instead, each
+instance runs one helper, a POSIX sh loop started once, and a host directory is mounted into
+the instance at MOUNT. For each command the agent writes MOUNT/ID.cmd on the host and sends
+`run ID SHELL` on the helper's stdin; the helper starts `SHELL ID.cmd` as its own process
+(its own session where `setsid` exists), output to MOUNT/ID.out, and prints `done ID RC`.
+`kill ID` kills the command's process group inside the instance. The agent reads the output
+file on the host: exact bytes, head and tail by seeking, any size. Commands stay stateless
+(a fresh shell each), several run at once, and no Python is needed in the image.
+"""
+
+import itertools
+import os
+import re
+import shlex
+import threading
+import time
+
+from ..logs import EventLog
+from ..protocol import ProtocolError
+from .process import read_bounded
+
+log = EventLog("helper")
+
+MOUNT = "/.arservice"
+# How long a killed command may take to be reported done before it is given up on.
+KILL_GRACE_S = 5.0
+
+SCRIPT = r"""
+d=%(mount)s
+ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
+echo ready
+while read -r op id sh; do
+  case $op in
+    run) ( $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null & p=$!; echo $p >"$d/$id.pid"; wait $p; echo "done $id $?" ) & ;;
+    kill) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 -- "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
+  esac
+done
+""" % {"mount": MOUNT}
+
+
+def script_for(command, cwd, env):
+    """The command file: change directory, export the variables, then the command itself."""
+    bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+    if bad:
+        raise ProtocolError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
+    lines = [f"cd {shlex.quote(cwd)} || exit 126"] if cwd else []
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
+    return "\n".join([*lines, command, ""]).encode()
+
+
+class ExecHelper:
+    """Drives one helper. `send(bytes)` writes to its stdin; `lines` yields its stdout lines
+    and ends when it exits. Safe to call run() from many threads."""
+
+    def __init__(self, send, lines, host_dir, ready_timeout=30.0):
+        self._send = send
+        self._send_lock = threading.Lock()
+        self.host_dir = host_dir
+        self._ids = itertools.count(1)
+        self._waiting = {}  # id -> [threading.Event, returncode]
+        self.alive = True
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, args=(lines,), name="helper-reader", daemon=True)
+        self._reader.start()
+        if not self._ready.wait(ready_timeout) or not self.alive:
+            raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
+
+    def _read(self, lines):
+        for line in lines:
+            parts = line.split()
+            if parts == ["ready"]:
+                self._ready.set()
+            elif len(parts) == 3 and parts[0] == "done" and parts[1] in self._waiting:
+                slot = self._waiting[parts[1]]
+                slot[1] = int(parts[2])
+                slot[0].set()
+        self.alive = False
+        self._ready.set()
+        for slot in list(self._waiting.values()):
+            slot[0].set()
+
+    def _write(self, line):
+        with self._send_lock:
+            self._send(line.encode())
+
+    def run(self, command, timeout, cwd, env, output_limit, shell):
+        """Run one command; the result dict `execute` answers with."""
+        if not self.alive:
+            raise ProtocolError("environment_error", "the exec helper inside the instance has exited")
+        started = time.monotonic()
+        cmd_id = str(next(self._ids))
+        base = os.path.join(self.host_dir, cmd_id)
+        with open(base + ".cmd", "wb") as f:
+            f.write(script_for(command, cwd, env))
+        slot = self._waiting[cmd_id] = [threading.Event(), None]
+        try:
+            self._write(f"run {cmd_id} {shell}\n")
+            timed_out = not slot[0].wait(timeout)
+            if timed_out:
+                self._write(f"kill {cmd_id}\n")
+                if not slot[0].wait(KILL_GRACE_S):
+                    log.error("command_not_killed", id=cmd_id, host_dir=self.host_dir)
+            if slot[1] is None and not timed_out:
+                raise ProtocolError("environment_error", "the instance stopped while the command ran")
+            try:
+                output, truncated = read_bounded(base + ".out", output_limit)
+            except FileNotFoundError:
+                output, truncated = b"", False
+            return {
+                "output": output,
+                "returncode": slot[1] if slot[1] is not None else -9,
+                "timed_out": timed_out,
+                "truncated": truncated,
+                "duration_s": round(time.monotonic() - started, 6),
+            }
+        finally:
+            del self._waiting[cmd_id]
+            for suffix in (".cmd", ".out", ".pid"):
+                try:
+                    os.unlink(base + suffix)
+                except FileNotFoundError:
+                    pass
