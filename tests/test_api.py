@@ -150,7 +150,7 @@ def test_resources_report(client, service):
     assert during["available"]["instances"] == before["available"]["instances"] - 1
     assert during["instances"]["running"] == before["instances"]["running"] + 1
     agent = next(a for a in during["agents"] if a["agent_id"] == inst["agent_id"])
-    assert agent["instances"] >= 1 and agent["env_types"] == ["local"]
+    assert agent["instances"] >= 1 and "local" in agent["env_types"]
     listed = {i["instance_id"]: i for i in client.instances()}
     assert listed[inst["instance_id"]]["state"] == "running"
     client.close_instance(inst["instance_id"])

@@ -1,0 +1,92 @@
+"""Experimental: each command in a fresh bubblewrap sandbox over a per-instance work directory.
+
+Either the host's /usr (and /etc) bound read-only, or a rootfs directory (`root`) as `/`.
+The instance's writable directory is /work; everything else is read-only or a tmpfs.
+Namespaces are all unshared (no network unless `network: true`), the sandbox dies with the
+agent, and it gets a new session so it cannot push input into the agent's terminal.
+"""
+
+import os
+import shutil
+import tempfile
+
+from ...protocol import ProtocolError
+from .. import process
+from ..base import Environment, resolve_path
+
+WORK = "/work"
+HOST_BINDS = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
+              "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+              "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"]
+
+
+class BubblewrapEnvironment(Environment):
+    type = "bubblewrap"
+    enforces = {"network"}
+    options = {
+        **Environment.options,
+        "root": (str, None, None),
+        "shell": (str, "/bin/sh", None),
+        "bwrap_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
+    }
+    workdir = None
+    groups = ()
+
+    @classmethod
+    def available(cls):
+        return shutil.which("bwrap") is not None
+
+    def start(self):
+        root = self.config["root"]
+        if root is not None and not os.path.isdir(root):
+            raise ProtocolError("invalid_request", f"root {root!r} is not a directory on this agent")
+        self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        self.cwd = self.config["cwd"] or WORK
+        self.groups = set()
+        self.prefix = [
+            shutil.which("bwrap"),
+            *(["--ro-bind", root, "/"] if root else HOST_BINDS),
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--bind", self.workdir, WORK,
+            "--unshare-all", *(["--share-net"] if self.config["network"] else []),
+            "--die-with-parent", "--new-session",
+            "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "--setenv", "HOME", WORK,
+            *self.config["bwrap_options"],
+        ]
+        return {"workdir": self.workdir}
+
+    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        variables = {**self.config["env"], **(env or {})}
+        argv = [*self.prefix, "--chdir", resolve_path(cwd, self.cwd) if cwd else self.cwd]
+        for name, value in variables.items():
+            argv += ["--setenv", name, value]
+        return process.Command([*argv, self.config["shell"], "-c", command], timeout=timeout,
+                               output_limit=output_limit or self.config["output_limit"], groups=self.groups)
+
+    def _host_path(self, path):
+        """Files are exchanged through the work directory, the one place the host can see."""
+        inside = os.path.normpath(resolve_path(path, self.cwd))
+        if os.path.commonpath([inside, WORK]) != WORK:
+            raise ProtocolError("invalid_request", f"bubblewrap instances exchange files under {WORK} only, not {path}")
+        return os.path.join(self.workdir, os.path.relpath(inside, WORK))
+
+    def write_file(self, path, content, mode):
+        host = self._host_path(path)
+        os.makedirs(os.path.dirname(host), exist_ok=True)
+        with open(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+            f.write(content)
+        os.chmod(host, mode)
+        return {"path": path, "written": len(content)}
+
+    def read_file(self, path, limit):
+        with open(self._host_path(path), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+        return {"content": data}
+
+    def close(self):
+        for pgid in list(self.groups):
+            process.kill_group(pgid)
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
