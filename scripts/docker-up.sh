@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Make sure a Docker Engine answers here, and that the test image exists.
-# Installs docker.io and busybox-static when missing (Debian), starts dockerd when it is not
-# running, and builds local/arservice-busybox:test from busybox-static (no registry needed).
+# Make sure a Docker Engine answers here and that the test images exist (no registry needed):
+#   local/arservice-busybox:test   busybox-static with every applet, about 2 MB
+#   local/arservice-bookworm:test  debootstrap minbase Debian with bash, about 200 MB
+# The Debian rootfs is kept in $ARSERVICE_CACHE (default /var/cache/arservice) so the image is
+# built once per machine, and the bubblewrap tests use the same directory as a rootfs.
 set -euo pipefail
 
 log() { echo "docker-up: $*" >&2; }
+cache=${ARSERVICE_CACHE:-/var/cache/arservice}
 
-if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null; then
-  log "installing docker.io busybox-static"
+if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null || ! command -v debootstrap >/dev/null; then
+  log "installing docker.io busybox-static debootstrap"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io busybox-static >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io busybox-static debootstrap >/dev/null
 fi
 
 if ! docker info >/dev/null 2>&1; then
@@ -36,5 +39,23 @@ if ! docker image inspect "$image" >/dev/null 2>&1; then
   echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
   tar -C "$root" -c . | docker import -c 'ENV PATH=/bin' -c 'WORKDIR /root' - "$image" >/dev/null
   rm -rf "$root"
+fi
+log "image $image ready"
+
+rootfs=$cache/bookworm-rootfs
+if [ ! -x "$rootfs/bin/bash" ]; then
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+  mirror=${mirror:-http://deb.debian.org/debian}
+  log "debootstrap minbase bookworm into $rootfs from $mirror (about 30 s)"
+  rm -rf "$rootfs.partial"
+  mkdir -p "$cache"
+  debootstrap --variant=minbase bookworm "$rootfs.partial" "$mirror" >/tmp/debootstrap.log 2>&1 \
+    || { log "debootstrap failed; see /tmp/debootstrap.log"; tail -20 /tmp/debootstrap.log >&2; exit 1; }
+  mv "$rootfs.partial" "$rootfs"
+fi
+image=local/arservice-bookworm:test
+if ! docker image inspect "$image" >/dev/null 2>&1; then
+  log "importing $image from $rootfs"
+  tar -C "$rootfs" -c . | docker import -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' -c 'WORKDIR /root' - "$image" >/dev/null
 fi
 log "image $image ready"

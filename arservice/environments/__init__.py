@@ -11,6 +11,7 @@ from ..protocol import ProtocolError
 BACKENDS = {
     "local": "arservice.environments.local:LocalEnvironment",
     "docker": "arservice.environments.docker:DockerEnvironment",
+    "podman": "arservice.environments.podman:PodmanEnvironment",
     "bubblewrap": "arservice.environments.extra.bubblewrap:BubblewrapEnvironment",
 }
 

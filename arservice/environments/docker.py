@@ -18,7 +18,8 @@ import time
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from .base import Environment, resolve_path
-from .helper import MOUNT, SCRIPT, ExecHelper
+from .helper import MOUNT, PLAIN_EXEC, SCRIPT, ExecHelper
+from .process import BoundedOutput
 
 log = EventLog("docker")
 
@@ -49,13 +50,18 @@ class DockerEnvironment(Environment):
     host_dir = None
 
     @classmethod
+    def url(cls):
+        return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+
+    @classmethod
     def available(cls):
-        return shutil.which("dockerd") is not None or os.path.exists("/var/run/docker.sock")
+        url = cls.url()
+        return not url.startswith("unix://") or os.path.exists(url[len("unix://"):])
 
     @classmethod
     def client(cls):
         import docker
-        return docker.from_env(timeout=120)
+        return docker.DockerClient(base_url=cls.url(), timeout=120)
 
     @classmethod
     def reap(cls, host, alive):
@@ -98,7 +104,7 @@ class DockerEnvironment(Environment):
         try:
             self.container = self.docker.containers.run(config["image"], **options)
         except Exception as exc:
-            raise ProtocolError("environment_error", f"docker could not start {config['image']}: {exc}")
+            raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}")
         self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
         self.shell = config["shell"] or self._pick_shell()
         if config["fast_exec"]:
@@ -159,16 +165,18 @@ class DockerEnvironment(Environment):
         return self._plain_exec(command, timeout, cwd, env, output_limit)
 
     def _plain_exec(self, command, timeout, cwd, env, output_limit):
-        """The slow path, one exec per command; `timeout -s KILL` ends it inside the container."""
-        from .process import BoundedOutput
+        """The slow path: one exec session per command, output streamed into a bounded buffer."""
         started = time.monotonic()
-        argv = ["timeout", "-s", "KILL", str(max(1, round(timeout))), self.shell, "-c", command]
-        result = self.container.exec_run(argv, workdir=cwd, environment=env or None)
+        api = self.docker.api
+        argv = ["sh", "-c", PLAIN_EXEC, self.shell, command, f"{timeout:.3f}"]
+        exec_id = api.exec_create(self.container.id, argv, workdir=cwd, environment=env or None)["Id"]
         output = BoundedOutput(output_limit)
-        output.feed(result.output or b"")
+        for chunk in api.exec_start(exec_id, stream=True):
+            output.feed(chunk)
+        returncode = api.exec_inspect(exec_id)["ExitCode"]
         data, truncated = output.value()
-        timed_out = result.exit_code == 137 and time.monotonic() - started >= timeout
-        return {"output": data, "returncode": result.exit_code, "timed_out": timed_out,
+        timed_out = returncode == 137 and time.monotonic() - started >= timeout
+        return {"output": data, "returncode": -9 if timed_out else returncode, "timed_out": timed_out,
                 "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}
 
     def write_file(self, path, content, mode):

@@ -34,10 +34,23 @@ echo ready
 while read -r op id sh; do
   case $op in
     run) ( $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null & p=$!; echo $p >"$d/$id.pid"; wait $p; echo "done $id $?" ) & ;;
-    kill) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 -- "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
+    kill) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
   esac
 done
 """ % {"mount": MOUNT}
+
+
+# The fallback, one exec per command: `sh -c PLAIN_EXEC SHELL COMMAND TIMEOUT`. It runs the command
+# in its own session with a watchdog that kills the command's group inside the instance on timeout
+# (the client side of an exec ending does not stop anything in the container).
+PLAIN_EXEC = r"""
+ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
+$ss "$0" -c "$1" </dev/null 2>&1 & p=$!  # one pipe keeps stdout and stderr in order
+$ss sh -c 'sleep "$1"; kill -9 "-$2" 2>/dev/null || kill -9 "$2"' watchdog "$2" "$p" </dev/null >/dev/null 2>&1 & w=$!
+wait $p; rc=$?
+kill -9 "-$w" 2>/dev/null || kill -9 "$w" 2>/dev/null
+exit $rc
+"""
 
 
 def script_for(command, cwd, env):
@@ -110,7 +123,7 @@ class ExecHelper:
                 output, truncated = b"", False
             return {
                 "output": output,
-                "returncode": slot[1] if slot[1] is not None else -9,
+                "returncode": -9 if timed_out else slot[1],  # as the local backend reports SIGKILL
                 "timed_out": timed_out,
                 "truncated": truncated,
                 "duration_s": round(time.monotonic() - started, 6),

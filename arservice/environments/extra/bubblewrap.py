@@ -15,9 +15,21 @@ from .. import process
 from ..base import Environment, resolve_path
 
 WORK = "/work"
-HOST_BINDS = ["--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
-              "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
-              "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"]
+HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
+# Made fresh in every sandbox, so never taken from the host or the rootfs.
+OWN_DIRS = ("proc", "dev", "tmp", WORK.strip("/"))
+
+
+def read_only_binds(root, names):
+    """bwrap arguments that show root/NAME read-only at /NAME (symlinks stay symlinks)."""
+    args = []
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.islink(path):
+            args += ["--symlink", os.readlink(path), "/" + name]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, "/" + name]
+    return args
 
 
 class BubblewrapEnvironment(Environment):
@@ -45,7 +57,9 @@ class BubblewrapEnvironment(Environment):
         self.groups = set()
         self.prefix = [
             shutil.which("bwrap"),
-            *(["--ro-bind", root, "/"] if root else HOST_BINDS),
+            # bwrap's own / is a tmpfs, so mount points for /work and the rest can be made.
+            *(read_only_binds(root, sorted(set(os.listdir(root)) - set(OWN_DIRS))) if root
+              else read_only_binds("/", HOST_DIRS)),
             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             "--bind", self.workdir, WORK,
             "--unshare-all", *(["--share-net"] if self.config["network"] else []),

@@ -1,0 +1,114 @@
+"""What every backend promises, run against each real backend this machine has."""
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from arservice.client import ServiceError
+
+from backends import SPECS, params
+from helpers import Service, live_processes, wait_for
+
+ALL = params(*SPECS)
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 16}').wait_ready()
+    yield svc
+    assert svc.stop() == 0
+
+
+@pytest.fixture(scope="module", params=ALL)
+def env(request, service):
+    """(client, instance id, spec name): one instance per backend, shared by this module's tests."""
+    client = service.client
+    instance_id = client.start_instance(SPECS[request.param])["instance_id"]
+    yield client, instance_id, request.param
+    client.close_instance(instance_id)
+
+
+def test_exit_codes_and_merged_output(env):
+    client, instance_id, _ = env
+    result = client.execute(instance_id, "echo out; echo err >&2; exit 7")
+    assert (result["returncode"], result["output"], result["timed_out"]) == (7, "out\nerr\n", False)
+
+
+def test_commands_are_stateless_and_take_cwd_and_env(env):
+    client, instance_id, _ = env
+    home = client.execute(instance_id, "pwd")["output"]
+    assert client.execute(instance_id, "cd /tmp && export X=1 && pwd")["output"] == "/tmp\n"
+    assert client.execute(instance_id, 'pwd; echo "x=$X"')["output"] == home + "x=\n"
+    result = client.execute(instance_id, 'pwd; echo "$GREETING"', cwd="/tmp", env={"GREETING": "hi there"})
+    assert result["output"] == "/tmp\nhi there\n"
+
+
+def test_exact_bytes(env):
+    client, instance_id, _ = env
+    result = client.execute(instance_id, r"printf 'a\000b\377c\n\200'", raw=True)
+    assert result["output"] == b"a\x00b\xffc\n\x80"
+
+
+def test_ten_megabytes_are_truncated_to_head_and_tail(env):
+    client, instance_id, _ = env
+    result = client.execute(instance_id, "echo START; head -c 10000000 /dev/zero | tr '\\000' x; echo; echo END",
+                            output_limit=100_000)
+    output = result["output"]
+    assert result["truncated"] and result["returncode"] == 0
+    assert output.startswith("START\nxxx") and output.endswith("xxx\nEND\n")
+    assert len(output.encode()) <= 100_000 + 200  # the limit plus the marker between head and tail
+
+
+def test_timeout_kills_every_process_of_the_command(env):
+    client, instance_id, _ = env
+    marker = f"{900 + uuid.uuid4().int % 99}.{uuid.uuid4().int % 1000}"  # a sleep argument nothing else uses
+    result = client.execute(instance_id, f"sleep {marker} & sleep {marker}; echo never", timeout=1)
+    assert result["timed_out"] and "never" not in result["output"]
+    # Container processes are host processes too, so one look at the host covers every backend.
+    wait_for(lambda: not live_processes(f"sleep {marker}"), timeout=10, what="the command's processes to go")
+
+
+def test_file_round_trip_and_mode(env):
+    client, instance_id, _ = env
+    data = bytes(range(256)) * 40
+    client.write_file(instance_id, "sub/blob.bin", data)
+    assert client.read_file(instance_id, "sub/blob.bin") == data
+    client.write_file(instance_id, "run.sh", "#!/bin/sh\necho ran \"$@\"\n", mode=0o755)
+    assert client.execute(instance_id, "./run.sh a b")["output"] == "ran a b\n"
+    with pytest.raises(ServiceError) as err:
+        client.read_file(instance_id, "no-such-file")
+    assert err.value.code == "not_found"
+    with pytest.raises(ServiceError) as err:
+        client.read_file(instance_id, "sub/blob.bin", limit=100)
+    assert err.value.code == "payload_too_large"
+
+
+def test_commands_of_one_instance_run_concurrently(env):
+    """Each command waits until all have started, so they only finish if they run at once."""
+    client, instance_id, _ = env
+    count, tag = 6, uuid.uuid4().hex[:8]
+    command = (f"touch started.{tag}.$N; i=0; while [ $(ls started.{tag}.* | wc -l) -lt {count} ]; do "
+               f"sleep 0.05; i=$((i+1)); [ $i -gt 400 ] && exit 9; done; echo ok $N")
+    with ThreadPoolExecutor(count) as pool:
+        results = list(pool.map(lambda n: client.execute(instance_id, command, env={"N": str(n)}, timeout=60), range(count)))
+    assert [(r["returncode"], r["output"]) for r in results] == [(0, f"ok {n}\n") for n in range(count)]
+
+
+def test_many_short_commands_from_many_threads(env):
+    client, instance_id, _ = env
+    errors = []
+
+    def worker(n):
+        for i in range(20):
+            result = client.execute(instance_id, f"echo {n}-{i}")
+            if result["output"] != f"{n}-{i}\n":
+                errors.append(result)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
