@@ -1,0 +1,71 @@
+"""bubblewrap: what the sandbox hides and what it lets through."""
+
+import pytest
+
+from arservice.client import ServiceError
+
+from backends import ROOTFS, SPECS, params
+from helpers import Service
+
+
+@pytest.fixture(scope="module")
+def client():
+    svc = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 4}').wait_ready()
+    yield svc.client
+    assert svc.stop() == 0
+
+
+@pytest.fixture(params=params("bubblewrap", "bubblewrap-rootfs"))
+def spec(request):
+    return SPECS[request.param]
+
+
+def interfaces(client, instance_id):
+    return client.execute(instance_id, "tail -n +3 /proc/net/dev | cut -d: -f1")["output"].split()
+
+
+def test_network_is_off_unless_asked_for(client, spec):
+    closed = client.start_instance(spec)["instance_id"]
+    opened = client.start_instance({**spec, "network": True})["instance_id"]
+    try:
+        assert interfaces(client, closed) == ["lo"]
+        assert len(interfaces(client, opened)) > 1
+    finally:
+        client.close_instance(closed)
+        client.close_instance(opened)
+
+
+def test_only_work_is_writable_and_files_stay_there(client, spec):
+    instance_id = client.start_instance(spec)["instance_id"]
+    try:
+        assert client.execute(instance_id, "touch /usr/x")["returncode"] != 0
+        assert client.execute(instance_id, "echo kept > /work/f; echo gone > /tmp/f; pwd")["output"] == "/work\n"
+        assert client.execute(instance_id, "cat /work/f; cat /tmp/f 2>/dev/null || echo none")["output"] == "kept\nnone\n"
+        with pytest.raises(ServiceError) as err:
+            client.write_file(instance_id, "/etc/passwd", "x")
+        assert err.value.code == "invalid_request" and "/work" in err.value.message
+        with pytest.raises(ServiceError) as err:
+            client.read_file(instance_id, "../etc/passwd")
+        assert err.value.code == "invalid_request"
+    finally:
+        client.close_instance(instance_id)
+
+
+@pytest.mark.parametrize("name", params("bubblewrap-rootfs"))
+def test_rootfs_is_the_sandbox_root(client, name):
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    try:
+        with open(f"{ROOTFS}/etc/debian_version") as f:
+            assert client.execute(instance_id, "cat /etc/debian_version")["output"] == f.read()
+    finally:
+        client.close_instance(instance_id)
+
+
+def test_limits_bubblewrap_cannot_enforce_are_refused(client):
+    for limit in ({"cpus": 1}, {"memory": "1g"}, {"pids": 10}):
+        with pytest.raises(ServiceError) as err:
+            client.start_instance({"type": "bubblewrap", **limit})
+        assert err.value.code == "invalid_request" and "cannot enforce" in err.value.message
+    with pytest.raises(ServiceError) as err:
+        client.start_instance({"type": "bubblewrap", "root": "/no/such/rootfs"})
+    assert err.value.code == "invalid_request" and "/no/such/rootfs" in err.value.message
