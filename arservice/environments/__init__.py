@@ -12,6 +12,9 @@ BACKENDS = {
     "local": "arservice.environments.local:LocalEnvironment",
     "docker": "arservice.environments.docker:DockerEnvironment",
     "podman": "arservice.environments.podman:PodmanEnvironment",
+    "singularity": "arservice.environments.singularity:SingularityEnvironment",
+    "apptainer": "arservice.environments.singularity:ApptainerEnvironment",
+    "enroot": "arservice.environments.enroot:EnrootEnvironment",
     "bubblewrap": "arservice.environments.extra.bubblewrap:BubblewrapEnvironment",
 }
 

@@ -1,0 +1,259 @@
+"""What apptainer/singularity and enroot share: containers driven by a command-line tool.
+
+A subclass says how to turn the user's image into a local file (`build_argv`), and which
+command lines start, enter, stop and list its containers; this class does the rest: a cache of
+converted images keyed by image name, built once under a lock with a timeout and retries; a
+per-instance host directory mounted at helper.MOUNT; the fast exec path through one long-lived
+`sh` inside the container; a plain-exec fallback; files copied through the mounted directory.
+
+Containers are named ars-<agent pid>-<host>-<instance id>, so the next agent on the same host
+can find and remove what a crashed one left behind.
+"""
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+from ..logs import EventLog
+from ..protocol import ProtocolError
+from . import process
+from .base import Environment, resolve_path
+from .helper import MOUNT, PLAIN_EXEC, SCRIPT, ExecHelper, script_for
+
+log = EventLog("cli_container")
+
+IMAGE_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
+TOOL_TIMEOUT_S = 120.0
+
+
+def _positive(value):
+    return value > 0
+
+
+def short_host():
+    return socket.gethostname().split(".")[0]
+
+
+def run_tool(argv, timeout=TOOL_TIMEOUT_S, what=None):
+    """Run one tool command to completion; environment_error naming it if it fails."""
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ProtocolError("timeout", f"{what or argv[0]} took longer than {timeout:.0f}s")
+    except OSError as exc:
+        raise ProtocolError("environment_error", f"{what or argv[0]} could not run: {exc}")
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).decode(errors="replace").strip()[-2000:]
+        raise ProtocolError("environment_error", f"{what or argv[0]} failed ({done.returncode}): {detail}")
+    return done.stdout.decode(errors="replace")
+
+
+class CLIContainerEnvironment(Environment):
+    image_suffix = None  # file name suffix of a converted image in the cache (".sif", ".sqsh")
+    options = {
+        **Environment.options,
+        "image": (str, ..., None),
+        "executable": (str, None, None),
+        "cache_dir": (str, None, None),
+        "build_timeout": (float, 1800.0, _positive),
+        "build_retries": (int, 2, lambda n: n >= 0),
+        "shell": (str, "sh", None),
+        "fast_exec": (bool, True, None),
+    }
+    executables = ()  # tool names to look for, preferred first
+    helper = None
+    helper_proc = None
+    host_dir = None
+    name = None
+
+    # --- what a subclass provides -------------------------------------------------------
+    def build_argv(self, image, dest):
+        """Command that converts `image` (a URI) into the local file dest."""
+        raise NotImplementedError
+
+    def start_argv(self, image_path):
+        """Commands (a list of argvs) that bring the container self.name up."""
+        raise NotImplementedError
+
+    def enter_argv(self, argv):
+        """Command that runs argv inside the running container."""
+        raise NotImplementedError
+
+    def stop_argv(self):
+        raise NotImplementedError
+
+    @classmethod
+    def list_names(cls, tool):
+        """Names of the containers that exist on this host."""
+        raise NotImplementedError
+
+    @classmethod
+    def remove_argv(cls, tool, name):
+        raise NotImplementedError
+
+    # --- the shared part ----------------------------------------------------------------
+    @classmethod
+    def find_tool(cls, preferred=None):
+        for name in ([preferred] if preferred else cls.executables):
+            path = shutil.which(name)
+            if path:
+                return path
+        return None
+
+    @classmethod
+    def available(cls):
+        return cls.find_tool() is not None
+
+    @classmethod
+    def reap(cls, host, alive):
+        tool = cls.find_tool()
+        if tool is None:
+            return []
+        reaped = []
+        for name in cls.list_names(tool):
+            match = re.fullmatch(r"ars-(\d+)-(.+)-(i-[0-9a-f]+)", name)
+            if match and match.group(2) == short_host() and not alive(int(match.group(1))):
+                run_tool(cls.remove_argv(tool, name), what=f"removing {name}")
+                reaped.append(name)
+        return reaped
+
+    def start(self):
+        self.tool = self.find_tool(self.config["executable"])
+        if self.tool is None:
+            wanted = self.config["executable"] or " or ".join(self.executables)
+            raise ProtocolError("environment_error", f"{wanted} is not installed on this agent")
+        self.name = f"ars-{os.getpid()}-{short_host()}-{self.instance_id}"
+        self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        image_path = self.local_image()
+        for argv in self.start_argv(image_path):
+            run_tool(argv, timeout=self.config["start_timeout"], what=f"starting {self.type} {self.name}")
+        self.cwd = self.config["cwd"]
+        if self.config["fast_exec"]:
+            try:
+                self.helper = self._start_helper()
+            except (ProtocolError, OSError) as exc:
+                log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
+        return {"container": self.name, "image": image_path, "fast_exec": self.helper is not None}
+
+    def cache_path(self, image):
+        root = self.config["cache_dir"] or os.path.join(
+            os.environ.get("ARSERVICE_CACHE", os.path.expanduser("~/.cache/arservice")), self.type)
+        key = hashlib.sha256(image.encode()).hexdigest()[:24]
+        return os.path.join(root, key + self.image_suffix)
+
+    def local_image(self):
+        """A file or directory the tool can start from: the image itself, or its cached conversion."""
+        image = self.config["image"]
+        if not IMAGE_URI.match(image):
+            if not os.path.exists(image):
+                raise ProtocolError("invalid_request", f"image {image!r} is neither a URI nor a path on this agent")
+            return image
+        dest = self.cache_path(image)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        # One build per image at a time across agents sharing the cache; the others wait, then reuse it.
+        with open(dest + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(dest):
+                self._build(image, dest)
+        return dest
+
+    def _build(self, image, dest):
+        attempts = self.config["build_retries"] + 1
+        partial = f"{dest}.{uuid.uuid4().hex[:8]}.partial"
+        for attempt in range(1, attempts + 1):
+            log.info("image_build_started", image=image, attempt=attempt, dest=dest)
+            started = time.monotonic()
+            try:
+                run_tool(self.build_argv(image, partial), timeout=self.config["build_timeout"],
+                         what=f"converting {image}")
+                os.replace(partial, dest)
+                log.info("image_build_done", image=image, seconds=round(time.monotonic() - started, 1))
+                return
+            except ProtocolError as exc:
+                log.warning("image_build_failed", image=image, attempt=attempt, error=exc.message)
+                if os.path.isdir(partial):  # apptainer sandboxes are directories
+                    shutil.rmtree(partial, ignore_errors=True)
+                elif os.path.exists(partial):
+                    os.unlink(partial)
+                if attempt == attempts:
+                    raise
+                time.sleep(min(60, 2 ** attempt))
+
+    def _start_helper(self):
+        proc = subprocess.Popen(self.enter_argv(["sh", "-c", SCRIPT]), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.helper_proc = proc
+
+        def send(data):
+            proc.stdin.write(data)
+            proc.stdin.flush()
+
+        lines = (line.decode(errors="replace").rstrip("\n") for line in proc.stdout)
+        return ExecHelper(send, lines, self.host_dir)
+
+    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        cwd = resolve_path(cwd, self.cwd or "/") if cwd else self.cwd
+        output_limit = output_limit or self.config["output_limit"]
+        env = {**self.config["env"], **(env or {})}
+        if self.helper is not None and self.helper.alive:
+            return self.helper.run(command, timeout, cwd, env, output_limit, self.config["shell"])
+        script = script_for(command, cwd, env).decode()
+        argv = self.enter_argv(["sh", "-c", PLAIN_EXEC, self.config["shell"], script, f"{timeout:.3f}"])
+        # The in-container watchdog kills on time; the host-side timeout is the backstop.
+        result = process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait()
+        if result["returncode"] == 137:
+            result.update(returncode=-9, timed_out=True)
+        return result
+
+    def write_file(self, path, content, mode):
+        path = resolve_path(path, self.cwd or "/")
+        staged = f"file-{uuid.uuid4().hex}"
+        with open(os.path.join(self.host_dir, staged), "wb") as f:
+            f.write(content)
+        try:
+            result = self.execute(f'mkdir -p "$(dirname "$P")" && cp "$S" "$P" && chmod {mode:o} "$P"', 60,
+                                  env={"P": path, "S": f"{MOUNT}/{staged}"})
+        finally:
+            os.unlink(os.path.join(self.host_dir, staged))
+        if result["returncode"] != 0:
+            raise ProtocolError("environment_error", f"could not write {path}: {result['output'].decode(errors='replace')}")
+        return {"path": path, "written": len(content)}
+
+    def read_file(self, path, limit):
+        path = resolve_path(path, self.cwd or "/")
+        staged = f"file-{uuid.uuid4().hex}"
+        result = self.execute('[ -f "$P" ] || exit 44; [ "$(wc -c < "$P")" -le "$L" ] || exit 45; cp "$P" "$S"', 60,
+                              env={"P": path, "L": str(limit), "S": f"{MOUNT}/{staged}"})
+        try:
+            if result["returncode"] == 44:
+                raise ProtocolError("not_found", f"no such file: {path}")
+            if result["returncode"] == 45:
+                raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+            if result["returncode"] != 0:
+                raise ProtocolError("environment_error", f"could not read {path}: {result['output'].decode(errors='replace')}")
+            with open(os.path.join(self.host_dir, staged), "rb") as f:
+                return {"content": f.read(limit + 1)}
+        finally:
+            if os.path.exists(os.path.join(self.host_dir, staged)):
+                os.unlink(os.path.join(self.host_dir, staged))
+
+    def close(self):
+        if self.helper_proc is not None:
+            process.kill_group(self.helper_proc.pid)
+            self.helper_proc.wait()
+            self.helper_proc = None
+        if self.name is not None:
+            try:
+                run_tool(self.stop_argv(), what=f"stopping {self.name}")
+            except ProtocolError as exc:
+                log.warning("stop_failed", name=self.name, error=exc.message)
+            self.name = None
+        if self.host_dir:
+            shutil.rmtree(self.host_dir, ignore_errors=True)

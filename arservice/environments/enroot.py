@@ -1,0 +1,42 @@
+"""enroot: `enroot import` to a cached .sqsh, `enroot create` per instance, `enroot remove` on close.
+
+enroot has no running instance to enter: every `enroot start` is a new set of namespaces over
+the container's root filesystem. So the fast path matters most here: one `enroot start --rw`
+runs the helper shell for the instance's lifetime, and each command is a child of it.
+enroot isolates neither network nor resources, so it enforces none of the limits.
+"""
+
+from .cli_container import CLIContainerEnvironment, run_tool
+from .helper import MOUNT
+
+
+class EnrootEnvironment(CLIContainerEnvironment):
+    type = "enroot"
+    image_suffix = ".sqsh"
+    executables = ("enroot",)
+    options = {
+        **CLIContainerEnvironment.options,
+        "root": (bool, False, None),  # enroot start --root: uid 0 inside the container
+        "mounts": (list, [], lambda items: all(isinstance(i, str) for i in items)),  # "src:dst[:opts]"
+    }
+
+    def build_argv(self, image, dest):
+        return [self.tool, "import", "--output", dest, image]
+
+    def start_argv(self, image_path):
+        return [[self.tool, "create", "--name", self.name, image_path]]
+
+    def enter_argv(self, argv):
+        mounts = [arg for mount in [f"{self.host_dir}:{MOUNT}", *self.config["mounts"]] for arg in ("--mount", mount)]
+        return [self.tool, "start", "--rw", *(["--root"] if self.config["root"] else []), *mounts, self.name, *argv]
+
+    def stop_argv(self):
+        return [self.tool, "remove", "--force", self.name]
+
+    @classmethod
+    def list_names(cls, tool):
+        return run_tool([tool, "list"]).split()
+
+    @classmethod
+    def remove_argv(cls, tool, name):
+        return [tool, "remove", "--force", name]
