@@ -1,5 +1,7 @@
 """bubblewrap: what the sandbox hides and what it lets through."""
 
+import os
+
 import pytest
 
 from arservice.client import ServiceError
@@ -39,8 +41,10 @@ def test_only_work_is_writable_and_files_stay_there(client, spec):
     instance_id = client.start_instance(spec)["instance_id"]
     try:
         assert client.execute(instance_id, "touch /usr/x")["returncode"] != 0
-        assert client.execute(instance_id, "echo kept > /work/f; echo gone > /tmp/f; pwd")["output"] == "/work\n"
-        assert client.execute(instance_id, "cat /work/f; cat /tmp/f 2>/dev/null || echo none")["output"] == "kept\nnone\n"
+        marker = f"arservice-{instance_id}"
+        assert client.execute(instance_id, f"echo kept > /work/f; echo x > /tmp/{marker}; pwd")["output"] == "/work\n"
+        assert client.execute(instance_id, "ls -A /work; cat /work/f")["output"] == "f\nkept\n"
+        assert not os.path.exists(f"/tmp/{marker}")  # the sandbox's /tmp is its own
         with pytest.raises(ServiceError) as err:
             client.write_file(instance_id, "/etc/passwd", "x")
         assert err.value.code == "invalid_request" and "/work" in err.value.message

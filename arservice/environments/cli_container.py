@@ -25,7 +25,7 @@ from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import process
 from .base import Environment, resolve_path
-from .helper import MOUNT, PLAIN_EXEC, SCRIPT, ExecHelper, script_for
+from .helper import MOUNT, PLAIN_EXEC, SCRIPT, script_for, start_piped
 
 log = EventLog("cli_container")
 
@@ -137,7 +137,7 @@ class CLIContainerEnvironment(Environment):
         self.cwd = self.config["cwd"]
         if self.config["fast_exec"]:
             try:
-                self.helper = self._start_helper()
+                self.helper, self.helper_proc = start_piped(self.enter_argv(["sh", "-c", SCRIPT]), self.host_dir)
             except (ProtocolError, OSError) as exc:
                 log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
         return {"container": self.name, "image": image_path, "fast_exec": self.helper is not None}
@@ -185,18 +185,6 @@ class CLIContainerEnvironment(Environment):
                 if attempt == attempts:
                     raise
                 time.sleep(min(60, 2 ** attempt))
-
-    def _start_helper(self):
-        proc = subprocess.Popen(self.enter_argv(["sh", "-c", SCRIPT]), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.helper_proc = proc
-
-        def send(data):
-            proc.stdin.write(data)
-            proc.stdin.flush()
-
-        lines = (line.decode(errors="replace").rstrip("\n") for line in proc.stdout)
-        return ExecHelper(send, lines, self.host_dir)
 
     def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
         cwd = resolve_path(cwd, self.cwd or "/") if cwd else self.cwd

@@ -25,6 +25,7 @@ log = EventLog("docker")
 
 LABEL = "arservice"
 PULL_PROGRESS_EVERY_S = 5.0
+_clients = {}  # engine URL -> DockerClient, shared by every instance's thread (requests pools connections)
 
 
 def _positive(value):
@@ -47,6 +48,7 @@ class DockerEnvironment(Environment):
     }
     helper = None
     container = None
+    _attached = None
     host_dir = None
 
     @classmethod
@@ -60,8 +62,12 @@ class DockerEnvironment(Environment):
 
     @classmethod
     def client(cls):
-        import docker
-        return docker.DockerClient(base_url=cls.url(), timeout=120)
+        """One client per engine and agent: asking the engine its API version costs a round trip."""
+        url = cls.url()
+        if url not in _clients:
+            import docker
+            _clients[url] = docker.DockerClient(base_url=url, timeout=120, max_pool_size=64)
+        return _clients[url]
 
     @classmethod
     def reap(cls, host, alive):
@@ -83,9 +89,14 @@ class DockerEnvironment(Environment):
         env = {name: os.environ[name] for name in config["forward_env"] if name in os.environ}
         env.update(config["env"])
         network = config["network"]
+        lifetime = str(int(config["container_timeout"]))
+        fast = config["fast_exec"]
         options = dict(
-            command=["sleep", str(int(config["container_timeout"]))],
-            detach=True, init=True, environment=env,
+            # The helper is the main process: no exec session to pay for. Its stdin is our attach
+            # connection (closed when the agent dies, which ends the helper and so the container);
+            # the backstop ends it after container_timeout whatever happens.
+            entrypoint=["sh", "-c", f'(sleep {lifetime}; kill $$) & {SCRIPT}'] if fast else ["sleep", lifetime],
+            stdin_open=fast, init=True, environment=env,  # not detached + stdin_open: StdinOnce
             labels={LABEL: "1", f"{LABEL}.instance": self.instance_id, f"{LABEL}.agent": self.agent_id,
                     f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())},
             network_mode="none" if network in (None, False) else ("bridge" if network is True else network),
@@ -102,16 +113,18 @@ class DockerEnvironment(Environment):
             options["pids_limit"] = config["pids"]
         options.update(config["run_options"])
         try:
-            self.container = self.docker.containers.run(config["image"], **options)
+            self.container = self.docker.containers.create(config["image"], **options)
+            if fast:
+                attached = self.docker.api.attach_socket(self.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            self.container.start()
         except Exception as exc:
             raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}")
         self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
-        self.shell = config["shell"] or self._pick_shell()
-        if config["fast_exec"]:
-            try:
-                self.helper = self._start_helper()
-            except (ProtocolError, OSError) as exc:
-                log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
+        if fast:
+            raw = getattr(attached, "_sock", attached)
+            self._attached = attached  # keeps the connection, and so the helper's stdin, open
+            self.helper = ExecHelper(raw.sendall, _stdout_lines(raw), self.host_dir)
+        self.shell = config["shell"] or (self.helper.best_shell if self.helper else self._pick_shell())
         return {"container_id": self.container.id, "shell": self.shell, "fast_exec": self.helper is not None}
 
     def _ensure_image(self):
@@ -148,14 +161,6 @@ class DockerEnvironment(Environment):
         if result.exit_code != 0 or not found:
             raise ProtocolError("environment_error", f"image {self.config['image']} has no POSIX shell")
         return found[0]
-
-    def _start_helper(self):
-        api = self.docker.api
-        exec_id = api.exec_create(self.container.id, ["sh", "-c", SCRIPT], stdin=True, stdout=True, stderr=True)["Id"]
-        conn = api.exec_start(exec_id, socket=True)
-        raw = getattr(conn, "_sock", conn)
-        self._helper_conn = conn
-        return ExecHelper(raw.sendall, _stdout_lines(raw), self.host_dir)
 
     def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
         cwd = resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None
@@ -214,12 +219,15 @@ class DockerEnvironment(Environment):
             except Exception as exc:
                 if "No such container" not in str(exc):
                     raise
+        if self._attached is not None:
+            self._attached.close()
+            self._attached = None
         if self.host_dir:
             shutil.rmtree(self.host_dir, ignore_errors=True)
 
 
 def _stdout_lines(raw):
-    """Lines of an exec session's stdout, from Docker's multiplexed stream (8-byte frame headers)."""
+    """Lines of an attached container's stdout, from Docker's multiplexed stream (8-byte frame headers)."""
     pending = b""
     while True:
         header = _recv_exact(raw, 8)

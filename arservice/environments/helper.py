@@ -14,6 +14,7 @@ import itertools
 import os
 import re
 import shlex
+import subprocess
 import threading
 import time
 
@@ -30,7 +31,7 @@ KILL_GRACE_S = 5.0
 SCRIPT = r"""
 d=%(mount)s
 ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
-echo ready
+echo ready $(command -v bash || command -v sh)
 while read -r op id sh; do
   case $op in
     run) ( $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null & p=$!; echo $p >"$d/$id.pid"; wait $p; echo "done $id $?" ) & ;;
@@ -74,6 +75,7 @@ class ExecHelper:
         self._ids = itertools.count(1)
         self._waiting = {}  # id -> [threading.Event, returncode]
         self.alive = True
+        self.best_shell = None
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, args=(lines,), name="helper-reader", daemon=True)
         self._reader.start()
@@ -83,7 +85,8 @@ class ExecHelper:
     def _read(self, lines):
         for line in lines:
             parts = line.split()
-            if parts == ["ready"]:
+            if parts[:1] == ["ready"]:
+                self.best_shell = parts[1] if len(parts) > 1 else "sh"  # bash where the image has it
                 self._ready.set()
             elif len(parts) == 3 and parts[0] == "done" and parts[1] in self._waiting:
                 slot = self._waiting[parts[1]]
@@ -135,3 +138,24 @@ class ExecHelper:
                     os.unlink(base + suffix)
                 except FileNotFoundError:
                     pass
+
+
+def start_piped(argv, host_dir):
+    """Start a helper as a host process (`argv` ends in `sh -c SCRIPT`) talking over pipes.
+
+    Returns (ExecHelper, Popen); the process is in its own session, so killing its group ends
+    it and every command it started.
+    """
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def send(data):
+        proc.stdin.write(data)
+        proc.stdin.flush()
+
+    try:
+        return ExecHelper(send, (line.decode(errors="replace").rstrip("\n") for line in proc.stdout), host_dir), proc
+    except ProtocolError:
+        proc.kill()
+        proc.wait()
+        raise

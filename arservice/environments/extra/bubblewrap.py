@@ -1,9 +1,13 @@
-"""Experimental: each command in a fresh bubblewrap sandbox over a per-instance work directory.
+"""Experimental: a bubblewrap sandbox per instance over a per-instance work directory.
 
-Either the host's /usr (and /etc) bound read-only, or a rootfs directory (`root`) as `/`.
-The instance's writable directory is /work; everything else is read-only or a tmpfs.
-Namespaces are all unshared (no network unless `network: true`), the sandbox dies with the
-agent, and it gets a new session so it cannot push input into the agent's terminal.
+Either the host's /usr, /etc and friends bound read-only, or a rootfs directory (`root`) as `/`.
+The instance's writable directory is /work; everything else is read-only or a tmpfs. Namespaces
+are all unshared (no network unless `network: true`), the sandbox dies with the agent, and it
+gets a new session so it cannot push input into the agent's terminal.
+
+With fast_exec (the default) one sandbox lives as long as the instance and runs the exec
+helper, so a command costs a fork instead of a sandbox set-up, and /tmp lasts as long as the
+instance, as in a container. Without it every command gets a fresh sandbox.
 """
 
 import os
@@ -13,11 +17,12 @@ import tempfile
 from ...protocol import ProtocolError
 from .. import process
 from ..base import Environment, resolve_path
+from ..helper import MOUNT, SCRIPT, start_piped
 
 WORK = "/work"
 HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
 # Made fresh in every sandbox, so never taken from the host or the rootfs.
-OWN_DIRS = ("proc", "dev", "tmp", WORK.strip("/"))
+OWN_DIRS = ("proc", "dev", "tmp", WORK.strip("/"), MOUNT.strip("/"))
 
 
 def read_only_binds(root, names):
@@ -39,9 +44,13 @@ class BubblewrapEnvironment(Environment):
         **Environment.options,
         "root": (str, None, None),
         "shell": (str, "/bin/sh", None),
+        "fast_exec": (bool, True, None),
         "bwrap_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
     }
     workdir = None
+    host_dir = None
+    helper = None
+    helper_proc = None
     groups = ()
 
     @classmethod
@@ -67,15 +76,28 @@ class BubblewrapEnvironment(Environment):
             "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "--setenv", "HOME", WORK,
             *self.config["bwrap_options"],
         ]
-        return {"workdir": self.workdir}
+        if self.config["fast_exec"]:
+            self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-exec-", dir=self.workdir_root)
+            self.helper, self.helper_proc = start_piped(
+                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, "sh", "-c", SCRIPT], self.host_dir)
+        return {"workdir": self.workdir, "fast_exec": self.helper is not None}
 
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        if self.helper is not None:
+            return None  # execute() runs it through the helper
         variables = {**self.config["env"], **(env or {})}
         argv = [*self.prefix, "--chdir", resolve_path(cwd, self.cwd) if cwd else self.cwd]
         for name, value in variables.items():
             argv += ["--setenv", name, value]
         return process.Command([*argv, self.config["shell"], "-c", command], timeout=timeout,
                                output_limit=output_limit or self.config["output_limit"], groups=self.groups)
+
+    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        if self.helper is None:
+            return super().execute(command, timeout, cwd, env, output_limit)
+        return self.helper.run(command, timeout, resolve_path(cwd, self.cwd) if cwd else self.cwd,
+                               {**self.config["env"], **(env or {})},
+                               output_limit or self.config["output_limit"], self.config["shell"])
 
     def _host_path(self, path):
         """Files are exchanged through the work directory, the one place the host can see."""
@@ -100,7 +122,12 @@ class BubblewrapEnvironment(Environment):
         return {"content": data}
 
     def close(self):
+        if self.helper_proc is not None:
+            process.kill_group(self.helper_proc.pid)
+            self.helper_proc.wait()
+            self.helper_proc = None
         for pgid in list(self.groups):
             process.kill_group(pgid)
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        for directory in (self.workdir, self.host_dir):
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
