@@ -71,5 +71,8 @@ def test_limits_bubblewrap_cannot_enforce_are_refused(client):
             client.start_instance({"type": "bubblewrap", **limit})
         assert err.value.code == "invalid_request" and "cannot enforce" in err.value.message
     with pytest.raises(ServiceError) as err:
+        client.start_instance({"type": "bubblewrap", "network": "some-bridge"})
+    assert err.value.code == "invalid_request" and "named network" in err.value.message
+    with pytest.raises(ServiceError) as err:
         client.start_instance({"type": "bubblewrap", "root": "/no/such/rootfs"})
     assert err.value.code == "invalid_request" and "/no/such/rootfs" in err.value.message

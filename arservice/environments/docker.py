@@ -1,9 +1,11 @@
 """Docker containers through the docker SDK, with the fast exec path of helper.py.
 
-Each instance is one container running `sleep <container_timeout>` (so a container outlives
-a crashed agent by at most that) under Docker's init, which reaps the orphans of killed
-commands (zombies would count against pids_limit), labelled arservice=1 with its instance, agent, host and
-agent pid, so an agent can reap the containers of dead agents of its host.
+Each instance is one container whose main process is the exec helper, on an attached stdin,
+next to a `sleep <container_timeout>` that ends it (so a container outlives a crashed agent by
+at most that). `fast_exec: false` runs `sleep <container_timeout>` alone and each command
+through its own exec session. Docker's init reaps the orphans of killed commands (zombies would
+count against pids_limit). Containers are labelled arservice=1 with their instance, agent, host
+and agent pid, so an agent can reap the containers of dead agents of its host.
 """
 
 import io

@@ -54,6 +54,13 @@ class BubblewrapEnvironment(Environment):
     groups = ()
 
     @classmethod
+    def parse_config(cls, spec):
+        config = super().parse_config(spec)
+        if isinstance(config["network"], str):
+            raise ProtocolError("invalid_request", "bubblewrap environments cannot join a named network: network is true or false")
+        return config
+
+    @classmethod
     def available(cls):
         return shutil.which("bwrap") is not None
 
