@@ -24,8 +24,11 @@ if [ "$system" = yes ]; then
   fi
 fi
 
-echo "setup: pip install -e .[test]" >&2
-python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
+# The full setup (the tests') also installs the optional litellm extra, so its client is tested.
+extras=test
+[ "$system" = yes ] && extras=test,litellm
+echo "setup: pip install -e .[$extras]" >&2
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[$extras]"
 
 if [ "$system" = yes ]; then
   scripts/docker-up.sh
