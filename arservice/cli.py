@@ -7,6 +7,7 @@
 
 import json
 import signal
+import socket
 import sys
 import threading
 
@@ -21,6 +22,8 @@ from .http.app import HTTPServer, create_app
 from .http.routes import DEFAULT_MAX_BODY_BYTES
 from .protocol import ProtocolError
 from .runners import RUNNERS
+from .runners.shell import ShellError
+from .runners.slurm import SlurmOptions
 
 DEFAULT_MAX_RESOURCES = '{"instances": 10}'
 LIMIT_KEYS = ("instances", "cpus", "memory", "jobs")
@@ -104,41 +107,88 @@ def service_options(fn):
     return fn
 
 
+def slurm_options(fn):
+    for option in reversed([
+        click.option("--slurm-instances", default=4, show_default=True, type=click.IntRange(1), help="Instances per agent job."),
+        click.option("--slurm-min-jobs", default=0, show_default=True, type=click.IntRange(0), help="Jobs kept even when idle."),
+        click.option("--slurm-idle-timeout", default=300.0, show_default=True, type=float, help="Seconds an idle agent job is kept."),
+        click.option("--slurm-partition", default=None), click.option("--slurm-account", default=None),
+        click.option("--slurm-time", default=None, help="Job time limit, as sbatch --time takes it."),
+        click.option("--slurm-cpus", default=None, type=click.IntRange(1), help="sbatch --cpus-per-task for each agent job."),
+        click.option("--slurm-memory", default=None, help="sbatch --mem for each agent job, e.g. 16G."),
+        click.option("--slurm-sbatch-arg", "slurm_sbatch_args", multiple=True, help="Extra sbatch argument (repeatable)."),
+        click.option("--slurm-job-prefix", default="arservice", show_default=True, help="Job names are PREFIX-<random>."),
+        click.option("--slurm-python", default=None, help="Python with arservice on the nodes (default: this one; python3 over SSH)."),
+        click.option("--slurm-ssh", default=None, help="Submit on a login node: user@host."),
+        click.option("--slurm-ssh-port", default=22, show_default=True, type=int),
+        click.option("--slurm-ssh-key", default=None, type=click.Path(exists=True, dir_okay=False), help="Private key file for --slurm-ssh."),
+        click.option("--advertise-address", default=None, help="ZMQ address agents dial, e.g. tcp://login1:5555 (default: the bound one)."),
+        click.option("--start-wait", default=None, type=float, help="Seconds a start may wait for room (default: 0 local, 600 slurm)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--runner", callback=check_runner, help=f"Where agents come from: {', '.join(RUNNERS)}.")
 @click.option("--agents", default=1, show_default=True, type=click.IntRange(1), help="Local runner: agent processes to start.")
 @service_options
+@slurm_options
 @click.pass_context
-def main(ctx, runner, agents, **options):
+def main(ctx, runner, agents, advertise_address, start_wait, **options):
     """Agent Rollout Service: environment instances and shell commands, over HTTP and ZeroMQ."""
+    slurm = {k: options.pop(k) for k in list(options) if k.startswith("slurm_")}
     if ctx.invoked_subcommand is not None:
         return
     if runner is None:
         raise CliError("--runner is required (local or slurm), or use a subcommand: broker, agent")
-    serve(runner, agents=agents, **options)
+    if runner == "local":
+        runner_options = {"agents": agents}
+    else:
+        if slurm["slurm_min_jobs"] > options["max_resources"].get("jobs", 1):
+            raise CliError("--slurm-min-jobs is more than the jobs in --max-resources")
+        runner_options = {"options": SlurmOptions(
+            instances_per_agent=slurm["slurm_instances"], min_jobs=slurm["slurm_min_jobs"],
+            idle_timeout_s=slurm["slurm_idle_timeout"], partition=slurm["slurm_partition"],
+            account=slurm["slurm_account"], time_limit=slurm["slurm_time"], cpus_per_agent=slurm["slurm_cpus"],
+            memory_per_agent=slurm["slurm_memory"], sbatch_args=slurm["slurm_sbatch_args"],
+            job_prefix=slurm["slurm_job_prefix"], python=slurm["slurm_python"], ssh=slurm["slurm_ssh"],
+            ssh_port=slurm["slurm_ssh_port"], ssh_key=slurm["slurm_ssh_key"])}
+    serve(runner, runner_options=runner_options, advertise_address=advertise_address, start_wait=start_wait, **options)
 
 
 @main.command("broker")
 @service_options
 def broker_command(**options):
     """The broker and HTTP front end alone; agents join with `arservice agent`."""
-    serve(None, **options)
+    serve(None, start_wait=0.0, **options)
 
 
 @main.command("agent")
-@click.option("--broker", "broker_address", required=True, help="Broker ZMQ address, e.g. tcp://HOST:5555.")
-@click.option("--instances", default=4, show_default=True, type=click.IntRange(1), help="Instances this agent may hold.")
+@click.option("--broker", "broker_address", required=True, envvar="ARSERVICE_BROKER",
+              help="Broker ZMQ address, e.g. tcp://HOST:5555 [env ARSERVICE_BROKER].")
+@click.option("--instances", default=4, show_default=True, type=click.IntRange(1), envvar="ARSERVICE_INSTANCES",
+              help="Instances this agent may hold [env ARSERVICE_INSTANCES].")
 @click.option("--cpus", default=None, type=float, help="CPUs this agent offers (default: not counted).")
 @click.option("--memory", default=None, help="Memory this agent offers, e.g. 16g (default: not counted).")
 @click.option("--types", default=None, help="Comma-separated environment types to offer (default: all this host can run).")
 @click.option("--token", envvar="ARSERVICE_TOKEN", default=None, help="Shared secret [env ARSERVICE_TOKEN].")
+@click.option("--token-file", envvar="ARSERVICE_TOKEN_FILE", default=None, type=click.Path(dir_okay=False),
+              help="Read the shared secret from this file [env ARSERVICE_TOKEN_FILE].")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
 @click.option("--broker-timeout", default=15.0, show_default=True, type=float, help="Seconds of broker silence before the agent cleans up and exits.")
 @click.option("--workdir-root", default=None, help="Where instance working directories go (default /tmp/arservice).")
 @click.option("--log-level", default="INFO", show_default=True)
-def agent_command(broker_address, instances, cpus, memory, types, token, heartbeat, broker_timeout, workdir_root, log_level):
+def agent_command(broker_address, instances, cpus, memory, types, token, token_file, heartbeat, broker_timeout,
+                  workdir_root, log_level):
     """One agent: connects to the broker, runs environments and commands until stopped."""
     logs.setup(log_level)
+    if token_file is not None:
+        try:
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise CliError(f"cannot read --token-file: {exc.strerror}: {token_file}")
     try:
         memory_mib = parse_memory_mib(memory)
         env_types = types.split(",") if types else None
@@ -157,12 +207,15 @@ def agent_command(broker_address, instances, cpus, memory, types, token, heartbe
 
 
 def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads,
-          max_request_bytes, log_level, agents=1):
+          max_request_bytes, log_level, runner_options=None, advertise_address=None, start_wait=None):
     logs.setup(log_level)
     context = zmq.Context.instance()
+    runner_class = RUNNERS.get(runner_name)
+    if start_wait is None:
+        start_wait = runner_class.start_wait_s if runner_class else 0.0
     try:
         broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets,
-                        token=token, agent_timeout_s=agent_timeout)
+                        token=token, agent_timeout_s=agent_timeout, start_wait_s=start_wait)
         http = HTTPServer(create_app(context, token, max_request_bytes), host, port, threads=http_threads,
                           max_body=max_request_bytes)
     except (zmq.ZMQError, OSError) as exc:
@@ -174,10 +227,19 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
     http.start()
     zmq_address = broker.address.replace("0.0.0.0", "127.0.0.1")
     runner = None
-    if runner_name is not None:
-        runner = RUNNERS[runner_name](max_resources, zmq_address, token=token, context=context, agents=agents)
-        runner.start()
-        ready = runner.wait_ready(READY_TIMEOUT_S, stop, progress=lambda line: click.echo(f"arservice: {line}", err=True))
+    if runner_class is not None:
+        # Agents elsewhere cannot dial 127.0.0.1 of this host: name the host when bound to every address.
+        dial = advertise_address or broker.address.replace("0.0.0.0", socket.getfqdn() if runner_name == "slurm" else "127.0.0.1")
+        runner = runner_class(max_resources, dial, token=token, context=context, **(runner_options or {}))
+        runner.progress = lambda line: click.echo(f"arservice: {line}", err=True)
+        try:
+            runner.start()
+        except ShellError as exc:
+            http.stop()
+            broker.stop()
+            broker_thread.join()
+            raise CliError(str(exc))
+        ready = runner.wait_ready(READY_TIMEOUT_S, stop)
         if not ready and not stop.is_set():
             click.echo("arservice: warning: not every agent registered in time; serving with what is there", err=True)
     click.echo(f"arservice ready http=http://{host}:{http.port} zmq={zmq_address}", err=True)

@@ -30,6 +30,10 @@ RESOURCES = "resources"
 INSTANCES = "instances"
 PING = "ping"
 
+# Runner -> broker (runners are clients on the inproc socket).
+RUNNER_STATUS = "runner_status"
+RELEASE_AGENT = "release_agent"
+
 # Answers.
 REPLY = "reply"
 ERROR = "error"

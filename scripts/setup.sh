@@ -14,7 +14,8 @@ fi
 
 if [ "$system" = yes ]; then
   need=()
-  for pkg in bash procps curl docker.io busybox-static debootstrap bubblewrap podman runc catatonit; do
+  for pkg in bash procps curl docker.io busybox-static debootstrap bubblewrap podman runc catatonit \
+             slurm-wlm munge openssh-server; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
@@ -33,4 +34,6 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 if [ "$system" = yes ]; then
   scripts/docker-up.sh
   scripts/podman-up.sh
+  scripts/slurm-up.sh
+  ssh-keygen -A >/dev/null  # host keys for the tests' sshd on loopback (the Slurm runner over SSH)
 fi

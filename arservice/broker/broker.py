@@ -16,7 +16,7 @@ import zmq
 from .. import environments, protocol
 from ..logs import EventLog
 from ..protocol import ProtocolError, field
-from .state import Agent, Instance, Pending, Pool, cost_of
+from .state import Agent, Instance, Pending, Pool, WaitingStart, cost_of
 
 log = EventLog("broker")
 
@@ -31,7 +31,7 @@ TICK_S = 0.1
 
 class Broker:
     def __init__(self, bind, *, context=None, limits=None, presets=None, token=None,
-                 heartbeat_s=1.0, agent_timeout_s=5.0):
+                 heartbeat_s=1.0, agent_timeout_s=5.0, start_wait_s=0.0):
         self.ctx = context or zmq.Context.instance()
         self.pool = Pool(limits or {})
         self.presets = presets or {}
@@ -39,6 +39,10 @@ class Broker:
         self.heartbeat_s = heartbeat_s
         self.agent_timeout_s = agent_timeout_s
         self.pending = {}  # broker request id -> Pending
+        # How long a start may wait for an agent with room (a runner may be starting one); 0: refuse at once.
+        self.start_wait_s = start_wait_s
+        self.waiting = []  # WaitingStart, oldest first
+        self.runner_status = None  # what the runner last reported, shown in resources
         self._ids = itertools.count(1)
         self._stopping = False
         self._next_heartbeat = 0.0
@@ -65,10 +69,12 @@ class Broker:
             protocol.RESOURCES: self.on_resources,
             protocol.INSTANCES: self.on_instances,
             protocol.PING: self.on_ping,
+            protocol.RUNNER_STATUS: self.on_runner_status,
+            protocol.RELEASE_AGENT: self.on_release_agent,
         }
         self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                              protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
-                             protocol.INSTANCES, protocol.PING}
+                             protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT}
 
     def stop(self):
         """Ask the loop to end within one tick; safe from any thread."""
@@ -144,6 +150,8 @@ class Broker:
             if now >= pending.deadline:
                 del self.pending[request_id]
                 self._expire(pending)
+        if self.waiting:
+            self._place_waiting(now)
         wall = time.time()
         for inst in list(self.pool.instances.values()):
             if inst.state == "lost" and wall - inst.lost_at > LOST_INSTANCE_KEEP_S:
@@ -194,6 +202,8 @@ class Broker:
         log.info("agent_registered", agent=agent_id, capacity=capacity, types=",".join(map(str, env_types)),
                  slurm_job=msg.get("slurm_job_id"))
         self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s}))
+        if self.waiting:
+            self._place_waiting(now)
 
     def _agent(self, envelope):
         agent = self.pool.agents.get(envelope[0]) if envelope else None
@@ -212,7 +222,9 @@ class Broker:
 
     def _lose_agent(self, agent, reason):
         """Forget an agent: its instances become lost and its capacity leaves the pool."""
-        log.warning("agent_lost", agent=agent.agent_id, reason=reason, instances=len(agent.instance_ids))
+        # A released (draining) agent going away is what its runner asked for.
+        (log.info if agent.draining else log.warning)("agent_lost", agent=agent.agent_id, reason=reason,
+                                                      instances=len(agent.instance_ids))
         self.pool.drop_agent(agent)
         for request_id, pending in list(self.pending.items()):
             if pending.agent_id == agent.agent_id:
@@ -255,7 +267,31 @@ class Broker:
         self.send(envelope, protocol.reply(msg["id"], {"pong": True, "agents": len(self.pool.agents)}))
 
     def on_resources(self, envelope, msg):
-        self.send(envelope, protocol.reply(msg["id"], self.pool.describe(time.monotonic())))
+        result = self.pool.describe(time.monotonic())
+        by_type = {}
+        for waiting in self.waiting:
+            by_type[waiting.config["type"]] = by_type.get(waiting.config["type"], 0) + 1
+        result["waiting"] = {"starts": len(self.waiting), "by_type": by_type}
+        if self.runner_status is not None:
+            result["runner"] = self.runner_status
+        self.send(envelope, protocol.reply(msg["id"], result))
+
+    def on_runner_status(self, envelope, msg):
+        self.runner_status = field(msg, "status", dict)
+        self.send(envelope, protocol.reply(msg["id"], {}))
+
+    def on_release_agent(self, envelope, msg):
+        """A runner wants to stop an agent: allowed only while it holds nothing; it then takes nothing new."""
+        agent_id = field(msg, "agent_id", str)
+        agent = self.pool.agent_by_id(agent_id)
+        if agent is None:
+            raise ProtocolError("not_found", f"no agent {agent_id!r}")
+        busy = len(agent.instance_ids) + sum(p.agent_id == agent_id for p in self.pending.values())
+        if busy:
+            raise ProtocolError("conflict", f"agent {agent_id} is busy ({busy} instances or requests)")
+        agent.draining = True
+        log.info("agent_released", agent=agent_id)
+        self.send(envelope, protocol.reply(msg["id"], {"agent_id": agent_id, "released": True}))
 
     def on_instances(self, envelope, msg):
         self.send(envelope, protocol.reply(msg["id"], {"instances": [i.describe() for i in self.pool.instances.values()]}))
@@ -269,10 +305,40 @@ class Broker:
         elif not isinstance(spec, dict):
             raise ProtocolError("invalid_request", "field 'environment' must be a preset name or an environment spec object")
         config = environments.backend(spec.get("type")).parse_config(spec)
-        agent = self.pool.place(config["type"], cost_of(config))
+        self.pool.check_limits(cost_of(config))
+        try:
+            agent = self.pool.place(config["type"], cost_of(config))
+        except ProtocolError as exc:
+            if not self.start_wait_s:
+                raise
+            self.waiting.append(WaitingStart(envelope, msg["id"], spec, config, time.monotonic() + self.start_wait_s))
+            log.info("start_waiting", type=config["type"], waiting=len(self.waiting), reason=exc.message)
+            return
+        self._start_on(agent, spec, config, envelope, msg["id"])
+
+    def _start_on(self, agent, spec, config, envelope, client_id):
         inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config)
         self.pool.admit(inst, agent)
-        self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, msg["id"], config["start_timeout"])
+        self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, client_id, config["start_timeout"])
+
+    def _place_waiting(self, now):
+        """Start the waiting starts that fit now, oldest first; refuse the ones that waited too long."""
+        still = []
+        for waiting in self.waiting:
+            cost = cost_of(waiting.config)
+            try:
+                self.pool.check_limits(cost)
+                agent = self.pool.place(waiting.config["type"], cost)
+            except ProtocolError as exc:
+                if now < waiting.deadline:
+                    still.append(waiting)
+                else:
+                    self.send(waiting.envelope, protocol.error(waiting.client_id, "no_capacity",
+                              f"no room within {self.start_wait_s:g}s: {exc.message}"))
+                continue
+            log.info("start_placed", type=waiting.config["type"], agent=agent.agent_id)
+            self._start_on(agent, waiting.spec, waiting.config, waiting.envelope, waiting.client_id)
+        self.waiting = still
 
     def on_execute(self, envelope, msg):
         inst = self._running_instance(msg)

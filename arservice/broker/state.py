@@ -29,6 +29,7 @@ class Agent:
         self.last_seen = now
         self.used = dict.fromkeys(RESOURCES, 0)
         self.instance_ids = set()
+        self.draining = False  # released by its runner: takes no new instances
 
     def shortfall(self, cost):
         """The first resource this agent lacks for `cost`, or None if it fits."""
@@ -43,7 +44,7 @@ class Agent:
             "agent_id": self.agent_id, "hostname": self.hostname, "pid": self.pid,
             "slurm_job_id": self.slurm_job_id, "env_types": self.env_types,
             "capacity": self.capacity, "used": dict(self.used), "instances": len(self.instance_ids),
-            "last_seen_s": round(now - self.last_seen, 3),
+            "last_seen_s": round(now - self.last_seen, 3), "draining": self.draining,
         }
 
 
@@ -78,6 +79,18 @@ class Pending:
         self.deadline = deadline
 
 
+class WaitingStart:
+    """A start that found no agent with room, waiting for one (a runner may be bringing it)."""
+
+    def __init__(self, envelope, client_id, spec, config, deadline):
+        self.envelope = envelope
+        self.client_id = client_id
+        self.spec = spec
+        self.config = config
+        self.deadline = deadline
+        self.reason = ""
+
+
 class Pool:
     """Agents and instances, with the accounting that ties them to the service-wide limits."""
 
@@ -87,12 +100,15 @@ class Pool:
         self.instances = {}  # instance id -> Instance
         self.used = dict.fromkeys(RESOURCES, 0)
 
-    def place(self, env_type, cost):
-        """Pick the agent for a new instance, or raise no_capacity naming what ran out."""
+    def check_limits(self, cost):
+        """Raise no_capacity if `cost` would take the service past --max-resources."""
         for name, cap in self.limits.items():
             if self.used[name] + cost[name] > cap:
                 raise ProtocolError("no_capacity", f"service limit reached: {name} ({self.used[name]} of {cap} in use)")
-        able = [a for a in self.agents.values() if env_type in a.env_types]
+
+    def place(self, env_type, cost):
+        """Pick the agent for a new instance, or raise no_capacity naming what ran out."""
+        able = [a for a in self.agents.values() if env_type in a.env_types and not a.draining]
         if not able:
             raise ProtocolError("no_capacity", f"no registered agent runs {env_type!r} environments")
         fitting = [a for a in able if a.shortfall(cost) is None]

@@ -16,6 +16,8 @@ log = EventLog("runner")
 
 class BaseRunner:
     name = None
+    # How long the broker lets a start wait for room; 0: refuse at once (every agent is there already).
+    start_wait_s = 0.0
 
     def __init__(self, limits, broker_address, token=None, context=None):
         self.limits = limits
@@ -24,18 +26,19 @@ class BaseRunner:
         self.broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)
         self.stopping = threading.Event()
         self.requested = 0  # agents asked for and not yet known to be gone
+        self.progress = lambda line: log.info("progress", status=line)  # the CLI shows it instead
 
     def registered(self):
         return len(self.broker.available_resources()["agents"])
 
-    def wait_ready(self, timeout_s, abort, progress=print):
+    def wait_ready(self, timeout_s, abort):
         """Block until every agent asked for has registered or `abort` is set; show progress; False if not ready."""
         deadline = time.monotonic() + timeout_s
         shown = None
         while time.monotonic() < deadline and not abort.is_set():
             count = self.registered()
             if count != shown:
-                progress(f"agents registered: {count}/{self.requested}")
+                self.progress(f"agents registered: {count}/{self.requested}")
                 shown = count
             if count >= self.requested:
                 return True

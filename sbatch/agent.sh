@@ -1,0 +1,1 @@
+../arservice/runners/agent.sh

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Make sure a one-node Slurm cluster (slurm-wlm + munge) runs here, for the Slurm runner's tests.
+# Writes /etc/slurm/slurm.conf for this host when there is none of ours, starts munged,
+# slurmctld and slurmd, and waits until the node takes jobs. Idempotent.
+set -euo pipefail
+
+log() { echo "slurm-up: $*" >&2; }
+
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+  log "installing slurm-wlm munge"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+fi
+
+[ -f /etc/munge/munge.key ] || mungekey --create
+mkdir -p /run/munge /var/log/munge /var/lib/munge
+chown -R munge:munge /etc/munge /var/log/munge /run/munge /var/lib/munge
+if ! pgrep -x munged >/dev/null; then
+  log "starting munged"
+  runuser -u munge -- munged --force
+fi
+
+conf=/etc/slurm/slurm.conf
+host=$(hostname)
+if ! grep -q "^# written by arservice slurm-up for $host\$" "$conf" 2>/dev/null; then
+  mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) - 1024 ))
+  log "writing $conf (node $host, $(nproc) CPUs, ${mem} MiB)"
+  mkdir -p /etc/slurm
+  cat >"$conf" <<CONF
+# written by arservice slurm-up for $host
+ClusterName=arservice-test
+SlurmctldHost=$host
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+ReturnToService=2
+MpiDefault=none
+SchedulerParameters=sched_interval=1
+NodeName=$host CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+CONF
+  pkill -x slurmctld || true
+  pkill -x slurmd || true
+fi
+mkdir -p /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
+
+pgrep -x slurmctld >/dev/null || { log "starting slurmctld"; slurmctld; }
+pgrep -x slurmd >/dev/null || { log "starting slurmd"; slurmd; }
+
+for _ in $(seq 1 60); do
+  state=$(sinfo -h -o %t 2>/dev/null | head -1 || true)
+  case $state in idle|mix|alloc) break ;; esac
+  sleep 0.5
+done
+case $state in
+  idle|mix|alloc) log "slurm is up (node $host: $state)" ;;
+  *) log "the node did not come up (state: '${state:-none}'); see /var/log/slurm/"; exit 1 ;;
+esac

@@ -1,0 +1,196 @@
+"""The Slurm runner on a real one-node Slurm (scripts/slurm-up.sh), directly and through a real sshd."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from arservice.client import ServiceError
+from helpers import Service, free_port, wait_for
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm is not installed (scripts/setup.sh installs it)"),
+    pytest.mark.timeout(180),
+]
+AGENT_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "sbatch", "agent.sh")
+
+
+def our_jobs(job_name):
+    out = subprocess.run(["squeue", "-h", f"--name={job_name}", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
+    return dict(line.split() for line in out.splitlines())
+
+
+def slurm_service(*args, **kwargs):
+    svc = Service("--runner", "slurm", *args, **kwargs).wait_ready(agents=0)
+    svc.job_name = svc.client.available_resources()["runner"]["job_name"]
+    return svc
+
+
+def stop_and_check_no_jobs(svc):
+    job_name = svc.job_name
+    output = svc.output()
+    assert svc.stop() == 0, output
+    assert our_jobs(job_name) == {}  # stop waits until squeue lists none of them
+
+
+def test_pool_grows_with_demand_up_to_jobs_replaces_lost_jobs_and_shuts_down_clean():
+    svc = slurm_service("--max-resources", '{"jobs": 2}', "--slurm-instances", "1", "--start-wait", "6")
+    try:
+        peak = []
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.is_set():
+                peak.append(len(our_jobs(svc.job_name)))
+                sampling.wait(0.2)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        results = [None] * 3
+
+        def start(i):
+            try:
+                results[i] = svc.client.start_instance({"type": "local"})
+            except ServiceError as exc:
+                results[i] = exc
+
+        starts = [threading.Thread(target=start, args=(i,)) for i in range(3)]
+        for t in starts:
+            t.start()
+        for t in starts:
+            t.join()
+        sampling.set()
+        sampler.join()
+        started = [r for r in results if isinstance(r, dict)]
+        refused = [r for r in results if isinstance(r, ServiceError)]
+        assert len(started) == 2 and len(refused) == 1, results
+        assert refused[0].code == "no_capacity" and "within 6s" in refused[0].message
+        assert max(peak) == 2  # grown to `jobs`, and no further
+
+        resources = svc.client.available_resources()
+        agents = {a["agent_id"]: a for a in resources["agents"]}
+        for inst in started:
+            job_id = agents[inst["agent_id"]]["slurm_job_id"]
+            # The agent runs inside that job: the command sees the job's own environment.
+            assert svc.client.execute(inst["instance_id"], "echo $SLURM_JOB_ID")["output"].strip() == job_id
+            assert our_jobs(svc.job_name)[job_id] == "RUNNING"
+        runner = wait_for(lambda: (r := svc.client.available_resources()["runner"])["agents_registered"] == 2 and r,
+                          what="runner status")
+        assert runner["jobs"] == {"running": 2} and runner["capacity"]["registered"] == 2
+        assert "slurm jobs: 1 pending" in svc.output() or "slurm jobs: 2 pending" in svc.output()
+
+        # scancel behind the runner's back: the instance is lost, the job replaced.
+        victim = started[0]
+        victim_job = agents[victim["agent_id"]]["slurm_job_id"]
+        subprocess.run(["scancel", victim_job], check=True)
+
+        def lost():
+            try:
+                svc.client.execute(victim["instance_id"], "true")
+            except ServiceError as exc:
+                return exc.code == "agent_lost"
+        wait_for(lost, timeout=30, interval=0.2, what="the instance on the cancelled job to be lost")
+        replaced = wait_for(lambda: [a for a in svc.client.available_resources()["agents"]
+                                     if a["slurm_job_id"] not in (victim_job, agents[started[1]["agent_id"]]["slurm_job_id"])],
+                            timeout=60, interval=0.2, what="a replacement job's agent")
+        assert replaced[0]["slurm_job_id"] in our_jobs(svc.job_name)
+        assert wait_for(lambda: svc.client.available_resources()["runner"]["lost"], what="lost count") == 1
+        assert svc.client.execute(started[1]["instance_id"], "echo still")["output"] == "still\n"
+    finally:
+        stop_and_check_no_jobs(svc)
+
+
+def test_idle_agents_are_released_down_to_the_minimum():
+    svc = slurm_service("--max-resources", '{"jobs": 2}', "--slurm-instances", "1", "--slurm-min-jobs", "1",
+                        "--slurm-idle-timeout", "1")
+    try:
+        wait_for(lambda: len(svc.client.available_resources()["agents"]) == 1, timeout=60, what="the minimum job's agent")
+        insts = [svc.client.start_instance({"type": "local"}) for _ in range(2)]
+        assert len(our_jobs(svc.job_name)) == 2
+        for inst in insts:
+            svc.client.close_instance(inst["instance_id"])
+        wait_for(lambda: len(our_jobs(svc.job_name)) == 1, timeout=30, interval=0.2, what="one idle job released")
+        runner = svc.client.available_resources()["runner"]
+        assert runner["released"] == 1 and runner["lost"] == 0
+        # The job kept is the minimum pool: still serving.
+        inst = svc.client.start_instance({"type": "local"})
+        assert svc.client.execute(inst["instance_id"], "echo ok")["output"] == "ok\n"
+    finally:
+        stop_and_check_no_jobs(svc)
+
+
+def test_sbatch_by_hand_joins_a_running_broker():
+    svc = Service("broker", token="s3cret").wait_ready(agents=0)
+    job_id = None
+    try:
+        env = dict(os.environ, ARSERVICE_PYTHON=sys.executable, ARSERVICE_TOKEN="s3cret", ARSERVICE_INSTANCES="2")
+        job_id = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", "--cpus-per-task=2", "--mem=1000",
+                                 AGENT_SCRIPT, "--broker", svc.zmq],
+                                capture_output=True, text=True, check=True, env=env).stdout.strip()
+        [agent] = wait_for(lambda: svc.client.available_resources()["agents"], timeout=60, what="the agent to register")
+        # Capacity from the allocation: instances from the environment, CPUs and memory from Slurm.
+        assert agent["slurm_job_id"] == job_id
+        assert agent["capacity"] == {"instances": 2, "cpus": 2, "memory": 1000}
+        inst = svc.client.start_instance({"type": "local"})
+        assert svc.client.execute(inst["instance_id"], "echo $SLURM_JOB_ID")["output"].strip() == job_id
+    finally:
+        if job_id:
+            subprocess.run(["scancel", job_id], check=True)
+        svc.stop()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    sshd_bin = "/usr/sbin/sshd"
+    if not os.path.exists(sshd_bin):
+        pytest.skip("openssh-server is not installed (scripts/setup.sh installs it)")
+    home = tmp_path_factory.mktemp("ssh")
+    for name in ("good", "wrong"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(home / name)], check=True)
+    (home / "authorized_keys").write_text((home / "good.pub").read_text())
+    os.makedirs("/run/sshd", exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-p", str(port), "-o", "ListenAddress=127.0.0.1",
+                             "-o", f"AuthorizedKeysFile={home}/authorized_keys", "-o", "StrictModes=no",
+                             "-o", "PermitRootLogin=prohibit-password", "-o", "PasswordAuthentication=no",
+                             "-o", "PidFile=none"], stderr=subprocess.DEVNULL)
+    wait_for(lambda: subprocess.run(["ssh-keyscan", "-p", str(port), "127.0.0.1"], capture_output=True).stdout,
+             timeout=10, what="sshd to listen")
+    yield {"port": port, "good": str(home / "good"), "wrong": str(home / "wrong")}
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def ssh_args(sshd, key):
+    return ["--slurm-ssh", "root@127.0.0.1", "--slurm-ssh-port", str(sshd["port"]), "--slurm-ssh-key", sshd[key],
+            "--slurm-python", sys.executable]
+
+
+def test_submission_through_ssh_to_a_login_node(sshd):
+    svc = slurm_service("--max-resources", '{"jobs": 1}', *ssh_args(sshd, "good"), token="tok")
+    try:
+        assert svc.client.available_resources()["runner"]["submit_on"] == f"root@127.0.0.1:{sshd['port']}"
+        inst = svc.client.start_instance({"type": "local"})
+        job_id = svc.client.execute(inst["instance_id"], "echo $SLURM_JOB_ID")["output"].strip()
+        assert our_jobs(svc.job_name) == {job_id: "RUNNING"}
+        # The script and the secret were copied to the login node's home; the secret is private.
+        token_file = os.path.expanduser(f"~/.arservice/slurm/{svc.job_name}/token")
+        assert oct(os.stat(token_file).st_mode & 0o777) == "0o600"
+    finally:
+        stop_and_check_no_jobs(svc)
+    assert not os.path.exists(token_file)
+
+
+def test_a_wrong_ssh_key_fails_fast_with_a_clear_message(sshd):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "arservice", "--runner", "slurm", "--port", str(free_port()),
+                           "--zmq-port", str(free_port()), *ssh_args(sshd, "wrong")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"arservice: error: ssh root@127.0.0.1:{sshd['port']}: authentication failed with key {sshd['wrong']}" in done.stderr
+    assert time.monotonic() - started < 20  # not retried: retries would take 15 s of backoff alone
