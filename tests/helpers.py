@@ -76,7 +76,11 @@ class Service:
             if self.proc.poll() is not None:
                 raise AssertionError(f"arservice exited with {self.proc.returncode}:\n{self.output()}")
             return "arservice ready" in self.output() and len(self.client.available_resources()["agents"]) >= agents
-        wait_for(ready, timeout, what=f"{agents} agent(s) registered")
+        try:
+            wait_for(ready, timeout, what=f"{agents} agent(s) registered")
+        except BaseException:
+            self.stop()  # a service that never became ready must not outlive the test
+            raise
         return self
 
     def agent_pids(self):

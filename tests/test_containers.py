@@ -40,7 +40,8 @@ def labelled(engine, instance_id=None):
     client = docker.DockerClient(base_url=backend(engine).url(), timeout=30)
     try:
         labels = ["arservice=1"] + ([f"arservice.instance={instance_id}"] if instance_id else [])
-        return client.containers.list(all=True, filters={"label": labels})
+        # One API call (containers.list would inspect each one after, racing the reaper's removal).
+        return client.api.containers(all=True, filters={"label": labels})
     finally:
         client.close()
 
@@ -51,12 +52,12 @@ def test_limits_labels_and_network_are_applied(service, engine):
     inst = client.start_instance({**spec, "cpus": 0.5, "memory": "96m", "pids": 40})
     try:
         (container,) = labelled(spec["type"], inst["instance_id"])
-        host = sdk.containers.get(container.id).attrs["HostConfig"]
+        host = sdk.containers.get(container["Id"]).attrs["HostConfig"]
         assert host["NanoCpus"] == 500_000_000
         assert host["Memory"] == 96 << 20
         assert host["PidsLimit"] == 40
         assert host["NetworkMode"] == "none"
-        assert container.labels["arservice.agent"] == inst["agent_id"]
+        assert container["Labels"]["arservice.agent"] == inst["agent_id"]
         # From inside: only the loopback interface exists.
         interfaces = client.execute(inst["instance_id"], "tail -n +3 /proc/net/dev | cut -d: -f1")["output"].split()
         assert interfaces == ["lo"]
@@ -101,7 +102,7 @@ def test_environment_forwarding_and_network_opt_in(service, engine):
         out = client.execute(inst["instance_id"], 'echo "$PATH|$HOME"')["output"]
         assert out == f"{os.environ['PATH']}|/spec\n"
         (container,) = labelled(spec["type"], inst["instance_id"])
-        assert sdk.containers.get(container.id).attrs["HostConfig"]["NetworkMode"] == "host"
+        assert sdk.containers.get(container["Id"]).attrs["HostConfig"]["NetworkMode"] == "host"
     finally:
         client.close_instance(inst["instance_id"])
 

@@ -27,7 +27,11 @@ def our_jobs(job_name):
 
 def slurm_service(*args, **kwargs):
     svc = Service("--runner", "slurm", *args, **kwargs).wait_ready(agents=0)
-    svc.job_name = svc.client.available_resources()["runner"]["job_name"]
+    try:
+        svc.job_name = svc.client.available_resources()["runner"]["job_name"]
+    except BaseException:
+        svc.stop()
+        raise
     return svc
 
 
