@@ -18,7 +18,6 @@ from . import environments, logs
 from .agent import Agent, AgentExit
 from .broker import Broker
 from .environments.base import parse_memory_mib
-from .http.app import HTTPServer, create_app
 from .http.routes import DEFAULT_MAX_BODY_BYTES
 from .protocol import ProtocolError
 from .runners import RUNNERS
@@ -208,6 +207,8 @@ def agent_command(broker_address, instances, cpus, memory, types, token, token_f
 
 def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads,
           max_request_bytes, log_level, runner_options=None, advertise_address=None, start_wait=None):
+    from .http.app import HTTPServer, create_app  # here: agents (job start-up time) do not need falcon
+
     logs.setup(log_level)
     context = zmq.Context.instance()
     runner_class = RUNNERS.get(runner_name)

@@ -66,7 +66,9 @@ class Agent:
     def run(self):
         """Serve until stop() or until the broker is gone; clean up every instance however it ends."""
         self.workdir = workdirs.claim(self.workdir_root, self.agent_id)
-        self._reap_leftovers()
+        # Off the loop: reaping asks container engines (hundreds of ms) and must not delay registering;
+        # it only touches what dead agents left, never this agent's instances.
+        self.pool.submit(self._reap_leftovers)
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)

@@ -44,7 +44,8 @@ class Agent:
             "agent_id": self.agent_id, "hostname": self.hostname, "pid": self.pid,
             "slurm_job_id": self.slurm_job_id, "env_types": self.env_types,
             "capacity": self.capacity, "used": dict(self.used), "instances": len(self.instance_ids),
-            "last_seen_s": round(now - self.last_seen, 3), "draining": self.draining,
+            "last_seen_s": round(now - self.last_seen, 3), "registered_s": round(now - self.registered_at, 3),
+            "draining": self.draining,
         }
 
 
