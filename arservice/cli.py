@@ -228,24 +228,20 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
     http.start()
     zmq_address = broker.address.replace("0.0.0.0", "127.0.0.1")
     runner = None
-    if runner_class is not None:
-        # Agents elsewhere cannot dial 127.0.0.1 of this host: name the host when bound to every address.
-        dial = advertise_address or broker.address.replace("0.0.0.0", socket.getfqdn() if runner_name == "slurm" else "127.0.0.1")
-        runner = runner_class(max_resources, dial, token=token, context=context, **(runner_options or {}))
-        runner.progress = lambda line: click.echo(f"arservice: {line}", err=True)
-        try:
-            runner.start()
-        except ShellError as exc:
-            http.stop()
-            broker.stop()
-            broker_thread.join()
-            raise CliError(str(exc))
-        ready = runner.wait_ready(READY_TIMEOUT_S, stop)
-        if not ready and not stop.is_set():
-            click.echo("arservice: warning: not every agent registered in time; serving with what is there", err=True)
-    click.echo(f"arservice ready http=http://{host}:{http.port} zmq={zmq_address}", err=True)
     try:
+        if runner_class is not None:
+            # Agents on other hosts cannot dial 127.0.0.1: name this host when bound to every address.
+            here = socket.getfqdn() if runner_class.agents_elsewhere else "127.0.0.1"
+            runner = runner_class(max_resources, advertise_address or broker.address.replace("0.0.0.0", here),
+                                  token=token, context=context, **(runner_options or {}))
+            runner.progress = lambda line: click.echo(f"arservice: {line}", err=True)
+            runner.start()
+            if not runner.wait_ready(READY_TIMEOUT_S, stop) and not stop.is_set():
+                click.echo("arservice: warning: not every agent registered in time; serving with what is there", err=True)
+        click.echo(f"arservice ready http=http://{host}:{http.port} zmq={zmq_address}", err=True)
         stop.wait()
+    except ShellError as exc:  # the runner could not reach Slurm (or SSH refused us): nothing to serve
+        raise CliError(str(exc))
     finally:
         click.echo("arservice: shutting down", err=True)
         if runner is not None:

@@ -1,13 +1,12 @@
 """The service end to end, through both clients: real `arservice` process, real sockets."""
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from arservice.client import ServiceError
-from helpers import live_processes, wait_for
+from helpers import live_processes, run_in_threads, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,9 +181,5 @@ def test_many_threads_share_one_client(client, instance):
         except Exception as exc:  # collected: an assert in a thread would be lost
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 8)
     assert errors == []

@@ -1,6 +1,5 @@
 """What every backend promises, run against each real backend this machine has."""
 
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +8,7 @@ import pytest
 from arservice.client import ServiceError
 
 from backends import SPECS, params
-from helpers import Service, live_processes, wait_for
+from helpers import Service, live_processes, run_in_threads, wait_for
 
 ALL = params(*SPECS)
 
@@ -106,9 +105,5 @@ def test_many_short_commands_from_many_threads(env):
             if result["output"] != f"{n}-{i}\n":
                 errors.append(result)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(worker, 8)
     assert errors == []

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from arservice.models import CostLimitExceeded, CostTracker, ModelError, PriceTable, get_model
+from helpers import run_in_threads
 from provider_server import ProviderServer, anthropic_error, anthropic_reply, openai_error, openai_reply
 
 KEY = "sk-test-secret-key-1234"
@@ -229,11 +230,7 @@ def test_totals_are_exact_under_many_threads(server):
     tracker = CostTracker()
     model = openai_model(server, tracker=tracker)
     one = model.prices.cost("gpt-4o", {"input_tokens": 1000, "output_tokens": 100, "cached_tokens": 10})
-    threads = [threading.Thread(target=lambda: [model.query(HELLO) for _ in range(25)]) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(lambda _: [model.query(HELLO) for _ in range(25)], 8)
     for totals in (model.totals.snapshot(), tracker.snapshot()):
         assert totals["calls"] == 200 and totals["input_tokens"] == 200_000
         assert totals["output_tokens"] == 20_000 and totals["cached_tokens"] == 2000
@@ -246,18 +243,14 @@ def test_a_call_limit_admits_exactly_that_many_racing_threads(server):
     refused = []
     barrier = threading.Barrier(40)
 
-    def call():
+    def call(_):
         barrier.wait()
         try:
             model.query(HELLO)
         except CostLimitExceeded:
             refused.append(1)
 
-    threads = [threading.Thread(target=call) for _ in range(40)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(call, 40)
     assert len(server.requests) == 10 and len(refused) == 30
 
 

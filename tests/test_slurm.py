@@ -11,7 +11,7 @@ import time
 import pytest
 
 from arservice.client import ServiceError
-from helpers import Service, free_port, wait_for
+from helpers import Service, free_port, run_in_threads, wait_for
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm is not installed (scripts/setup.sh installs it)"),
@@ -63,11 +63,7 @@ def test_pool_grows_with_demand_up_to_jobs_replaces_lost_jobs_and_shuts_down_cle
             except ServiceError as exc:
                 results[i] = exc
 
-        starts = [threading.Thread(target=start, args=(i,)) for i in range(3)]
-        for t in starts:
-            t.start()
-        for t in starts:
-            t.join()
+        run_in_threads(start, 3)
         sampling.set()
         sampler.join()
         started = [r for r in results if isinstance(r, dict)]

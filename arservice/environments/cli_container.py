@@ -25,7 +25,7 @@ from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import process
 from .base import Environment, resolve_path
-from .helper import MOUNT, PLAIN_EXEC, SCRIPT, script_for, start_piped
+from .helper import MOUNT, SCRIPT, mark_plain_timeout, plain_exec_argv, script_for, start_piped
 
 log = EventLog("cli_container")
 
@@ -193,12 +193,10 @@ class CLIContainerEnvironment(Environment):
         if self.helper is not None and self.helper.alive:
             return self.helper.run(command, timeout, cwd, env, output_limit, self.config["shell"])
         script = script_for(command, cwd, env).decode()
-        argv = self.enter_argv(["sh", "-c", PLAIN_EXEC, self.config["shell"], script, f"{timeout:.3f}"])
+        argv = self.enter_argv(plain_exec_argv(self.config["shell"], script, timeout))
         # The in-container watchdog kills on time; the host-side timeout is the backstop.
-        result = process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait()
-        if result["returncode"] == 137:
-            result.update(returncode=-9, timed_out=True)
-        return result
+        return mark_plain_timeout(process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait(),
+                                  timeout)
 
     def write_file(self, path, content, mode):
         path = resolve_path(path, self.cwd or "/")

@@ -20,7 +20,7 @@ import time
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from .base import Environment, resolve_path
-from .helper import MOUNT, PLAIN_EXEC, SCRIPT, ExecHelper
+from .helper import MOUNT, SCRIPT, ExecHelper, mark_plain_timeout, plain_exec_argv
 from .process import BoundedOutput
 
 log = EventLog("docker")
@@ -175,16 +175,14 @@ class DockerEnvironment(Environment):
         """The slow path: one exec session per command, output streamed into a bounded buffer."""
         started = time.monotonic()
         api = self.docker.api
-        argv = ["sh", "-c", PLAIN_EXEC, self.shell, command, f"{timeout:.3f}"]
+        argv = plain_exec_argv(self.shell, command, timeout)
         exec_id = api.exec_create(self.container.id, argv, workdir=cwd, environment=env or None)["Id"]
         output = BoundedOutput(output_limit)
         for chunk in api.exec_start(exec_id, stream=True):
             output.feed(chunk)
-        returncode = api.exec_inspect(exec_id)["ExitCode"]
         data, truncated = output.value()
-        timed_out = returncode == 137 and time.monotonic() - started >= timeout
-        return {"output": data, "returncode": -9 if timed_out else returncode, "timed_out": timed_out,
-                "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}
+        return mark_plain_timeout({"output": data, "returncode": api.exec_inspect(exec_id)["ExitCode"], "timed_out": False,
+                                   "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}, timeout)
 
     def write_file(self, path, content, mode):
         path = resolve_path(path, self.config["cwd"] or self.workdir)

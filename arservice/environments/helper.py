@@ -54,6 +54,18 @@ exit $rc
 """
 
 
+def plain_exec_argv(shell, command, timeout):
+    """The argv, to run inside the instance, of one command through PLAIN_EXEC."""
+    return ["sh", "-c", PLAIN_EXEC, shell, command, f"{timeout:.3f}"]
+
+
+def mark_plain_timeout(result, timeout):
+    """PLAIN_EXEC's watchdog kills with SIGKILL (exit 137): report that as every other path does."""
+    if result["returncode"] == 137 and result["duration_s"] >= timeout:
+        result.update(returncode=-9, timed_out=True)
+    return result
+
+
 def script_for(command, cwd, env):
     """The command file: change directory, export the variables, then the command itself."""
     bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]

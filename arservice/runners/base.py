@@ -18,6 +18,7 @@ class BaseRunner:
     name = None
     # How long the broker lets a start wait for room; 0: refuse at once (every agent is there already).
     start_wait_s = 0.0
+    agents_elsewhere = False  # whether agents may run on other hosts (they then dial this host by name)
 
     def __init__(self, limits, broker_address, token=None, context=None):
         self.limits = limits

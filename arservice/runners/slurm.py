@@ -70,6 +70,7 @@ class Job:
 class SlurmRunner(BaseRunner):
     name = "slurm"
     start_wait_s = 600.0  # a start may wait this long for a job to start and its agent to register
+    agents_elsewhere = True
 
     def __init__(self, limits, broker_address, token=None, context=None, options=None):
         super().__init__(limits, broker_address, token, context)
@@ -83,12 +84,14 @@ class SlurmRunner(BaseRunner):
         self.workdir = f"{base}/{self.job_name}"
         self.python = self.opts.python or ("python3" if self.opts.ssh else sys.executable)
         self.jobs = {}  # job id -> Job
+        self.token_path = None  # where the secret was written, to remove it on stop
         self.counts = {"submitted": 0, "lost": 0, "released": 0}
         self._owed = 0  # replacements for jobs that ended unasked
         self._replace_backoff = REPLACE_BACKOFF_S[0]
         self._next_submit = 0.0
         self._next_squeue = 0.0
         self._shown = None
+        self._reported = None
         self.thread = threading.Thread(target=self._loop, name="runner", daemon=True)
 
     # -- life -----------------------------------------------------------------
@@ -101,7 +104,8 @@ class SlurmRunner(BaseRunner):
         with open(SCRIPT, "rb") as f:
             self.shell.write(f"{self.workdir}/agent.sh", f.read(), 0o755)
         if self.token:
-            self.shell.write(f"{self.workdir}/token", self.token.encode(), 0o600)
+            self.token_path = f"{self.workdir}/token"
+            self.shell.write(self.token_path, self.token.encode(), 0o600)
         log.info("runner_started", submit_on=self.shell.description, job_name=self.job_name, max_jobs=self.max_jobs,
                  min_jobs=self.opts.min_jobs, workdir=self.workdir)
         for _ in range(self.opts.min_jobs):
@@ -115,17 +119,19 @@ class SlurmRunner(BaseRunner):
         if self.thread.is_alive():
             self.thread.join(timeout=10)
         try:
-            self._cancel(list(self.jobs.values()))
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while time.monotonic() < deadline:
-                left = set(self._squeue()) & set(self.jobs)
-                if not left:
-                    break
-                self.progress(f"waiting for {len(left)} Slurm job(s) to end: {' '.join(sorted(left))}")
-                time.sleep(1.0)
-            else:
-                log.error("jobs_left", jobs=" ".join(sorted(left)), reason=f"still in squeue after {STOP_TIMEOUT_S:g}s")
-            self.shell.run(["rm", "-f", f"{self.workdir}/token"])
+            if self.jobs:
+                self._cancel(list(self.jobs.values()))
+                deadline = time.monotonic() + STOP_TIMEOUT_S
+                while time.monotonic() < deadline:
+                    left = set(self._squeue()) & set(self.jobs)
+                    if not left:
+                        break
+                    self.progress(f"waiting for {len(left)} Slurm job(s) to end: {' '.join(sorted(left))}")
+                    time.sleep(1.0)
+                else:
+                    log.error("jobs_left", jobs=" ".join(sorted(left)), reason=f"still in squeue after {STOP_TIMEOUT_S:g}s")
+            if self.token_path:
+                self.shell.run(["rm", "-f", self.token_path])
         except ShellError as exc:
             log.error("stop_failed", error=str(exc))
         finally:
@@ -226,7 +232,9 @@ class SlurmRunner(BaseRunner):
                           "agent_id": (j.agent or {}).get("agent_id"), "instances": (j.agent or {}).get("instances", 0)}
                          for j in self.jobs.values()],
         }
-        self.broker.request("runner_status", status=status)
+        if status != self._reported:  # the broker keeps the last one; send only what changed
+            self.broker.request("runner_status", status=status)
+            self._reported = status
         shown = (states.get("pending", 0), states.get("running", 0), len(registered))
         if shown != self._shown:
             self._shown = shown
@@ -244,8 +252,8 @@ class SlurmRunner(BaseRunner):
                 argv.append(f"{flag}={value}")
         argv += [*opts.sbatch_args, f"{self.workdir}/agent.sh", "--broker", self.broker_address,
                  "--instances", str(opts.instances_per_agent), *opts.agent_args]
-        if self.token:
-            argv += ["--token-file", f"{self.workdir}/token"]
+        if self.token_path:
+            argv += ["--token-file", self.token_path]
         result = self._check(self.shell.run(argv), "sbatch")
         job_id = result.stdout.strip().split(";")[0]
         if not re.fullmatch(r"\d+(_\d+)?", job_id):
