@@ -24,6 +24,7 @@ SPECS = {
     "podman": {"type": "podman", "image": BUSYBOX, "pull": "never"},
     "bubblewrap": {"type": "bubblewrap"},
     "bubblewrap-rootfs": {"type": "bubblewrap", "root": ROOTFS},
+    "bubblewrap-rootfs-sh": {"type": "bubblewrap", "root": ROOTFS, "shell": "sh"},
     "bubblewrap-per-command": {"type": "bubblewrap", "fast_exec": False},
 }
 

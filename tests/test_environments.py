@@ -11,6 +11,8 @@ from backends import SPECS, params
 from helpers import Service, live_processes, run_in_threads, wait_for
 
 ALL = params(*SPECS)
+# Specs whose commands run in sh: a busybox image has no bash, and one asks for sh.
+SH_ONLY = {"docker-busybox", "docker-plain-exec", "podman", "bubblewrap-rootfs-sh"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,13 @@ def test_commands_are_stateless_and_take_cwd_and_env(env):
     assert client.execute(instance_id, 'pwd; echo "x=$X"')["output"] == home + "x=\n"
     result = client.execute(instance_id, 'pwd; echo "$GREETING"', cwd="/tmp", env={"GREETING": "hi there"})
     assert result["output"] == "/tmp\nhi there\n"
+
+
+def test_commands_get_a_fresh_shell_of_the_right_kind(env):
+    client, instance_id, name = env
+    # bash where the image has it; and nothing of the exec helper's own shell shows through
+    result = client.execute(instance_id, 'echo "bash=${BASH_VERSION:+yes} args=$# [$d$me$jc$ss$op$id$sh$p]"')
+    assert result["output"] == f"bash={'' if name in SH_ONLY else 'yes'} args=0 []\n"
 
 
 def test_exact_bytes(env):

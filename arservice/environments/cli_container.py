@@ -25,7 +25,7 @@ from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import process
 from .base import Environment, resolve_path
-from .helper import MOUNT, SCRIPT, mark_plain_timeout, plain_exec_argv, script_for, start_piped
+from .helper import MOUNT, helper_argv, mark_plain_timeout, plain_exec_argv, script_for, start_piped
 
 log = EventLog("cli_container")
 
@@ -64,7 +64,7 @@ class CLIContainerEnvironment(Environment):
         "cache_dir": (str, None, None),
         "build_timeout": (float, 1800.0, _positive),
         "build_retries": (int, 2, lambda n: n >= 0),
-        "shell": (str, "sh", None),
+        "shell": (str, None, None),  # default: bash where the image has it, else sh
         "fast_exec": (bool, True, None),
     }
     executables = ()  # tool names to look for, preferred first
@@ -137,10 +137,11 @@ class CLIContainerEnvironment(Environment):
         self.cwd = self.config["cwd"]
         if self.config["fast_exec"]:
             try:
-                self.helper, self.helper_proc = start_piped(self.enter_argv(["sh", "-c", SCRIPT]), self.host_dir)
+                self.helper, self.helper_proc = start_piped(self.enter_argv(helper_argv()), self.host_dir)
             except (ProtocolError, OSError) as exc:
                 log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
-        return {"container": self.name, "image": image_path, "fast_exec": self.helper is not None}
+        self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else "sh")
+        return {"container": self.name, "image": image_path, "shell": self.shell, "fast_exec": self.helper is not None}
 
     def cache_path(self, image):
         root = self.config["cache_dir"] or os.path.join(
@@ -191,9 +192,9 @@ class CLIContainerEnvironment(Environment):
         output_limit = output_limit or self.config["output_limit"]
         env = {**self.config["env"], **(env or {})}
         if self.helper is not None and self.helper.alive:
-            return self.helper.run(command, timeout, cwd, env, output_limit, self.config["shell"])
+            return self.helper.run(command, timeout, cwd, env, output_limit, self.shell)
         script = script_for(command, cwd, env).decode()
-        argv = self.enter_argv(plain_exec_argv(self.config["shell"], script, timeout))
+        argv = self.enter_argv(plain_exec_argv(self.shell, script, timeout))
         # The in-container watchdog kills on time; the host-side timeout is the backstop.
         return mark_plain_timeout(process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait(),
                                   timeout)

@@ -20,7 +20,7 @@ import time
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from .base import Environment, resolve_path
-from .helper import MOUNT, SCRIPT, ExecHelper, mark_plain_timeout, plain_exec_argv
+from .helper import MOUNT, ExecHelper, helper_argv, mark_plain_timeout, plain_exec_argv
 from .process import BoundedOutput
 
 log = EventLog("docker")
@@ -97,7 +97,7 @@ class DockerEnvironment(Environment):
             # The helper is the main process: no exec session to pay for. Its stdin is our attach
             # connection (closed when the agent dies, which ends the helper and so the container);
             # the backstop ends it after container_timeout whatever happens.
-            entrypoint=["sh", "-c", f'(sleep {lifetime}; kill $$) & {SCRIPT}'] if fast else ["sleep", lifetime],
+            entrypoint=helper_argv(f"(sleep {lifetime}; kill $$) & ") if fast else ["sleep", lifetime],
             stdin_open=fast, init=True, environment=env,  # not detached + stdin_open: StdinOnce
             labels={LABEL: "1", f"{LABEL}.instance": self.instance_id, f"{LABEL}.agent": self.agent_id,
                     f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())},

@@ -1,13 +1,18 @@
 """The fast exec path: one long-lived shell inside an instance that starts each command.
 
 A container exec costs tens of milliseconds before the command does anything. Instead, each
-instance runs one helper, a POSIX sh loop started once, and a host directory is mounted into
+instance runs one helper, a shell loop started once, and a host directory is mounted into
 the instance at MOUNT. For each command the agent writes MOUNT/ID.cmd on the host and sends
-`run ID SHELL` on the helper's stdin; the helper starts `SHELL ID.cmd` as its own process
-(its own session where `setsid` exists), output to MOUNT/ID.out, and prints `done ID RC`.
-`kill ID` kills the command's process group inside the instance. The agent reads the output
-file on the host: exact bytes, head and tail by seeking, any size. Commands stay stateless
-(a fresh shell each), several run at once, and no Python is needed in the image.
+`run ID SHELL` on the helper's stdin; the helper starts the command as its own process in its
+own process group, output to MOUNT/ID.out, and prints `done ID RC`. `kill ID` kills that
+process group inside the instance. The agent reads the output file on the host: exact bytes,
+head and tail by seeking, any size. Commands stay stateless (a fresh process each), several
+run at once, and no Python is needed in the image.
+
+Where the image has bash, the loop runs in bash: job control (`set -m`) gives each command its
+own process group, and a command for bash is sourced in a forked subshell, so it costs two
+forks and no exec, like `bash -c` without bash's start-up. Elsewhere (busybox, dash) the loop
+runs in sh and starts `setsid SHELL ID.cmd`, which costs two more execs.
 """
 
 import itertools
@@ -28,17 +33,36 @@ MOUNT = "/.arservice"
 # How long a killed command may take to be reported done before it is given up on.
 KILL_GRACE_S = 5.0
 
-SCRIPT = r"""
-d=%(mount)s
-ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
-echo ready $(command -v bash || command -v sh)
+# In bash, `me` is bash itself and `jc` turns job control on in the waiting subshell, so the
+# command it starts gets its own process group; sh has no job control without a terminal, so
+# there `setsid` (where the image has it) does that job.
+LOOP = r"""
+d=%(mount)s me= jc=: ss=
+if [ -n "$BASH_VERSION" ]; then me=$BASH jc="set -m"
+elif command -v setsid >/dev/null 2>&1; then ss=setsid; fi
+echo ready ${me:-$(command -v sh)}
 while read -r op id sh; do
-  case $op in
-    run) ( $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null & p=$!; echo $p >"$d/$id.pid"; wait $p; echo "done $id $?" ) & ;;
-    kill) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
+  case $op:$sh in
+    run:"$me"|run:"${me:+bash}")
+      ( set -m; ( echo $BASHPID >"$d/$id.pid"; set +m; . "$d/$id.cmd" ) >"$d/$id.out" 2>&1 </dev/null
+        echo "done $id $?" ) 2>/dev/null & ;;
+    run:*)
+      ( $jc; $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null & p=$!; echo $p >"$d/$id.pid"; wait $p
+        echo "done $id $?" ) 2>/dev/null & ;;
+    kill:*) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
   esac
 done
 """ % {"mount": MOUNT}
+# The loop's variables, unset at the top of every command file: a sourced command must not see them.
+LOOP_VARIABLES = "d me jc ss op id sh p"
+
+
+def helper_argv(before="", shell="sh"):
+    """The argv that starts the helper inside an instance: in bash where the image has it, else
+    in sh. `before` is shell code to run first (a lifetime backstop, say); `shell` starts it
+    (bash, where the caller knows the image has it, saves an exec)."""
+    boot = '[ -n "$BASH_VERSION" ] || ! command -v bash >/dev/null 2>&1 || exec bash -c "$0"; eval "$0"'
+    return [shell, "-c", before + boot, LOOP]
 
 
 # The fallback, one exec per command: `sh -c PLAIN_EXEC SHELL COMMAND TIMEOUT`. It runs the command
@@ -71,7 +95,8 @@ def script_for(command, cwd, env):
     bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
     if bad:
         raise ProtocolError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
-    lines = [f"cd {shlex.quote(cwd)} || exit 126"] if cwd else []
+    lines = [f"unset {LOOP_VARIABLES}"]
+    lines += [f"cd {shlex.quote(cwd)} || exit 126"] if cwd else []
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
     return "\n".join([*lines, command, ""]).encode()
 
@@ -153,7 +178,7 @@ class ExecHelper:
 
 
 def start_piped(argv, host_dir):
-    """Start a helper as a host process (`argv` ends in `sh -c SCRIPT`) talking over pipes.
+    """Start a helper as a host process (`argv` ends in helper_argv()) talking over pipes.
 
     Returns (ExecHelper, Popen); the process is in its own session, so killing its group ends
     it and every command it started.

@@ -17,7 +17,7 @@ import tempfile
 from ...protocol import ProtocolError
 from .. import process
 from ..base import Environment, resolve_path
-from ..helper import MOUNT, SCRIPT, start_piped
+from ..helper import MOUNT, helper_argv, start_piped
 
 WORK = "/work"
 HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
@@ -43,7 +43,7 @@ class BubblewrapEnvironment(Environment):
     options = {
         **Environment.options,
         "root": (str, None, None),
-        "shell": (str, "/bin/sh", None),
+        "shell": (str, None, None),  # default: bash where the sandbox has it, else sh
         "fast_exec": (bool, True, None),
         "bwrap_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
     }
@@ -83,11 +83,14 @@ class BubblewrapEnvironment(Environment):
             "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "--setenv", "HOME", WORK,
             *self.config["bwrap_options"],
         ]
+        best_shell = "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh"
+        self.shell = self.config["shell"] or best_shell
         if self.config["fast_exec"]:
             self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-exec-", dir=self.workdir_root)
             self.helper, self.helper_proc = start_piped(
-                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, "sh", "-c", SCRIPT], self.host_dir)
-        return {"workdir": self.workdir, "fast_exec": self.helper is not None}
+                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv(shell=best_shell)],
+                self.host_dir)
+        return {"workdir": self.workdir, "shell": self.shell, "fast_exec": self.helper is not None}
 
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
         if self.helper is not None:
@@ -96,7 +99,7 @@ class BubblewrapEnvironment(Environment):
         argv = [*self.prefix, "--chdir", resolve_path(cwd, self.cwd) if cwd else self.cwd]
         for name, value in variables.items():
             argv += ["--setenv", name, value]
-        return process.Command([*argv, self.config["shell"], "-c", command], timeout=timeout,
+        return process.Command([*argv, self.shell, "-c", command], timeout=timeout,
                                output_limit=output_limit or self.config["output_limit"], groups=self.groups)
 
     def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
@@ -104,7 +107,7 @@ class BubblewrapEnvironment(Environment):
             return super().execute(command, timeout, cwd, env, output_limit)
         return self.helper.run(command, timeout, resolve_path(cwd, self.cwd) if cwd else self.cwd,
                                {**self.config["env"], **(env or {})},
-                               output_limit or self.config["output_limit"], self.config["shell"])
+                               output_limit or self.config["output_limit"], self.shell)
 
     def _host_path(self, path):
         """Files are exchanged through the work directory, the one place the host can see."""
