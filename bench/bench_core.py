@@ -8,6 +8,7 @@ throughput with 32 concurrent clients at least 0.7 of 32 threads spawning direct
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -19,13 +20,18 @@ from helpers import Service  # noqa: E402
 
 
 def latencies(fns, n):
-    """Latency series of each fn, sampled in turn (a, b, c, a, b, c, ...) so that the machine's
-    drift over the run affects every series alike."""
+    """Latency series of each fn, sampled in turn, each round in a new random order, so that
+    the machine's drift over the run, and the work one call leaves behind (a `docker exec`
+    cleaning up), affect every series alike."""
     series = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm up connections and caches
+    order = random.Random(0)
+    names = list(fns)
     for _ in range(n):
-        for name, fn in fns.items():
+        order.shuffle(names)
+        for name in names:
+            fn = fns[name]
             t = time.perf_counter()
             fn()
             series[name].append(time.perf_counter() - t)
