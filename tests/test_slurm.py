@@ -38,8 +38,11 @@ def slurm_service(*args, **kwargs):
 def stop_and_check_no_jobs(svc):
     job_name = svc.job_name
     output = svc.output()
-    assert svc.stop() == 0, output
-    assert our_jobs(job_name) == {}  # stop waits until squeue lists none of them
+    try:
+        assert svc.stop() == 0, output
+        assert our_jobs(job_name) == {}  # stop waits until squeue lists none of them
+    finally:
+        subprocess.run(["scancel", f"--name={job_name}"], check=True)  # a failed test leaves no job either
 
 
 def test_pool_grows_with_demand_up_to_jobs_replaces_lost_jobs_and_shuts_down_clean():
@@ -124,6 +127,41 @@ def test_idle_agents_are_released_down_to_the_minimum():
         stop_and_check_no_jobs(svc)
 
 
+def test_a_job_whose_sbatch_answer_was_lost_is_adopted_and_cancelled_at_stop():
+    svc = slurm_service("--max-resources", '{"jobs": 2}', "--slurm-instances", "1", token="tok")
+    try:
+        # What an sbatch that ran but whose answer never came back leaves: a job with our name.
+        env = dict(os.environ, ARSERVICE_PYTHON=sys.executable, ARSERVICE_TOKEN="tok")
+        job_id = subprocess.run(["sbatch", "--parsable", "--output=/dev/null", f"--job-name={svc.job_name}",
+                                 AGENT_SCRIPT, "--broker", svc.zmq, "--instances", "1"],
+                                capture_output=True, text=True, check=True, env=env).stdout.strip()
+        runner = wait_for(lambda: (r := svc.client.available_resources()["runner"])["agents_registered"] == 1 and r,
+                          timeout=60, interval=0.2, what="the adopted job's agent")
+        assert [j["job_id"] for j in runner["job_list"]] == [job_id] and runner["submitted"] == 0
+        assert "job_adopted" in svc.output()
+        # It counts as the pool's own: the first start lands on it, nothing more is submitted.
+        inst = svc.client.start_instance({"type": "local"})
+        assert svc.client.execute(inst["instance_id"], "echo $SLURM_JOB_ID")["output"].strip() == job_id
+        assert list(our_jobs(svc.job_name)) == [job_id]
+    finally:
+        stop_and_check_no_jobs(svc)  # adopted, so cancelled with the rest
+
+
+def test_crashed_service_leaves_no_job_behind():
+    svc = slurm_service("--max-resources", '{"jobs": 1}', "--slurm-min-jobs", "1")
+    job_name = svc.job_name
+    try:
+        wait_for(lambda: svc.client.available_resources()["agents"], timeout=60, interval=0.2, what="the agent")
+        svc.proc.kill()  # SIGKILL: the runner gets no chance to scancel
+        svc.proc.wait()
+        # The agent hears nothing from its broker for --broker-timeout (15 s), cleans up and exits,
+        # and with it the job.
+        wait_for(lambda: our_jobs(job_name) == {}, timeout=60, interval=0.5, what="the orphaned job to end")
+    finally:
+        svc.stop()
+        subprocess.run(["scancel", f"--name={job_name}"], check=True)  # a failed test leaves no job either
+
+
 def test_sbatch_by_hand_joins_a_running_broker():
     svc = Service("broker", token="s3cret").wait_ready(agents=0)
     job_id = None
@@ -161,7 +199,7 @@ def sshd(tmp_path_factory):
                              "-o", "PidFile=none"], stderr=subprocess.DEVNULL)
     wait_for(lambda: subprocess.run(["ssh-keyscan", "-p", str(port), "127.0.0.1"], capture_output=True).stdout,
              timeout=10, what="sshd to listen")
-    yield {"port": port, "good": str(home / "good"), "wrong": str(home / "wrong")}
+    yield {"port": port, "good": str(home / "good"), "wrong": str(home / "wrong"), "pid": proc.pid}
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -184,6 +222,23 @@ def test_submission_through_ssh_to_a_login_node(sshd):
     finally:
         stop_and_check_no_jobs(svc)
     assert not os.path.exists(token_file)
+
+
+def test_a_dropped_ssh_connection_is_reopened(sshd):
+    svc = slurm_service("--max-resources", '{"jobs": 2}', "--slurm-instances", "1", *ssh_args(sshd, "good"), token="tok")
+    try:
+        svc.client.start_instance({"type": "local"})
+        # Kill the sshd processes serving the runner's connection (the listener stays).
+        sessions = subprocess.run(["pgrep", "-P", str(sshd["pid"])], capture_output=True, text=True).stdout.split()
+        assert sessions
+        for pid in sessions:
+            os.kill(int(pid), signal.SIGKILL)
+        inst = svc.client.start_instance({"type": "local"})  # needs a second sbatch, so a new connection
+        job_id = svc.client.execute(inst["instance_id"], "echo $SLURM_JOB_ID")["output"].strip()
+        assert job_id in our_jobs(svc.job_name) and len(our_jobs(svc.job_name)) == 2
+        assert "ssh_retry" in svc.output()
+    finally:
+        stop_and_check_no_jobs(svc)
 
 
 def test_a_wrong_ssh_key_fails_fast_with_a_clear_message(sshd):
