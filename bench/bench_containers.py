@@ -14,6 +14,7 @@ broker round trip), which is where its floor lies.
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -90,45 +91,39 @@ def main():
             svc.client.close_instance(inst_bash)
             svc.client.close_instance(bw)
 
-        def service_start(kind_spec):
-            def start():
-                svc.client.close_instance(svc.client.start_instance(kind_spec)["instance_id"])
-            return start
-
-        def timed_run():
-            # Timed up to the container running, as start_instance is; the removal is not counted.
-            t = time.perf_counter()
-            container = sdk.containers.run(BUSYBOX, ["sleep", "3600"], detach=True, init=True, network_mode="none", labels=labels)
-            elapsed = time.perf_counter() - t
-            container.remove(force=True)
-            return elapsed
-
-        def timed_backend_start():
-            env = bubblewrap_alone(scratch)
-            t = time.perf_counter()
-            env.start()
-            elapsed = time.perf_counter() - t
-            env.close()
-            return elapsed
-
-        def timed_service(kind_spec):
-            t = time.perf_counter()
-            instance_id = svc.client.start_instance(kind_spec)["instance_id"]
-            elapsed = time.perf_counter() - t
-            svc.client.close_instance(instance_id)
-            return elapsed
-
-        series = {"SDK containers.run": [], "service start_instance docker": [],
-                  "raw bwrap run": [], "service start_instance bubblewrap": [], "part: backend start alone": []}
-        timed_run(), timed_service(spec)  # warm up
-        for _ in range(args.starts):
-            series["SDK containers.run"].append(timed_run())
-            series["service start_instance docker"].append(timed_service(spec))
-            t = time.perf_counter()
+        def raw_bwrap():
             subprocess.run(RAW_BWRAP, check=True)
-            series["raw bwrap run"].append(time.perf_counter() - t)
-            series["service start_instance bubblewrap"].append(timed_service({"type": "bubblewrap"}))
-            series["part: backend start alone"].append(timed_backend_start())
+
+        def backend_start():
+            env = bubblewrap_alone(scratch)
+            env.start()
+            return env
+
+        # name -> (start, stop): start is timed up to the instance running, as start_instance
+        # is; stop (removing it) is not counted.
+        starts = {
+            "SDK containers.run": (lambda: sdk.containers.run(BUSYBOX, ["sleep", "3600"], detach=True, init=True,
+                                                              network_mode="none", labels=labels),
+                                   lambda container: container.remove(force=True)),
+            "service start_instance docker": (lambda: svc.client.start_instance(spec)["instance_id"],
+                                              svc.client.close_instance),
+            "raw bwrap run": (raw_bwrap, lambda _: None),
+            "service start_instance bubblewrap": (lambda: svc.client.start_instance({"type": "bubblewrap"})["instance_id"],
+                                                  svc.client.close_instance),
+            "part: backend start alone": (backend_start, lambda env: env.close()),
+        }
+        series = {name: [] for name in starts}
+        names, order = list(starts), random.Random(0)
+        for round_number in range(args.starts + 1):  # round 0 warms up
+            order.shuffle(names)  # a sandbox's teardown slows the next set-up: no series always follows another
+            for name in names:
+                start, stop = starts[name]
+                t = time.perf_counter()
+                started = start()
+                elapsed = time.perf_counter() - t
+                stop(started)
+                if round_number:
+                    series[name].append(elapsed)
         report("start an instance (docker)", {k: series[k] for k in list(series)[:2]}, "SDK containers.run")
         report("start an instance (bubblewrap)", {k: series[k] for k in list(series)[2:]}, "raw bwrap run")
     finally:

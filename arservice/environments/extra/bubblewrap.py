@@ -83,13 +83,12 @@ class BubblewrapEnvironment(Environment):
             "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "--setenv", "HOME", WORK,
             *self.config["bwrap_options"],
         ]
-        best_shell = "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh"
-        self.shell = self.config["shell"] or best_shell
         if self.config["fast_exec"]:
             self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-exec-", dir=self.workdir_root)
             self.helper, self.helper_proc = start_piped(
-                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv(shell=best_shell)],
-                self.host_dir)
+                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()], self.host_dir)
+        self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else
+                                              "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh")
         return {"workdir": self.workdir, "shell": self.shell, "fast_exec": self.helper is not None}
 
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
