@@ -62,10 +62,13 @@ def test_timeout_kills_the_whole_tree(client, instance):
 def test_background_daemon_survives_command_but_not_close(client, service):
     inst = client.start_instance({"type": "local"})
     marker = f"arservice-daemon-marker-{os.getpid()}-{id(client)}"
-    result = client.execute(inst["instance_id"], f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo ok")
-    assert result["output"] == "ok\n" and not result["timed_out"]
-    assert live_processes(marker)
-    client.close_instance(inst["instance_id"])
+    try:
+        result = client.execute(inst["instance_id"], f"(exec -a {marker} sleep 300) >/dev/null 2>&1 & echo ok")
+        assert result["output"] == "ok\n" and not result["timed_out"]
+        # The command may answer before its background subshell has exec'd into the marked sleep.
+        wait_for(lambda: live_processes(marker), timeout=5, what="the daemon to outlive its command")
+    finally:
+        client.close_instance(inst["instance_id"])
     wait_for(lambda: not live_processes(marker), timeout=5, what="close to kill the daemon")
 
 
