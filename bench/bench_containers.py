@@ -14,7 +14,6 @@ broker round trip), which is where its floor lies.
 
 import argparse
 import os
-import random
 import shutil
 import statistics
 import subprocess
@@ -91,39 +90,24 @@ def main():
             svc.client.close_instance(inst_bash)
             svc.client.close_instance(bw)
 
-        def raw_bwrap():
-            subprocess.run(RAW_BWRAP, check=True)
-
         def backend_start():
             env = bubblewrap_alone(scratch)
             env.start()
             return env
 
-        # name -> (start, stop): start is timed up to the instance running, as start_instance
-        # is; stop (removing it) is not counted.
-        starts = {
+        # Each start is timed up to the instance running, as start_instance is; its removal is not.
+        # The random order matters here too: a sandbox's teardown slows the next set-up.
+        series = latencies({
             "SDK containers.run": (lambda: sdk.containers.run(BUSYBOX, ["sleep", "3600"], detach=True, init=True,
                                                               network_mode="none", labels=labels),
                                    lambda container: container.remove(force=True)),
             "service start_instance docker": (lambda: svc.client.start_instance(spec)["instance_id"],
                                               svc.client.close_instance),
-            "raw bwrap run": (raw_bwrap, lambda _: None),
+            "raw bwrap run": lambda: subprocess.run(RAW_BWRAP, check=True),
             "service start_instance bubblewrap": (lambda: svc.client.start_instance({"type": "bubblewrap"})["instance_id"],
                                                   svc.client.close_instance),
             "part: backend start alone": (backend_start, lambda env: env.close()),
-        }
-        series = {name: [] for name in starts}
-        names, order = list(starts), random.Random(0)
-        for round_number in range(args.starts + 1):  # round 0 warms up
-            order.shuffle(names)  # a sandbox's teardown slows the next set-up: no series always follows another
-            for name in names:
-                start, stop = starts[name]
-                t = time.perf_counter()
-                started = start()
-                elapsed = time.perf_counter() - t
-                stop(started)
-                if round_number:
-                    series[name].append(elapsed)
+        }, args.starts)
         report("start an instance (docker)", {k: series[k] for k in list(series)[:2]}, "SDK containers.run")
         report("start an instance (bubblewrap)", {k: series[k] for k in list(series)[2:]}, "raw bwrap run")
     finally:

@@ -22,19 +22,22 @@ from helpers import Service  # noqa: E402
 def latencies(fns, n):
     """Latency series of each fn, sampled in turn, each round in a new random order, so that
     the machine's drift over the run, and the work one call leaves behind (a `docker exec`
-    cleaning up), affect every series alike."""
+    cleaning up), affect every series alike. A fn may be a (start, stop) pair: start is timed,
+    then stop(what start returned) cleans up untimed."""
+    pairs = {name: fn if isinstance(fn, tuple) else (fn, lambda _: None) for name, fn in fns.items()}
     series = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm up connections and caches
+    for start, stop in pairs.values():
+        stop(start())  # warm up connections and caches
     order = random.Random(0)
     names = list(fns)
     for _ in range(n):
         order.shuffle(names)
         for name in names:
-            fn = fns[name]
+            start, stop = pairs[name]
             t = time.perf_counter()
-            fn()
+            started = start()
             series[name].append(time.perf_counter() - t)
+            stop(started)
     return series
 
 
