@@ -12,10 +12,20 @@ import time
 from arservice.client import HTTPClient, ZMQClient
 
 
+def free_ports(count):
+    """`count` distinct ports free now (each socket stays bound until all are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_for(condition, timeout=10.0, interval=0.02, what="condition"):
@@ -61,7 +71,7 @@ class Service:
     """`arservice --runner local ...` as a subprocess on free ports."""
 
     def __init__(self, *args, token=None, env=None):
-        self.http_port, self.zmq_port = free_port(), free_port()
+        self.http_port, self.zmq_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.zmq = f"tcp://127.0.0.1:{self.zmq_port}"
         self.token = token

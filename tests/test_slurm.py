@@ -11,7 +11,7 @@ import time
 import pytest
 
 from arservice.client import ServiceError
-from helpers import Service, free_port, run_in_threads, wait_for
+from helpers import Service, free_port, free_ports, run_in_threads, wait_for
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm is not installed (scripts/setup.sh installs it)"),
@@ -242,9 +242,10 @@ def test_a_dropped_ssh_connection_is_reopened(sshd):
 
 
 def test_a_wrong_ssh_key_fails_fast_with_a_clear_message(sshd):
+    http_port, zmq_port = free_ports(2)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "arservice", "--runner", "slurm", "--port", str(free_port()),
-                           "--zmq-port", str(free_port()), *ssh_args(sshd, "wrong")],
+    done = subprocess.run([sys.executable, "-m", "arservice", "--runner", "slurm", "--port", str(http_port),
+                           "--zmq-port", str(zmq_port), *ssh_args(sshd, "wrong")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert f"arservice: error: ssh root@127.0.0.1:{sshd['port']}: authentication failed with key {sshd['wrong']}" in done.stderr
