@@ -87,16 +87,22 @@ class ZMQClient(Client):
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
         self.ctx = context or zmq.Context.instance()
         self._local = threading.local()
-        self._sockets = []
+        self._sockets = {}  # thread -> its socket
+        self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
     def _socket(self):
         sock = getattr(self._local, "sock", None)
         if sock is None:
-            sock = self._local.sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.address)
-            self._sockets.append(sock)
+            with self._lock:
+                # Threads come and go (pools, one per task): close what ended ones left, or the
+                # sockets pile up to ZeroMQ's limit. No other thread uses a dead thread's socket.
+                for thread in [t for t in self._sockets if not t.is_alive()]:
+                    self._sockets.pop(thread).close(linger=0)
+                sock = self._local.sock = self.ctx.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.address)
+                self._sockets[threading.current_thread()] = sock
         return sock
 
     def _call(self, kind, wait_s, fields):
@@ -123,9 +129,10 @@ class ZMQClient(Client):
 
     def close(self):
         """Close every socket; call when no request is in flight."""
-        for sock in self._sockets:
-            sock.close(linger=0)
-        self._sockets.clear()
+        with self._lock:
+            for sock in self._sockets.values():
+                sock.close(linger=0)
+            self._sockets.clear()
 
 
 class HTTPClient(Client):

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from arservice.client import ServiceError
+from arservice.client import ServiceError, ZMQClient
 from helpers import live_processes, run_in_threads, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -186,3 +186,23 @@ def test_many_threads_share_one_client(client, instance):
 
     run_in_threads(work, 8)
     assert errors == []
+
+
+def test_threads_that_come_and_go_leave_no_sockets_behind(service):
+    """More short-lived threads than ZeroMQ allows sockets (1023): each ended thread's socket
+    is closed when the next thread needs one."""
+    client = ZMQClient(service.zmq)
+    errors = []
+
+    def ping(_):
+        try:
+            client.ping()
+        except Exception as exc:  # collected: an error in a thread would be lost
+            errors.append(exc)
+
+    try:
+        for _ in range(60):
+            run_in_threads(ping, 20)
+        assert errors == []
+    finally:
+        client.close()
