@@ -116,3 +116,41 @@ def test_many_short_commands_from_many_threads(env):
 
     run_in_threads(worker, 8)
     assert errors == []
+
+
+# More than the agent's worker threads (256): a command must not hold one while it runs.
+MANY = 300
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", params("local", "docker-busybox", "bubblewrap"))
+def test_long_commands_hold_no_worker_thread(service, name):
+    """Hundreds of running commands in one instance neither wait for each other nor hold up
+    starting and closing instances; closing their instance answers each of them."""
+    client = service.client
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    marker = f"{800 + uuid.uuid4().int % 99}.{uuid.uuid4().int % 1000}"  # a sleep argument nothing else uses
+    answers = []
+    try:
+        def run(_):
+            try:
+                answers.append(client.execute(instance_id, f"sleep {marker}", timeout=200))
+            except ServiceError as exc:
+                answers.append(exc.code)
+            except Exception as exc:  # kept, so that a failure in a thread shows
+                answers.append(repr(exc))
+
+        threads = ThreadPoolExecutor(MANY)
+        threads.map(run, range(MANY))
+        wait_for(lambda: len(live_processes(f"sleep {marker}")) == MANY, timeout=60,
+                 what=f"{MANY} commands to run at once")
+        other = client.start_instance({"type": "local"})["instance_id"]
+        assert client.execute(other, "echo ok")["output"] == "ok\n"
+        client.close_instance(other)
+        assert answers == []  # nothing ended on the way
+    finally:
+        client.close_instance(instance_id)
+        threads.shutdown(wait=True)
+    # Each command ends with its instance: killed (local) or cut off with the instance (containers).
+    assert len(answers) == MANY
+    assert all(a == "environment_error" or (isinstance(a, dict) and a["returncode"] < 0) for a in answers), answers[:3]

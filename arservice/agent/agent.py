@@ -1,11 +1,12 @@
 """The agent: a headless worker that owns environment instances and runs commands in them.
 
-One thread owns the DEALER socket to the broker and the table of instances. Commands that
-are host processes (Environment.spawn) are driven by that loop itself: their output pipe and
-pidfd sit in the same poller as the socket, so thousands of short commands cost no thread
-handoffs. Work that blocks (starting an environment, closing it, a backend without spawn)
-goes to a thread pool; each worker hands its answer back through an inproc PUSH socket that
-the loop polls. Either way a slow command never delays another one or the heartbeat.
+One thread owns the DEALER socket to the broker and the table of instances. Commands
+(Environment.spawn: host processes, and commands started through a container's exec helper)
+are driven by that loop itself: their file descriptors sit in the same poller as the socket,
+so thousands of commands cost no thread and no thread handoff. Work that blocks (starting an
+environment, closing it, files, the plain-exec fallback) goes to a thread pool; each worker
+hands its answer back through an inproc PUSH socket that the loop polls. Either way a slow
+command never delays another one or the heartbeat.
 """
 
 import os
@@ -21,7 +22,6 @@ import zmq
 from .. import environments, protocol
 from ..logs import EventLog
 from ..protocol import ProtocolError
-from ..environments import process
 from . import workdirs
 
 log = EventLog("agent")
@@ -49,7 +49,7 @@ class Agent:
         self.workdir_root = workdir_root or workdirs.DEFAULT_ROOT
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="work")
         self.envs = {}  # instance id -> (Environment, Future of its start); touched only by the loop
-        self.commands = {}  # request id -> process.Command driven by the loop
+        self.commands = {}  # request id -> environments.process.Watched driven by the loop
         self.command_fds = {}  # fd being watched -> request id
         self.stopping = threading.Event()
         self.ctx = zmq.Context()
@@ -105,7 +105,7 @@ class Agent:
         finally:
             self._close_all()
             for request_id in list(self.commands):
-                process.kill_tree(self.commands[request_id].proc.pid)
+                self.commands[request_id].kill()
                 self._finish_command(request_id)
             if self.registered:
                 self._send(protocol.request(protocol.DISCONNECT, self._id()))
@@ -219,7 +219,8 @@ class Agent:
         for request_id, command in list(self.commands.items()):
             if now >= command.deadline:
                 command.on_deadline()
-                self._finish_command(request_id)
+                if command.done:
+                    self._finish_command(request_id)
 
     def _unwatch(self, fd):
         if self.command_fds.pop(fd, None) is not None:
@@ -231,6 +232,8 @@ class Agent:
             self._unwatch(fd)
         try:
             msg = protocol.reply(request_id, command.result())
+        except ProtocolError as exc:
+            msg = protocol.error(request_id, exc.code, exc.message)
         except OSError as exc:
             msg = protocol.error(request_id, "environment_error", f"command failed: {exc}")
         self._send(msg)

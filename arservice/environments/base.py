@@ -94,11 +94,11 @@ class Environment:
         raise NotImplementedError
 
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
-        """Start a shell command as a host process and return its process.Command, or None.
+        """Start a shell command and return it as a process.Watched, or None.
 
-        Backends whose commands are host processes implement this: the agent then drives the
-        command from its event loop, with no thread per command. Others return None and
-        implement `execute`.
+        Backends that can hand over a command as file descriptors to watch (a host process, a
+        command through the exec helper) implement this: the agent then drives the command from
+        its event loop, with no thread per command. Where it returns None, `execute` runs it.
         """
         return None
 

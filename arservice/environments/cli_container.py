@@ -25,7 +25,7 @@ from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import process
 from .base import Environment, resolve_path
-from .helper import MOUNT, helper_argv, mark_plain_timeout, plain_exec_argv, script_for, start_piped
+from .helper import MOUNT, ExecHelper, helper_argv, mark_plain_timeout, plain_exec_argv, script_for, start_process
 
 log = EventLog("cli_container")
 
@@ -136,9 +136,12 @@ class CLIContainerEnvironment(Environment):
             run_tool(argv, timeout=self.config["start_timeout"], what=f"starting {self.type} {self.name}")
         self.cwd = self.config["cwd"]
         if self.config["fast_exec"]:
+            helper = ExecHelper(self.host_dir)
             try:
-                self.helper, self.helper_proc = start_piped(self.enter_argv(helper_argv()), self.host_dir)
+                self.helper_proc = start_process(self.enter_argv(helper_argv()), helper)
+                self.helper = helper
             except (ProtocolError, OSError) as exc:
+                helper.close()
                 log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else "sh")
         return {"container": self.name, "image": image_path, "shell": self.shell, "fast_exec": self.helper is not None}
@@ -187,12 +190,21 @@ class CLIContainerEnvironment(Environment):
                     raise
                 time.sleep(min(60, 2 ** attempt))
 
+    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        if self.helper is None or not self.helper.alive():
+            return None
+        return self.helper.spawn(command, timeout, resolve_path(cwd, self.cwd or "/") if cwd else self.cwd,
+                                 {**self.config["env"], **(env or {})}, output_limit or self.config["output_limit"],
+                                 self.shell)
+
     def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        """Where there is no helper (fast_exec false, or it could not start): one exec per command."""
+        helped = self.spawn(command, timeout, cwd, env, output_limit)
+        if helped is not None:
+            return helped.wait()
         cwd = resolve_path(cwd, self.cwd or "/") if cwd else self.cwd
         output_limit = output_limit or self.config["output_limit"]
         env = {**self.config["env"], **(env or {})}
-        if self.helper is not None and self.helper.alive:
-            return self.helper.run(command, timeout, cwd, env, output_limit, self.shell)
         script = script_for(command, cwd, env).decode()
         argv = self.enter_argv(plain_exec_argv(self.shell, script, timeout))
         # The in-container watchdog kills on time; the host-side timeout is the backstop.
@@ -236,6 +248,8 @@ class CLIContainerEnvironment(Environment):
             process.kill_group(self.helper_proc.pid)
             self.helper_proc.wait()
             self.helper_proc = None
+        if self.helper is not None:
+            self.helper.close()
         if self.name is not None:
             try:
                 run_tool(self.stop_argv(), what=f"stopping {self.name}")

@@ -1,7 +1,8 @@
 """Docker containers through the docker SDK, with the fast exec path of helper.py.
 
-Each instance is one container whose main process is the exec helper, on an attached stdin,
-next to a `sleep <container_timeout>` that ends it (so a container outlives a crashed agent by
+Each instance is one container whose main process is the exec helper (it talks to the agent
+through FIFOs in a mounted host directory, not through the engine), next to a
+`sleep <container_timeout>` that ends it (so a container outlives a crashed agent by
 at most that). `fast_exec: false` runs `sleep <container_timeout>` alone and each command
 through its own exec session. Docker's init reaps the orphans of killed commands (zombies would
 count against pids_limit). Containers are labelled arservice=1 with their instance, agent, host
@@ -12,7 +13,6 @@ import io
 import os
 import shutil
 import socket
-import struct
 import tarfile
 import tempfile
 import time
@@ -50,7 +50,6 @@ class DockerEnvironment(Environment):
     }
     helper = None
     container = None
-    _attached = None
     host_dir = None
 
     @classmethod
@@ -94,11 +93,11 @@ class DockerEnvironment(Environment):
         lifetime = str(int(config["container_timeout"]))
         fast = config["fast_exec"]
         options = dict(
-            # The helper is the main process: no exec session to pay for. Its stdin is our attach
-            # connection (closed when the agent dies, which ends the helper and so the container);
-            # the backstop ends it after container_timeout whatever happens.
+            # The helper is the main process: no exec session to pay for. It ends when the agent
+            # dies (its FIFO closes), and so does the container; the backstop ends it after
+            # container_timeout whatever happens.
             entrypoint=helper_argv(f"(sleep {lifetime}; kill $$) & ") if fast else ["sleep", lifetime],
-            stdin_open=fast, init=True, environment=env,  # not detached + stdin_open: StdinOnce
+            init=True, environment=env,
             labels={LABEL: "1", f"{LABEL}.instance": self.instance_id, f"{LABEL}.agent": self.agent_id,
                     f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())},
             network_mode="none" if network in (None, False) else ("bridge" if network is True else network),
@@ -114,18 +113,16 @@ class DockerEnvironment(Environment):
         if config["pids"]:
             options["pids_limit"] = config["pids"]
         options.update(config["run_options"])
+        if fast:
+            self.helper = ExecHelper(self.host_dir)
         try:
             self.container = self.docker.containers.create(config["image"], **options)
-            if fast:
-                attached = self.docker.api.attach_socket(self.container.id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             self.container.start()
         except Exception as exc:
             raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}")
         self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
         if fast:
-            raw = getattr(attached, "_sock", attached)
-            self._attached = attached  # keeps the connection, and so the helper's stdin, open
-            self.helper = ExecHelper(raw.sendall, _stdout_lines(raw), self.host_dir)
+            self.helper.wait_ready(self._running)
         self.shell = config["shell"] or (self.helper.best_shell if self.helper else self._pick_shell())
         return {"container_id": self.container.id, "shell": self.shell, "fast_exec": self.helper is not None}
 
@@ -164,25 +161,35 @@ class DockerEnvironment(Environment):
             raise ProtocolError("environment_error", f"image {self.config['image']} has no POSIX shell")
         return found[0]
 
-    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
-        cwd = resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None
-        output_limit = output_limit or self.config["output_limit"]
-        if self.helper is not None and self.helper.alive:
-            return self.helper.run(command, timeout, cwd, env or {}, output_limit, self.shell)
-        return self._plain_exec(command, timeout, cwd, env, output_limit)
+    def _running(self):
+        self.container.reload()
+        return self.container.status == "running"
 
-    def _plain_exec(self, command, timeout, cwd, env, output_limit):
-        """The slow path: one exec session per command, output streamed into a bounded buffer."""
+    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        if self.helper is None or not self.helper.alive():
+            return None
+        return self.helper.spawn(command, timeout, self._cwd(cwd), env or {},
+                                 output_limit or self.config["output_limit"], self.shell)
+
+    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        """Where there is no helper (fast_exec false, or it died): one exec session per command,
+        output streamed into a bounded buffer."""
+        helped = self.spawn(command, timeout, cwd, env, output_limit)
+        if helped is not None:
+            return helped.wait()
         started = time.monotonic()
         api = self.docker.api
         argv = plain_exec_argv(self.shell, command, timeout)
-        exec_id = api.exec_create(self.container.id, argv, workdir=cwd, environment=env or None)["Id"]
-        output = BoundedOutput(output_limit)
+        exec_id = api.exec_create(self.container.id, argv, workdir=self._cwd(cwd), environment=env or None)["Id"]
+        output = BoundedOutput(output_limit or self.config["output_limit"])
         for chunk in api.exec_start(exec_id, stream=True):
             output.feed(chunk)
         data, truncated = output.value()
         return mark_plain_timeout({"output": data, "returncode": api.exec_inspect(exec_id)["ExitCode"], "timed_out": False,
                                    "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}, timeout)
+
+    def _cwd(self, cwd):
+        return resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None
 
     def write_file(self, path, content, mode):
         path = resolve_path(path, self.config["cwd"] or self.workdir)
@@ -219,38 +226,8 @@ class DockerEnvironment(Environment):
             except Exception as exc:
                 if "No such container" not in str(exc):
                     raise
-        if self._attached is not None:
-            self._attached.close()
-            self._attached = None
+        if self.helper is not None:
+            self.helper.close()
         if self.host_dir:
             shutil.rmtree(self.host_dir, ignore_errors=True)
 
-
-def _stdout_lines(raw):
-    """Lines of an attached container's stdout, from Docker's multiplexed stream (8-byte frame headers)."""
-    pending = b""
-    while True:
-        header = _recv_exact(raw, 8)
-        if header is None:
-            return
-        stream, size = header[0], struct.unpack(">I", header[4:])[0]
-        data = _recv_exact(raw, size)
-        if data is None:
-            return
-        if stream != 1:  # the helper's shell reports killed jobs there
-            log.debug("helper_stderr", text=data.decode(errors="replace").strip())
-            continue
-        pending += data
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            yield line.decode(errors="replace")
-
-
-def _recv_exact(raw, size):
-    data = b""
-    while len(data) < size:
-        chunk = raw.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data

@@ -1,13 +1,24 @@
 """The fast exec path: one long-lived shell inside an instance that starts each command.
 
 A container exec costs tens of milliseconds before the command does anything. Instead, each
-instance runs one helper, a shell loop started once, and a host directory is mounted into
-the instance at MOUNT. For each command the agent writes MOUNT/ID.cmd on the host and sends
-`run ID SHELL` on the helper's stdin; the helper starts the command as its own process in its
-own process group, output to MOUNT/ID.out, and prints `done ID RC`. `kill ID` kills that
-process group inside the instance. The agent reads the output file on the host: exact bytes,
-head and tail by seeking, any size. Commands stay stateless (a fresh process each), several
-run at once, and no Python is needed in the image.
+instance runs one helper, a shell loop started once, and a host directory is mounted into the
+instance at MOUNT. The agent and the helper talk only through that directory, so no container
+engine sits between them:
+
+    in       FIFO, agent -> helper: `run ID SHELL` and `kill ID` lines. When the agent dies its
+             end closes; the helper reads end of file and exits (ending a container it is the
+             main process of).
+    life     FIFO, helper -> agent: `ready SHELL`, then held open: its end of file means the helper
+             is gone.
+    ID.cmd   the command file the agent writes; ID.out the command's merged output; ID.pid the
+             command's process (and process group) inside the instance, for `kill`.
+    ID.st    FIFO, per command: its exit status, written by the subshell that waits for it; end
+             of file without a status means the instance stopped under it.
+
+So a command is one file descriptor the agent's event loop watches, as a host process is: no
+thread waits for it. The agent reads the output file on the host: exact bytes, head and tail by
+seeking, any size. Commands stay stateless (a fresh process each), several run at once, and no
+Python is needed in the image.
 
 Where the image has bash, the loop runs in bash: job control (`set -m`) gives each command its
 own process group, and a command for bash is sourced in a forked subshell, so it costs two
@@ -18,6 +29,7 @@ runs in sh and starts `setsid SHELL ID.cmd`, which costs two more execs.
 import itertools
 import os
 import re
+import select
 import shlex
 import subprocess
 import threading
@@ -25,30 +37,35 @@ import time
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
-from .process import read_bounded
+from .process import Watched, kill_group, read_bounded
 
 log = EventLog("helper")
 
 MOUNT = "/.arservice"
 # How long a killed command may take to be reported done before it is given up on.
 KILL_GRACE_S = 5.0
+READY_TIMEOUT_S = 30.0
 
 # In bash, `me` is bash itself and `jc` turns job control on in the waiting subshell, so the
 # command it starts gets its own process group; sh has no job control without a terminal, so
-# there `setsid` (where the image has it) does that job.
+# there `setsid` (where the image has it) does that job. The command closes the channels (3, 9)
+# so that nothing it leaves behind keeps them open.
 LOOP = r"""
 d=%(mount)s me= jc=: ss=
 if [ -n "$BASH_VERSION" ]; then me=$BASH jc="set -m"
 elif command -v setsid >/dev/null 2>&1; then ss=setsid; fi
-echo ready ${me:-$(command -v sh)}
+exec <"$d/in"
+echo ready ${me:-$(command -v sh)} >&9
 while read -r op id sh; do
   case $op:$sh in
     run:"$me"|run:"${me:+bash}")
-      ( set -m; ( echo $BASHPID >"$d/$id.pid"; set +m; . "$d/$id.cmd" ) >"$d/$id.out" 2>&1 </dev/null
-        echo "done $id $?" ) 2>/dev/null & ;;
+      ( exec 3>"$d/$id.st" 9>&-; set -m
+        ( echo $BASHPID >"$d/$id.pid"; set +m; . "$d/$id.cmd" ) >"$d/$id.out" 2>&1 </dev/null 3>&-
+        echo $? >&3 ) 2>/dev/null & ;;
     run:*)
-      ( $jc; $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null & p=$!; echo $p >"$d/$id.pid"; wait $p
-        echo "done $id $?" ) 2>/dev/null & ;;
+      ( exec 3>"$d/$id.st" 9>&-; $jc
+        $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null 3>&- & p=$!; echo $p >"$d/$id.pid"; wait $p
+        echo $? >&3 ) 2>/dev/null & ;;
     kill:*) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
   esac
 done
@@ -62,9 +79,10 @@ def helper_argv(before=""):
     in sh. `before` is shell code to run first (a lifetime backstop, say).
 
     Where there is bash, sh says `ready bash` as soon as it runs and then becomes the bash loop:
-    commands sent meanwhile wait in the pipe, so bash's start-up (about 1.5 ms) overlaps the
+    commands sent meanwhile wait in the FIFO, so bash's start-up (about 1.5 ms) overlaps the
     answer to the start instead of delaying it."""
-    boot = 'command -v bash >/dev/null 2>&1 && echo ready bash && exec bash -c "$0"; eval "$0"'
+    boot = (f'exec 9>{MOUNT}/life; '
+            'command -v bash >/dev/null 2>&1 && echo ready bash >&9 && exec bash -c "$0"; eval "$0"')
     return ["sh", "-c", before + boot, LOOP]
 
 
@@ -105,97 +123,157 @@ def script_for(command, cwd, env):
 
 
 class ExecHelper:
-    """Drives one helper. `send(bytes)` writes to its stdin; `lines` yields its stdout lines
-    and ends when it exits. Safe to call run() from many threads."""
+    """The agent's end of one helper: make it before the helper starts (it creates the FIFOs the
+    helper opens), then wait_ready() once the helper runs, then spawn() commands from any thread."""
 
-    def __init__(self, send, lines, host_dir, ready_timeout=30.0):
-        self._send = send
-        self._send_lock = threading.Lock()
+    def __init__(self, host_dir):
         self.host_dir = host_dir
         self._ids = itertools.count(1)
-        self._waiting = {}  # id -> [threading.Event, returncode]
-        self.alive = True
+        self._lock = threading.Lock()  # close() must not free the FIFO's fd under a send()
+        for name in ("in", "life"):
+            os.mkfifo(os.path.join(host_dir, name), 0o600)
+        # Read and write: opening never waits for the helper, and the helper sees end of file only
+        # when this process is gone.
+        self._in = os.open(os.path.join(host_dir, "in"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._life = os.open(os.path.join(host_dir, "life"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self.best_shell = None
-        self._ready = threading.Event()
-        self._reader = threading.Thread(target=self._read, args=(lines,), name="helper-reader", daemon=True)
-        self._reader.start()
-        if not self._ready.wait(ready_timeout) or not self.alive:
-            raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
 
-    def _read(self, lines):
-        for line in lines:
-            parts = line.split()
-            if parts[:1] == ["ready"] and not self._ready.is_set():  # the bash loop repeats it
-                self.best_shell = parts[1] if len(parts) > 1 else "sh"  # bash where the image has it
-                self._ready.set()
-            elif len(parts) == 3 and parts[0] == "done" and parts[1] in self._waiting:
-                slot = self._waiting[parts[1]]
-                slot[1] = int(parts[2])
-                slot[0].set()
-        self.alive = False
-        self._ready.set()
-        for slot in list(self._waiting.values()):
-            slot[0].set()
+    def wait_ready(self, running, timeout=READY_TIMEOUT_S):
+        """Wait for the helper's `ready` line; running() says whether what hosts it still runs."""
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.endswith(b"\n"):
+            if time.monotonic() > deadline or not running():
+                raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
+            if select.select([self._life], [], [], 0.2)[0]:
+                chunk = os.read(self._life, 256)
+                if not chunk:
+                    raise ProtocolError("environment_error", "the exec helper exited as it started")
+                line += chunk
+        parts = line.split(b"\n")[0].decode(errors="replace").split()
+        self.best_shell = parts[1] if len(parts) > 1 else "sh"  # bash where the image has it
 
-    def _write(self, line):
-        with self._send_lock:
-            self._send(line.encode())
+    def alive(self):
+        """Whether the helper still runs: its end of `life` is still open."""
+        if self._life is None:
+            return False
+        poller = select.poll()
+        poller.register(self._life, select.POLLIN)
+        return not any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll(0))
 
-    def run(self, command, timeout, cwd, env, output_limit, shell):
-        """Run one command; the result dict `execute` answers with."""
-        if not self.alive:
+    def send(self, line):
+        with self._lock:
+            if self._in is None:
+                raise ProtocolError("environment_error", "the instance is closed")
+            try:
+                os.write(self._in, line.encode())  # a short line goes in whole or not at all
+            except BlockingIOError:
+                raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands")
+
+    def spawn(self, command, timeout, cwd, env, output_limit, shell):
+        """Start one command; the HelperCommand to drive to its end."""
+        if not self.alive():
             raise ProtocolError("environment_error", "the exec helper inside the instance has exited")
-        started = time.monotonic()
-        cmd_id = str(next(self._ids))
-        base = os.path.join(self.host_dir, cmd_id)
+        base = os.path.join(self.host_dir, str(next(self._ids)))
         with open(base + ".cmd", "wb") as f:
             f.write(script_for(command, cwd, env))
-        slot = self._waiting[cmd_id] = [threading.Event(), None]
+        os.mkfifo(base + ".st", 0o600)
+        status = os.open(base + ".st", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self._write(f"run {cmd_id} {shell}\n")
-            timed_out = not slot[0].wait(timeout)
-            if timed_out:
-                self._write(f"kill {cmd_id}\n")
-                if not slot[0].wait(KILL_GRACE_S):
-                    log.error("command_not_killed", id=cmd_id, host_dir=self.host_dir)
-            if slot[1] is None and not timed_out:
+            self.send(f"run {os.path.basename(base)} {shell}\n")
+        except ProtocolError:
+            os.close(status)
+            _remove(base)
+            raise
+        return HelperCommand(self, base, status, timeout, output_limit)
+
+    def close(self):
+        with self._lock:
+            for fd in (self._in, self._life):
+                if fd is not None:
+                    os.close(fd)
+            self._in = self._life = None
+
+
+class HelperCommand(Watched):
+    """One command started through a helper; its one file descriptor is the end of ID.st."""
+
+    def __init__(self, helper, base, status_fd, timeout, output_limit):
+        self.started = time.monotonic()
+        self.helper = helper
+        self.base = base
+        self.status_fd = status_fd
+        self.fds = (status_fd,)
+        self.output_limit = output_limit
+        self.deadline = self.started + timeout
+        self.status = b""
+        self.done = self.timed_out = False
+
+    def on_readable(self, fd):
+        try:
+            chunk = os.read(fd, 64)
+        except BlockingIOError:
+            return False
+        self.status += chunk
+        # The status line is the last thing written: no need to wait for the end of file too.
+        self.done = not chunk or self.status.endswith(b"\n")
+        return self.done
+
+    def on_deadline(self):
+        if self.timed_out:  # killed, yet not reported done within the grace
+            log.error("command_not_killed", command=self.base)
+            self.done = True
+            return
+        self.timed_out = True
+        self.kill()
+        self.deadline = time.monotonic() + KILL_GRACE_S
+
+    def kill(self):
+        try:
+            self.helper.send(f"kill {os.path.basename(self.base)}\n")
+        except ProtocolError:
+            pass  # the helper is gone, and its commands with it
+
+    def result(self):
+        try:
+            if not self.timed_out and not self.status.endswith(b"\n"):
                 raise ProtocolError("environment_error", "the instance stopped while the command ran")
             try:
-                output, truncated = read_bounded(base + ".out", output_limit)
+                output, truncated = read_bounded(self.base + ".out", self.output_limit)
             except FileNotFoundError:
                 output, truncated = b"", False
             return {
                 "output": output,
-                "returncode": -9 if timed_out else slot[1],  # as the local backend reports SIGKILL
-                "timed_out": timed_out,
+                "returncode": -9 if self.timed_out else int(self.status),  # as the local backend reports SIGKILL
+                "timed_out": self.timed_out,
                 "truncated": truncated,
-                "duration_s": round(time.monotonic() - started, 6),
+                "duration_s": round(time.monotonic() - self.started, 6),
             }
         finally:
-            del self._waiting[cmd_id]
-            for suffix in (".cmd", ".out", ".pid"):
-                try:
-                    os.unlink(base + suffix)
-                except FileNotFoundError:
-                    pass
+            os.close(self.status_fd)
+            _remove(self.base)
 
 
-def start_piped(argv, host_dir):
-    """Start a helper as a host process (`argv` ends in helper_argv()) talking over pipes.
+def _remove(base):
+    for suffix in (".cmd", ".out", ".pid", ".st"):
+        try:
+            os.unlink(base + suffix)
+        except FileNotFoundError:
+            pass
 
-    Returns (ExecHelper, Popen); the process is in its own session, so killing its group ends
-    it and every command it started.
+
+def start_process(argv, helper):
+    """Start a helper as a host process (`argv` ends in helper_argv()) and wait until it is ready.
+
+    Returns the Popen; the process is in its own session, so killing its group ends it and
+    every command it started.
     """
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-
-    def send(data):
-        proc.stdin.write(data)
-        proc.stdin.flush()
-
     try:
-        return ExecHelper(send, (line.decode(errors="replace").rstrip("\n") for line in proc.stdout), host_dir), proc
+        helper.wait_ready(lambda: proc.poll() is None)
     except ProtocolError:
-        proc.kill()
+        kill_group(proc.pid)
         proc.wait()
         raise
+    return proc

@@ -104,13 +104,37 @@ def _signal(send, target):
         pass
 
 
-class Command:
-    """One command running as a host process, driven by whoever watches its file descriptors.
+class Watched:
+    """A running command that whoever watches its file descriptors drives to its end: the agent's
+    event loop drives many at once (no thread per command), wait() drives one from the calling
+    thread. A subclass has `fds`, `deadline` and `done`, and:
 
-    The agent's event loop drives many at once (no thread per command); `wait()` drives one
-    from the calling thread. Background processes that let go of the output (redirected, as
-    daemons do) outlive the command. `groups` is the caller's set of live process groups: the
-    command's group is in it while anything of it runs, so the caller can kill it on close.
+        on_readable(fd)  handle readiness of one of fds; True when fd needs no more watching
+        on_deadline()    the deadline passed: end the command, or move the deadline for a grace
+        result()         release what the command holds; the result dict `execute` answers with
+        kill()           end it now (the agent is shutting down)
+    """
+
+    def wait(self):
+        with selectors.DefaultSelector() as sel:
+            for fd in self.fds:
+                sel.register(fd, selectors.EVENT_READ)
+            while not self.done:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    self.on_deadline()
+                    continue
+                for key, _ in sel.select(remaining):
+                    if self.on_readable(key.fd):
+                        sel.unregister(key.fd)
+        return self.result()
+
+
+class Command(Watched):
+    """One command running as a host process, its output read from a pipe. Background processes
+    that let go of the output (redirected, as daemons do) outlive the command. `groups` is the
+    caller's set of live process groups: the command's group is in it while anything of it runs,
+    so the caller can kill it on close.
     """
 
     def __init__(self, argv, *, timeout, output_limit, groups, cwd=None, env=None):
@@ -133,7 +157,6 @@ class Command:
         return (self.pipe, self.pidfd)
 
     def on_readable(self, fd):
-        """Handle readiness of one of `fds`; True when that fd needs no more watching."""
         if fd == self.pidfd:
             self.exited = True
             self.deadline = min(self.deadline, time.monotonic() + AFTER_EXIT_GRACE_S)
@@ -149,7 +172,6 @@ class Command:
         return finished
 
     def on_deadline(self):
-        """Called once the deadline has passed without the command being done."""
         if self.exited:  # only background children still hold the pipe
             kill_group(self.proc.pid)
         else:
@@ -157,8 +179,10 @@ class Command:
             kill_tree(self.proc.pid)
         self.done = True
 
+    def kill(self):
+        kill_tree(self.proc.pid)
+
     def result(self):
-        """Release the command's resources; the result dict `execute` answers with."""
         if not self.eof:  # what is already in the pipe belongs to the command
             _drain(self.pipe, self.output)
         os.close(self.pidfd)
@@ -174,21 +198,6 @@ class Command:
             "truncated": truncated,
             "duration_s": round(time.monotonic() - self.started, 6),
         }
-
-    def wait(self):
-        """Drive the command from this thread until it is done; its result."""
-        with selectors.DefaultSelector() as sel:
-            for fd in self.fds:
-                sel.register(fd, selectors.EVENT_READ)
-            while not self.done:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    self.on_deadline()
-                    break
-                for key, _ in sel.select(remaining):
-                    if self.on_readable(key.fd):
-                        sel.unregister(key.fd)
-        return self.result()
 
 
 def _drain(fd, output):

@@ -17,7 +17,7 @@ import tempfile
 from ...protocol import ProtocolError
 from .. import process
 from ..base import Environment, resolve_path
-from ..helper import MOUNT, helper_argv, start_piped
+from ..helper import MOUNT, ExecHelper, helper_argv, start_process
 
 WORK = "/work"
 HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
@@ -85,28 +85,24 @@ class BubblewrapEnvironment(Environment):
         ]
         if self.config["fast_exec"]:
             self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-exec-", dir=self.workdir_root)
-            self.helper, self.helper_proc = start_piped(
-                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()], self.host_dir)
+            self.helper = ExecHelper(self.host_dir)
+            self.helper_proc = start_process(
+                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()], self.helper)
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else
                                               "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh")
         return {"workdir": self.workdir, "shell": self.shell, "fast_exec": self.helper is not None}
 
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
-        if self.helper is not None:
-            return None  # execute() runs it through the helper
+        cwd = resolve_path(cwd, self.cwd) if cwd else self.cwd
         variables = {**self.config["env"], **(env or {})}
-        argv = [*self.prefix, "--chdir", resolve_path(cwd, self.cwd) if cwd else self.cwd]
+        output_limit = output_limit or self.config["output_limit"]
+        if self.helper is not None:
+            return self.helper.spawn(command, timeout, cwd, variables, output_limit, self.shell)
+        argv = [*self.prefix, "--chdir", cwd]
         for name, value in variables.items():
             argv += ["--setenv", name, value]
-        return process.Command([*argv, self.shell, "-c", command], timeout=timeout,
-                               output_limit=output_limit or self.config["output_limit"], groups=self.groups)
-
-    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
-        if self.helper is None:
-            return super().execute(command, timeout, cwd, env, output_limit)
-        return self.helper.run(command, timeout, resolve_path(cwd, self.cwd) if cwd else self.cwd,
-                               {**self.config["env"], **(env or {})},
-                               output_limit or self.config["output_limit"], self.shell)
+        return process.Command([*argv, self.shell, "-c", command], timeout=timeout, output_limit=output_limit,
+                               groups=self.groups)
 
     def _host_path(self, path):
         """Files are exchanged through the work directory, the one place the host can see."""
@@ -135,6 +131,8 @@ class BubblewrapEnvironment(Environment):
             process.kill_group(self.helper_proc.pid)
             self.helper_proc.wait()
             self.helper_proc = None
+        if self.helper is not None:
+            self.helper.close()
         for pgid in list(self.groups):
             process.kill_group(pgid)
         for directory in (self.workdir, self.host_dir):
