@@ -1,7 +1,8 @@
 """The one small base class every environment backend implements.
 
-An environment instance belongs to one agent. The agent calls `start` once, then
-`execute`, `write_file` and `read_file` from many threads at once, then `close` once.
+An environment instance belongs to one agent. The agent calls `start` once, then `spawn`
+(on its event loop) or `execute`, `write_file` and `read_file` (from many threads at once),
+then `close` once.
 `parse_config` is pure and cheap: the broker calls it too, to refuse a bad spec
 before any agent sees it.
 """
@@ -98,13 +99,22 @@ class Environment:
 
         Backends that can hand over a command as file descriptors to watch (a host process, a
         command through the exec helper) implement this: the agent then drives the command from
-        its event loop, with no thread per command. Where it returns None, `execute` runs it.
+        its event loop, with no thread per command. Where it returns None, the agent calls
+        `execute` on a worker thread, which runs it through `plain_execute`.
         """
         return None
 
     def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
-        """Run a shell command; return {output: bytes, returncode, timed_out, truncated, duration_s}."""
-        return self.spawn(command, timeout, cwd, env, output_limit).wait()
+        """Run a shell command on this thread; return {output: bytes, returncode, timed_out,
+        truncated, duration_s}."""
+        started = self.spawn(command, timeout, cwd, env, output_limit)
+        if started is None:
+            return self.plain_execute(command, timeout, cwd, env, output_limit)
+        return started.wait()
+
+    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        """`execute` where spawn() returns None: one exec through the backend's tool (docker exec, say)."""
+        raise NotImplementedError
 
     def write_file(self, path, content, mode):
         """Write bytes to path (relative to the instance's cwd); return {path, written}."""

@@ -197,11 +197,8 @@ class CLIContainerEnvironment(Environment):
                                  {**self.config["env"], **(env or {})}, output_limit or self.config["output_limit"],
                                  self.shell)
 
-    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
         """Where there is no helper (fast_exec false, or it could not start): one exec per command."""
-        helped = self.spawn(command, timeout, cwd, env, output_limit)
-        if helped is not None:
-            return helped.wait()
         cwd = resolve_path(cwd, self.cwd or "/") if cwd else self.cwd
         output_limit = output_limit or self.config["output_limit"]
         env = {**self.config["env"], **(env or {})}

@@ -171,12 +171,9 @@ class DockerEnvironment(Environment):
         return self.helper.spawn(command, timeout, self._cwd(cwd), env or {},
                                  output_limit or self.config["output_limit"], self.shell)
 
-    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
         """Where there is no helper (fast_exec false, or it died): one exec session per command,
         output streamed into a bounded buffer."""
-        helped = self.spawn(command, timeout, cwd, env, output_limit)
-        if helped is not None:
-            return helped.wait()
         started = time.monotonic()
         api = self.docker.api
         argv = plain_exec_argv(self.shell, command, timeout)

@@ -129,7 +129,7 @@ class ExecHelper:
     def __init__(self, host_dir):
         self.host_dir = host_dir
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # close() must not free the FIFO's fd under a send()
+        self._lock = threading.Lock()  # close() must not free a FIFO's fd under send() or alive()
         for name in ("in", "life"):
             os.mkfifo(os.path.join(host_dir, name), 0o600)
         # Read and write: opening never waits for the helper, and the helper sees end of file only
@@ -155,11 +155,12 @@ class ExecHelper:
 
     def alive(self):
         """Whether the helper still runs: its end of `life` is still open."""
-        if self._life is None:
-            return False
-        poller = select.poll()
-        poller.register(self._life, select.POLLIN)
-        return not any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll(0))
+        with self._lock:
+            if self._life is None:
+                return False
+            poller = select.poll()
+            poller.register(self._life, select.POLLIN)
+            return not any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll(0))
 
     def send(self, line):
         with self._lock:
