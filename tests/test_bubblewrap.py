@@ -76,3 +76,30 @@ def test_limits_bubblewrap_cannot_enforce_are_refused(client):
     with pytest.raises(ServiceError) as err:
         client.start_instance({"type": "bubblewrap", "root": "/no/such/rootfs"})
     assert err.value.code == "invalid_request" and "/no/such/rootfs" in err.value.message
+
+
+def test_symlinks_planted_in_the_sandbox_do_not_reach_the_host(client, tmp_path):
+    """/work and the helper's directory are writable from inside and read and written by the
+    agent on the host, where a symlink would lead to the host's own files."""
+    secret = tmp_path / "host-secret"
+    secret.write_text("host only\n")
+    instance_id = client.start_instance({"type": "bubblewrap"})["instance_id"]
+    try:
+        plant = (f"ln -s {secret} /work/file; ln -s {tmp_path} /work/dir; "
+                 f"for i in $(seq 1 50); do ln -s {secret} /.arservice/$i.cmd; done")
+        assert client.execute(instance_id, plant)["returncode"] == 0
+        for call in (lambda: client.read_file(instance_id, "file"), lambda: client.write_file(instance_id, "file", "x"),
+                     lambda: client.write_file(instance_id, "dir/new", "x")):
+            with pytest.raises(ServiceError) as err:
+                call()
+            assert err.value.code == "invalid_request"
+        # Command files go next to the planted links; each is made new, never written through one.
+        for _ in range(3):
+            try:
+                client.execute(instance_id, "true")
+            except ServiceError as exc:
+                assert exc.code == "environment_error"
+        assert secret.read_text() == "host only\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["host-secret"]
+    finally:
+        client.close_instance(instance_id)

@@ -211,7 +211,8 @@ class CLIContainerEnvironment(Environment):
     def write_file(self, path, content, mode):
         path = resolve_path(path, self.cwd or "/")
         staged = f"file-{uuid.uuid4().hex}"
-        with open(os.path.join(self.host_dir, staged), "wb") as f:
+        # The instance can write to host_dir: never follow a symlink there (it would lead to the host's files).
+        with open(os.open(os.path.join(self.host_dir, staged), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW), "wb") as f:
             f.write(content)
         try:
             result = self.execute(f'mkdir -p "$(dirname "$P")" && cp "$S" "$P" && chmod {mode:o} "$P"', 60,
@@ -234,7 +235,7 @@ class CLIContainerEnvironment(Environment):
                 raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             if result["returncode"] != 0:
                 raise ProtocolError("environment_error", f"could not read {path}: {result['output'].decode(errors='replace')}")
-            with open(os.path.join(self.host_dir, staged), "rb") as f:
+            with open(os.open(os.path.join(self.host_dir, staged), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
                 return {"content": f.read(limit + 1)}
         finally:
             if os.path.exists(os.path.join(self.host_dir, staged)):

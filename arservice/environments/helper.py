@@ -176,7 +176,8 @@ class ExecHelper:
         if not self.alive():
             raise ProtocolError("environment_error", "the exec helper inside the instance has exited")
         base = os.path.join(self.host_dir, str(next(self._ids)))
-        with open(base + ".cmd", "wb") as f:
+        # The instance can write to this directory: never follow or reuse what it may have put there.
+        with open(os.open(base + ".cmd", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
             f.write(script_for(command, cwd, env))
         os.mkfifo(base + ".st", 0o600)
         status = os.open(base + ".st", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -217,7 +218,8 @@ class HelperCommand(Watched):
             return False
         self.status += chunk
         # The status line is the last thing written: no need to wait for the end of file too.
-        self.done = not chunk or self.status.endswith(b"\n")
+        # (Anything longer is not ours: the instance can write to the FIFO too.)
+        self.done = not chunk or self.status.endswith(b"\n") or len(self.status) > 16
         return self.done
 
     def on_deadline(self):
@@ -239,10 +241,14 @@ class HelperCommand(Watched):
         try:
             if not self.timed_out and not self.status.endswith(b"\n"):
                 raise ProtocolError("environment_error", "the instance stopped while the command ran")
+            if not self.timed_out and not self.status.strip().isdigit():
+                raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
             try:
                 output, truncated = read_bounded(self.base + ".out", self.output_limit)
             except FileNotFoundError:
                 output, truncated = b"", False
+            except OSError as exc:  # ELOOP: a symlink where the output should be
+                raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.strerror}")
             return {
                 "output": output,
                 "returncode": -9 if self.timed_out else int(self.status),  # as the local backend reports SIGKILL

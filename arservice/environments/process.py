@@ -46,8 +46,11 @@ def joined(head, tail, dropped):
 
 
 def read_bounded(path, limit):
-    """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's."""
-    with open(path, "rb") as f:
+    """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's.
+
+    The path is in a directory an instance can write to, so a symlink there is refused: on the
+    host it would lead to the host's files."""
+    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size <= limit:
             return f.read(), False

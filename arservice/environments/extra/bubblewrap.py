@@ -10,6 +10,7 @@ helper, so a command costs a fork instead of a sandbox set-up, and /tmp lasts as
 instance, as in a container. Without it every command gets a fresh sandbox.
 """
 
+import errno
 import os
 import shutil
 import tempfile
@@ -105,22 +106,30 @@ class BubblewrapEnvironment(Environment):
                                groups=self.groups)
 
     def _host_path(self, path):
-        """Files are exchanged through the work directory, the one place the host can see."""
+        """Files are exchanged through the work directory, the one place the host can see.
+
+        The sandbox can put symlinks there, which on the host lead to the host's files: the
+        directories on the way must resolve inside the work directory, and the file itself is
+        opened without following a symlink."""
         inside = os.path.normpath(resolve_path(path, self.cwd))
         if os.path.commonpath([inside, WORK]) != WORK:
             raise ProtocolError("invalid_request", f"bubblewrap instances exchange files under {WORK} only, not {path}")
-        return os.path.join(self.workdir, os.path.relpath(inside, WORK))
+        host = os.path.join(self.workdir, os.path.relpath(inside, WORK))
+        root, parent = os.path.realpath(self.workdir), os.path.realpath(os.path.dirname(host))
+        if os.path.commonpath([parent, root]) != root:
+            raise ProtocolError("invalid_request", f"{path} leads out of {WORK} through a symlink")
+        return os.path.join(parent, os.path.basename(host))
 
     def write_file(self, path, content, mode):
         host = self._host_path(path)
         os.makedirs(os.path.dirname(host), exist_ok=True)
-        with open(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+        with open(_open_regular(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path, mode), "wb") as f:
             f.write(content)
-        os.chmod(host, mode)
+            os.fchmod(f.fileno(), mode)
         return {"path": path, "written": len(content)}
 
     def read_file(self, path, limit):
-        with open(self._host_path(path), "rb") as f:
+        with open(_open_regular(self._host_path(path), os.O_RDONLY, path), "rb") as f:
             data = f.read(limit + 1)
         if len(data) > limit:
             raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
@@ -138,3 +147,12 @@ class BubblewrapEnvironment(Environment):
         for directory in (self.workdir, self.host_dir):
             if directory:
                 shutil.rmtree(directory, ignore_errors=True)
+
+
+def _open_regular(host, flags, path, mode=0o644):
+    try:
+        return os.open(host, flags | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ProtocolError("invalid_request", f"{path} is a symlink: files are exchanged as regular files only")
+        raise
