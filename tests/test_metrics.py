@@ -2,7 +2,9 @@
 
 import http.client
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import urllib.parse
 
@@ -133,6 +135,18 @@ def test_waiting_starts_and_their_refusal(service):
         value(before, "arservice_errors_total", request="start_instance", code="no_capacity") + 1
 
 
+def test_made_up_message_types_do_not_become_labels(service):
+    before = scrape(service)
+    for i in range(3):
+        with pytest.raises(ServiceError) as err:
+            service.client.request(f"made-up-{i}")
+        assert err.value.code == "invalid_request"
+    after = scrape(service)
+    assert value(after, "arservice_errors_total", request="unknown", code="invalid_request") == \
+        value(before, "arservice_errors_total", request="unknown", code="invalid_request") + 3
+    assert not [k for k in after if "made-up" in str(k)]
+
+
 def test_a_lost_agent_is_counted_and_its_replacement_registered(service):
     before = scrape(service)
     victim = service.agent_pids()[0]
@@ -194,6 +208,31 @@ def test_names_types_and_help_follow_prometheus_conventions(service):
     status, content_type, text = get(service, "/metrics", accept="application/openmetrics-text; version=1.0.0")
     assert status == 200 and content_type.startswith("application/openmetrics-text")
     assert "arservice_instances" in {f.name for f in parse_openmetrics(text)}
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm is not installed (scripts/setup.sh installs it)")
+def test_slurm_jobs_of_a_real_slurm_runner():
+    svc = Service("--runner", "slurm", "--max-resources", '{"jobs": 1}', "--slurm-min-jobs", "1",
+                  "--slurm-instances", "1", token=TOKEN).wait_ready(agents=0)
+    job_name = None
+    try:
+        job_name = svc.client.available_resources()["runner"]["job_name"]
+
+        def job_running_and_registered():
+            samples = scrape(svc)
+            return (value(samples, "arservice_slurm_jobs", state="running") == 1
+                    and value(samples, "arservice_slurm_jobs_submitted_total") == 1
+                    and value(samples, "arservice_agents", state="active") == 1)
+        wait_for(job_running_and_registered, timeout=60, interval=0.2, what="the min job running, its agent registered")
+        jobs = svc.http.status()["runner"]["job_list"]
+        agent = svc.client.available_resources()["agents"][0]
+        assert [(j["state"], j["agent_id"], str(j["job_id"])) for j in jobs] == \
+            [("running", agent["agent_id"], str(agent["slurm_job_id"]))]
+    finally:
+        output = svc.output()
+        assert svc.stop() == 0, output
+        if job_name:
+            subprocess.run(["scancel", f"--name={job_name}"], check=True)  # a failed test leaves no job either
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])

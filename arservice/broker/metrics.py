@@ -61,7 +61,8 @@ FAMILIES = {
     "arservice_instance_closes_total": ("counter", "Closes answered by an agent, by outcome.", ("type", "outcome")),
     "arservice_file_requests_total": ("counter", "write_file and read_file requests answered, by outcome.",
                                       ("request", "type", "outcome")),
-    "arservice_errors_total": ("counter", "Error answers, by request type and error code.", ("request", "code")),
+    "arservice_errors_total": ("counter", ("Error answers from the broker, by request type and error code (the HTTP "
+                                           "front end's own 401, 404 and 413 are not counted)."), ("request", "code")),
     "arservice_instance_start_duration_seconds": ("histogram", "From placing a start on an agent to its answer.",
                                                   ("type",)),
     "arservice_command_duration_seconds": ("histogram", "From forwarding a command to an agent to its answer.",
@@ -141,7 +142,8 @@ class BrokerMetrics:
 
     def error(self, request, code: str, message: str, instance_id=None, agent_id=None) -> None:
         """An error answer is going out (to a client, or to an agent the broker refuses)."""
-        request = request if isinstance(request, str) else "unknown"
+        # Only the broker's own message types become labels: a peer inventing types must not grow the series.
+        request = request if request in self.broker.handlers else "unknown"
         self._count("arservice_errors_total", (request, code))
         self.errors.appendleft({
             "time": time.time(), "request": request, "code": code, "message": str(message)[:ERROR_MESSAGE_CHARS],
