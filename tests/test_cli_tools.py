@@ -87,6 +87,19 @@ def test_status_shows_agents_and_instances(service, instance):
     assert instance in {i["instance_id"] for i in as_json["instances"]}
 
 
+def test_status_shows_slurm_jobs(service):
+    report = {"runner": "slurm", "jobs": {"running": 1}, "job_list": [
+        {"job_id": "777", "state": "running", "cancelled": True, "agent_id": "a-1", "instances": 2}]}
+    service.client.request("runner_status", status=report)
+    try:
+        text = arservice(service, "status").stdout.decode()
+    finally:
+        service.client.request("runner_status", status={"runner": "local"})
+    assert "SLURM JOB" in text
+    assert next(line for line in text.splitlines() if line.startswith("777")).split() == \
+        ["777", "running", "(cancelling)", "a-1", "2"]
+
+
 @pytest.mark.parametrize("args,token,exit_code,words", [
     (["exec", "i-000000000000", "true"], TOKEN, EXIT_CODES["not_found"], "not_found"),
     (["status"], "wrong", EXIT_CODES["unauthorized"], "unauthorized"),

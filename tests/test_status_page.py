@@ -41,7 +41,11 @@ def browser(tmp_path):
     # A driver path given: selenium uses it and never runs its driver manager (which would download).
     driver = webdriver.Chrome(options=options, service=ChromeDriver(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log")))
     yield driver
-    driver.quit()
+    try:
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and e["source"] != "network"]
+        assert errors == [], "the page's script failed"
+    finally:
+        driver.quit()
 
 
 def shown(driver, element_id):
@@ -111,6 +115,25 @@ def test_strings_from_requests_are_shown_as_text(service, browser):
     wait(browser, lambda: "<img src=x" in browser.find_element(By.ID, "errors").text, SHOWN_WITHIN_S, "the error")
     assert browser.find_elements(By.CSS_SELECTOR, "#errors img") == []
     assert browser.title == "arservice status"
+
+
+def test_slurm_jobs_from_the_runner_report(service, browser):
+    """The Slurm section shows what a runner reports with `runner_status`, sent here as the Slurm runner does."""
+    agent = service.client.available_resources()["agents"][0]["agent_id"]
+    report = {"runner": "slurm", "submit_on": "this host", "job_name": "arservice-pagetest", "max_jobs": 2,
+              "min_jobs": 0, "jobs": {"running": 1, "pending": 1}, "submitted": 2, "lost": 0, "released": 0,
+              "job_list": [{"job_id": "901", "state": "running", "cancelled": False, "agent_id": agent, "instances": 0},
+                           {"job_id": "902", "state": "pending", "cancelled": False, "agent_id": None, "instances": 0}]}
+    service.client.request("runner_status", status=report)
+    try:
+        sign_in(browser, service, TOKEN)
+        wait(browser, lambda: row(browser, "jobs", "job-id", "902"), SHOWN_WITHIN_S, "the Slurm jobs")
+        assert [td.text for td in row(browser, "jobs", "job-id", "901").find_elements(By.TAG_NAME, "td")] == \
+            ["901", "running", agent, "0"]
+        assert "arservice-pagetest" in browser.find_element(By.ID, "slurm-summary").text
+    finally:
+        service.client.request("runner_status", status={"runner": "local"})
+    wait(browser, lambda: not shown(browser, "slurm"), SHOWN_WITHIN_S, "the Slurm section hidden without Slurm")
 
 
 def test_the_page_is_package_data_with_a_strict_policy(service):
