@@ -53,8 +53,11 @@ def shown(driver, element_id):
 
 
 def row(driver, table, key, value):
-    rows = driver.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr[data-{key}='{value}']")
-    return rows[0] if rows else None
+    """The texts of the cells of the row named data-KEY=VALUE, or None; read in one script call,
+    since the page replaces its tables every second."""
+    return driver.execute_script("const tr = document.querySelector(arguments[0]);"
+                                 "return tr && Array.from(tr.cells, td => td.innerText);",
+                                 f"#{table} tbody tr[data-{key}='{value}']")
 
 
 def wait(driver, condition, timeout, what):
@@ -84,13 +87,12 @@ def test_the_page_shows_an_instance_live_and_then_its_close(service, browser, tm
     inst = service.http.start_instance({"type": "local"})
     instance_id = inst["instance_id"]
     try:
-        found = wait(browser, lambda: row(browser, "instances", "instance-id", instance_id), SHOWN_WITHIN_S,
+        cells = wait(browser, lambda: row(browser, "instances", "instance-id", instance_id), SHOWN_WITHIN_S,
                      "the started instance")
-        cells = [td.text for td in found.find_elements(By.TAG_NAME, "td")]
         assert cells[:4] == [instance_id, "local", "running", inst["agent_id"]]
         assert cells[5] == "never" and cells[6] == "0"
         service.http.execute(instance_id, "true")
-        wait(browser, lambda: row(browser, "instances", "instance-id", instance_id).find_elements(By.TAG_NAME, "td")[6].text == "1",
+        wait(browser, lambda: (row(browser, "instances", "instance-id", instance_id) or [])[6:] == ["1"],
              SHOWN_WITHIN_S, "the command count")
         # The token stays for this tab: a reload goes straight to the status.
         assert browser.execute_script("return sessionStorage.getItem('arservice.token')") == TOKEN
@@ -128,8 +130,7 @@ def test_slurm_jobs_from_the_runner_report(service, browser):
     try:
         sign_in(browser, service, TOKEN)
         wait(browser, lambda: row(browser, "jobs", "job-id", "902"), SHOWN_WITHIN_S, "the Slurm jobs")
-        assert [td.text for td in row(browser, "jobs", "job-id", "901").find_elements(By.TAG_NAME, "td")] == \
-            ["901", "running", agent, "0"]
+        assert row(browser, "jobs", "job-id", "901") == ["901", "running", agent, "0"]
         assert "arservice-pagetest" in browser.find_element(By.ID, "slurm-summary").text
     finally:
         service.client.request("runner_status", status={"runner": "local"})

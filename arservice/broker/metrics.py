@@ -124,7 +124,9 @@ class BrokerMetrics:
         ok = msg["type"] == protocol.REPLY
         env_type = pending.env_type
         if ok:
-            outcome = "timed_out" if pending.kind == protocol.EXECUTE and msg["result"].get("timed_out") else "ok"
+            result = msg.get("result")
+            timed_out = pending.kind == protocol.EXECUTE and isinstance(result, dict) and result.get("timed_out") is True
+            outcome = "timed_out" if timed_out else "ok"
         else:
             outcome = msg["error"]["code"]
             self.error(pending.kind, outcome, msg["error"]["message"], pending.instance_id, pending.agent_id)
@@ -205,10 +207,12 @@ class BrokerMetrics:
         for pending in broker.pending.values():
             in_flight[(pending.kind,)] = in_flight.get((pending.kind,), 0) + 1
         runner = broker.runner_status or {}
-        if runner.get("runner") == "slurm":
-            gauges["arservice_slurm_jobs"] = {(state,): n for state, n in (runner.get("jobs") or {}).items()}
+        if runner.get("runner") == "slurm":  # a report is a client's message: take only the numbers from it
+            jobs = runner.get("jobs") if isinstance(runner.get("jobs"), dict) else {}
+            gauges["arservice_slurm_jobs"] = {(str(state),): n for state, n in jobs.items() if _number(n)}
             for what in ("submitted", "lost", "released"):
-                gauges[f"arservice_slurm_jobs_{what}_total"] = {(): runner.get(what, 0)}
+                if _number(runner.get(what)):
+                    gauges[f"arservice_slurm_jobs_{what}_total"] = {(): runner[what]}
         return gauges
 
     def status(self) -> dict:
@@ -225,6 +229,10 @@ class BrokerMetrics:
         result["loop_lag_s"] = self.last_loop_lag_s
         result["time"] = time.time()
         return result
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def waiting_by_type(waiting: list) -> dict[str, int]:

@@ -154,7 +154,7 @@ function render(s) {
     $("slurm-summary").textContent = "job name " + runner.job_name + " on " + runner.submit_on + " · " +
       runner.submitted + " submitted, " + runner.lost + " lost, " + runner.released + " released · at most " +
       runner.max_jobs + " jobs, at least " + runner.min_jobs;
-    fillTable("jobs", runner.job_list || [], (j) => [
+    fillTable("jobs", Array.isArray(runner.job_list) ? runner.job_list : [], (j) => [
       j.job_id, { text: j.cancelled ? j.state + " (cancelling)" : j.state, className: "state-" + j.state },
       j.agent_id, j.instances,
     ], { name: "jobId", value: (j) => j.job_id });
