@@ -3,6 +3,7 @@
     arservice --runner local [--port 8000] [--max-resources JSON] [--environments FILE]
     arservice broker [...]                     the broker and HTTP front end, no runner
     arservice agent --broker tcp://HOST:PORT   one agent, for job scripts or by hand
+    arservice status | start | exec | close    a running service, from a shell (console.py)
 """
 
 import json
@@ -14,7 +15,7 @@ import threading
 import click
 import zmq
 
-from . import environments, logs
+from . import console, environments, logs
 from .agent import Agent, AgentExit
 from .broker import Broker
 from .environments.base import parse_memory_mib
@@ -254,3 +255,6 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
 def _on_signals(handler):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: handler())
+
+
+console.add_commands(main)

@@ -71,6 +71,10 @@ class Client:
     def instances(self):
         return self._call(protocol.INSTANCES, DEFAULT_WAIT_S, {})["instances"]
 
+    def status(self):
+        """Agents, every instance, the runner's report and recent errors: what the status page shows."""
+        return self._call(protocol.STATUS, DEFAULT_WAIT_S, {})
+
     def ping(self):
         return self._call(protocol.PING, DEFAULT_WAIT_S, {})
 

@@ -29,6 +29,8 @@ READ_FILE = "read_file"
 RESOURCES = "resources"
 INSTANCES = "instances"
 PING = "ping"
+METRICS = "metrics"  # the broker's counters and gauges, for GET /metrics
+STATUS = "status"    # agents, instances, runner report, recent errors: the status page and `arservice status`
 
 # Runner -> broker (runners are clients on the inproc socket).
 RUNNER_STATUS = "runner_status"

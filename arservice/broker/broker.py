@@ -16,6 +16,7 @@ import zmq
 from .. import environments, protocol
 from ..logs import EventLog
 from ..protocol import ProtocolError, field
+from .metrics import BrokerMetrics, waiting_by_type
 from .state import Agent, Instance, Pending, Pool, WaitingStart, cost_of
 
 log = EventLog("broker")
@@ -43,6 +44,7 @@ class Broker:
         self.start_wait_s = start_wait_s
         self.waiting = []  # WaitingStart, oldest first
         self.runner_status = None  # what the runner last reported, shown in resources
+        self.metrics = BrokerMetrics(self)
         self._ids = itertools.count(1)
         self._stopping = False
         self._next_heartbeat = 0.0
@@ -71,10 +73,13 @@ class Broker:
             protocol.PING: self.on_ping,
             protocol.RUNNER_STATUS: self.on_runner_status,
             protocol.RELEASE_AGENT: self.on_release_agent,
+            protocol.METRICS: self.on_metrics,
+            protocol.STATUS: self.on_status,
         }
         self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                              protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
-                             protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT}
+                             protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT,
+                             protocol.METRICS, protocol.STATUS}
 
     def stop(self):
         """Ask the loop to end within one tick; safe from any thread."""
@@ -84,13 +89,14 @@ class Broker:
         log.info("broker_started", address=self.address, limits=self.pool.limits)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        next_tick = 0.0
+        next_tick = time.monotonic()
         try:
             while not self._stopping:
                 if poller.poll(timeout=max(0.0, next_tick - time.monotonic()) * 1000):
                     self._drain()
                 now = time.monotonic()
                 if now >= next_tick:
+                    self.metrics.loop_lag(now - next_tick)
                     self.tick(now)
                     next_tick = now + TICK_S
         finally:
@@ -107,6 +113,7 @@ class Broker:
 
     def handle(self, envelope, payload):
         msg_id = None
+        msg = {}
         try:
             msg = protocol.decode(payload)
             msg_id = msg.get("id")
@@ -117,9 +124,11 @@ class Broker:
                 self._authorize(msg.get("token"))
             handler(envelope, msg)
         except ProtocolError as exc:
+            self.metrics.error(msg.get("type"), exc.code, exc.message, msg.get("instance_id"))
             self.send(envelope, protocol.error(msg_id, exc.code, exc.message))
         except Exception as exc:  # a bug must cost one request, never the broker
             log.error("handler_failed", error=repr(exc), trace=traceback.format_exc().replace("\n", " | "))
+            self.metrics.error(msg.get("type"), "internal", repr(exc), msg.get("instance_id"))
             self.send(envelope, protocol.error(msg_id, "internal", f"internal error: {exc!r}"))
 
     def send(self, envelope, msg):
@@ -170,6 +179,7 @@ class Broker:
         self._answer_client(pending, protocol.error(pending.client_id, "timeout", f"agent {pending.agent_id} did not answer {what} in time"))
 
     def _answer_client(self, pending, msg):
+        self.metrics.answered(pending, msg)
         if pending.envelope is not None:
             msg["id"] = pending.client_id
             self.send(pending.envelope, msg)
@@ -199,6 +209,7 @@ class Broker:
             [t for t in env_types if isinstance(t, str)], str(msg.get("hostname", "")), msg.get("pid"),
             msg.get("slurm_job_id"), now,
         )
+        self.metrics.agent_registered()
         log.info("agent_registered", agent=agent_id, capacity=capacity, types=",".join(map(str, env_types)),
                  slurm_job=msg.get("slurm_job_id"))
         self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s}))
@@ -226,6 +237,7 @@ class Broker:
         (log.info if agent.draining else log.warning)("agent_lost", agent=agent.agent_id, reason=reason,
                                                       instances=len(agent.instance_ids))
         self.pool.drop_agent(agent)
+        self.metrics.agent_lost(agent)
         for request_id, pending in list(self.pending.items()):
             if pending.agent_id == agent.agent_id:
                 del self.pending[request_id]
@@ -268,13 +280,16 @@ class Broker:
 
     def on_resources(self, envelope, msg):
         result = self.pool.describe(time.monotonic())
-        by_type = {}
-        for waiting in self.waiting:
-            by_type[waiting.config["type"]] = by_type.get(waiting.config["type"], 0) + 1
-        result["waiting"] = {"starts": len(self.waiting), "by_type": by_type}
+        result["waiting"] = {"starts": len(self.waiting), "by_type": waiting_by_type(self.waiting)}
         if self.runner_status is not None:
             result["runner"] = self.runner_status
         self.send(envelope, protocol.reply(msg["id"], result))
+
+    def on_metrics(self, envelope, msg):
+        self.send(envelope, protocol.reply(msg["id"], {"families": self.metrics.families()}))
+
+    def on_status(self, envelope, msg):
+        self.send(envelope, protocol.reply(msg["id"], self.metrics.status()))
 
     def on_runner_status(self, envelope, msg):
         self.runner_status = field(msg, "status", dict)
@@ -333,8 +348,9 @@ class Broker:
                 if now < waiting.deadline:
                     still.append(waiting)
                 else:
-                    self.send(waiting.envelope, protocol.error(waiting.client_id, "no_capacity",
-                              f"no room within {self.start_wait_s:g}s: {exc.message}"))
+                    message = f"no room within {self.start_wait_s:g}s: {exc.message}"
+                    self.metrics.error(protocol.START_INSTANCE, "no_capacity", message)
+                    self.send(waiting.envelope, protocol.error(waiting.client_id, "no_capacity", message))
                 continue
             log.info("start_placed", type=waiting.config["type"], agent=agent.agent_id)
             self._start_on(agent, waiting.spec, waiting.config, waiting.envelope, waiting.client_id)
@@ -393,6 +409,6 @@ class Broker:
     def _forward(self, agent, inst, kind, fields, envelope, client_id, timeout_s):
         request_id = f"b{next(self._ids)}"
         self.pending[request_id] = Pending(kind, envelope, client_id, agent.agent_id, inst.instance_id,
-                                           time.monotonic() + timeout_s)
+                                           time.monotonic() + timeout_s, env_type=inst.config["type"])
         if not self.send([agent.identity], protocol.request(kind, request_id, instance_id=inst.instance_id, **fields)):
             self._lose_agent(agent, "unreachable")

@@ -60,19 +60,24 @@ class Instance:
         self.created = time.time()
         self.lost_at = None
         self.info = {}
+        self.last_command = None  # wall time of the last command's answer
+        self.commands = 0
 
     def describe(self):
         return {
             "instance_id": self.instance_id, "agent_id": self.agent_id, "type": self.config["type"],
             "state": self.state, "created": self.created, "info": self.info,
+            "last_command": self.last_command, "commands": self.commands,
         }
 
 
 class Pending:
     """A request forwarded to an agent, waiting for the agent's answer."""
 
-    def __init__(self, kind, envelope, client_id, agent_id, instance_id, deadline):
+    def __init__(self, kind, envelope, client_id, agent_id, instance_id, deadline, env_type=None):
         self.kind = kind
+        self.env_type = env_type  # the instance's backend, for metrics (the instance may be gone by the answer)
+        self.sent = time.monotonic()
         self.envelope = envelope  # the client's ROUTER envelope; None when nobody waits for the answer
         self.client_id = client_id
         self.agent_id = agent_id

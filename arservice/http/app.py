@@ -17,6 +17,7 @@ from .. import protocol
 from ..broker import INPROC_ADDRESS
 from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, ServiceError, ZMQClient
 from ..logs import EventLog
+from . import observe
 from .routes import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, ROUTES
 
 log = EventLog("http")
@@ -98,6 +99,7 @@ def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
     app = falcon.App()
     for path, (method, kind) in ROUTES.items():
         app.add_route(path, Endpoint(method, kind, broker, token, max_body))
+    observe.add_routes(app, broker, token)
     app.add_error_handler(ServiceError, _service_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
     return app

@@ -10,6 +10,7 @@ ROUTES = {
     "/read_file": ("POST", protocol.READ_FILE),
     "/get_available_resources": ("GET", protocol.RESOURCES),
     "/instances": ("GET", protocol.INSTANCES),
+    "/status": ("GET", protocol.STATUS),
     "/health": ("GET", protocol.PING),
 }
 PATHS = {kind: path for path, (_, kind) in ROUTES.items()}
