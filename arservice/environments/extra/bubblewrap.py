@@ -10,13 +10,12 @@ helper, so a command costs a fork instead of a sandbox set-up, and /tmp lasts as
 instance, as in a container. Without it every command gets a fresh sandbox.
 """
 
-import errno
 import os
 import shutil
 import tempfile
 
 from ...protocol import ProtocolError
-from .. import process
+from .. import process, safefs
 from ..base import Environment, resolve_path
 from ..helper import MOUNT, ExecHelper, helper_argv, start_process
 
@@ -105,35 +104,23 @@ class BubblewrapEnvironment(Environment):
         return process.Command([*argv, self.shell, "-c", command], timeout=timeout, output_limit=output_limit,
                                groups=self.groups)
 
-    def _host_path(self, path):
-        """Files are exchanged through the work directory, the one place the host can see.
-
-        The sandbox can put symlinks there, which on the host lead to the host's files: the
-        directories on the way must resolve inside the work directory, and the file itself is
-        opened without following a symlink."""
+    def _beneath_work(self, path):
+        """Files are exchanged through the work directory, the one place the host can see: the
+        instance's path, relative to it. safefs walks it on the host without following links."""
         inside = os.path.normpath(resolve_path(path, self.cwd))
         if os.path.commonpath([inside, WORK]) != WORK:
             raise ProtocolError("invalid_request", f"bubblewrap instances exchange files under {WORK} only, not {path}")
-        host = os.path.join(self.workdir, os.path.relpath(inside, WORK))
-        root, parent = os.path.realpath(self.workdir), os.path.realpath(os.path.dirname(host))
-        if os.path.commonpath([parent, root]) != root:
-            raise ProtocolError("invalid_request", f"{path} leads out of {WORK} through a symlink")
-        return os.path.join(parent, os.path.basename(host))
+        return os.path.relpath(inside, WORK)
 
     def write_file(self, path, content, mode):
-        host = self._host_path(path)
-        os.makedirs(os.path.dirname(host), exist_ok=True)
-        with open(_open_regular(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path, mode), "wb") as f:
-            f.write(content)
-            os.fchmod(f.fileno(), mode)
+        fd = safefs.open_beneath(self.workdir, self._beneath_work(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                 mode, make_parents=True, shown=path)
+        safefs.write_all(fd, content, mode)
         return {"path": path, "written": len(content)}
 
     def read_file(self, path, limit):
-        with open(_open_regular(self._host_path(path), os.O_RDONLY, path), "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
-        return {"content": data}
+        fd = safefs.open_beneath(self.workdir, self._beneath_work(path), os.O_RDONLY, shown=path)
+        return {"content": safefs.read_limited(fd, limit, path)}
 
     def close(self):
         if self.helper_proc is not None:
@@ -148,11 +135,3 @@ class BubblewrapEnvironment(Environment):
             if directory:
                 shutil.rmtree(directory, ignore_errors=True)
 
-
-def _open_regular(host, flags, path, mode=0o644):
-    try:
-        return os.open(host, flags | os.O_NOFOLLOW, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ProtocolError("invalid_request", f"{path} is a symlink: files are exchanged as regular files only")
-        raise
