@@ -10,6 +10,7 @@ from backends import SPECS, params
 from helpers import Service, wait_for
 
 from arservice.client import ServiceError
+from arservice.environments.helper import MOUNT
 
 # Runs inside a bubblewrap sandbox with the host's /usr: swaps /work/d (a directory) and
 # /work/link (a symlink to a host directory) as fast as it can, so that a check of d on the host
@@ -79,5 +80,61 @@ def test_a_sandbox_racing_symlink_swaps_never_reaches_host_files(client, tmp_pat
         assert set(outcomes) == {"written", "read", "refused"}, f"errors other than a refusal: {outcomes}"
         # The race was real: some tries met the directory, some the symlink.
         assert outcomes["refused"] > 0 and outcomes["written"] > 0 and outcomes["read"] > 0, outcomes
+    finally:
+        client.close_instance(instance_id)
+
+
+FIFO_READS = 300  # more than the agent's 256 worker threads
+PROMPT_S = 10.0
+
+
+def start_and_close_promptly(client):
+    """A start and a close answer within PROMPT_S: nothing holds up the agent."""
+    instance_id = client.request("start_instance", wait_s=PROMPT_S, environment={"type": "local"})["instance_id"]
+    client.request("close_instance", wait_s=PROMPT_S, instance_id=instance_id)
+
+
+@pytest.mark.parametrize("name", params("local", "bubblewrap", "docker-busybox"))
+def test_fifos_are_refused_at_once_and_never_hold_up_the_agent(client, name):
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    try:
+        assert client.execute(instance_id, "mkfifo ff")["returncode"] == 0
+        # docker reads through the engine (get_archive pauses the container), never opening the
+        # FIFO on this side: a few reads show the refusal; 300 would only measure the engine.
+        count = 16 if SPECS[name]["type"] == "docker" else FIFO_READS
+        answers = []
+
+        def read(_):
+            try:
+                client.request("read_file", wait_s=2 * PROMPT_S, instance_id=instance_id, path="ff")
+                answers.append("content")
+            except ServiceError as exc:
+                answers.append(exc.code if "regular file" in exc.message else exc)
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(count)]
+        for reader in readers:
+            reader.start()
+        start_and_close_promptly(client)
+        for reader in readers:
+            reader.join()
+        assert answers == ["invalid_request"] * count
+        if SPECS[name]["type"] != "docker":  # docker's put_archive replaces a file, never writes into one
+            with pytest.raises(ServiceError) as err:
+                client.request("write_file", wait_s=PROMPT_S, instance_id=instance_id, path="ff", content=b"x")
+            assert err.value.code == "invalid_request" and "regular file" in err.value.message
+    finally:
+        client.close_instance(instance_id)
+
+
+@pytest.mark.parametrize("name", params("bubblewrap", "docker-busybox"))
+def test_a_command_that_swaps_its_output_file_for_a_fifo_gets_an_error(client, name):
+    """The agent reads a helper command's output from a file the instance can replace."""
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    try:
+        with pytest.raises(ServiceError) as err:
+            client.execute(instance_id, f"for f in {MOUNT}/*.out; do rm -f $f; mkfifo $f; done", timeout=PROMPT_S)
+        assert err.value.code == "environment_error" and "replaced" in err.value.message
+        start_and_close_promptly(client)
+        assert client.execute(instance_id, "echo still here")["output"] == "still here\n"
     finally:
         client.close_instance(instance_id)

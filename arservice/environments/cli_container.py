@@ -23,7 +23,7 @@ import uuid
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
-from . import process
+from . import process, safefs
 from .base import Environment, resolve_path
 from .helper import MOUNT, ExecHelper, helper_argv, mark_plain_timeout, plain_exec_argv, script_for, start_process
 
@@ -235,8 +235,9 @@ class CLIContainerEnvironment(Environment):
                 raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             if result["returncode"] != 0:
                 raise ProtocolError("environment_error", f"could not read {path}: {result['output'].decode(errors='replace')}")
-            with open(os.open(os.path.join(self.host_dir, staged), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
-                return {"content": f.read(limit + 1)}
+            # The instance may have swapped the copy for a link or a FIFO, or grown it past the limit.
+            fd = safefs.open_file(os.path.join(self.host_dir, staged), os.O_RDONLY, shown=path)
+            return {"content": safefs.read_limited(fd, limit, path)}
         finally:
             if os.path.exists(os.path.join(self.host_dir, staged)):
                 os.unlink(os.path.join(self.host_dir, staged))

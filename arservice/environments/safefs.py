@@ -47,7 +47,7 @@ def open_beneath(root: str, path: str, flags: int, mode: int = 0o644, make_paren
 def open_file(path: str, flags: int, mode: int = 0o644, dir_fd: int | None = None, follow: bool = False,
               kind=stat.S_ISREG, shown: str | None = None) -> int:
     """Open without waiting (O_NONBLOCK) and, unless `follow`, without following a final symlink;
-    refuse anything that is not of `kind` (a regular file by default)."""
+    refuse anything that is not of `kind` (stat.S_ISREG, a regular file, by default)."""
     shown = shown or path
     flags |= os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
@@ -56,7 +56,7 @@ def open_file(path: str, flags: int, mode: int = 0o644, dir_fd: int | None = Non
         raise _refusal(exc, shown) from None
     if not kind(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ProtocolError("invalid_request", f"{shown} is not a regular file")
+        raise ProtocolError("invalid_request", f"{shown} is not a {'regular file' if kind is stat.S_ISREG else 'FIFO'}")
     return fd
 
 
