@@ -138,3 +138,78 @@ def test_a_command_that_swaps_its_output_file_for_a_fifo_gets_an_error(client, n
         assert client.execute(instance_id, "echo still here")["output"] == "still here\n"
     finally:
         client.close_instance(instance_id)
+
+
+def mounts_of(instance_id):
+    """Mount points on the host whose path names the instance."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if instance_id in line.split()[4]]
+
+
+def df_kib(client, instance_id, path):
+    """The size in KiB of the filesystem at path, as the instance sees it."""
+    return int(client.execute(instance_id, f"df -k {path} | tail -n 1")["output"].split()[1])
+
+
+def fill(client, instance_id, path, size):
+    """Write size bytes to path inside the instance, then remove it; the writer's exit status
+    (the command's own output may go to the filesystem it fills: the status waits in a variable)."""
+    command = f"head -c {size} /dev/zero >{path} 2>/dev/null; s=$?; rm -f {path}; echo $s"
+    return int(client.execute(instance_id, command)["output"])
+
+
+@pytest.mark.parametrize("name", params("docker-busybox", "bubblewrap"))
+def test_the_helper_directory_is_a_bounded_tmpfs(client, name):
+    """An instance cannot fill the host's disk through the directory its commands' output goes
+    to: a tmpfs of its own on the host, of `disk` or at most half the instance's memory (here
+    32 MiB either way)."""
+    spec = {**SPECS[name], "memory": "64m"} if SPECS[name]["type"] == "docker" else {**SPECS[name], "disk": "32m"}
+    instance_id = client.start_instance(spec)["instance_id"]
+    try:
+        assert df_kib(client, instance_id, MOUNT) == 32 << 10
+        assert fill(client, instance_id, f"{MOUNT}/fill", 50_000_000) != 0
+        # A command whose output outgrows it is cut short; the instance goes on.
+        big = client.execute(instance_id, "head -c 50000000 /dev/zero", output_limit=1000)
+        assert big["truncated"] and len(big["output"]) < 2000
+        assert client.execute(instance_id, "echo fine")["output"] == "fine\n"
+        assert mounts_of(instance_id)
+    finally:
+        client.close_instance(instance_id)
+    assert mounts_of(instance_id) == []
+
+
+@pytest.mark.parametrize("name", params("bubblewrap", "bubblewrap-per-command"))
+def test_bubblewrap_disk_bounds_work_and_tmp(client, name):
+    instance_id = client.start_instance({**SPECS[name], "disk": "32m"})["instance_id"]
+    try:
+        for path in ("/work", "/tmp"):
+            assert df_kib(client, instance_id, path) == 32 << 10
+            assert fill(client, instance_id, f"{path}/fill", 50_000_000) != 0
+        client.write_file(instance_id, "kept", "x")
+        assert client.read_file(instance_id, "kept") == b"x"
+    finally:
+        client.close_instance(instance_id)
+    assert mounts_of(instance_id) == []
+
+
+@pytest.mark.parametrize("name", params("local", "docker-busybox"))
+def test_disk_is_enforced_or_refused(client, name):
+    """local isolates nothing; docker bounds the container's writable layer where its storage
+    driver can (overlay2 on xfs with pquota), and refuses `disk` elsewhere."""
+    try:
+        instance_id = client.start_instance({**SPECS[name], "disk": "32m"})["instance_id"]
+    except ServiceError as exc:
+        assert exc.code == "invalid_request" and "cannot enforce disk" in exc.message
+        return
+    try:
+        assert SPECS[name]["type"] == "docker"
+        assert fill(client, instance_id, "/fill", 50_000_000) != 0
+    finally:
+        client.close_instance(instance_id)
+
+
+def test_disk_takes_sizes_as_memory_does(client):
+    for bad in ("lots", 0, -5, True):
+        with pytest.raises(ServiceError) as err:
+            client.start_instance({"type": "bubblewrap", "disk": bad})
+        assert err.value.code == "invalid_request" and "disk" in err.value.message

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 
 from ...protocol import ProtocolError
-from .. import process, safefs
+from .. import hostdir, process, safefs
 from ..base import Environment, resolve_path
 from ..helper import MOUNT, ExecHelper, helper_argv, start_process
 
@@ -39,7 +39,7 @@ def read_only_binds(root, names):
 
 class BubblewrapEnvironment(Environment):
     type = "bubblewrap"
-    enforces = {"network"}
+    enforces = {"network", "disk"}
     options = {
         **Environment.options,
         "root": (str, None, None),
@@ -68,7 +68,10 @@ class BubblewrapEnvironment(Environment):
         root = self.config["root"]
         if root is not None and not os.path.isdir(root):
             raise ProtocolError("invalid_request", f"root {root!r} is not a directory on this agent")
-        self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        disk = self.config["disk"]
+        # /work is a host directory: with `disk`, a tmpfs of that size on the host; /tmp, the sandbox's own.
+        self.workdir = (hostdir.make(self.workdir_root, f"{self.instance_id}-", disk, required=True) if disk
+                        else tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root))
         self.cwd = self.config["cwd"] or WORK
         self.groups = set()
         self.prefix = [
@@ -76,7 +79,7 @@ class BubblewrapEnvironment(Environment):
             # bwrap's own / is a tmpfs, so mount points for /work and the rest can be made.
             *(read_only_binds(root, sorted(set(os.listdir(root)) - set(OWN_DIRS))) if root
               else read_only_binds("/", HOST_DIRS)),
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--proc", "/proc", "--dev", "/dev", *(["--size", str(disk << 20)] if disk else []), "--tmpfs", "/tmp",
             "--bind", self.workdir, WORK,
             "--unshare-all", *(["--share-net"] if self.config["network"] else []),
             "--die-with-parent", "--new-session",
@@ -84,7 +87,7 @@ class BubblewrapEnvironment(Environment):
             *self.config["bwrap_options"],
         ]
         if self.config["fast_exec"]:
-            self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-exec-", dir=self.workdir_root)
+            self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-exec-", hostdir.helper_dir_mib(self.config))
             self.helper = ExecHelper(self.host_dir)
             self.helper_proc = start_process(
                 [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()], self.helper)
@@ -133,5 +136,5 @@ class BubblewrapEnvironment(Environment):
             process.kill_group(pgid)
         for directory in (self.workdir, self.host_dir):
             if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+                hostdir.remove(directory)
 
