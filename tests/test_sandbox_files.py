@@ -1,6 +1,8 @@
 """What an instance can do to the host through the files it shares with the agent: races with
 symlinks, FIFOs and other special files, filling the host's disk."""
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -213,3 +215,16 @@ def test_disk_takes_sizes_as_memory_does(client):
         with pytest.raises(ServiceError) as err:
             client.start_instance({"type": "bubblewrap", "disk": bad})
         assert err.value.code == "invalid_request" and "disk" in err.value.message
+
+
+@pytest.mark.parametrize("name", params("bubblewrap"))
+def test_a_killed_agents_mounts_are_detached_by_the_next_agent(service, name):
+    """SIGKILL skips close(): the agent the runner starts next reaps the dead one's directory,
+    tmpfs mounts included."""
+    instance_id = service.client.start_instance({**SPECS[name], "disk": "8m"})["instance_id"]
+    assert len(mounts_of(instance_id)) == 2  # /work and the helper's directory
+    (pid,) = service.agent_pids()
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: mounts_of(instance_id) == [], timeout=30, what="the dead agent's mounts to be detached")
+    wait_for(lambda: [a["pid"] for a in service.client.available_resources()["agents"]] not in ([], [pid]),
+             timeout=30, what="the next agent")
