@@ -2,7 +2,10 @@
 symlinks, FIFOs and other special files, filling the host's disk."""
 
 import os
-import signal
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +14,9 @@ import pytest
 from backends import SPECS, params
 from helpers import Service, wait_for
 
+from arservice.agent import workdirs
 from arservice.client import ServiceError
+from arservice.environments import hostdir
 from arservice.environments.helper import MOUNT
 
 # Runs inside a bubblewrap sandbox with the host's /usr: swaps /work/d (a directory) and
@@ -217,14 +222,55 @@ def test_disk_takes_sizes_as_memory_does(client):
         assert err.value.code == "invalid_request" and "disk" in err.value.message
 
 
+def test_a_dead_agents_mounts_are_detached_by_the_next_agent(tmp_path):
+    """SIGKILL skips close(): the next agent on the host reaps the dead one's directory, tmpfs
+    mounts included. (Called directly, on a root of its own: on a shared /tmp/arservice,
+    another service's agent may reap first.)"""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / "dead-agent"
+    leftover.mkdir()
+    (leftover / workdirs.OWNER_FILE).write_text(f"{socket.gethostname()} {dead.pid}\n")
+    mounted = hostdir.make(str(leftover), "i-leftover-", 8)
+    try:
+        assert os.path.ismount(mounted)
+        workdirs.claim(str(tmp_path), "next-agent")
+        assert not os.path.exists(mounted) and not leftover.exists()
+        with open("/proc/self/mountinfo") as f:
+            assert str(tmp_path) not in f.read()
+    finally:
+        hostdir.unmount_under(str(tmp_path))
+
+
+WITHOUT_MOUNT = r"""
+import sys, tempfile
+from arservice.environments import backend
+from arservice.protocol import ProtocolError
+cls = backend("bubblewrap")
+root = tempfile.mkdtemp(dir=".")  # the test's tmp_path
+try:
+    cls("i-bounded", cls.parse_config({"type": "bubblewrap", "disk": "8m"}), "a", root).start()
+    sys.exit("disk was not refused")
+except ProtocolError as exc:
+    assert exc.code == "invalid_request" and "cannot enforce disk" in exc.message, exc
+env = cls("i-plain", cls.parse_config({"type": "bubblewrap"}), "a", root)
+env.start()
+try:
+    assert env.execute("echo hi > /.arservice/x && echo ok", 10)["output"] == b"ok\n"
+finally:
+    env.close()
+print("plain")
+"""
+
+
 @pytest.mark.parametrize("name", params("bubblewrap"))
-def test_a_killed_agents_mounts_are_detached_by_the_next_agent(service, name):
-    """SIGKILL skips close(): the agent the runner starts next reaps the dead one's directory,
-    tmpfs mounts included."""
-    instance_id = service.client.start_instance({**SPECS[name], "disk": "8m"})["instance_id"]
-    assert len(mounts_of(instance_id)) == 2  # /work and the helper's directory
-    (pid,) = service.agent_pids()
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: mounts_of(instance_id) == [], timeout=30, what="the dead agent's mounts to be detached")
-    wait_for(lambda: [a["pid"] for a in service.client.available_resources()["agents"]] not in ([], [pid]),
-             timeout=30, what="the next agent")
+def test_an_agent_that_cannot_mount_keeps_plain_directories_and_refuses_disk(name, tmp_path):
+    """Without CAP_SYS_ADMIN (an agent not running as root) no tmpfs can be mounted."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed: no way to drop CAP_SYS_ADMIN for the test")
+    done = subprocess.run([setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+                           sys.executable, "-c", WITHOUT_MOUNT], check=False, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip() == "plain", done.stderr
+    assert "host_dir_unbounded" in done.stdout + done.stderr
