@@ -81,9 +81,10 @@ def test_a_sandbox_racing_symlink_swaps_never_reaches_host_files(client, tmp_pat
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(attempt, range(RACE_TRIES)))
         print(f"{RACE_TRIES} tries in {time.monotonic() - started:.1f}s: {outcomes}")
-        assert sorted(p.name for p in host.iterdir()) == ["secret"], "a write landed on the host"
+        landed = [p.name for p in host.iterdir() if p.name != "secret"]
+        assert (len(landed), len(leaked)) == (0, 0), \
+            f"of {RACE_TRIES // 2} each, {len(landed)} writes landed on the host, {len(leaked)} reads returned a host file"
         assert (host / "secret").read_text() == "host only\n"
-        assert leaked == [], "a read returned a host file"
         assert set(outcomes) == {"written", "read", "refused"}, f"errors other than a refusal: {outcomes}"
         # The race was real: some tries met the directory, some the symlink.
         assert outcomes["refused"] > 0 and outcomes["written"] > 0 and outcomes["read"] > 0, outcomes
