@@ -200,7 +200,7 @@ def test_bubblewrap_disk_bounds_work_and_tmp(client, name):
     assert mounts_of(instance_id) == []
 
 
-@pytest.mark.parametrize("name", params("local", "docker-busybox"))
+@pytest.mark.parametrize("name", params("local", "docker-busybox", "podman"))
 def test_disk_is_enforced_or_refused(client, name):
     """local isolates nothing; docker bounds the container's writable layer where its storage
     driver can (overlay2 on xfs with pquota), and refuses `disk` elsewhere."""
@@ -210,7 +210,7 @@ def test_disk_is_enforced_or_refused(client, name):
         assert exc.code == "invalid_request" and "cannot enforce disk" in exc.message
         return
     try:
-        assert SPECS[name]["type"] == "docker"
+        assert SPECS[name]["type"] in ("docker", "podman")
         assert fill(client, instance_id, "/fill", 50_000_000) != 0
     finally:
         client.close_instance(instance_id)
