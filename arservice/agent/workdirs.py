@@ -8,6 +8,8 @@ import os
 import shutil
 import socket
 
+from ..environments import hostdir
+
 DEFAULT_ROOT = "/tmp/arservice"
 OWNER_FILE = "owner"
 
@@ -35,6 +37,7 @@ def reap(root):
         except (OSError, ValueError):
             continue
         if owner_host == host and not alive(int(pid)):
+            hostdir.unmount_under(path)  # its instances' tmpfs directories
             shutil.rmtree(path, ignore_errors=True)
             reaped.append(path)
     return reaped

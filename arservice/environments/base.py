@@ -21,7 +21,7 @@ def _positive(value):
     return value > 0
 
 
-LIMITS = ("cpus", "memory", "pids", "network")
+LIMITS = ("cpus", "memory", "pids", "network", "disk")
 
 
 class Environment:
@@ -42,6 +42,7 @@ class Environment:
         "memory": (None, None, None),  # "512m", "2g" or MiB as a number; normalised to MiB
         "pids": (int, None, _positive),
         "network": ((bool, str), None, None),  # off by default where the backend isolates
+        "disk": (None, None, None),  # what the instance may write on the host; sizes as memory's
     }
 
     @classmethod
@@ -69,6 +70,7 @@ class Environment:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in config["env"].items()):
             raise ProtocolError("invalid_request", "environment field 'env' must map strings to strings")
         config["memory"] = parse_memory_mib(config["memory"])
+        config["disk"] = parse_memory_mib(config["disk"], "disk")
         asked = [name for name in LIMITS if config[name] is not None and name not in cls.enforces]
         if asked:
             raise ProtocolError("invalid_request", f"{cls.type} environments cannot enforce {', '.join(asked)}")
@@ -129,7 +131,7 @@ class Environment:
         raise NotImplementedError
 
 
-def parse_memory_mib(value):
+def parse_memory_mib(value, field="memory"):
     """'512m', '2g', '1024k' or a number of MiB -> MiB as an int; None stays None."""
     if value is None:
         return None
@@ -145,7 +147,7 @@ def parse_memory_mib(value):
             mib = 0
         if mib >= 1:
             return int(mib)
-    raise ProtocolError("invalid_request", f"memory must be like '512m' or '2g' or MiB as a number, not {value!r}")
+    raise ProtocolError("invalid_request", f"{field} must be like '512m' or '2g' or MiB as a number, not {value!r}")
 
 
 def resolve_path(path, cwd):

@@ -17,13 +17,12 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
-from . import process
+from . import hostdir, process, safefs
 from .base import Environment, resolve_path
 from .helper import MOUNT, ExecHelper, helper_argv, mark_plain_timeout, plain_exec_argv, script_for, start_process
 
@@ -130,7 +129,7 @@ class CLIContainerEnvironment(Environment):
             wanted = self.config["executable"] or " or ".join(self.executables)
             raise ProtocolError("environment_error", f"{wanted} is not installed on this agent")
         self.name = f"ars-{os.getpid()}-{short_host()}-{self.instance_id}"
-        self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-", hostdir.helper_dir_mib(self.config))
         image_path = self.local_image()
         for argv in self.start_argv(image_path):
             run_tool(argv, timeout=self.config["start_timeout"], what=f"starting {self.type} {self.name}")
@@ -235,8 +234,9 @@ class CLIContainerEnvironment(Environment):
                 raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             if result["returncode"] != 0:
                 raise ProtocolError("environment_error", f"could not read {path}: {result['output'].decode(errors='replace')}")
-            with open(os.open(os.path.join(self.host_dir, staged), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
-                return {"content": f.read(limit + 1)}
+            # The instance may have swapped the copy for a link or a FIFO, or grown it past the limit.
+            fd = safefs.open_file(os.path.join(self.host_dir, staged), os.O_RDONLY, shown=path)
+            return {"content": safefs.read_limited(fd, limit, path)}
         finally:
             if os.path.exists(os.path.join(self.host_dir, staged)):
                 os.unlink(os.path.join(self.host_dir, staged))
@@ -255,4 +255,4 @@ class CLIContainerEnvironment(Environment):
                 log.warning("stop_failed", name=self.name, error=exc.message)
             self.name = None
         if self.host_dir:
-            shutil.rmtree(self.host_dir, ignore_errors=True)
+            hostdir.remove(self.host_dir)

@@ -11,14 +11,13 @@ and agent pid, so an agent can reap the containers of dead agents of its host.
 
 import io
 import os
-import shutil
 import socket
 import tarfile
-import tempfile
 import time
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
+from . import hostdir
 from .base import Environment, resolve_path
 from .helper import MOUNT, ExecHelper, helper_argv, mark_plain_timeout, plain_exec_argv
 from .process import BoundedOutput
@@ -36,7 +35,7 @@ def _positive(value):
 
 class DockerEnvironment(Environment):
     type = "docker"
-    enforces = {"cpus", "memory", "pids", "network"}
+    enforces = {"cpus", "memory", "pids", "network", "disk"}
     options = {
         **Environment.options,
         "image": (str, ..., None),
@@ -86,7 +85,7 @@ class DockerEnvironment(Environment):
         config = self.config
         self.docker = self.client()
         self._ensure_image()
-        self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-", hostdir.helper_dir_mib(config))
         env = {name: os.environ[name] for name in config["forward_env"] if name in os.environ}
         env.update(config["env"])
         network = config["network"]
@@ -112,6 +111,8 @@ class DockerEnvironment(Environment):
             options["memswap_limit"] = f"{config['memory']}m"
         if config["pids"]:
             options["pids_limit"] = config["pids"]
+        if config["disk"]:  # the writable layer; only some storage drivers can (overlay2 on xfs with pquota)
+            options["storage_opt"] = {"size": f"{config['disk']}m"}
         options.update(config["run_options"])
         if fast:
             self.helper = ExecHelper(self.host_dir)
@@ -119,6 +120,8 @@ class DockerEnvironment(Environment):
             self.container = self.docker.containers.create(config["image"], **options)
             self.container.start()
         except Exception as exc:
+            if config["disk"] and "storage-opt" in str(exc).lower():
+                raise ProtocolError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}")
             raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}")
         self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
         if fast:
@@ -226,5 +229,5 @@ class DockerEnvironment(Environment):
         if self.helper is not None:
             self.helper.close()
         if self.host_dir:
-            shutil.rmtree(self.host_dir, ignore_errors=True)
+            hostdir.remove(self.host_dir)
 

@@ -31,12 +31,14 @@ import os
 import re
 import select
 import shlex
+import stat
 import subprocess
 import threading
 import time
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
+from . import safefs
 from .process import Watched, kill_group, read_bounded
 
 log = EventLog("helper")
@@ -179,8 +181,13 @@ class ExecHelper:
         # The instance can write to this directory: never follow or reuse what it may have put there.
         with open(os.open(base + ".cmd", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
             f.write(script_for(command, cwd, env))
-        os.mkfifo(base + ".st", 0o600)
-        status = os.open(base + ".st", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.mkfifo(base + ".st", 0o600)
+            # Not followed if swapped for a link meanwhile, and not a host file: a FIFO in this directory.
+            status = safefs.open_file(base + ".st", os.O_RDONLY, kind=stat.S_ISFIFO, shown="the status FIFO")
+        except (OSError, ProtocolError):
+            _remove(base)
+            raise
         try:
             self.send(f"run {os.path.basename(base)} {shell}\n")
         except ProtocolError:
@@ -245,10 +252,10 @@ class HelperCommand(Watched):
                 raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
             try:
                 output, truncated = read_bounded(self.base + ".out", self.output_limit)
-            except FileNotFoundError:
+            except ProtocolError as exc:
+                if exc.code != "not_found":  # a symlink or a FIFO where the output should be
+                    raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.message}")
                 output, truncated = b"", False
-            except OSError as exc:  # ELOOP: a symlink where the output should be
-                raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.strerror}")
             return {
                 "output": output,
                 "returncode": -9 if self.timed_out else int(self.status),  # as the local backend reports SIGKILL
@@ -265,8 +272,8 @@ def _remove(base):
     for suffix in (".cmd", ".out", ".pid", ".st"):
         try:
             os.unlink(base + suffix)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # gone, or a directory the instance put there: close() removes it
 
 
 def start_process(argv, helper):

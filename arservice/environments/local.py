@@ -5,7 +5,7 @@ import shutil
 import tempfile
 
 from ..protocol import ProtocolError
-from . import process
+from . import process, safefs
 from .base import Environment, resolve_path
 
 
@@ -42,18 +42,13 @@ class LocalEnvironment(Environment):
     def write_file(self, path, content, mode):
         path = resolve_path(path, self.cwd)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-        os.chmod(path, mode)
+        # No isolation to keep, so links are followed; a FIFO or a device is refused, never waited on.
+        safefs.write_all(safefs.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode, follow=True), content, mode)
         return {"path": path, "written": len(content)}
 
     def read_file(self, path, limit):
-        with open(resolve_path(path, self.cwd), "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
-        return {"content": data}
+        fd = safefs.open_file(resolve_path(path, self.cwd), os.O_RDONLY, follow=True)
+        return {"content": safefs.read_limited(fd, limit, path)}
 
     def close(self):
         for pgid in list(self.groups):

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import time
 
+from . import safefs
+
 # How long output may keep flowing after a command's main process has exited
 # (from background children that still hold the pipe) before they are killed.
 AFTER_EXIT_GRACE_S = 0.2
@@ -48,9 +50,9 @@ def joined(head, tail, dropped):
 def read_bounded(path, limit):
     """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's.
 
-    The path is in a directory an instance can write to, so a symlink there is refused: on the
-    host it would lead to the host's files."""
-    with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+    The path is in a directory an instance can write to, so a symlink there is refused (on the
+    host it would lead to the host's files), and so is a FIFO (it would wait for a writer)."""
+    with open(safefs.open_file(path, os.O_RDONLY, shown=os.path.basename(path)), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size <= limit:
             return f.read(), False

@@ -10,13 +10,12 @@ helper, so a command costs a fork instead of a sandbox set-up, and /tmp lasts as
 instance, as in a container. Without it every command gets a fresh sandbox.
 """
 
-import errno
 import os
 import shutil
 import tempfile
 
 from ...protocol import ProtocolError
-from .. import process
+from .. import hostdir, process, safefs
 from ..base import Environment, resolve_path
 from ..helper import MOUNT, ExecHelper, helper_argv, start_process
 
@@ -40,7 +39,7 @@ def read_only_binds(root, names):
 
 class BubblewrapEnvironment(Environment):
     type = "bubblewrap"
-    enforces = {"network"}
+    enforces = {"network", "disk"}
     options = {
         **Environment.options,
         "root": (str, None, None),
@@ -69,7 +68,10 @@ class BubblewrapEnvironment(Environment):
         root = self.config["root"]
         if root is not None and not os.path.isdir(root):
             raise ProtocolError("invalid_request", f"root {root!r} is not a directory on this agent")
-        self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
+        disk = self.config["disk"]
+        # /work is a host directory: with `disk`, a tmpfs of that size on the host; /tmp, the sandbox's own.
+        self.workdir = (hostdir.make(self.workdir_root, f"{self.instance_id}-", disk, required=True) if disk
+                        else tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root))
         self.cwd = self.config["cwd"] or WORK
         self.groups = set()
         self.prefix = [
@@ -77,7 +79,7 @@ class BubblewrapEnvironment(Environment):
             # bwrap's own / is a tmpfs, so mount points for /work and the rest can be made.
             *(read_only_binds(root, sorted(set(os.listdir(root)) - set(OWN_DIRS))) if root
               else read_only_binds("/", HOST_DIRS)),
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--proc", "/proc", "--dev", "/dev", *(["--size", str(disk << 20)] if disk else []), "--tmpfs", "/tmp",
             "--bind", self.workdir, WORK,
             "--unshare-all", *(["--share-net"] if self.config["network"] else []),
             "--die-with-parent", "--new-session",
@@ -85,7 +87,7 @@ class BubblewrapEnvironment(Environment):
             *self.config["bwrap_options"],
         ]
         if self.config["fast_exec"]:
-            self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-exec-", dir=self.workdir_root)
+            self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-exec-", hostdir.helper_dir_mib(self.config))
             self.helper = ExecHelper(self.host_dir)
             self.helper_proc = start_process(
                 [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()], self.helper)
@@ -105,35 +107,23 @@ class BubblewrapEnvironment(Environment):
         return process.Command([*argv, self.shell, "-c", command], timeout=timeout, output_limit=output_limit,
                                groups=self.groups)
 
-    def _host_path(self, path):
-        """Files are exchanged through the work directory, the one place the host can see.
-
-        The sandbox can put symlinks there, which on the host lead to the host's files: the
-        directories on the way must resolve inside the work directory, and the file itself is
-        opened without following a symlink."""
+    def _beneath_work(self, path):
+        """Files are exchanged through the work directory, the one place the host can see: the
+        instance's path, relative to it. safefs walks it on the host without following links."""
         inside = os.path.normpath(resolve_path(path, self.cwd))
         if os.path.commonpath([inside, WORK]) != WORK:
             raise ProtocolError("invalid_request", f"bubblewrap instances exchange files under {WORK} only, not {path}")
-        host = os.path.join(self.workdir, os.path.relpath(inside, WORK))
-        root, parent = os.path.realpath(self.workdir), os.path.realpath(os.path.dirname(host))
-        if os.path.commonpath([parent, root]) != root:
-            raise ProtocolError("invalid_request", f"{path} leads out of {WORK} through a symlink")
-        return os.path.join(parent, os.path.basename(host))
+        return os.path.relpath(inside, WORK)
 
     def write_file(self, path, content, mode):
-        host = self._host_path(path)
-        os.makedirs(os.path.dirname(host), exist_ok=True)
-        with open(_open_regular(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, path, mode), "wb") as f:
-            f.write(content)
-            os.fchmod(f.fileno(), mode)
+        fd = safefs.open_beneath(self.workdir, self._beneath_work(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                 mode, make_parents=True, shown=path)
+        safefs.write_all(fd, content, mode)
         return {"path": path, "written": len(content)}
 
     def read_file(self, path, limit):
-        with open(_open_regular(self._host_path(path), os.O_RDONLY, path), "rb") as f:
-            data = f.read(limit + 1)
-        if len(data) > limit:
-            raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
-        return {"content": data}
+        fd = safefs.open_beneath(self.workdir, self._beneath_work(path), os.O_RDONLY, shown=path)
+        return {"content": safefs.read_limited(fd, limit, path)}
 
     def close(self):
         if self.helper_proc is not None:
@@ -146,13 +136,5 @@ class BubblewrapEnvironment(Environment):
             process.kill_group(pgid)
         for directory in (self.workdir, self.host_dir):
             if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+                hostdir.remove(directory)
 
-
-def _open_regular(host, flags, path, mode=0o644):
-    try:
-        return os.open(host, flags | os.O_NOFOLLOW, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ProtocolError("invalid_request", f"{path} is a symlink: files are exchanged as regular files only")
-        raise
