@@ -132,7 +132,8 @@ def ask(sock, *frames):
     (msgpack.packb({"v": 1, "type": "execute", "id": 1}), "invalid_request"),
     (msgpack.packb({"v": 1, "type": "execute", "id": 1, "instance_id": "i-x", "command": "true"}), "not_found"),
     (msgpack.packb({"v": 1, "type": "heartbeat", "id": 1}), "not_registered"),
-    (msgpack.packb({"v": 1, "type": "register", "id": 1, "agent_id": "x"}), "invalid_request"),
+    # The local runner's agents hold a secret of the run: a stranger cannot register, even without --token.
+    (msgpack.packb({"v": 1, "type": "register", "id": 1, "agent_id": "x"}), "unauthorized"),
 ])
 def test_bad_zmq_frames_get_error_replies(service, unchanged, raw_socket, frame, code):
     answer = ask(raw_socket, frame)
