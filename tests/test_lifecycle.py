@@ -190,3 +190,25 @@ def test_agent_survives_bad_messages_from_its_broker():
         agent.terminate()
         assert agent.wait(timeout=30) == 0
         router.close()
+
+
+def test_restart_backoff_resets_after_a_healthy_agent():
+    """Before, the backoff only grew: after a few crashes, hours apart, there was no agent for 30 s."""
+    from arservice.runners.local import HEALTHY_S
+    svc = Service("--runner", "local", "--agent-timeout", "1").wait_ready()
+    try:
+        def agent():
+            agents = svc.client.available_resources()["agents"]
+            return agents[0] if agents else None
+
+        for crash in (1, 2):
+            pid = wait_for(agent, timeout=20, what="an agent")["pid"]
+            if crash == 2:  # the replacement has been healthy for a while
+                wait_for(lambda: agent()["registered_s"] >= HEALTHY_S + 1, timeout=HEALTHY_S + 10, what="a healthy agent")
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: svc.output().count("agent_died") == crash, timeout=10, what="the runner to see the death")
+            wait_for(lambda: (agent() or {}).get("pid") not in (None, pid), timeout=20, what="a new agent")
+        restarts = [line for line in svc.output().splitlines() if "agent_died" in line]
+        assert all("restart_in_s=0.5" in line for line in restarts), restarts
+    finally:
+        assert svc.stop() == 0
