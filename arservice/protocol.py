@@ -178,6 +178,23 @@ def field(msg, name, kind, default=..., check=None, what=None):
     return value
 
 
+def check_value(value, name, what="field"):
+    """Every string (key or value, at any depth) without NUL, every number finite: what may reach an
+    argv, a path, an environment, or a JSON answer."""
+    if isinstance(value, str) and "\0" in value:
+        raise ProtocolError("invalid_request", f"{what} '{name}' must not contain a NUL byte")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("invalid_request", f"{what} '{name}' must be a finite number, not {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_value(key, name, what)
+            check_value(item, name, what)
+    elif isinstance(value, list):
+        for item in value:
+            check_value(item, name, what)
+    return value
+
+
 def text(msg, name, default=...):
     """A string field that reaches an argv, a path or an environment: no NUL byte (exec and open refuse it)."""
     value = field(msg, name, str, default=default)

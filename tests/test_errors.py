@@ -58,6 +58,7 @@ BAD_REQUESTS = [
     ("/close_instance", {"instance_id": "i-nope"}, 404, "not_found", "i-nope"),
     ("/write_file", {"instance_id": "$INST", "path": "x"}, 400, "invalid_request", "content"),
     ("/write_file", {"instance_id": "$INST", "path": "x", "content": "!!", "base64": True}, 400, "invalid_request", "base64"),
+    ("/write_file", {"instance_id": "$INST", "path": "x", "content": "é", "base64": True}, 400, "invalid_request", "base64"),
     ("/write_file", {"instance_id": "$INST", "path": "x", "content": "a", "mode": 99999}, 400, "invalid_request", "mode"),
     ("/read_file", {"instance_id": "$INST"}, 400, "invalid_request", "path"),
 ]

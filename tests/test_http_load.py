@@ -9,7 +9,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from helpers import Service, live_processes, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,7 +40,7 @@ def test_500_clients_each_with_a_kept_alive_connection(service):
             answers.append(request(conn, "GET", "/health")[0])
             opened.wait()  # every connection is open and kept alive at once
             answers.append(request(conn, "GET", "/health")[0])
-        except Exception as exc:  # collected: an exception in a thread would be lost
+        except Exception as exc:  # noqa: BLE001 (collected: an exception in a thread would be lost)
             errors.append(f"client {n}: {exc!r}")
             opened.abort()
         finally:

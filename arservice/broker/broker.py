@@ -285,7 +285,7 @@ class Broker:
         self.send(envelope, protocol.reply(msg["id"], result))
 
     def on_runner_status(self, envelope, msg):
-        self.runner_status = field(msg, "status", dict)
+        self.runner_status = protocol.check_value(field(msg, "status", dict), "status")
         self.send(envelope, protocol.reply(msg["id"], {}))
 
     def on_release_agent(self, envelope, msg):

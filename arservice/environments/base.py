@@ -7,10 +7,9 @@ then `close` once.
 before any agent sees it.
 """
 
-import math
 import os
 
-from ..protocol import MAX_SECONDS, ProtocolError, environment_map
+from ..protocol import MAX_SECONDS, ProtocolError, check_value, environment_map
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_OUTPUT_LIMIT = 1 << 20
@@ -61,7 +60,7 @@ class Environment:
         if unknown:
             raise ProtocolError("invalid_request", f"unknown field(s) for a {cls.type} environment: {', '.join(unknown)}")
         for name, value in spec.items():
-            _check_value(value, name)
+            check_value(value, name, "environment field")
         config = {}
         for name, (kind, default, check) in cls.options.items():
             value = spec.get(name)
@@ -138,21 +137,6 @@ class Environment:
     def close(self):
         """Stop the instance and remove everything it made. Must be safe to call twice."""
         raise NotImplementedError
-
-
-def _check_value(value, name):
-    """Every string in a spec may reach an argv, a path or an environment: no NUL byte; every number is finite."""
-    if isinstance(value, str) and "\0" in value:
-        raise ProtocolError("invalid_request", f"environment field '{name}' must not contain a NUL byte")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError("invalid_request", f"environment field '{name}' must be a finite number, not {value!r}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_value(key, name)
-            _check_value(item, name)
-    elif isinstance(value, list):
-        for item in value:
-            _check_value(item, name)
 
 
 def parse_memory_mib(value):

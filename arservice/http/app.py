@@ -10,7 +10,6 @@ connections for every client.
 """
 
 import base64
-import binascii
 import json
 import math
 import threading
@@ -120,7 +119,7 @@ class Endpoint:
         if self.kind in BYTES_IN and use_base64 and isinstance(fields.get(BYTES_IN[self.kind]), str):
             try:
                 fields[BYTES_IN[self.kind]] = base64.b64decode(fields[BYTES_IN[self.kind]], validate=True)
-            except binascii.Error:
+            except ValueError:  # binascii.Error, or a non-ASCII string
                 raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64")
         result = self.broker.request(self.kind, wait_for(fields), **fields)
         out = BYTES_OUT.get(self.kind)
