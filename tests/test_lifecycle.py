@@ -195,19 +195,21 @@ def test_agent_survives_bad_messages_from_its_broker():
 def test_restart_backoff_resets_after_a_healthy_agent():
     """Before, the backoff only grew: after a few crashes, hours apart, there was no agent for 30 s."""
     from arservice.runners.local import HEALTHY_S
-    svc = Service("--runner", "local", "--agent-timeout", "1").wait_ready()
+    svc = Service("--runner", "local").wait_ready()
     try:
-        def agent():
-            agents = svc.client.available_resources()["agents"]
-            return agents[0] if agents else None
+        def agent_other_than(pid):
+            return next((a for a in svc.client.available_resources()["agents"] if a["pid"] != pid), None)
 
+        dead = None
         for crash in (1, 2):
-            pid = wait_for(agent, timeout=20, what="an agent")["pid"]
+            pid = wait_for(lambda: agent_other_than(dead), timeout=20, what="an agent")["pid"]
             if crash == 2:  # the replacement has been healthy for a while
-                wait_for(lambda: agent()["registered_s"] >= HEALTHY_S + 1, timeout=HEALTHY_S + 10, what="a healthy agent")
+                wait_for(lambda: (agent_other_than(dead) or {}).get("registered_s", 0) >= HEALTHY_S + 1,
+                         timeout=HEALTHY_S + 20, what="a healthy agent")
             os.kill(pid, signal.SIGKILL)
+            dead = pid
             wait_for(lambda: svc.output().count("agent_died") == crash, timeout=10, what="the runner to see the death")
-            wait_for(lambda: (agent() or {}).get("pid") not in (None, pid), timeout=20, what="a new agent")
+        wait_for(lambda: agent_other_than(dead), timeout=20, what="the last replacement")
         restarts = [line for line in svc.output().splitlines() if "agent_died" in line]
         assert all("restart_in_s=0.5" in line for line in restarts), restarts
     finally:
