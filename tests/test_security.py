@@ -351,3 +351,22 @@ def test_agent_stops_in_bounded_time_with_a_thread_blocked(tmp_path):
         starter.close()
         engine.close()
         assert svc.stop() == 0
+
+
+def test_agent_raises_its_descriptor_limit():
+    """Issue 21.1: an agent started with a low soft RLIMIT_NOFILE raises it to the hard limit."""
+    import resource
+    svc = Service("broker", token="s3cret").wait_ready(agents=0)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", svc.zmq, "--types", "local"],
+                             env=dict(os.environ, ARSERVICE_TOKEN="s3cret"), stderr=subprocess.DEVNULL,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    try:
+        wait_for(lambda: svc.client.available_resources()["agents"], timeout=20, what="the agent to register")
+        with open(f"/proc/{agent.pid}/limits") as f:
+            soft = next(line.split()[3] for line in f if line.startswith("Max open files"))
+        assert int(soft) == hard
+    finally:
+        agent.terminate()
+        assert agent.wait(timeout=30) == 0
+        assert svc.stop() == 0
