@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zmq
+from helpers import Service, free_port, live_processes, wait_for
 
 from arservice import protocol
 from arservice.client import HTTPClient, ServiceError, ZMQClient
-from helpers import Service, free_port, live_processes, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -202,13 +202,13 @@ def test_restart_backoff_resets_after_a_healthy_agent():
 
         dead = None
         for crash in (1, 2):
-            pid = wait_for(lambda: agent_other_than(dead), timeout=20, what="an agent")["pid"]
+            pid = wait_for(lambda dead=dead: agent_other_than(dead), timeout=20, what="an agent")["pid"]
             if crash == 2:  # the replacement has been healthy for a while
-                wait_for(lambda: (agent_other_than(dead) or {}).get("registered_s", 0) >= HEALTHY_S + 1,
+                wait_for(lambda dead=dead: (agent_other_than(dead) or {}).get("registered_s", 0) >= HEALTHY_S + 1,
                          timeout=HEALTHY_S + 20, what="a healthy agent")
             os.kill(pid, signal.SIGKILL)
             dead = pid
-            wait_for(lambda: svc.output().count("agent_died") == crash, timeout=10, what="the runner to see the death")
+            wait_for(lambda crash=crash: svc.output().count("agent_died") == crash, timeout=10, what="the runner to see the death")
         wait_for(lambda: agent_other_than(dead), timeout=20, what="the last replacement")
         restarts = [line for line in svc.output().splitlines() if "agent_died" in line]
         assert all("restart_in_s=0.5" in line for line in restarts), restarts

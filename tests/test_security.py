@@ -360,7 +360,7 @@ def test_agent_raises_its_descriptor_limit():
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", svc.zmq, "--types", "local"],
                              env=dict(os.environ, ARSERVICE_TOKEN="s3cret"), stderr=subprocess.DEVNULL,
-                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))  # noqa: PLW1509
     try:
         wait_for(lambda: svc.client.available_resources()["agents"], timeout=20, what="the agent to register")
         with open(f"/proc/{agent.pid}/limits") as f:
