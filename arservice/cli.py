@@ -6,7 +6,11 @@
     arservice status | start | exec | close    a running service, from a shell (console.py)
 """
 
+import ipaddress
 import json
+import logging
+import os
+import secrets
 import signal
 import socket
 import sys
@@ -17,11 +21,13 @@ import zmq
 
 from . import console, environments, logs
 from .agent import Agent, AgentExit
+from .agent.agent import DEFAULT_STOP_TIMEOUT_S, raise_file_limit
 from .broker import Broker
 from .environments.base import parse_memory_mib
 from .http.routes import DEFAULT_MAX_BODY_BYTES
 from .protocol import ProtocolError
 from .runners import RUNNERS
+from .runners.local import LocalRunner
 from .runners.shell import ShellError
 from .runners.slurm import SlurmOptions
 
@@ -98,7 +104,12 @@ def service_options(fn):
         click.option("--token", envvar="ARSERVICE_TOKEN", default=None,
                      help="Bearer token for clients and shared secret for agents [env ARSERVICE_TOKEN]."),
         click.option("--agent-timeout", default=5.0, show_default=True, type=float, help="Seconds of silence before an agent is lost."),
-        click.option("--http-threads", default=64, show_default=True, type=int, help="HTTP worker threads (requests in flight)."),
+        click.option("--http-threads", default=1500, show_default=True, type=click.IntRange(1),
+                     help="HTTP worker threads: requests in flight at once (a command holds one while it runs)."),
+        click.option("--http-connections", default=2000, show_default=True, type=click.IntRange(1),
+                     help="HTTP connections open at once (each client keeps one alive)."),
+        click.option("--http-idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+                     help="Seconds an idle keep-alive HTTP connection is kept open."),
         click.option("--max-request-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(1024),
                      help="Largest HTTP request body; larger ones get 413."),
         click.option("--log-level", default="INFO", show_default=True),
@@ -155,6 +166,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
             job_prefix=slurm["slurm_job_prefix"], python=slurm["slurm_python"], ssh=slurm["slurm_ssh"],
             ssh_port=slurm["slurm_ssh_port"], ssh_key=slurm["slurm_ssh_key"])}
     serve(runner, runner_options=runner_options, advertise_address=advertise_address, start_wait=start_wait, **options)
+    _exit_now(0)
 
 
 @main.command("broker")
@@ -162,6 +174,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
 def broker_command(**options):
     """The broker and HTTP front end alone; agents join with `arservice agent`."""
     serve(None, start_wait=0.0, **options)
+    _exit_now(0)
 
 
 @main.command("agent")
@@ -178,9 +191,11 @@ def broker_command(**options):
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
 @click.option("--broker-timeout", default=15.0, show_default=True, type=float, help="Seconds of broker silence before the agent cleans up and exits.")
 @click.option("--workdir-root", default=None, help="Where instance working directories go (default /tmp/arservice).")
+@click.option("--stop-timeout", default=DEFAULT_STOP_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds the agent gives its instances to close when it stops; then it exits regardless.")
 @click.option("--log-level", default="INFO", show_default=True)
 def agent_command(broker_address, instances, cpus, memory, types, token, token_file, heartbeat, broker_timeout,
-                  workdir_root, log_level):
+                  workdir_root, stop_timeout, log_level):
     """One agent: connects to the broker, runs environments and commands until stopped."""
     logs.setup(log_level)
     if token_file is not None:
@@ -197,29 +212,68 @@ def agent_command(broker_address, instances, cpus, memory, types, token, token_f
     except ProtocolError as exc:
         raise CliError(exc.message)
     agent = Agent(broker_address, instances=instances, cpus=cpus, memory=memory_mib, env_types=env_types,
-                  secret=token, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout, workdir_root=workdir_root)
+                  secret=token, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout, workdir_root=workdir_root,
+                  stop_timeout_s=stop_timeout)
     _on_signals(agent.stop)
+    code = 0
     try:
         agent.run()
     except AgentExit as exc:
         click.echo(f"arservice agent: {exc}", err=True)
-        sys.exit(3)
+        code = 3
+    _exit_now(code)
+
+
+def _exit_now(code):
+    """End the process without joining its threads: a worker blocked for good (a hung container
+    engine, a read that never returns) must not keep a stopped agent or service alive, and
+    Python joins ThreadPoolExecutor threads at exit."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def check_exposure(host, token):
+    """Without a token anyone who can reach the ports runs commands: only loopback may go without one."""
+    if token:
+        return
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise CliError(f"--host {host} reaches beyond this machine: set --token (or ARSERVICE_TOKEN), "
+                       "or bind to 127.0.0.1")
 
 
 def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads,
-          max_request_bytes, log_level, runner_options=None, advertise_address=None, start_wait=None):
-    from .http.app import HTTPServer, create_app  # here: agents (job start-up time) do not need falcon
+          http_connections, http_idle_timeout, max_request_bytes, log_level, runner_options=None,
+          advertise_address=None, start_wait=None):
+    from .http.app import (  # here: agents (job start-up time) do not need falcon
+        HTTPServer,
+        create_app,
+    )
 
+    check_exposure(host, token)
     logs.setup(log_level)
+    raise_file_limit()  # every HTTP connection and thread's inproc socket is a descriptor
     context = zmq.Context.instance()
+    # One inproc socket per HTTP thread, plus the broker's and the runner's.
+    context.set(zmq.MAX_SOCKETS, http_threads + 1024)
     runner_class = RUNNERS.get(runner_name)
     if start_wait is None:
         start_wait = runner_class.start_wait_s if runner_class else 0.0
+    runner_options = dict(runner_options or {})
+    agent_secret = None
+    if runner_class is LocalRunner and not token:
+        # Clients need no token, but agents do: a secret of this run, given only to our own agents.
+        agent_secret = runner_options["agent_secret"] = secrets.token_urlsafe(32)
     try:
         broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets,
-                        token=token, agent_timeout_s=agent_timeout, start_wait_s=start_wait)
+                        token=token, agent_secret=agent_secret, agent_timeout_s=agent_timeout, start_wait_s=start_wait)
         http = HTTPServer(create_app(context, token, max_request_bytes), host, port, threads=http_threads,
-                          max_body=max_request_bytes)
+                          max_body=max_request_bytes, connections=http_connections, idle_timeout_s=http_idle_timeout)
     except (zmq.ZMQError, OSError) as exc:
         raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}")
     stop = threading.Event()
@@ -234,7 +288,7 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
             # Agents on other hosts cannot dial 127.0.0.1: name this host when bound to every address.
             here = socket.getfqdn() if runner_class.agents_elsewhere else "127.0.0.1"
             runner = runner_class(max_resources, advertise_address or broker.address.replace("0.0.0.0", here),
-                                  token=token, context=context, **(runner_options or {}))
+                                  token=token, context=context, **runner_options)
             runner.progress = lambda line: click.echo(f"arservice: {line}", err=True)
             runner.start()
             if not runner.wait_ready(READY_TIMEOUT_S, stop) and not stop.is_set():

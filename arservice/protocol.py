@@ -11,9 +11,24 @@ either {"type": "reply", "result": {...}} or
 docs/protocol.md describes every message type and its fields.
 """
 
+import hmac
+import math
+
 import msgpack
 
 VERSION = 1
+
+# The largest frame a peer may send (libzmq drops longer ones): an HTTP body's worth plus framing.
+MAX_MESSAGE_BYTES = 256 << 20
+# What the envelope of a frame may hold before its sender is known to be allowed to send it.
+ENVELOPE_FIELDS = ("v", "type", "id", "token", "secret")
+MAX_FIELDS = 64
+MAX_ENVELOPE_ITEM = 4096
+# Containers in a whole decoded message; nesting is bounded by msgpack's own stack (StackError).
+MAX_CONTAINER_LEN = 1 << 20
+# The largest integer msgpack carries, and the most seconds any timeout may be.
+MAX_INT = (1 << 64) - 1
+MAX_SECONDS = 86400.0
 
 # Agent <-> broker.
 REGISTER = "register"
@@ -68,22 +83,67 @@ class ProtocolError(Exception):
 
 
 def encode(msg):
-    return msgpack.packb(msg, use_bin_type=True)
+    """One frame; invalid_request for what msgpack cannot carry (an int past 64 bits, a lone surrogate)."""
+    try:
+        return msgpack.packb(msg, use_bin_type=True)
+    except (ValueError, OverflowError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        raise ProtocolError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}")
+
+
+def peek(frame):
+    """The envelope fields of a frame (ENVELOPE_FIELDS), building nothing else.
+
+    Everything but those few small fields is skipped unparsed, so a peer that is not allowed
+    to send costs no more than its frame: a 16 MiB frame of empty maps would otherwise become
+    a gigabyte of Python objects before its token is looked at."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(1, len(frame)),
+                                max_str_len=MAX_ENVELOPE_ITEM, max_bin_len=MAX_ENVELOPE_ITEM,
+                                max_array_len=MAX_FIELDS, max_map_len=MAX_FIELDS, max_ext_len=MAX_ENVELOPE_ITEM)
+    unpacker.feed(frame)
+    head = {}
+    try:
+        count = unpacker.read_map_header()
+        if count > MAX_FIELDS:
+            raise ProtocolError("invalid_request", f"malformed frame: more than {MAX_FIELDS} fields")
+        for _ in range(count):
+            key = unpacker.unpack()
+            if isinstance(key, str) and key in ENVELOPE_FIELDS:
+                head[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (whatever msgpack raises, the frame is malformed)
+        raise ProtocolError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})")
+    return _checked(head)
 
 
 def decode(frame):
     """Parse one frame; raise ProtocolError for anything that is not a valid message."""
     try:
-        msg = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_str_len=MAX_MESSAGE_BYTES,
+                              max_bin_len=MAX_MESSAGE_BYTES, max_array_len=MAX_CONTAINER_LEN,
+                              max_map_len=MAX_CONTAINER_LEN, max_ext_len=MAX_ENVELOPE_ITEM)
     except Exception as exc:
         raise ProtocolError("invalid_request", f"malformed frame: not msgpack ({exc.__class__.__name__})")
     if not isinstance(msg, dict):
         raise ProtocolError("invalid_request", "malformed frame: message must be a map")
+    return _checked(msg)
+
+
+def _checked(msg):
     if msg.get("v") != VERSION:
         raise ProtocolError("unsupported_version", f"protocol version {msg.get('v')!r} is not supported, use {VERSION}")
     if not isinstance(msg.get("type"), str):
         raise ProtocolError("invalid_request", "field 'type' must be a string")
     return msg
+
+
+def same_secret(presented, expected):
+    """Constant-time comparison of a presented token or secret (any type, any characters) with ours."""
+    if not isinstance(presented, str):
+        return False
+    return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 def request(type_, id_, **fields):
@@ -113,14 +173,51 @@ def field(msg, name, kind, default=..., check=None, what=None):
         kind = (int, float)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError("invalid_request", f"field '{name}' has the wrong type: {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("invalid_request", f"field '{name}' must be a finite number, not {value!r}")
     if check is not None and not check(value):
         raise ProtocolError("invalid_request", f"field '{name}' must be {what}")
     return value
 
 
-def string_map(msg, name):
-    """An optional {str: str} field, such as environment variables."""
-    value = field(msg, name, dict, default={})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ProtocolError("invalid_request", f"field '{name}' must map strings to strings")
+def check_value(value, name, what="field"):
+    """Every string (key or value, at any depth) without NUL, every number finite: what may reach an
+    argv, a path, an environment, or a JSON answer."""
+    if isinstance(value, str) and "\0" in value:
+        raise ProtocolError("invalid_request", f"{what} '{name}' must not contain a NUL byte")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("invalid_request", f"{what} '{name}' must be a finite number, not {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_value(key, name, what)
+            check_value(item, name, what)
+    elif isinstance(value, list):
+        for item in value:
+            check_value(item, name, what)
     return value
+
+
+def text(msg, name, default=...):
+    """A string field that reaches an argv, a path or an environment: no NUL byte (exec and open refuse it)."""
+    value = field(msg, name, str, default=default)
+    if isinstance(value, str) and "\0" in value:
+        raise ProtocolError("invalid_request", f"field '{name}' must not contain a NUL byte")
+    return value
+
+
+def environment_map(value, name):
+    """Check {name: value} environment variables as exec needs them; return the map."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ProtocolError("invalid_request", f"field '{name}' must map strings to strings")
+    for key, item in value.items():
+        if not key or "=" in key or "\0" in key:
+            raise ProtocolError("invalid_request", f"field '{name}' has an invalid variable name {key!r}: "
+                                                   "names are non-empty, without '=' or NUL")
+        if "\0" in item:
+            raise ProtocolError("invalid_request", f"field '{name}': variable {key!r} must not contain a NUL byte")
+    return value
+
+
+def string_map(msg, name):
+    """An optional field of environment variables."""
+    return environment_map(field(msg, name, dict, default={}), name)

@@ -65,3 +65,11 @@ def test_help_lists_the_options():
     assert result.returncode == 0
     for option in ("--runner", "--port", "--max-resources", "--environments", "--token"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
+def test_binding_beyond_loopback_needs_a_token(host):
+    result = arservice("--runner", "local", "--host", host)
+    assert result.returncode == 2
+    assert "set --token" in result.stderr and host in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -58,6 +58,7 @@ BAD_REQUESTS = [
     ("/close_instance", {"instance_id": "i-nope"}, 404, "not_found", "i-nope"),
     ("/write_file", {"instance_id": "$INST", "path": "x"}, 400, "invalid_request", "content"),
     ("/write_file", {"instance_id": "$INST", "path": "x", "content": "!!", "base64": True}, 400, "invalid_request", "base64"),
+    ("/write_file", {"instance_id": "$INST", "path": "x", "content": "é", "base64": True}, 400, "invalid_request", "base64"),
     ("/write_file", {"instance_id": "$INST", "path": "x", "content": "a", "mode": 99999}, 400, "invalid_request", "mode"),
     ("/read_file", {"instance_id": "$INST"}, 400, "invalid_request", "path"),
 ]
@@ -132,7 +133,8 @@ def ask(sock, *frames):
     (msgpack.packb({"v": 1, "type": "execute", "id": 1}), "invalid_request"),
     (msgpack.packb({"v": 1, "type": "execute", "id": 1, "instance_id": "i-x", "command": "true"}), "not_found"),
     (msgpack.packb({"v": 1, "type": "heartbeat", "id": 1}), "not_registered"),
-    (msgpack.packb({"v": 1, "type": "register", "id": 1, "agent_id": "x"}), "invalid_request"),
+    # The local runner's agents hold a secret of the run: a stranger cannot register, even without --token.
+    (msgpack.packb({"v": 1, "type": "register", "id": 1, "agent_id": "x"}), "unauthorized"),
 ])
 def test_bad_zmq_frames_get_error_replies(service, unchanged, raw_socket, frame, code):
     answer = ask(raw_socket, frame)

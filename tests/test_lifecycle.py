@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zmq
+from helpers import Service, free_port, live_processes, wait_for
 
 from arservice import protocol
 from arservice.client import HTTPClient, ServiceError, ZMQClient
-from helpers import Service, free_port, live_processes, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -190,3 +190,27 @@ def test_agent_survives_bad_messages_from_its_broker():
         agent.terminate()
         assert agent.wait(timeout=30) == 0
         router.close()
+
+
+def test_restart_backoff_resets_after_a_healthy_agent():
+    """Before, the backoff only grew: after a few crashes, hours apart, there was no agent for 30 s."""
+    from arservice.runners.local import HEALTHY_S
+    svc = Service("--runner", "local").wait_ready()
+    try:
+        def agent_other_than(pid):
+            return next((a for a in svc.client.available_resources()["agents"] if a["pid"] != pid), None)
+
+        dead = None
+        for crash in (1, 2):
+            pid = wait_for(lambda dead=dead: agent_other_than(dead), timeout=20, what="an agent")["pid"]
+            if crash == 2:  # the replacement has been healthy for a while
+                wait_for(lambda dead=dead: (agent_other_than(dead) or {}).get("registered_s", 0) >= HEALTHY_S + 1,
+                         timeout=HEALTHY_S + 20, what="a healthy agent")
+            os.kill(pid, signal.SIGKILL)
+            dead = pid
+            wait_for(lambda crash=crash: svc.output().count("agent_died") == crash, timeout=10, what="the runner to see the death")
+        wait_for(lambda: agent_other_than(dead), timeout=20, what="the last replacement")
+        restarts = [line for line in svc.output().splitlines() if "agent_died" in line]
+        assert all("restart_in_s=0.5" in line for line in restarts), restarts
+    finally:
+        assert svc.stop() == 0

@@ -10,11 +10,13 @@ command never delays another one or the heartbeat.
 """
 
 import os
+import resource
 import secrets
 import shutil
 import socket
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import zmq
@@ -28,7 +30,9 @@ log = EventLog("agent")
 
 INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                      protocol.WRITE_FILE, protocol.READ_FILE)
-CLOSE_ALL_TIMEOUT_S = 60.0
+DEFAULT_STOP_TIMEOUT_S = 20.0
+# What is left of the stop time for flushing the goodbye to the broker.
+FLUSH_TIMEOUT_S = 2.0
 
 
 class AgentExit(Exception):
@@ -38,7 +42,7 @@ class AgentExit(Exception):
 class Agent:
     def __init__(self, broker, *, instances=4, cpus=None, memory=None, env_types=None, secret=None,
                  agent_id=None, heartbeat_s=1.0, broker_timeout_s=15.0, workdir_root=None,
-                 max_concurrent=256):
+                 max_concurrent=256, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S):
         self.broker = broker
         self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.capacity = {"instances": instances, "cpus": cpus, "memory": memory}
@@ -47,6 +51,10 @@ class Agent:
         self.heartbeat_s = heartbeat_s
         self.broker_timeout_s = broker_timeout_s
         self.workdir_root = workdir_root or workdirs.DEFAULT_ROOT
+        # Closing instances on the way out gets this long; a worker thread still blocked then
+        # (a hung container engine, say) is abandoned: the caller exits the process without
+        # joining it (see cli.agent_command).
+        self.stop_timeout_s = stop_timeout_s
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="work")
         self.envs = {}  # instance id -> (Environment, Future of its start); touched only by the loop
         self.commands = {}  # request id -> environments.process.Watched driven by the loop
@@ -64,7 +72,11 @@ class Agent:
     # -- the loop ---------------------------------------------------------------
 
     def run(self):
-        """Serve until stop() or until the broker is gone; clean up every instance however it ends."""
+        """Serve until stop() or until the broker is gone; clean up every instance however it ends.
+
+        Returns within stop_timeout_s (plus a moment) of stop(), whatever the worker threads are
+        doing; they are not joined, so the process must end with os._exit."""
+        raise_file_limit()
         self.workdir = workdirs.claim(self.workdir_root, self.agent_id)
         # Off the loop: reaping asks container engines (hundreds of ms) and must not delay registering;
         # it only touches what dead agents left, never this agent's instances.
@@ -95,13 +107,8 @@ class Agent:
                     next_beat = now + self.heartbeat_s
                 wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()])
                 for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):
-                    if sock is outbox:
-                        self._forward_answer(outbox.recv_multipart())
-                    elif sock is self.sock:
-                        self._on_broker_frame(self.sock.recv())
-                    elif sock in self.command_fds:
-                        self._on_command_fd(sock)
-                self._expire_commands()
+                    self._guarded(self._on_ready, sock, outbox)
+                self._guarded(self._expire_commands)
         finally:
             self._close_all()
             for request_id in list(self.commands):
@@ -112,9 +119,29 @@ class Agent:
             self.pool.shutdown(wait=False, cancel_futures=True)
             outbox.close(linger=0)
             self.sock.close()
-            self.ctx.term()
+            # term() waits for every socket: one held by a worker thread still blocked would make it wait forever.
+            closing = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
+            closing.start()
+            closing.join(FLUSH_TIMEOUT_S)
             shutil.rmtree(self.workdir, ignore_errors=True)
             log.info("agent_stopped", agent=self.agent_id)
+
+    def _on_ready(self, sock, outbox):
+        if sock is outbox:
+            self._forward_answer(outbox.recv_multipart())
+        elif sock is self.sock:
+            self._on_broker_frame(self.sock.recv())
+        elif sock in self.command_fds:
+            self._on_command_fd(sock)
+
+    def _guarded(self, handle, *args):
+        """The last resort: whatever one event raises costs that event, never the agent and its instances."""
+        try:
+            handle(*args)
+        except AgentExit:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the point of a last resort)
+            log.error("event_failed", agent=self.agent_id, error=repr(exc), trace=traceback.format_exc().replace("\n", " | "))
 
     def _reap_leftovers(self):
         """Remove what dead agents of this host left behind, for every backend offered."""
@@ -159,6 +186,9 @@ class Agent:
                 getattr(self, f"_on_{kind}")(msg)
             except ProtocolError as exc:
                 self._send(protocol.error(msg.get("id"), exc.code, exc.message))
+            except Exception as exc:  # noqa: BLE001 (a backend's surprise costs this request only)
+                log.error("request_failed", request=msg.get("id"), error=repr(exc))
+                self._send(protocol.error(msg.get("id"), "environment_error", f"{exc.__class__.__name__}: {exc}"))
         elif kind not in (protocol.HEARTBEAT, protocol.REPLY):
             self._send(protocol.error(msg.get("id"), "invalid_request", f"agents do not handle {kind!r} messages"))
 
@@ -314,9 +344,17 @@ class Agent:
         envs = [env for env, _ in self.envs.values()]
         self.envs.clear()
         log.info("closing_instances", agent=self.agent_id, count=len(envs))
-        done, pending = wait([self.pool.submit(_close_quietly, env) for env in envs], timeout=CLOSE_ALL_TIMEOUT_S)
+        done, pending = wait([self.pool.submit(_close_quietly, env) for env in envs], timeout=self.stop_timeout_s)
         if pending:
             log.error("close_timed_out", agent=self.agent_id, count=len(pending))
+
+
+def raise_file_limit():
+    """Soft RLIMIT_NOFILE up to the hard limit: every command and container costs descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("file_limit_raised", soft=soft, to=hard)
 
 
 def _close_quietly(env):

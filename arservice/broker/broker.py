@@ -5,7 +5,6 @@ the message type tells them apart. The loop never blocks on anything but the pol
 commands, environment starts and everything slow happen on agents.
 """
 
-import hmac
 import itertools
 import secrets
 import time
@@ -15,9 +14,9 @@ import zmq
 
 from .. import environments, protocol
 from ..logs import EventLog
-from ..protocol import ProtocolError, field
+from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
 from .metrics import BrokerMetrics, waiting_by_type
-from .state import Agent, Instance, Pending, Pool, WaitingStart, cost_of
+from .state import Agent, Instance, Pending, Pool, WaitingStart, cost_of, to_units
 
 log = EventLog("broker")
 
@@ -26,17 +25,21 @@ INPROC_ADDRESS = "inproc://arservice-broker"
 ANSWER_GRACE_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
 LOST_INSTANCE_KEEP_S = 3600.0
-MAX_MESSAGE_BYTES = 256 << 20
 TICK_S = 0.1
+# Frames queued per peer before libzmq stops reading from it (TCP pushes back on the sender).
+RECEIVE_QUEUE = 1000
+AGENT_TYPES = (protocol.HEARTBEAT, protocol.DISCONNECT, protocol.REPLY, protocol.ERROR)
 
 
 class Broker:
-    def __init__(self, bind, *, context=None, limits=None, presets=None, token=None,
+    def __init__(self, bind, *, context=None, limits=None, presets=None, token=None, agent_secret=None,
                  heartbeat_s=1.0, agent_timeout_s=5.0, start_wait_s=0.0):
         self.ctx = context or zmq.Context.instance()
         self.pool = Pool(limits or {})
         self.presets = presets or {}
         self.token = token
+        # What an agent must present to register: the token, or a secret its runner gave it.
+        self.agent_secret = agent_secret or token
         self.heartbeat_s = heartbeat_s
         self.agent_timeout_s = agent_timeout_s
         self.pending = {}  # broker request id -> Pending
@@ -52,7 +55,7 @@ class Broker:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -115,14 +118,11 @@ class Broker:
         msg_id = None
         msg = {}
         try:
+            head = protocol.peek(payload)
+            msg_id = head.get("id")
+            self._admit(envelope, head)
             msg = protocol.decode(payload)
-            msg_id = msg.get("id")
-            handler = self.handlers.get(msg["type"])
-            if handler is None:
-                raise ProtocolError("invalid_request", f"unknown message type {msg['type']!r}")
-            if msg["type"] in self.client_types:
-                self._authorize(msg.get("token"))
-            handler(envelope, msg)
+            self.handlers[msg["type"]](envelope, msg)
         except ProtocolError as exc:
             self.metrics.error(msg.get("type"), exc.code, exc.message, msg.get("instance_id"))
             self.send(envelope, protocol.error(msg_id, exc.code, exc.message))
@@ -140,9 +140,22 @@ class Broker:
             log.debug("peer_unreachable", peer=envelope[0].hex() if envelope else "", error=exc.strerror)
             return False
 
-    def _authorize(self, presented):
-        if self.token and not (isinstance(presented, str) and hmac.compare_digest(presented, self.token)):
-            raise ProtocolError("unauthorized", "missing or wrong token")
+    def _admit(self, envelope, head):
+        """Refuse a frame whose sender may not send it, from its envelope alone (before it is parsed)."""
+        kind = head["type"]
+        if kind not in self.handlers:
+            raise ProtocolError("invalid_request", f"unknown message type {kind!r}")
+        if kind in self.client_types:
+            if self.token and not protocol.same_secret(head.get("token"), self.token):
+                raise ProtocolError("unauthorized", "missing or wrong token")
+            if "id" not in head:
+                raise ProtocolError("invalid_request", "missing required field 'id'")
+        elif kind == protocol.REGISTER:
+            if self.agent_secret and not protocol.same_secret(head.get("secret"), self.agent_secret):
+                log.warning("agent_refused", reason="wrong secret")
+                raise ProtocolError("unauthorized", "wrong agent secret")
+        elif not envelope or envelope[0] not in self.pool.agents:
+            raise ProtocolError("not_registered", "this agent is not registered (lost or unknown); register again")
 
     # -- time ---------------------------------------------------------------------
 
@@ -187,25 +200,20 @@ class Broker:
     # -- agents -------------------------------------------------------------------
 
     def on_register(self, envelope, msg):
-        if self.token and not hmac.compare_digest(str(msg.get("secret") or ""), self.token):
-            log.warning("agent_refused", agent=msg.get("agent_id"), reason="wrong secret")
-            raise ProtocolError("unauthorized", "wrong agent secret")
         identity = envelope[0]
         agent_id = field(msg, "agent_id", str)
         if agent_id.encode() != identity:
             raise ProtocolError("invalid_request", "agent_id must be the agent socket's identity")
         capacity = field(msg, "capacity", dict)
-        for name in ("instances", "cpus", "memory"):
-            value = capacity.get(name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                raise ProtocolError("invalid_request", f"capacity '{name}' must be a non-negative number")
+        capacity = {name: field(capacity, name, float, default=None, check=lambda n: 0 <= n <= protocol.MAX_INT,
+                                what="a non-negative number") for name in ("instances", "cpus", "memory")}
         env_types = field(msg, "env_types", list)
         old = self.pool.agents.get(identity)
         if old is not None:
             self._lose_agent(old, "registered again")
         now = time.monotonic()
         self.pool.agents[identity] = Agent(
-            identity, agent_id, {k: capacity.get(k) for k in ("instances", "cpus", "memory")},
+            identity, agent_id, to_units(capacity),
             [t for t in env_types if isinstance(t, str)], str(msg.get("hostname", "")), msg.get("pid"),
             msg.get("slurm_job_id"), now,
         )
@@ -292,7 +300,7 @@ class Broker:
         self.send(envelope, protocol.reply(msg["id"], self.metrics.status()))
 
     def on_runner_status(self, envelope, msg):
-        self.runner_status = field(msg, "status", dict)
+        self.runner_status = protocol.check_value(field(msg, "status", dict), "status")
         self.send(envelope, protocol.reply(msg["id"], {}))
 
     def on_release_agent(self, envelope, msg):
@@ -358,11 +366,12 @@ class Broker:
 
     def on_execute(self, envelope, msg):
         inst = self._running_instance(msg)
-        timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= 86400, what="in (0, 86400] seconds")
+        timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= MAX_SECONDS,
+                        what=f"in (0, {MAX_SECONDS:.0f}] seconds")
         fields = {
-            "command": field(msg, "command", str),
+            "command": text(msg, "command"),
             "timeout": timeout,
-            "cwd": field(msg, "cwd", str, default=None),
+            "cwd": text(msg, "cwd", default=None),
             "env": protocol.string_map(msg, "env"),
             "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
                                   check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
@@ -371,7 +380,7 @@ class Broker:
 
     def on_file_request(self, envelope, msg):
         inst = self._running_instance(msg)
-        fields = {"path": field(msg, "path", str)}
+        fields = {"path": text(msg, "path")}
         if msg["type"] == protocol.WRITE_FILE:
             fields["content"] = field(msg, "content", (bytes, str))
             fields["mode"] = field(msg, "mode", int, default=0o644, check=lambda m: 0 <= m <= 0o7777, what="a file mode like 0o644")

@@ -11,9 +11,24 @@ RESOURCES = ("instances", "cpus", "memory")
 INSTANCE_STATES = ("starting", "running", "closing", "lost")
 
 
+# CPUs are counted in integer thousandths, so that fractions add up and give back exactly
+# (0.1 + 0.2 - 0.1 - 0.2 is not 0 in floats); everything the broker shows is in whole CPUs.
+MILLI = 1000
+
+
+def to_units(amounts):
+    """Resource amounts as users give them (cpus may be fractional) -> the broker's integer units."""
+    return {name: amount if name != "cpus" or amount is None else round(amount * MILLI) for name, amount in amounts.items()}
+
+
+def from_units(amounts):
+    """The broker's units -> what users read (cpus as a number of CPUs)."""
+    return {name: amount if name != "cpus" or amount is None else amount / MILLI for name, amount in amounts.items()}
+
+
 def cost_of(config):
-    """What one instance of this parsed environment config takes from the pool."""
-    return {"instances": 1, "cpus": config["cpus"] or 0, "memory": config["memory"] or 0}
+    """What one instance of this parsed environment config takes from the pool, in the broker's units."""
+    return to_units({"instances": 1, "cpus": config["cpus"] or 0, "memory": config["memory"] or 0})
 
 
 class Agent:
@@ -43,7 +58,7 @@ class Agent:
         return {
             "agent_id": self.agent_id, "hostname": self.hostname, "pid": self.pid,
             "slurm_job_id": self.slurm_job_id, "env_types": self.env_types,
-            "capacity": self.capacity, "used": dict(self.used), "instances": len(self.instance_ids),
+            "capacity": from_units(self.capacity), "used": from_units(self.used), "instances": len(self.instance_ids),
             "last_seen_s": round(now - self.last_seen, 3), "registered_s": round(now - self.registered_at, 3),
             "draining": self.draining,
         }
@@ -101,7 +116,7 @@ class Pool:
     """Agents and instances, with the accounting that ties them to the service-wide limits."""
 
     def __init__(self, limits):
-        self.limits = {name: limits[name] for name in RESOURCES if limits.get(name) is not None}
+        self.limits = to_units({name: limits[name] for name in RESOURCES if limits.get(name) is not None})
         self.agents = {}     # identity -> Agent
         self.instances = {}  # instance id -> Instance
         self.used = dict.fromkeys(RESOURCES, 0)
@@ -110,7 +125,8 @@ class Pool:
         """Raise no_capacity if `cost` would take the service past --max-resources."""
         for name, cap in self.limits.items():
             if self.used[name] + cost[name] > cap:
-                raise ProtocolError("no_capacity", f"service limit reached: {name} ({self.used[name]} of {cap} in use)")
+                used, limit = from_units({name: self.used[name]})[name], from_units({name: cap})[name]
+                raise ProtocolError("no_capacity", f"service limit reached: {name} ({used:g} of {limit:g} in use)")
 
     def place(self, env_type, cost):
         """Pick the agent for a new instance, or raise no_capacity naming what ran out."""
@@ -172,10 +188,10 @@ class Pool:
         for inst in self.instances.values():
             states[inst.state] += 1
         return {
-            "limits": self.limits,
-            "total": total,
-            "used": dict(self.used),
-            "available": {k: None if total[k] is None else max(0, total[k] - self.used[k]) for k in RESOURCES},
+            "limits": from_units(self.limits),
+            "total": from_units(total),
+            "used": from_units(self.used),
+            "available": from_units({k: None if total[k] is None else max(0, total[k] - self.used[k]) for k in RESOURCES}),
             "agents": [a.describe(now) for a in self.agents.values()],
             "instances": states,
         }

@@ -9,7 +9,7 @@ before any agent sees it.
 
 import os
 
-from ..protocol import ProtocolError
+from ..protocol import MAX_SECONDS, ProtocolError, check_value, environment_map
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_OUTPUT_LIMIT = 1 << 20
@@ -17,8 +17,17 @@ MAX_OUTPUT_LIMIT = 64 << 20
 DEFAULT_START_TIMEOUT_S = 300.0
 
 
+# Bounds that keep every number a backend is given usable (a timer, a cgroup value, an int).
+MAX_AMOUNT = 1e9
+MAX_MEMORY_MIB = 1 << 40
+
+
 def _positive(value):
-    return value > 0
+    return 0 < value <= MAX_AMOUNT
+
+
+def _seconds(value):
+    return 0 < value <= MAX_SECONDS
 
 
 LIMITS = ("cpus", "memory", "pids", "network", "disk")
@@ -34,9 +43,9 @@ class Environment:
         "type": (str, ..., None),
         "cwd": (str, None, None),
         "env": (dict, {}, None),
-        "timeout": (float, DEFAULT_TIMEOUT_S, _positive),
+        "timeout": (float, DEFAULT_TIMEOUT_S, _seconds),
         "output_limit": (int, DEFAULT_OUTPUT_LIMIT, lambda n: 0 < n <= MAX_OUTPUT_LIMIT),
-        "start_timeout": (float, DEFAULT_START_TIMEOUT_S, _positive),
+        "start_timeout": (float, DEFAULT_START_TIMEOUT_S, _seconds),
         # Limits: enforced by the backend, and counted against the agent's and service's capacity.
         "cpus": (float, None, _positive),
         "memory": (None, None, None),  # "512m", "2g" or MiB as a number; normalised to MiB
@@ -51,6 +60,8 @@ class Environment:
         unknown = sorted(set(spec) - set(cls.options))
         if unknown:
             raise ProtocolError("invalid_request", f"unknown field(s) for a {cls.type} environment: {', '.join(unknown)}")
+        for name, value in spec.items():
+            check_value(value, name, "environment field")
         config = {}
         for name, (kind, default, check) in cls.options.items():
             value = spec.get(name)
@@ -67,8 +78,7 @@ class Environment:
             if check is not None and not check(value):
                 raise ProtocolError("invalid_request", f"environment field '{name}' is out of range: {value!r}")
             config[name] = value
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in config["env"].items()):
-            raise ProtocolError("invalid_request", "environment field 'env' must map strings to strings")
+        environment_map(config["env"], "env")
         config["memory"] = parse_memory_mib(config["memory"])
         config["disk"] = parse_memory_mib(config["disk"], "disk")
         asked = [name for name in LIMITS if config[name] is not None and name not in cls.enforces]
@@ -135,19 +145,20 @@ def parse_memory_mib(value, field="memory"):
     """'512m', '2g', '1024k' or a number of MiB -> MiB as an int; None stays None."""
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    if isinstance(value, str):
+    mib = 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        mib = value
+    elif isinstance(value, str):
         units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
         text = value.strip().lower().removesuffix("b").removesuffix("i")
         number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "m")
         try:
             mib = float(number) * units[unit]
         except ValueError:
-            mib = 0
-        if mib >= 1:
-            return int(mib)
-    raise ProtocolError("invalid_request", f"{field} must be like '512m' or '2g' or MiB as a number, not {value!r}")
+            pass
+    if isinstance(mib, (int, float)) and 1 <= mib <= MAX_MEMORY_MIB:  # NaN fails both
+        return int(mib)
+    raise ProtocolError("invalid_request", f"{field} must be like '512m' or '2g' or MiB as a number (1 MiB to 1 EiB), not {value!r}")
 
 
 def resolve_path(path, cwd):

@@ -1,13 +1,17 @@
 """The Falcon front end: JSON over HTTP in, protocol messages to the broker loop over inproc.
 
-It parses JSON and checks the bearer token, nothing more: every field is validated by the
-broker, so HTTP and ZMQ clients get the same answers to the same mistakes.
+It checks the bearer token (in middleware, before a body is read) and parses JSON, nothing
+more: every field is validated by the broker, so HTTP and ZMQ clients get the same answers to
+the same mistakes.
+
+Each request in flight holds one waitress thread while the broker works on it (a command may
+run for an hour), so the server has threads for every command a fleet keeps in flight, and
+connections for every client.
 """
 
 import base64
-import binascii
-import hmac
 import json
+import math
 import threading
 
 import falcon
@@ -17,25 +21,87 @@ from .. import protocol
 from ..broker import INPROC_ADDRESS
 from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, ServiceError, ZMQClient
 from ..logs import EventLog
+from ..protocol import MAX_INT, MAX_SECONDS, ProtocolError
 from . import observe
-from .routes import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, ROUTES
+from .routes import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, PATHS, ROUTES
 
 log = EventLog("http")
 
 STATUS_CODES = {404: "not_found", 413: "payload_too_large", 401: "unauthorized"}
+# Sized for rollout fleets: a thread per request in flight (commands can be long), and
+# connections for every client's keep-alive connection.
+DEFAULT_THREADS = 1500
+DEFAULT_CONNECTIONS = 2000
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+# Health, and the status page's own files (they hold no data: the page asks for the token and
+# sends it with every API call, /status and /metrics included).
+UNGUARDED_PATHS = {PATHS[protocol.PING], "/"}
+UNGUARDED_PREFIX = "/static/"
 
 
 def error_body(code, message):
     return json.dumps({"error": {"code": code, "message": message}})
 
 
+class Authorization:
+    """Falcon middleware: the bearer token is checked before anything reads the request body."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def process_request(self, req, resp):
+        if self.token and req.path not in UNGUARDED_PATHS and not req.path.startswith(UNGUARDED_PREFIX):
+            presented = (req.get_header("Authorization") or "").removeprefix("Bearer ").strip()
+            if not protocol.same_secret(presented, self.token):
+                raise ServiceError("unauthorized", "missing or wrong bearer token")
+
+
+def _bad_constant(name):
+    raise ValueError(f"{name} is not a number JSON allows here")
+
+
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _bounded_int(text):
+    value = int(text)
+    if not -MAX_INT <= value <= MAX_INT:
+        raise ValueError(f"integer {text[:40]} does not fit in 64 bits")
+    return value
+
+
+def parse_body(raw):
+    """A JSON object with only finite numbers that fit in 64 bits; invalid_request otherwise."""
+    try:
+        body = json.loads(raw or b"{}", parse_constant=_bad_constant, parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise ServiceError("invalid_request", "request body is nested too deeply") from None
+    except ValueError as exc:
+        raise ServiceError("invalid_request", f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ServiceError("invalid_request", "request body must be a JSON object")
+    return body
+
+
+def wait_for(fields):
+    """How long to wait for the broker: a command's own time limit and a margin, where it is a sane one
+    (the broker refuses the others, at once)."""
+    timeout = fields.get("timeout")
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout <= MAX_SECONDS:
+        return DEFAULT_WAIT_S + timeout + EXECUTE_MARGIN_S
+    return DEFAULT_WAIT_S
+
+
 class Endpoint:
     """One route; Falcon finds its one responder, so other methods get 405."""
 
-    def __init__(self, method, kind, broker, token, max_body):
+    def __init__(self, method, kind, broker, max_body):
         self.kind = kind
         self.broker = broker
-        self.token = token
         self.max_body = max_body
         setattr(self, f"on_{method.lower()}", self._get if method == "GET" else self._post)
 
@@ -49,36 +115,25 @@ class Endpoint:
         raw = req.bounded_stream.read(self.max_body + 1)
         if len(raw) > self.max_body:
             raise too_large
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError as exc:
-            raise ServiceError("invalid_request", f"request body is not valid JSON: {exc}")
-        if not isinstance(body, dict):
-            raise ServiceError("invalid_request", "request body must be a JSON object")
-        self._serve(req, resp, body)
+        self._serve(req, resp, parse_body(raw))
 
     def _serve(self, req, resp, body):
-        if self.token and self.kind != protocol.PING:
-            presented = (req.get_header("Authorization") or "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(presented, self.token):
-                raise ServiceError("unauthorized", "missing or wrong bearer token")
         use_base64 = body.pop("base64", False) is True
         fields = {k: v for k, v in body.items() if k not in ("v", "type", "id", "token")}
         if self.kind in BYTES_IN and use_base64 and isinstance(fields.get(BYTES_IN[self.kind]), str):
             try:
                 fields[BYTES_IN[self.kind]] = base64.b64decode(fields[BYTES_IN[self.kind]], validate=True)
-            except binascii.Error:
+            except ValueError:  # binascii.Error, or a non-ASCII string
                 raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64")
-        timeout = fields.get("timeout")
-        wait_s = DEFAULT_WAIT_S + (timeout + EXECUTE_MARGIN_S if isinstance(timeout, (int, float)) else 0)
-        result = self.broker.request(self.kind, wait_s, **fields)
+        result = self.broker.request(self.kind, wait_for(fields), **fields)
         out = BYTES_OUT.get(self.kind)
         if out in result:
             data = result[out]
             result[out] = base64.b64encode(data).decode() if use_base64 else data.decode("utf-8", errors="replace")
         if self.kind == protocol.PING:
             result["status"] = "ok"
-        resp.text = json.dumps(result)
+        # A NaN would make the answer invalid JSON: the broker never sends one, and this makes sure.
+        resp.text = json.dumps(result, allow_nan=False)
 
 
 def _service_error(req, resp, exc, params):
@@ -96,11 +151,12 @@ def _http_error(req, resp, exc, params):
 
 def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
     broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)
-    app = falcon.App()
+    app = falcon.App(middleware=[Authorization(token)])
     for path, (method, kind) in ROUTES.items():
-        app.add_route(path, Endpoint(method, kind, broker, token, max_body))
-    observe.add_routes(app, broker, token)
+        app.add_route(path, Endpoint(method, kind, broker, max_body))
+    observe.add_routes(app, broker)
     app.add_error_handler(ServiceError, _service_error)
+    app.add_error_handler(ProtocolError, _service_error)  # a request the wire cannot carry
     app.add_error_handler(falcon.HTTPError, _http_error)
     return app
 
@@ -108,11 +164,14 @@ def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
 class HTTPServer:
     """waitress serving the app on its own threads, stoppable from another thread."""
 
-    def __init__(self, app, host, port, threads=64, max_body=DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, app, host, port, threads=DEFAULT_THREADS, max_body=DEFAULT_MAX_BODY_BYTES,
+                 connections=DEFAULT_CONNECTIONS, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S):
         # waitress's own limit is a backstop for chunked bodies; the app answers 413 in JSON first.
+        # poll(), not select(): past 1023 descriptors select() fails.
         self.server = waitress.create_server(
             app, host=host, port=port, threads=threads, max_request_body_size=2 * max_body,
-            channel_timeout=3600, ident="arservice",
+            connection_limit=connections, channel_timeout=idle_timeout_s, asyncore_use_poll=True,
+            ident="arservice",
         )
         self.port = self.server.effective_port
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)

@@ -1,4 +1,9 @@
-"""Agents as child processes of this host, restarted if they die, stopped with the service."""
+"""Agents as child processes of this host, restarted if they die, stopped with the service.
+
+Agents register with a secret: the service's token, or else one made for this run. It reaches
+them in their environment (readable only by this user), never on a command line, so another
+local process cannot register as an agent and receive clients' commands.
+"""
 
 import os
 import signal
@@ -15,29 +20,35 @@ log = EventLog("runner.local")
 
 STOP_TIMEOUT_S = 30.0
 RESTART_BACKOFF_S = (0.5, 30.0)
+# An agent that ran this long was healthy: its slot's next restart starts from the shortest backoff.
+HEALTHY_S = 10.0
 
 
 class LocalRunner(BaseRunner):
     name = "local"
 
-    def __init__(self, limits, broker_address, token=None, context=None, agents=1, agent_args=()):
+    def __init__(self, limits, broker_address, token=None, context=None, agents=1, agent_args=(), agent_secret=None):
         super().__init__(limits, broker_address, token, context)
+        self.agent_secret = agent_secret or token
         self.count = agents
         instances = limits.get("instances", 10)
         # Split the service's instances over the agents; the broker enforces the total anyway.
         self.per_agent = max(1, -(-instances // agents))
         self.agent_args = list(agent_args)
         self.procs = [None] * agents
+        self.spawned_at = [0.0] * agents
+        self.backoff = [RESTART_BACKOFF_S[0]] * agents
         self.thread = threading.Thread(target=self._watch, name="runner", daemon=True)
 
     def _spawn(self, slot):
         argv = [sys.executable, "-m", "arservice", "agent", "--broker", self.broker_address,
                 "--instances", str(self.per_agent), *self.agent_args]
-        env = dict(os.environ)
-        if self.token:
-            env["ARSERVICE_TOKEN"] = self.token
+        env = {k: v for k, v in os.environ.items() if k not in ("ARSERVICE_TOKEN", "ARSERVICE_TOKEN_FILE")}
+        if self.agent_secret:
+            env["ARSERVICE_TOKEN"] = self.agent_secret
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
         self.procs[slot] = proc
+        self.spawned_at[slot] = time.monotonic()
         log.info("agent_spawned", slot=slot, pid=proc.pid)
 
     def start(self):
@@ -47,15 +58,17 @@ class LocalRunner(BaseRunner):
         self.thread.start()
 
     def _watch(self):
-        backoff = RESTART_BACKOFF_S[0]
         while not self.stopping.wait(0.5):
             for slot, proc in enumerate(self.procs):
                 if proc.poll() is not None and not self.stopping.is_set():
+                    if time.monotonic() - self.spawned_at[slot] >= HEALTHY_S:
+                        self.backoff[slot] = RESTART_BACKOFF_S[0]
+                    backoff = self.backoff[slot]
                     log.warning("agent_died", slot=slot, pid=proc.pid, returncode=proc.returncode, restart_in_s=backoff)
                     if self.stopping.wait(backoff):
                         return
                     self._spawn(slot)
-                    backoff = min(backoff * 2, RESTART_BACKOFF_S[1])
+                    self.backoff[slot] = min(backoff * 2, RESTART_BACKOFF_S[1])
 
     def stop(self):
         """SIGTERM every agent (they close their instances), SIGKILL what is left after a while."""
