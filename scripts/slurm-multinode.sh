@@ -70,6 +70,8 @@ down() {
   rm -rf "$BASE"
 }
 
+# LLN (least loaded node first) spreads single-node jobs over the nodes, as on a busy real cluster,
+# instead of packing them on n1.
 write_config() {
   { echo "127.0.0.1 localhost"; echo "$NET.1 $HOST"
     for node in "${NODES[@]}" login; do echo "${ADDRESS[$node]} $node"; done; } >"$BASE/hosts"
@@ -100,7 +102,7 @@ MpiDefault=none
 MailProg=/bin/true
 SchedulerParameters=sched_interval=1
 NodeName=n[1-3] NodeAddr=$NET.1[1-3] CPUs=$NODE_CPUS RealMemory=1000 State=UNKNOWN
-PartitionName=mn Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=mn Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES LLN=YES
 EOF
 }
 
@@ -118,6 +120,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 StrictModes no
 UsePAM no
+Subsystem sftp internal-sftp
 EOF
   mkdir -p -m 755 /run/sshd  # sshd's privilege separation directory
   in_node login /usr/sbin/sshd -f "$BASE/ssh/sshd_config" -E "$BASE/log/sshd.log"

@@ -5,8 +5,10 @@ SSH; a job runs `agents_per_job` agents; each agent dials the broker at the adve
 Every cycle it reads the broker (starts waiting for room, agents registered with their job id)
 and, every second, squeue; then it
 - counts a job as lost the moment the broker loses one of its agents, whatever squeue says (Slurm
-  lists a dead node's job as RUNNING for minutes, and requeues a preempted one under the same id):
-  it scancels the job (best effort), replaces it, and keeps replacements off that node for a while;
+  lists a dead node's job as RUNNING for minutes): it scancels the job (best effort), replaces it,
+  and keeps replacements off that node for a while if Slurm still ran the job (the node is suspect);
+- counts a job as lost, cancels and replaces it, when squeue shows it leave RUNNING unasked: a job
+  requeued or preempted keeps its id and would run again beside its replacement;
 - replaces a job that ended without being cancelled by us, with backoff while replacements die
   before registering;
 - drains an agent whose job nears its time limit (`time_margin_s` before the end: the broker stops
@@ -44,8 +46,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "agent.sh")
 POLL_S = 0.2
 SQUEUE_EVERY_S = 1.0
 REPLACE_BACKOFF_S = (1.0, 60.0)
-EXCLUDE_NODE_S = 300.0  # a node whose agent fell silent gets no replacement job for this long
-SILENT_S = 2.0  # an agent last heard from longer ago than this (heartbeats are 1 s apart) fell silent
+EXCLUDE_NODE_S = 300.0  # a node whose agent died under a running job gets no replacement job for this long
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Job:
         self.cancelled = False   # by us: its end is expected
         self.cancel_failed = False  # scancel did not go through: retried while squeue lists it
         self.lost = False
-        self.silent = False      # lost because its agent fell silent (node or network trouble)
+        self.ran = False         # started: seen running, or an agent seen; never pending again unasked
         self.draining = False    # near its time limit: its agents take nothing new
         self.agents = []         # the broker's descriptions of its registered agents
         self.seen = set()        # ids of every agent it ever registered
@@ -216,15 +217,11 @@ class SlurmRunner(BaseRunner):
         for agent in resources["agents"]:
             if agent.get("slurm_job_id"):
                 agents.setdefault(agent["slurm_job_id"], []).append(agent)
-        previous = {job.job_id: job.agents for job in self.jobs.values()}
         for job in list(self.jobs.values()):
             job.agents = agents.get(job.job_id, [])
             ids = {a["agent_id"] for a in job.agents}
             if job.seen - ids and not job.cancelled:
-                # Silent, not a goodbye (an agent says one when Slurm ends or requeues its job):
-                # its node is suspect.
-                job.silent = any(a["last_seen_s"] > SILENT_S for a in previous.get(job.job_id, []))
-                self._lose(job, now, f"agent {', '.join(sorted(job.seen - ids))} lost")
+                self._lose(job, now, f"agent {', '.join(sorted(job.seen - ids))} lost", suspect_node=self._still_running(job))
                 continue
             if ids - job.seen:
                 job.seen |= ids
@@ -245,6 +242,10 @@ class SlurmRunner(BaseRunner):
                 log.warning("job_adopted", job=job_id)
                 job = self.jobs[job_id] = Job(job_id, now)
             job.state, job.node = state, node or job.node
+            job.ran = job.ran or bool(job.seen) or state != "PENDING"
+            if job.ran and state not in ("RUNNING", "CONFIGURING") and not job.cancelled:
+                # requeued or preempted (pending or suspended again), or ending (completing)
+                self._lose(job, now, f"{state} after running (requeued, preempted or ended)")
             seconds = slurm_seconds(left) if state == "RUNNING" else None
             job.ends_at = None if seconds is None else now + seconds
             if job.cancel_failed:
@@ -254,17 +255,27 @@ class SlurmRunner(BaseRunner):
             if not job.cancelled:
                 self._lose(job, now, f"ended ({self._final_state(job.job_id)})", cancel=False)
 
-    def _lose(self, job, now, reason, cancel=True):
-        """A job ended, or will not serve again: count it lost, end it, replace it away from its node."""
+    def _still_running(self, job):
+        """Whether Slurm still runs a job whose agent is gone. Slurm marks a job it ends, cancels or
+        requeues before it signals the agent, so RUNNING here means the agent or its node failed."""
+        try:
+            state = self._squeue().get(job.job_id, ("",))[0]
+        except ShellError as exc:
+            log.warning("squeue_failed", job=job.job_id, error=str(exc))
+            return False
+        return state == "RUNNING"
+
+    def _lose(self, job, now, reason, cancel=True, suspect_node=False):
+        """A job ended, or will not serve again: count it lost, end it, replace it (away from its node if suspect)."""
         self.counts["lost"] += 1
         self._owed += 1
         job.lost = True
         if not job.seen:  # it never registered: do not resubmit in a tight loop
             self._next_submit = now + self._replace_backoff
             self._replace_backoff = min(self._replace_backoff * 2, REPLACE_BACKOFF_S[1])
-        elif job.silent and job.node:
+        elif suspect_node and job.node:
             self.excluded[job.node] = now + EXCLUDE_NODE_S
-        log.warning("job_lost", job=job.job_id, node=job.node, reason=reason, silent=job.silent)
+        log.warning("job_lost", job=job.job_id, node=job.node, reason=reason, node_excluded=suspect_node)
         if cancel:
             self._cancel([job])
 
