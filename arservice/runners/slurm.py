@@ -150,8 +150,7 @@ class SlurmRunner(BaseRunner):
             self.shell.write(self.token_path, self.token.encode(), 0o600)
         log.info("runner_started", submit_on=self.shell.description, job_name=self.job_name, max_jobs=self.max_jobs,
                  min_jobs=self.opts.min_jobs, workdir=self.workdir)
-        for _ in range(self.opts.min_jobs):
-            self._submit(time.monotonic())
+        self._submit(time.monotonic(), self.opts.min_jobs)
         self.requested = self.opts.min_jobs * self.opts.agents_per_job
         self._report()  # resources show the Slurm side from the moment the service is ready
         self.thread.start()
@@ -305,9 +304,7 @@ class SlurmRunner(BaseRunner):
         count = min(wanted, self.max_jobs - len(live))
         if count <= 0 or now < self._next_submit:
             return
-        for _ in range(count):
-            self._submit(now)
-        self._owed = max(0, self._owed - count)
+        self._owed = max(0, self._owed - self._submit(now, count))
 
     def _release_idle(self, now):
         live = [j for j in self.jobs.values() if not j.cancelled and not j.draining]
@@ -363,7 +360,11 @@ class SlurmRunner(BaseRunner):
 
     # -- Slurm commands --------------------------------------------------------
 
-    def _submit(self, now):
+    def _submit(self, now: float, count: int) -> int:
+        """Submit `count` jobs in one shell command (one SSH round trip, and one run of the login
+        shell's start-up files, however many jobs); return how many Slurm took."""
+        if count <= 0:
+            return 0
         opts = self.opts
         env = ",".join(("ALL", f"ARSERVICE_PYTHON={self.python}", *opts.env))
         argv = ["sbatch", "--parsable", f"--job-name={self.job_name}", f"--output={self.workdir}/%j.out", f"--export={env}"]
@@ -378,14 +379,21 @@ class SlurmRunner(BaseRunner):
                  "--instances", str(opts.instances_per_agent), *opts.agent_args]
         if self.token_path:
             argv += ["--token-file", self.token_path]
-        result = self._check(self.shell.run(argv), "sbatch")
-        job_id = result.stdout.strip().split(";")[0]
-        if not re.fullmatch(r"\d+(_\d+)?", job_id):
-            raise ShellError(f"sbatch answered {result.stdout.strip()!r}, not a job id")
-        self.jobs[job_id] = Job(job_id, now)
-        self.counts["submitted"] += 1
-        log.info("job_submitted", job=job_id, submit_on=self.shell.description, excluded=",".join(sorted(self.excluded)))
-        return job_id
+        # `&&`: the ids printed are exactly the jobs that exist, even when a later sbatch fails.
+        result = self.shell.run(argv if count == 1 else ["sh", "-c", " && ".join([shlex.join(argv)] * count)])
+        job_ids = [line.split(";")[0] for line in result.stdout.split()]
+        for job_id in job_ids:
+            if not re.fullmatch(r"\d+(_\d+)?", job_id):
+                raise ShellError(f"sbatch answered {result.stdout.strip()!r}, not job ids")
+            self.jobs[job_id] = Job(job_id, now)
+            log.info("job_submitted", job=job_id, submit_on=self.shell.description, excluded=",".join(sorted(self.excluded)))
+        self.counts["submitted"] += len(job_ids)
+        if not job_ids:
+            self._check(result, "sbatch")
+            raise ShellError(f"sbatch answered {result.stdout.strip()!r}, not job ids")
+        if len(job_ids) < count:  # the rest is retried next cycle
+            log.warning("submit_partial", submitted=len(job_ids), wanted=count, error=result.stderr.strip()[:300])
+        return len(job_ids)
 
     def _cancel(self, jobs):
         """scancel, best effort: a failure is logged and retried while squeue still lists the job."""
