@@ -120,6 +120,8 @@ def test_spread_over_nodes_a_dead_node_is_replaced_elsewhere_and_stop_is_bounded
         run_in_threads(start, 12)
         hosts = {i["instance_id"]: svc.client.execute(i["instance_id"], "hostname")["output"].strip() for i in insts}
         assert sorted(hosts.values()) == sorted(NODES * 4)  # 4 on each node, each in its own namespace
+        # The runner's SSH session stays out of the instances (bash would take it as a reason to source ~/.bashrc).
+        assert svc.client.execute(insts[0]["instance_id"], "echo ${SSH_CLIENT:-none}")["output"] == "none\n"
         runner = wait_for(lambda: (r := svc.runner())["agents_registered"] == 3 and r, what="runner status")
         assert {n: v["instances"] for n, v in runner["nodes"].items()} == dict.fromkeys(NODES, 4)
         assert sorted(a["hostname"] for a in svc.http.available_resources()["agents"]) == list(NODES)

@@ -17,6 +17,11 @@
 # scancel sends SIGTERM (srun passes it on): each agent closes every instance it holds, then exits.
 set -euo pipefail
 
+# sbatch run from an SSH session (the runner's, over --slurm-ssh) passes on SSH_CLIENT, and bash
+# takes that to mean sshd started it: every `bash -c` in an instance would source ~/.bashrc (0.2 s
+# with pyenv or a module system there). They describe the submitter's session, not this job.
+unset SSH_CLIENT SSH2_CLIENT SSH_CONNECTION SSH_TTY
+
 python=${ARSERVICE_PYTHON:-python3}
 tasks=${SLURM_NTASKS:-1}
 if [ "$tasks" -gt 1 ] && [ -z "${SLURM_STEP_ID:-}" ]; then
