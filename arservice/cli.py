@@ -137,6 +137,8 @@ def slurm_options(fn):
         click.option("--slurm-ssh-key", default=None, type=click.Path(exists=True, dir_okay=False), help="Private key file for --slurm-ssh."),
         click.option("--advertise-address", default=None, help="ZMQ address agents dial, e.g. tcp://login1:5555 (default: the bound one)."),
         click.option("--start-wait", default=None, type=float, help="Seconds a start may wait for room (default: 0 local, 600 slurm)."),
+        click.option("--slurm-command-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+                     help="Seconds any one Slurm command (or SSH connection) may take before it fails."),
         click.option("--stop-timeout", "slurm_stop_timeout", default=30.0, show_default=True, type=click.FloatRange(0),
                      help="Seconds to wait for Slurm to confirm the jobs ended at shutdown; then exit 1 naming them."),
     ]):
@@ -168,6 +170,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
         runner_options = {"options": SlurmOptions(
             instances_per_agent=slurm["slurm_instances"], agents_per_job=slurm["slurm_agents_per_job"],
             time_margin_s=slurm["slurm_time_margin"], env=slurm["slurm_env"], stop_timeout_s=slurm["slurm_stop_timeout"],
+            command_timeout_s=slurm["slurm_command_timeout"],
             min_jobs=slurm["slurm_min_jobs"],
             idle_timeout_s=slurm["slurm_idle_timeout"], partition=slurm["slurm_partition"],
             account=slurm["slurm_account"], time_limit=slurm["slurm_time"], cpus_per_agent=slurm["slurm_cpus"],

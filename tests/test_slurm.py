@@ -21,8 +21,10 @@ AGENT_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "sbatch", "agent.sh
 
 
 def our_jobs(job_name):
-    out = subprocess.run(["squeue", "-h", f"--name={job_name}", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
-    return dict(line.split() for line in out.splitlines())
+    """SLURM_JOB_ID -> state of the jobs named job_name (a pending element of a job array by its array index)."""
+    out = subprocess.run(["squeue", "-h", "-r", f"--name={job_name}", "-o", "%i %A %T"], capture_output=True, text=True,
+                         check=True).stdout
+    return {(i if state == "PENDING" else a): state for i, a, state in (line.split() for line in out.splitlines())}
 
 
 def slurm_service(*args, **kwargs):
@@ -90,7 +92,11 @@ def test_pool_grows_with_demand_up_to_jobs_replaces_lost_jobs_and_shuts_down_cle
         # scancel behind the runner's back: the instance is lost, the job replaced.
         victim = started[0]
         victim_job = agents[victim["agent_id"]]["slurm_job_id"]
-        subprocess.run(["scancel", victim_job], check=True)
+        # By the id squeue shows (362_0 for an element of an array: its SLURM_JOB_ID may be the array's own id,
+        # and scancel of that would end every element).
+        [victim_id] = wait_for(lambda: [j["job_id"] for j in svc.client.available_resources()["runner"]["job_list"]
+                                        if j["slurm_job_id"] == victim_job], what="the runner to know the job")
+        subprocess.run(["scancel", victim_id], check=True)
 
         def lost():
             try:

@@ -83,10 +83,11 @@ class ClusterService(Service):
 
 
 def our_jobs(job_name):
-    """job id -> (state, node) for the jobs named job_name."""
-    out = subprocess.run(["squeue", "-h", f"--name={job_name}", "-o", "%i %T %N"], capture_output=True, text=True,
+    """SLURM_JOB_ID -> (state, node) for the jobs named job_name (a pending element of a job array by its array index)."""
+    out = subprocess.run(["squeue", "-h", "-r", f"--name={job_name}", "-o", "%i|%A|%T|%N"], capture_output=True, text=True,
                          check=True, env=SLURM_ENV).stdout
-    return {f[0]: (f[1], f[2] if len(f) > 2 else "") for f in (line.split() for line in out.splitlines())}
+    return {(i if state == "PENDING" else a): (state, node)
+            for i, a, state, node in (line.split("|") for line in out.splitlines())}
 
 
 def agents_by_job(svc):
@@ -153,10 +154,11 @@ def test_spread_over_nodes_a_dead_node_is_replaced_elsewhere_and_stop_is_bounded
         assert runner["lost"] == 1 and runner["excluded_nodes"] == [victim_node], svc.output()
 
         # Stop while the node is dead: its job never leaves squeue, so stop gives up after --stop-timeout.
+        [victim_id] = [j["job_id"] for j in svc.runner()["job_list"] if j["slurm_job_id"] == victim_job]  # 40_1 in an array
         code, took, output = svc.terminate(signal.SIGTERM)
         assert code == 1 and took < 4 + 5, (code, took, output)
-        assert f"could not confirm that Slurm job(s) {victim_job} ended" in output
-        assert f"end them with: ssh -i {KEY} -p 22 {LOGIN} 'scancel {victim_job}'" in output
+        assert f"could not confirm that Slurm job(s) {victim_id} ended" in output
+        assert f"end them with: ssh -i {KEY} -p 22 {LOGIN} 'scancel {victim_id}'" in output
         assert {j: s for j, s in our_jobs(svc.job_name).items() if s[1] != victim_node} == {}  # nothing on live nodes
     finally:
         svc.cleanup()
@@ -165,14 +167,19 @@ def test_spread_over_nodes_a_dead_node_is_replaced_elsewhere_and_stop_is_bounded
 
 
 def test_stop_with_the_login_node_unreachable_is_bounded_and_names_the_jobs(cluster):
-    svc = ClusterService("--max-resources", '{"jobs": 2}', "--slurm-min-jobs", "2", "--slurm-instances", "1")
+    svc = ClusterService("--max-resources", '{"jobs": 2}', "--slurm-min-jobs", "2", "--slurm-instances", "1",
+                         "--slurm-command-timeout", "2")
     link_down = False
     try:
         wait_for(lambda: len(agents_by_job(svc)) == 2, timeout=30, interval=0.1, what="two agents")
-        jobs = sorted(our_jobs(svc.job_name), key=int)
+        jobs = [j["job_id"] for j in svc.runner()["job_list"]]  # as the runner knows them
+        assert [j.split("_")[1] for j in jobs] == ["0", "1"]  # submitted together: one job array
         # The login node falls silent: its link drops packets, so SSH calls hang instead of failing.
         subprocess.run(["ip", "link", "set", "mn-login", "down"], check=True)
         link_down = True
+        # Every Slurm call is bounded: the runner's squeue gives up with a clear error, and tries again.
+        wait_for(lambda: f"ssh {LOGIN}:22: squeue: no answer within 2s" in svc.output(), timeout=15, interval=0.2,
+                 what="the bounded squeue's error")
         code, took, output = svc.terminate(signal.SIGTERM, signal.SIGTERM)  # the second one forces the stop
         assert code == 1 and took < 5, (code, took, output)  # well before --stop-timeout (30 s)
         assert f"could not confirm that Slurm job(s) {' '.join(jobs)} ended" in output
@@ -196,7 +203,9 @@ def test_a_requeued_job_is_replaced_without_a_duplicate_agent(cluster):
     try:
         inst = svc.client.start_instance({"type": "local"})
         [(job_id, _)] = agents_by_job(svc).items()
-        subprocess.run(["scontrol", "requeue", job_id], check=True, env=SLURM_ENV)
+        [squeue_id] = wait_for(lambda: [j["job_id"] for j in svc.runner()["job_list"] if j["slurm_job_id"] == job_id],
+                               what="the runner to know the job")
+        subprocess.run(["scontrol", "requeue", squeue_id], check=True, env=SLURM_ENV)
         wait_for(lambda: is_lost(svc, inst["instance_id"]), timeout=10, interval=0.1, what="the instance lost")
         # The requeued job is cancelled, not run again beside its replacement.
         wait_for(lambda: job_id not in our_jobs(svc.job_name), timeout=30, interval=0.1, what="the requeued job gone")
@@ -237,7 +246,7 @@ def test_jobs_near_their_time_limit_are_drained_and_replaced_before_the_end(clus
         started = time.monotonic()
         held, closed = (svc.client.start_instance({"type": "local"}) for _ in range(2))
         old_jobs = set(agents_by_job(svc))
-        wait_for(lambda: all(j["draining"] for j in svc.runner()["job_list"] if j["job_id"] in old_jobs),
+        wait_for(lambda: all(j["draining"] for j in svc.runner()["job_list"] if j["slurm_job_id"] in old_jobs),
                  timeout=20, interval=0.1, what="the jobs draining")
         # Replacements come while the old agents still serve: capacity does not dip.
         wait_for(lambda: len(set(agents_by_job(svc)) - old_jobs) == 2, timeout=20, interval=0.1, what="replacements")

@@ -21,7 +21,7 @@ from ..logs import EventLog
 log = EventLog("runner.shell")
 
 Result = namedtuple("Result", "returncode stdout stderr")
-COMMAND_TIMEOUT_S = 30.0  # any one Slurm or SSH command
+COMMAND_TIMEOUT_S = 30.0  # any one Slurm or SSH command, unless the runner says otherwise
 SSH_RETRY_BACKOFF_S = (0.5, 8.0)
 WAIT_SLICE_S = 0.05  # how often a wait looks at `abort`
 
@@ -33,10 +33,12 @@ class ShellError(RuntimeError):
 class LocalShell:
     description = "this host"
 
-    def __init__(self):
+    def __init__(self, timeout_s: float = COMMAND_TIMEOUT_S):
+        self.timeout_s = timeout_s
         self.abort = threading.Event()
 
-    def run(self, argv: list[str], timeout: float = COMMAND_TIMEOUT_S) -> Result:
+    def run(self, argv: list[str], timeout: float | None = None) -> Result:
+        timeout = timeout or self.timeout_s
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         except FileNotFoundError:
@@ -72,11 +74,13 @@ class SSHShell:
     silent waits for TCP to give up, minutes later), so each call runs on a helper thread and is
     waited for with a deadline; past it the connection is closed, which ends the helper too."""
 
-    def __init__(self, target: str, port: int = 22, key_file: str | None = None, connect_timeout_s: float = 10.0):
+    def __init__(self, target: str, port: int = 22, key_file: str | None = None, connect_timeout_s: float = 10.0,
+                 timeout_s: float = COMMAND_TIMEOUT_S):
         user, _, host = target.rpartition("@")
         self.user, self.host, self.port = user or None, host, port
         self.key_file = key_file
         self.connect_timeout_s = connect_timeout_s
+        self.timeout_s = timeout_s
         self.description = f"{target}:{port}"
         self.abort = threading.Event()
         self._client = None
@@ -150,22 +154,22 @@ class SSHShell:
             self.abort.wait(backoff)
             backoff = min(backoff * 2, SSH_RETRY_BACKOFF_S[1])
 
-    def run(self, argv: list[str], timeout: float = COMMAND_TIMEOUT_S) -> Result:
+    def run(self, argv: list[str], timeout: float | None = None) -> Result:
         def action(client, left):
             with self._sh_lock:
                 if self._sh is None or self._sh.client is not client:
                     self._sh = RemoteSh(client, left)
                 return self._sh.run(shlex.join(argv))
-        return self._bounded(argv[0], action, timeout)
+        return self._bounded(argv[0], action, timeout or self.timeout_s)
 
-    def write(self, path: str, data: bytes, mode: int, timeout: float = COMMAND_TIMEOUT_S) -> None:
+    def write(self, path: str, data: bytes, mode: int) -> None:
         def action(client, left):
             _, stdout, _ = client.exec_command(shlex.join(["mkdir", "-p", os.path.dirname(path) or "."]), timeout=max(left, 0.1))
             stdout.channel.recv_exit_status()
             with client.open_sftp() as sftp, sftp.open(path, "wb") as f:
                 f.chmod(mode)  # before the data: a secret is never readable by others
                 f.write(data)
-        return self._bounded(f"write {path}", action, timeout)
+        return self._bounded(f"write {path}", action, self.timeout_s)
 
     def close(self) -> None:
         client, self._client = self._client, None

@@ -1,7 +1,8 @@
 """Agents as Slurm jobs: a pool that grows with demand and shrinks when idle.
 
 The runner submits agent.sh (sbatch/agent.sh) with sbatch, on this host or on a login node over
-SSH; a job runs `agents_per_job` agents; each agent dials the broker at the advertised address.
+SSH, several jobs at once as one job array; a job runs `agents_per_job` agents; each agent dials
+the broker at the advertised address.
 Every cycle it reads the broker (starts waiting for room, agents registered with their job id)
 and, every second, squeue; then it
 - counts a job as lost the moment the broker loses one of its agents, whatever squeue says (Slurm
@@ -69,6 +70,7 @@ class SlurmOptions:
     ssh_port: int = 22
     ssh_key: str = None
     stop_timeout_s: float = 30.0
+    command_timeout_s: float = 30.0  # any one sbatch, squeue, scancel, scontrol (and SSH connection)
     agent_args: tuple = field(default_factory=tuple)
 
 
@@ -90,7 +92,10 @@ def slurm_seconds(text: str) -> int | None:
 
 class Job:
     def __init__(self, job_id: str, now: float):
-        self.job_id = job_id
+        self.job_id = job_id     # as squeue prints it: 41, or 40_3 for an element of an array
+        # What its agents report (SLURM_JOB_ID): the same, except for an array element, which gets
+        # its own id only when it starts (squeue %A then).
+        self.slurm_id = None if "_" in job_id else job_id
         self.state = "PENDING"
         self.node = ""           # where Slurm runs it (squeue %N), once running
         self.ends_at = None      # monotonic time of its time limit, once running with one
@@ -119,7 +124,9 @@ class SlurmRunner(BaseRunner):
         self.max_jobs = int(limits.get("jobs", 1))
         if self.opts.min_jobs > self.max_jobs:
             raise ValueError(f"min_jobs ({self.opts.min_jobs}) is more than jobs ({self.max_jobs})")
-        self.shell = SSHShell(self.opts.ssh, self.opts.ssh_port, self.opts.ssh_key) if self.opts.ssh else LocalShell()
+        timeout_s = self.opts.command_timeout_s
+        self.shell = (SSHShell(self.opts.ssh, self.opts.ssh_port, self.opts.ssh_key, min(10.0, timeout_s), timeout_s)
+                      if self.opts.ssh else LocalShell(timeout_s))
         self.shell.abort = self.abort  # a forced stop cuts every wait short
         self.job_name = f"{self.opts.job_prefix}-{secrets.token_hex(3)}"
         base = ".arservice/slurm" if self.opts.ssh else os.path.expanduser("~/.cache/arservice/slurm")
@@ -217,7 +224,7 @@ class SlurmRunner(BaseRunner):
             if agent.get("slurm_job_id"):
                 agents.setdefault(agent["slurm_job_id"], []).append(agent)
         for job in list(self.jobs.values()):
-            job.agents = agents.get(job.job_id, [])
+            job.agents = agents.get(job.slurm_id, [])
             ids = {a["agent_id"] for a in job.agents}
             if job.seen - ids and not job.cancelled:
                 self._lose(job, now, f"agent {', '.join(sorted(job.seen - ids))} lost", suspect_node=self._still_running(job))
@@ -235,12 +242,14 @@ class SlurmRunner(BaseRunner):
     def _refresh(self, now):
         listed = self._squeue()
         self._next_squeue = now + SQUEUE_EVERY_S
-        for job_id, (state, node, left) in listed.items():
+        for job_id, (slurm_id, state, node, left) in listed.items():
             job = self.jobs.get(job_id)
             if job is None:  # ours (by name) but unknown: an sbatch whose answer was lost
                 log.warning("job_adopted", job=job_id)
                 job = self.jobs[job_id] = Job(job_id, now)
             job.state, job.node = state, node or job.node
+            if state != "PENDING":  # (a pending array element shows the array's id)
+                job.slurm_id = slurm_id
             job.ran = job.ran or bool(job.seen) or state != "PENDING"
             if job.ran and state not in ("RUNNING", "CONFIGURING") and not job.cancelled:
                 # requeued or preempted (pending or suspended again), or ending (completing)
@@ -258,7 +267,7 @@ class SlurmRunner(BaseRunner):
         """Whether Slurm still runs a job whose agent is gone. Slurm marks a job it ends, cancels or
         requeues before it signals the agent, so RUNNING here means the agent or its node failed."""
         try:
-            state = self._squeue().get(job.job_id, ("",))[0]
+            state = self._squeue().get(job.job_id, ("", ""))[1]
         except ShellError as exc:
             log.warning("squeue_failed", job=job.job_id, error=str(exc))
             return False
@@ -267,7 +276,8 @@ class SlurmRunner(BaseRunner):
     def _lose(self, job, now, reason, cancel=True, suspect_node=False):
         """A job ended, or will not serve again: count it lost, end it, replace it (away from its node if suspect)."""
         self.counts["lost"] += 1
-        self._owed += 1
+        if not job.draining:  # a draining job's replacement is on its way already
+            self._owed += 1
         job.lost = True
         if not job.seen:  # it never registered: do not resubmit in a tight loop
             self._next_submit = now + self._replace_backoff
@@ -345,8 +355,8 @@ class SlurmRunner(BaseRunner):
             "capacity": {"registered": sum(a["capacity"].get("instances") or 0 for a in registered),
                          "coming": sum(1 for j in self.jobs.values() if not j.agents and not j.cancelled) * self.per_job},
             "nodes": nodes,
-            "excluded_nodes": sorted(self.excluded),
-            "job_list": [{"job_id": j.job_id, "state": j.state.lower(), "node": j.node, "cancelled": j.cancelled,
+            "excluded_nodes": sorted(n for n, until in self.excluded.items() if until > time.monotonic()),
+            "job_list": [{"job_id": j.job_id, "slurm_job_id": j.slurm_id, "state": j.state.lower(), "node": j.node, "cancelled": j.cancelled,
                           "lost": j.lost, "draining": j.draining, "agent_ids": [a["agent_id"] for a in j.agents],
                           "instances": j.instances()} for j in self.jobs.values()],
         }
@@ -361,15 +371,16 @@ class SlurmRunner(BaseRunner):
     # -- Slurm commands --------------------------------------------------------
 
     def _submit(self, now: float, count: int) -> int:
-        """Submit `count` jobs in one shell command (one SSH round trip, and one run of the login
-        shell's start-up files, however many jobs); return how many Slurm took."""
+        """Submit `count` jobs in one sbatch (a job array when more than one: one call to the
+        controller, 12 ms for 24 jobs here against 14 ms for each sbatch); return how many."""
         if count <= 0:
             return 0
         opts = self.opts
         env = ",".join(("ALL", f"ARSERVICE_PYTHON={self.python}", *opts.env))
         argv = ["sbatch", "--parsable", f"--job-name={self.job_name}", f"--output={self.workdir}/%j.out", f"--export={env}"]
         self.excluded = {node: until for node, until in self.excluded.items() if until > now}
-        for flag, value in (("--partition", opts.partition), ("--account", opts.account), ("--time", opts.time_limit),
+        for flag, value in (("--array", f"0-{count - 1}" if count > 1 else None),
+                            ("--partition", opts.partition), ("--account", opts.account), ("--time", opts.time_limit),
                             ("--cpus-per-task", opts.cpus_per_agent), ("--mem", opts.memory_per_agent),
                             ("--ntasks", opts.agents_per_job if opts.agents_per_job > 1 else None),
                             ("--exclude", ",".join(sorted(self.excluded)) or None)):
@@ -379,21 +390,17 @@ class SlurmRunner(BaseRunner):
                  "--instances", str(opts.instances_per_agent), *opts.agent_args]
         if self.token_path:
             argv += ["--token-file", self.token_path]
-        # `&&`: the ids printed are exactly the jobs that exist, even when a later sbatch fails.
-        result = self.shell.run(argv if count == 1 else ["sh", "-c", " && ".join([shlex.join(argv)] * count)])
-        job_ids = [line.split(";")[0] for line in result.stdout.split()]
+        result = self._check(self.shell.run(argv), "sbatch")
+        job_id = result.stdout.strip().split(";")[0]
+        if not re.fullmatch(r"\d+", job_id):
+            raise ShellError(f"sbatch answered {result.stdout.strip()!r}, not a job id")
+        job_ids = [f"{job_id}_{i}" for i in range(count)] if count > 1 else [job_id]
         for job_id in job_ids:
-            if not re.fullmatch(r"\d+(_\d+)?", job_id):
-                raise ShellError(f"sbatch answered {result.stdout.strip()!r}, not job ids")
             self.jobs[job_id] = Job(job_id, now)
-            log.info("job_submitted", job=job_id, submit_on=self.shell.description, excluded=",".join(sorted(self.excluded)))
-        self.counts["submitted"] += len(job_ids)
-        if not job_ids:
-            self._check(result, "sbatch")
-            raise ShellError(f"sbatch answered {result.stdout.strip()!r}, not job ids")
-        if len(job_ids) < count:  # the rest is retried next cycle
-            log.warning("submit_partial", submitted=len(job_ids), wanted=count, error=result.stderr.strip()[:300])
-        return len(job_ids)
+        self.counts["submitted"] += count
+        log.info("job_submitted", jobs=" ".join(job_ids), submit_on=self.shell.description,
+                 excluded=",".join(sorted(self.excluded)))
+        return count
 
     def _cancel(self, jobs):
         """scancel, best effort: a failure is logged and retried while squeue still lists the job."""
@@ -412,13 +419,13 @@ class SlurmRunner(BaseRunner):
         log.info("jobs_cancelled", jobs=" ".join(ids))
 
     def _squeue(self, timeout=None):
-        """Our jobs still known to Slurm: job id -> (state, node list, time left)."""
-        argv = ["squeue", "-h", f"--name={self.job_name}", "-o", "%i|%T|%N|%L"]
+        """Our jobs still known to Slurm, array elements one by one: job id -> (SLURM_JOB_ID, state, node list, time left)."""
+        argv = ["squeue", "-h", "-r", f"--name={self.job_name}", "-o", "%i|%A|%T|%N|%L"]
         result = self._check(self.shell.run(argv) if timeout is None else self.shell.run(argv, timeout=timeout), "squeue")
         jobs = {}
         for line in result.stdout.splitlines():
             parts = line.strip().split("|")
-            if len(parts) == 4:
+            if len(parts) == 5:
                 jobs[parts[0]] = tuple(parts[1:])
         return jobs
 
