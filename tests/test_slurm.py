@@ -256,3 +256,14 @@ def test_a_wrong_ssh_key_fails_fast_with_a_clear_message(sshd):
     assert done.returncode == 2
     assert f"arservice: error: ssh root@127.0.0.1:{sshd['port']}: authentication failed with key {sshd['wrong']}" in done.stderr
     assert time.monotonic() - started < 20  # not retried: retries would take 15 s of backoff alone
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--slurm-env", "PYTHONPATH"], "--slurm-env 'PYTHONPATH': want NAME=VALUE"),
+    (["--slurm-env", "A=x,y"], "without commas (sbatch --export splits on them)"),
+    (["--slurm-time", "1", "--slurm-time-margin", "60"], "--slurm-time-margin (60s) must be less than --slurm-time (60s)"),
+])
+def test_bad_slurm_options_are_refused_before_anything_starts(args, error):
+    done = subprocess.run([sys.executable, "-m", "arservice", "--runner", "slurm", "--port", "0", "--zmq-port", "0", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and error in done.stderr, done.stderr
