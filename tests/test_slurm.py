@@ -106,7 +106,7 @@ def test_pool_grows_with_demand_up_to_jobs_replaces_lost_jobs_and_shuts_down_cle
         wait_for(lost, timeout=30, interval=0.2, what="the instance on the cancelled job to be lost")
         replaced = wait_for(lambda: [a for a in svc.client.available_resources()["agents"]
                                      if a["slurm_job_id"] not in (victim_job, agents[started[1]["agent_id"]]["slurm_job_id"])],
-                            timeout=60, interval=0.2, what="a replacement job's agent")
+                            timeout=60, interval=0.2, what=f"a replacement job's agent: {svc.output()}")
         assert replaced[0]["slurm_job_id"] in our_jobs(svc.job_name)
         assert wait_for(lambda: svc.client.available_resources()["runner"]["lost"], what="lost count") == 1
         assert svc.client.execute(started[1]["instance_id"], "echo still")["output"] == "still\n"
