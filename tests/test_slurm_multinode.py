@@ -130,6 +130,7 @@ def test_spread_over_nodes_a_dead_node_is_replaced_elsewhere_and_stop_is_bounded
         # n? dies: slurmd, the job's agent and its instances, all at once. Slurm does not notice for minutes.
         victim_node = hosts[insts[0]["instance_id"]]
         [victim_job] = [j for j, (_, node) in our_jobs(svc.job_name).items() if node == victim_node]
+        old_jobs = set(agents_by_job(svc))
         killed = time.monotonic()
         subprocess.run([CLUSTER, "kill-node", victim_node], check=True, timeout=30)
         on_victim = [i for i, h in hosts.items() if h == victim_node]
@@ -138,9 +139,7 @@ def test_spread_over_nodes_a_dead_node_is_replaced_elsewhere_and_stop_is_bounded
 
         def replacement():
             return [(j, node) for j, (state, node) in our_jobs(svc.job_name).items()
-                    if j != victim_job and state == "RUNNING" and node not in (victim_node, "")
-                    and j not in {a["slurm_job_id"] for a in agents_before}]
-        agents_before = [a for a in svc.client.available_resources()["agents"]]
+                    if j not in old_jobs and state == "RUNNING"]
         [(new_job, new_node)] = wait_for(replacement, timeout=10, interval=0.1, what="a replacement job RUNNING")
         replaced_after = time.monotonic() - killed
         assert new_node != victim_node and lost_after < 10 and replaced_after < 10, (lost_after, replaced_after)
