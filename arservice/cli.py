@@ -22,7 +22,7 @@ from .http.routes import DEFAULT_MAX_BODY_BYTES
 from .protocol import ProtocolError
 from .runners import RUNNERS
 from .runners.shell import ShellError
-from .runners.slurm import SlurmOptions, slurm_seconds
+from .runners.slurm import JOB_PREFIX, SlurmOptions, slurm_seconds
 
 DEFAULT_MAX_RESOURCES = '{"instances": 10}'
 LIMIT_KEYS = ("instances", "cpus", "memory", "jobs")
@@ -177,6 +177,8 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
             memory_per_agent=slurm["slurm_memory"], sbatch_args=slurm["slurm_sbatch_args"],
             job_prefix=slurm["slurm_job_prefix"], python=slurm["slurm_python"], ssh=slurm["slurm_ssh"],
             ssh_port=slurm["slurm_ssh_port"], ssh_key=slurm["slurm_ssh_key"])}
+        if not JOB_PREFIX.fullmatch(slurm["slurm_job_prefix"]):
+            raise CliError("--slurm-job-prefix: use letters, digits, '_', '.' and '-' (it names a directory too)")
     serve(runner, runner_options=runner_options, advertise_address=advertise_address, start_wait=start_wait, **options)
 
 

@@ -262,6 +262,7 @@ def test_a_wrong_ssh_key_fails_fast_with_a_clear_message(sshd):
     (["--slurm-env", "PYTHONPATH"], "--slurm-env 'PYTHONPATH': want NAME=VALUE"),
     (["--slurm-env", "A=x,y"], "without commas (sbatch --export splits on them)"),
     (["--slurm-time", "1", "--slurm-time-margin", "60"], "--slurm-time-margin (60s) must be less than --slurm-time (60s)"),
+    (["--slurm-job-prefix", "../../x"], "--slurm-job-prefix: use letters, digits"),
 ])
 def test_bad_slurm_options_are_refused_before_anything_starts(args, error):
     done = subprocess.run([sys.executable, "-m", "arservice", "--runner", "slurm", "--port", "0", "--zmq-port", "0", *args],

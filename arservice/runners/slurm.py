@@ -47,6 +47,7 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "agent.sh")
 POLL_S = 0.2
 SQUEUE_EVERY_S = 1.0
 REPLACE_BACKOFF_S = (1.0, 60.0)
+JOB_PREFIX = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # job names name the job's directory too
 EXCLUDE_NODE_S = 300.0  # a node whose agent died under a running job gets no replacement job for this long
 
 
@@ -128,6 +129,8 @@ class SlurmRunner(BaseRunner):
         self.shell = (SSHShell(self.opts.ssh, self.opts.ssh_port, self.opts.ssh_key, min(10.0, timeout_s), timeout_s)
                       if self.opts.ssh else LocalShell(timeout_s))
         self.shell.abort = self.abort  # a forced stop cuts every wait short
+        if not JOB_PREFIX.fullmatch(self.opts.job_prefix):
+            raise ValueError(f"job prefix {self.opts.job_prefix!r}: use letters, digits, '_', '.', '-'")
         self.job_name = f"{self.opts.job_prefix}-{secrets.token_hex(3)}"
         base = ".arservice/slurm" if self.opts.ssh else os.path.expanduser("~/.cache/arservice/slurm")
         self.workdir = f"{base}/{self.job_name}"
@@ -186,8 +189,15 @@ class SlurmRunner(BaseRunner):
                         break
                     self.progress(f"waiting for {len(unconfirmed)} Slurm job(s) to end: {' '.join(sorted(unconfirmed, key=int_key))}")
                     self.abort.wait(min(0.5, left_s()))
-            if self.token_path and not self.abort.is_set():
-                self.shell.run(["rm", "-f", self.token_path], timeout=left_s())
+            if not self.abort.is_set():
+                # Jobs all gone: nothing needs the directory (script, secret, job logs) any more.
+                # Some left: they may still start and need the script; the secret goes anyway.
+                if not unconfirmed:
+                    doomed = [self.workdir]
+                else:
+                    doomed = [self.token_path] if self.token_path else []
+                if doomed:
+                    self.shell.run(["rm", "-rf", *doomed], timeout=left_s())
         except ShellError as exc:
             log.error("stop_failed", error=str(exc))
         finally:
@@ -286,7 +296,8 @@ class SlurmRunner(BaseRunner):
             self._replace_backoff = min(self._replace_backoff * 2, REPLACE_BACKOFF_S[1])
         elif suspect_node and job.node:
             self.excluded[job.node] = now + EXCLUDE_NODE_S
-        log.warning("job_lost", job=job.job_id, node=job.node, reason=reason, node_excluded=suspect_node)
+        log.warning("job_lost", job=job.job_id, node=job.node, reason=reason, node_excluded=suspect_node,
+                    **({"output": self._job_output(job)} if job.ran and not job.seen else {}))
         if cancel:
             self._cancel([job])
 
@@ -430,6 +441,15 @@ class SlurmRunner(BaseRunner):
             if len(parts) == 5:
                 jobs[parts[0]] = tuple(parts[1:])
         return jobs
+
+    def _job_output(self, job: Job) -> str:
+        """The end of a job's log, for a job that ran but whose agent never registered (why is in there)."""
+        if job.slurm_id is None:
+            return ""
+        try:
+            return self.shell.run(["tail", "-c", "600", f"{self.workdir}/{job.slurm_id}.out"]).stdout.strip()
+        except ShellError as exc:
+            return f"unreadable: {exc}"
 
     def _final_state(self, job_id):
         """How a job ended, from scontrol while slurmctld still remembers it (no accounting needed)."""
