@@ -29,7 +29,7 @@ from .protocol import ProtocolError
 from .runners import RUNNERS
 from .runners.local import LocalRunner
 from .runners.shell import ShellError
-from .runners.slurm import SlurmOptions
+from .runners.slurm import JOB_PREFIX, SlurmOptions, slurm_seconds
 
 DEFAULT_MAX_RESOURCES = '{"instances": 10}'
 LIMIT_KEYS = ("instances", "cpus", "memory", "jobs")
@@ -86,6 +86,14 @@ def load_presets(ctx, param, path):
     return presets
 
 
+def check_slurm_env(ctx, param, values):
+    for value in values:
+        name, eq, setting = value.partition("=")
+        if not eq or not name.isidentifier() or "," in setting:
+            raise CliError(f"--slurm-env {value!r}: want NAME=VALUE, without commas (sbatch --export splits on them)")
+    return values
+
+
 def check_runner(ctx, param, value):
     if value is not None and value not in RUNNERS:
         raise CliError(f"unknown runner {value!r}; choose one of: {', '.join(RUNNERS)}")
@@ -120,14 +128,20 @@ def service_options(fn):
 
 def slurm_options(fn):
     for option in reversed([
-        click.option("--slurm-instances", default=4, show_default=True, type=click.IntRange(1), help="Instances per agent job."),
+        click.option("--slurm-instances", default=4, show_default=True, type=click.IntRange(1), help="Instances per agent."),
+        click.option("--slurm-agents-per-job", default=1, show_default=True, type=click.IntRange(1),
+                     help="Agents in each job (sbatch --ntasks; each agent gets --slurm-cpus)."),
         click.option("--slurm-min-jobs", default=0, show_default=True, type=click.IntRange(0), help="Jobs kept even when idle."),
         click.option("--slurm-idle-timeout", default=300.0, show_default=True, type=float, help="Seconds an idle agent job is kept."),
         click.option("--slurm-partition", default=None), click.option("--slurm-account", default=None),
         click.option("--slurm-time", default=None, help="Job time limit, as sbatch --time takes it."),
+        click.option("--slurm-time-margin", default=120.0, show_default=True, type=click.FloatRange(0),
+                     help="Seconds before a job's time limit when its agents take nothing new and a replacement is submitted."),
         click.option("--slurm-cpus", default=None, type=click.IntRange(1), help="sbatch --cpus-per-task for each agent job."),
         click.option("--slurm-memory", default=None, help="sbatch --mem for each agent job, e.g. 16G."),
         click.option("--slurm-sbatch-arg", "slurm_sbatch_args", multiple=True, help="Extra sbatch argument (repeatable)."),
+        click.option("--slurm-env", "slurm_env", multiple=True, callback=check_slurm_env,
+                     help="NAME=VALUE for the agent jobs' environment, e.g. PYTHONPATH=/shared/src (repeatable)."),
         click.option("--slurm-job-prefix", default="arservice", show_default=True, help="Job names are PREFIX-<random>."),
         click.option("--slurm-python", default=None, help="Python with arservice on the nodes (default: this one; python3 over SSH)."),
         click.option("--slurm-ssh", default=None, help="Submit on a login node: user@host."),
@@ -135,6 +149,10 @@ def slurm_options(fn):
         click.option("--slurm-ssh-key", default=None, type=click.Path(exists=True, dir_okay=False), help="Private key file for --slurm-ssh."),
         click.option("--advertise-address", default=None, help="ZMQ address agents dial, e.g. tcp://login1:5555 (default: the bound one)."),
         click.option("--start-wait", default=None, type=float, help="Seconds a start may wait for room (default: 0 local, 600 slurm)."),
+        click.option("--slurm-command-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+                     help="Seconds any one Slurm command (or SSH connection) may take before it fails."),
+        click.option("--stop-timeout", "slurm_stop_timeout", default=30.0, show_default=True, type=click.FloatRange(0),
+                     help="Seconds to wait for Slurm to confirm the jobs ended at shutdown; then exit 1 naming them."),
     ]):
         fn = option(fn)
     return fn
@@ -158,13 +176,21 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
     else:
         if slurm["slurm_min_jobs"] > options["max_resources"].get("jobs", 1):
             raise CliError("--slurm-min-jobs is more than the jobs in --max-resources")
+        time_limit_s = slurm_seconds(slurm["slurm_time"]) if slurm["slurm_time"] else None
+        if time_limit_s is not None and slurm["slurm_time_margin"] >= time_limit_s:
+            raise CliError(f"--slurm-time-margin ({slurm['slurm_time_margin']:g}s) must be less than --slurm-time ({time_limit_s}s)")
         runner_options = {"options": SlurmOptions(
-            instances_per_agent=slurm["slurm_instances"], min_jobs=slurm["slurm_min_jobs"],
+            instances_per_agent=slurm["slurm_instances"], agents_per_job=slurm["slurm_agents_per_job"],
+            time_margin_s=slurm["slurm_time_margin"], env=slurm["slurm_env"], stop_timeout_s=slurm["slurm_stop_timeout"],
+            command_timeout_s=slurm["slurm_command_timeout"],
+            min_jobs=slurm["slurm_min_jobs"],
             idle_timeout_s=slurm["slurm_idle_timeout"], partition=slurm["slurm_partition"],
             account=slurm["slurm_account"], time_limit=slurm["slurm_time"], cpus_per_agent=slurm["slurm_cpus"],
             memory_per_agent=slurm["slurm_memory"], sbatch_args=slurm["slurm_sbatch_args"],
             job_prefix=slurm["slurm_job_prefix"], python=slurm["slurm_python"], ssh=slurm["slurm_ssh"],
             ssh_port=slurm["slurm_ssh_port"], ssh_key=slurm["slurm_ssh_key"])}
+        if not JOB_PREFIX.fullmatch(slurm["slurm_job_prefix"]):
+            raise CliError("--slurm-job-prefix: use letters, digits, '_', '.' and '-' (it names a directory too)")
     serve(runner, runner_options=runner_options, advertise_address=advertise_address, start_wait=start_wait, **options)
     _exit_now(0)
 
@@ -277,12 +303,18 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
     except (zmq.ZMQError, OSError) as exc:
         raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}")
     stop = threading.Event()
-    _on_signals(stop.set)
+    runner = None
+
+    def on_signal():  # the first asks for a clean stop; a second one while stopping forces it
+        if stop.is_set() and runner is not None:
+            runner.abort.set()
+        stop.set()
+    _on_signals(on_signal)
     broker_thread = threading.Thread(target=broker.run, name="broker")
     broker_thread.start()
     http.start()
     zmq_address = broker.address.replace("0.0.0.0", "127.0.0.1")
-    runner = None
+    left = []
     try:
         if runner_class is not None:
             # Agents on other hosts cannot dial 127.0.0.1: name this host when bound to every address.
@@ -300,10 +332,14 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
     finally:
         click.echo("arservice: shutting down", err=True)
         if runner is not None:
-            runner.stop()
+            left = runner.stop() or []
         http.stop()
         broker.stop()
         broker_thread.join()
+    if left:
+        click.echo(f"arservice: error: could not confirm that Slurm job(s) {' '.join(left)} ended; "
+                   f"end them with: {runner.cancel_command(left)}", err=True)
+        sys.exit(1)
 
 
 def _on_signals(handler):

@@ -21,8 +21,10 @@ AGENT_SCRIPT = os.path.join(os.path.dirname(__file__), "..", "sbatch", "agent.sh
 
 
 def our_jobs(job_name):
-    out = subprocess.run(["squeue", "-h", f"--name={job_name}", "-o", "%i %T"], capture_output=True, text=True, check=True).stdout
-    return dict(line.split() for line in out.splitlines())
+    """SLURM_JOB_ID -> state of the jobs named job_name (a pending element of a job array by its array index)."""
+    out = subprocess.run(["squeue", "-h", "-r", f"--name={job_name}", "-o", "%i %A %T"], capture_output=True, text=True,
+                         check=True).stdout
+    return {(i if state == "PENDING" else a): state for i, a, state in (line.split() for line in out.splitlines())}
 
 
 def slurm_service(*args, **kwargs):
@@ -90,7 +92,11 @@ def test_pool_grows_with_demand_up_to_jobs_replaces_lost_jobs_and_shuts_down_cle
         # scancel behind the runner's back: the instance is lost, the job replaced.
         victim = started[0]
         victim_job = agents[victim["agent_id"]]["slurm_job_id"]
-        subprocess.run(["scancel", victim_job], check=True)
+        # By the id squeue shows (362_0 for an element of an array: its SLURM_JOB_ID may be the array's own id,
+        # and scancel of that would end every element).
+        [victim_id] = wait_for(lambda: [j["job_id"] for j in svc.client.available_resources()["runner"]["job_list"]
+                                        if j["slurm_job_id"] == victim_job], what="the runner to know the job")
+        subprocess.run(["scancel", victim_id], check=True)
 
         def lost():
             try:
@@ -100,7 +106,7 @@ def test_pool_grows_with_demand_up_to_jobs_replaces_lost_jobs_and_shuts_down_cle
         wait_for(lost, timeout=30, interval=0.2, what="the instance on the cancelled job to be lost")
         replaced = wait_for(lambda: [a for a in svc.client.available_resources()["agents"]
                                      if a["slurm_job_id"] not in (victim_job, agents[started[1]["agent_id"]]["slurm_job_id"])],
-                            timeout=60, interval=0.2, what="a replacement job's agent")
+                            timeout=60, interval=0.2, what=f"a replacement job's agent: {svc.output()}")
         assert replaced[0]["slurm_job_id"] in our_jobs(svc.job_name)
         assert wait_for(lambda: svc.client.available_resources()["runner"]["lost"], what="lost count") == 1
         assert svc.client.execute(started[1]["instance_id"], "echo still")["output"] == "still\n"
@@ -250,3 +256,15 @@ def test_a_wrong_ssh_key_fails_fast_with_a_clear_message(sshd):
     assert done.returncode == 2
     assert f"arservice: error: ssh root@127.0.0.1:{sshd['port']}: authentication failed with key {sshd['wrong']}" in done.stderr
     assert time.monotonic() - started < 20  # not retried: retries would take 15 s of backoff alone
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--slurm-env", "PYTHONPATH"], "--slurm-env 'PYTHONPATH': want NAME=VALUE"),
+    (["--slurm-env", "A=x,y"], "without commas (sbatch --export splits on them)"),
+    (["--slurm-time", "1", "--slurm-time-margin", "60"], "--slurm-time-margin (60s) must be less than --slurm-time (60s)"),
+    (["--slurm-job-prefix", "../../x"], "--slurm-job-prefix: use letters, digits"),
+])
+def test_bad_slurm_options_are_refused_before_anything_starts(args, error):
+    done = subprocess.run([sys.executable, "-m", "arservice", "--runner", "slurm", "--port", "0", "--zmq-port", "0", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and error in done.stderr, done.stderr

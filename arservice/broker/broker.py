@@ -304,13 +304,14 @@ class Broker:
         self.send(envelope, protocol.reply(msg["id"], {}))
 
     def on_release_agent(self, envelope, msg):
-        """A runner wants to stop an agent: allowed only while it holds nothing; it then takes nothing new."""
+        """A runner wants to stop an agent: allowed only while it holds nothing; it then takes nothing new.
+        With drain (its job nears its end) it takes nothing new even while it still holds instances."""
         agent_id = field(msg, "agent_id", str)
         agent = self.pool.agent_by_id(agent_id)
         if agent is None:
             raise ProtocolError("not_found", f"no agent {agent_id!r}")
         busy = len(agent.instance_ids) + sum(p.agent_id == agent_id for p in self.pending.values())
-        if busy:
+        if busy and not field(msg, "drain", bool, default=False):
             raise ProtocolError("conflict", f"agent {agent_id} is busy ({busy} instances or requests)")
         agent.draining = True
         log.info("agent_released", agent=agent_id)

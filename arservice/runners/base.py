@@ -26,6 +26,7 @@ class BaseRunner:
         self.token = token
         self.broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)
         self.stopping = threading.Event()
+        self.abort = threading.Event()  # a second Ctrl-C: stop waiting on anything and exit
         self.requested = 0  # agents asked for and not yet known to be gone
         self.progress = lambda line: log.info("progress", status=line)  # the CLI shows it instead
 
@@ -50,4 +51,5 @@ class BaseRunner:
         raise NotImplementedError
 
     def stop(self):
+        """End every agent; return the ids of whatever could not be confirmed ended (empty when all is clean)."""
         raise NotImplementedError
