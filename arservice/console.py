@@ -101,7 +101,7 @@ def render_status(s: dict) -> str:
     runner = s.get("runner") or {}
     if runner.get("runner") == "slurm":
         out += ["", table(["SLURM JOB", "STATE", "AGENT", "INSTANCES"],
-                          [[j["job_id"], j["state"] + (" (cancelling)" if j["cancelled"] else ""), j["agent_id"],
+                          [[j["job_id"], j["state"] + (" (cancelling)" if j["cancelled"] else ""), ",".join(j["agent_ids"]) or "-",
                             j["instances"]] for j in runner.get("job_list", [])])]
     if s["errors"]:
         out += ["", table(["ERROR AT", "REQUEST", "CODE", "INSTANCE", "MESSAGE"],

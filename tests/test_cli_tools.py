@@ -89,7 +89,7 @@ def test_status_shows_agents_and_instances(service, instance):
 
 def test_status_shows_slurm_jobs(service):
     report = {"runner": "slurm", "jobs": {"running": 1}, "job_list": [
-        {"job_id": "777", "state": "running", "cancelled": True, "agent_id": "a-1", "instances": 2}]}
+        {"job_id": "777", "state": "running", "cancelled": True, "agent_ids": ["a-1"], "instances": 2}]}
     service.client.request("runner_status", status=report)
     try:
         text = arservice(service, "status").stdout.decode()

@@ -223,13 +223,13 @@ def test_slurm_jobs_of_a_real_slurm_runner():
         def job_running_and_registered():  # as the runner last reported it (it polls every 0.2 s)
             jobs = svc.http.status()["runner"]["job_list"]
             samples = scrape(svc)
-            return (jobs and jobs[0]["agent_id"] and value(samples, "arservice_slurm_jobs", state="running") == 1
+            return (jobs and jobs[0]["agent_ids"] and value(samples, "arservice_slurm_jobs", state="running") == 1
                     and value(samples, "arservice_slurm_jobs_submitted_total") == 1
                     and value(samples, "arservice_agents", state="active") == 1 and jobs)
         jobs = wait_for(job_running_and_registered, timeout=60, interval=0.2, what="the min job running, its agent registered")
         agent = svc.client.available_resources()["agents"][0]
-        assert [(j["state"], j["agent_id"], str(j["job_id"])) for j in jobs] == \
-            [("running", agent["agent_id"], str(agent["slurm_job_id"]))]
+        assert [(j["state"], j["agent_ids"], str(j["slurm_job_id"])) for j in jobs] == \
+            [("running", [agent["agent_id"]], str(agent["slurm_job_id"]))]
     finally:
         output = svc.output()
         assert svc.stop() == 0, output

@@ -124,8 +124,8 @@ def test_slurm_jobs_from_the_runner_report(service, browser):
     agent = service.client.available_resources()["agents"][0]["agent_id"]
     report = {"runner": "slurm", "submit_on": "this host", "job_name": "arservice-pagetest", "max_jobs": 2,
               "min_jobs": 0, "jobs": {"running": 1, "pending": 1}, "submitted": 2, "lost": 0, "released": 0,
-              "job_list": [{"job_id": "901", "state": "running", "cancelled": False, "agent_id": agent, "instances": 0},
-                           {"job_id": "902", "state": "pending", "cancelled": False, "agent_id": None, "instances": 0}]}
+              "job_list": [{"job_id": "901", "state": "running", "cancelled": False, "agent_ids": [agent], "instances": 0},
+                           {"job_id": "902", "state": "pending", "cancelled": False, "agent_ids": [], "instances": 0}]}
     service.client.request("runner_status", status=report)
     try:
         sign_in(browser, service, TOKEN)

@@ -156,7 +156,7 @@ function render(s) {
       runner.max_jobs + " jobs, at least " + runner.min_jobs;
     fillTable("jobs", Array.isArray(runner.job_list) ? runner.job_list : [], (j) => [
       j.job_id, { text: j.cancelled ? j.state + " (cancelling)" : j.state, className: "state-" + j.state },
-      j.agent_id, j.instances,
+      j.agent_ids.join(", "), j.instances,
     ], { name: "jobId", value: (j) => j.job_id });
   }
 
