@@ -324,3 +324,15 @@ def test_swebench_batch_runner_passes_each_tasks_image(service, tmp_path):
         assert trajectory["info"]["config"]["environment"]["image"] == BOOKWORM
         assert trajectory["info"]["config"]["environment_type"] == CLASS_PATH
         assert trajectory["messages"][3]["extra"]["raw_output"] == "in-image\n"
+
+
+@needs_shell_argv
+def test_batch_example_runs_in_one_command():
+    """examples/minisweagent_batch.py as a new user runs it: it starts its own service."""
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "minisweagent_batch.py")
+    backend_name = "local" if missing("docker-bookworm") else "docker"
+    proc = subprocess.run([sys.executable, example, "--n", "3", "--backend", backend_name], check=False,
+                          capture_output=True, text=True, timeout=100, env=dict(os.environ, COLUMNS="200"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3/3 submitted" in proc.stdout
+    assert proc.stdout.count("FAIL/PASS") == 3  # each rollout saw its test fail, then pass
