@@ -51,9 +51,11 @@ def steps(n: int) -> list[str]:
         "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT; cat /repo/m.py"]
 
 
-def rollout(make_env, commands: list[str], step_times: list[float]):
+def rollout(make_env, commands: list[str], step_times: list[float], start_times: list[float]):
     """One rollout; the environment it used (to clean up after the clock stops)."""
+    started = time.perf_counter()
     env = make_env()
+    start_times.append(time.perf_counter() - started)
     execute = env.execute
 
     def timed(action, cwd="", **kwargs):
@@ -72,12 +74,13 @@ def rollout(make_env, commands: list[str], step_times: list[float]):
     return env
 
 
-def batch(make_env, rollouts: int, commands: list[str]) -> tuple[float, list[float], list]:
+def batch(make_env, rollouts: int, commands: list[str]) -> tuple[float, list[float], list[float], list]:
     step_times: list[float] = []
+    start_times: list[float] = []
     started = time.perf_counter()
     with ThreadPoolExecutor(rollouts) as pool:
-        envs = list(pool.map(lambda _: rollout(make_env, commands, step_times), range(rollouts)))
-    return time.perf_counter() - started, step_times, envs
+        envs = list(pool.map(lambda _: rollout(make_env, commands, step_times, start_times), range(rollouts)))
+    return time.perf_counter() - started, step_times, start_times, envs
 
 
 def main():
@@ -85,52 +88,59 @@ def main():
     parser.add_argument("--rollouts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--interpreter", default="bash -lc", help="both sides' interpreter (default mini's: bash -lc)")
     args = parser.parse_args()
+    interpreter = args.interpreter.split()
     commands = steps(args.steps)
     logging.getLogger("minisweagent").setLevel(logging.WARNING)  # a line per container started
     engine = docker.from_env()
 
     svc = Service("--runner", "local", "--max-resources", f'{{"instances": {args.rollouts}}}',
                   "--log-level", "WARNING").wait_ready()
-    ours_config = {"address": svc.zmq, "token": "", "image": BOOKWORM, "spec": {"pull": "never"}}
+    ours_config = {"address": svc.zmq, "token": "", "image": BOOKWORM, "spec": {"pull": "never"},
+                   "interpreter": interpreter}
 
     def gone(container_ids):
         # The low-level list: the high-level one inspects each container, and these are being removed.
         return lambda: not any(c["Id"] in container_ids for c in engine.api.containers(all=True))
 
     def mini_batch():
-        wall, times, envs = batch(lambda: DockerEnvironment(image=BOOKWORM), args.rollouts, commands)
+        wall, times, starts, envs = batch(lambda: DockerEnvironment(image=BOOKWORM, interpreter=interpreter),
+                                          args.rollouts, commands)
         ids = {env.container_id for env in envs}
         for env in envs:
             env.cleanup()
         # `docker stop` of `sleep` waits out its 10 s grace period: let it finish before measuring again.
         wait_for(gone(ids), timeout=120, interval=0.5, what="mini-swe-agent's containers to go")
-        return wall, times
+        return wall, times, starts
 
     def ours_batch():
-        wall, times, envs = batch(lambda: ArserviceEnvironment(**ours_config), args.rollouts, commands)
+        wall, times, starts, envs = batch(lambda: ArserviceEnvironment(**ours_config), args.rollouts, commands)
         for env in envs:
             env.cleanup()
-        return wall, times
+        return wall, times, starts
 
-    results = {"mini-swe-agent DockerEnvironment": ([], []), "arservice ArserviceEnvironment": ([], [])}
+    results = {"mini-swe-agent DockerEnvironment": ([], [], []), "arservice ArserviceEnvironment": ([], [], [])}
     runs = list(zip(results, (mini_batch, ours_batch)))
     try:
         for round_ in range(args.rounds):
             for name, run in runs if round_ % 2 == 0 else runs[::-1]:
-                wall, times = run()
+                wall, times, starts = run()
                 results[name][0].append(wall)
                 results[name][1].extend(times)
+                results[name][2].extend(starts)
                 print(f"round {round_ + 1}: {name}: {wall:.2f} s", flush=True)
     finally:
         svc.stop()
 
-    print(f"\n{args.rollouts} parallel rollouts x {args.steps} steps, image {BOOKWORM}, {args.rounds} round(s)")
-    print(f"{'':34} {'wall s (median)':>16} {'step p50 ms':>12} {'step p99 ms':>12}")
+    print(f"\n{args.rollouts} parallel rollouts x {args.steps} steps, image {BOOKWORM}, interpreter {interpreter}, "
+          f"{args.rounds} round(s)")
+    print(f"{'':34} {'wall s (median)':>16} {'step p50 ms':>12} {'step p99 ms':>12} {'start p50 s':>12}")
     summary = {}
-    for name, (walls, times) in results.items():
+    for name, (walls, times, starts) in results.items():
         summary[name] = statistics.median(walls), statistics.median(times)
-        print(f"{name:34} {summary[name][0]:16.2f} {summary[name][1] * 1e3:12.1f} {percentile(times, 0.99) * 1e3:12.1f}")
+        print(f"{name:34} {summary[name][0]:16.2f} {summary[name][1] * 1e3:12.1f} "
+              f"{percentile(times, 0.99) * 1e3:12.1f} {statistics.median(starts):12.2f}")
     (mini_wall, mini_p50), (our_wall, our_p50) = summary.values()
     print(f"\nwall time ratio   {our_wall / mini_wall:.3f}  (target <= 0.3)")
     print(f"step p50 ratio    {our_p50 / mini_p50:.3f}  (target <= 0.1)")

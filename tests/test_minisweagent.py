@@ -142,8 +142,10 @@ def test_trajectory_on_bubblewrap_equals_mini_swe_agents_bubblewrap_environment(
 
 
 @needs_shell_argv
-def test_selected_by_environment_class_from_a_config(service):
-    env = get_environment({"environment_class": CLASS_PATH, "address": service.zmq, "token": "",
+@pytest.mark.parametrize("transport", ["zmq", "http"])
+def test_selected_by_environment_class_from_a_config(service, transport):
+    address = service.zmq if transport == "zmq" else service.url
+    env = get_environment({"environment_class": CLASS_PATH, "address": address, "token": "",
                            "spec": {"type": "local"}, "cwd": "/tmp"})
     try:
         assert isinstance(env, ArserviceEnvironment)
@@ -290,40 +292,74 @@ def test_no_capacity_starts_are_retried(tmp_path):
         assert svc.stop() == 0
 
 
-# --- mini-swe-agent's SWE-bench batch runner, which sets the image per task ---
+# --- mini-swe-agent's own runners: `mini` (image from the config) and SWE-bench (image per task) ---
+
+RUNNER_STEPS = ["cat /etc/debian_version >/dev/null && echo in-image", "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT; echo patch"]
+
+
+def run_cli(service, tmp_path, argv, environment):
+    """Run a mini-swe-agent command line with a config selecting ArserviceEnvironment."""
+    config = {
+        "agent": {"agent_class": "default", "system_template": SYSTEM, "instance_template": INSTANCE,
+                  "step_limit": 5, "cost_limit": 0},
+        "environment": {"environment_class": CLASS_PATH, "address": service.zmq, "token": "",
+                        "spec": {"pull": "never"}, "timeout": 10, **environment},
+        "model": {"model_class": "deterministic", "model_name": "deterministic",
+                  "outputs": [make_output(f"step {i}", [{"command": c}]) for i, c in enumerate(RUNNER_STEPS)]},
+    }
+    (tmp_path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    proc = subprocess.run([sys.executable, "-m", *argv, "-c", str(tmp_path / "config.yaml")], check=False,
+                          capture_output=True, text=True, timeout=100, stdin=subprocess.DEVNULL,
+                          env=dict(os.environ, HF_DATASETS_OFFLINE="1", MSWEA_SILENT_STARTUP="1", MSWEA_CONFIGURED="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def assert_ran_in_image(trajectory_file):
+    trajectory = json.loads(trajectory_file.read_text())
+    assert trajectory["info"]["exit_status"] == "Submitted" and trajectory["info"]["submission"] == "patch\n"
+    assert trajectory["info"]["config"]["environment"]["image"] == BOOKWORM
+    assert trajectory["info"]["config"]["environment_type"] == CLASS_PATH
+    assert trajectory["messages"][3]["extra"]["raw_output"] == "in-image\n"
+
+
+def swebench_dataset(tmp_path, count):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    tasks = [{"instance_id": f"demo__task-{i}", "problem_statement": f"print {i}", "image_name": BOOKWORM}
+             for i in range(count)]
+    (dataset / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
+    return dataset, tasks
+
+
+@needs_shell_argv
+@skip_unless("docker-bookworm")
+def test_mini_single_task_runner_takes_the_image_from_the_config(service, tmp_path):
+    run_cli(service, tmp_path, ["minisweagent.run.mini", "-t", "a task", "-y", "--exit-immediately",
+                                "-o", str(tmp_path / "out.traj.json")], {"image": BOOKWORM})
+    assert_ran_in_image(tmp_path / "out.traj.json")
+
+
+@needs_shell_argv
+@skip_unless("docker-bookworm")
+def test_swebench_single_runner_passes_the_tasks_image(service, tmp_path):
+    dataset, tasks = swebench_dataset(tmp_path, 2)
+    run_cli(service, tmp_path, ["arservice.integrations.minisweagent", "swebench-single", "--subset", str(dataset),
+                                "--split", "test", "-i", tasks[1]["instance_id"], "-y", "--exit-immediately",
+                                "-o", str(tmp_path / "out.traj.json")], {})
+    assert_ran_in_image(tmp_path / "out.traj.json")
+
 
 @needs_shell_argv
 @skip_unless("docker-bookworm")
 def test_swebench_batch_runner_passes_each_tasks_image(service, tmp_path):
-    dataset = tmp_path / "dataset"
-    dataset.mkdir()
-    tasks = [{"instance_id": f"demo__task-{i}", "problem_statement": f"print {i}", "image_name": BOOKWORM}
-             for i in range(3)]
-    (dataset / "test.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
-    steps = ["cat /etc/debian_version >/dev/null && echo in-image", "echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT; echo patch"]
-    config = {
-        "agent": {"system_template": SYSTEM, "instance_template": INSTANCE, "step_limit": 5, "cost_limit": 0},
-        "environment": {"environment_class": CLASS_PATH, "address": service.zmq, "token": "",
-                        "spec": {"pull": "never"}, "cwd": "/", "timeout": 10},
-        "model": {"model_class": "deterministic", "model_name": "deterministic",
-                  "outputs": [make_output(f"step {i}", [{"command": c}]) for i, c in enumerate(steps)]},
-    }
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
+    dataset, tasks = swebench_dataset(tmp_path, 3)
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "arservice.integrations.minisweagent", "swebench",
-                           "--subset", str(dataset), "--split", "test", "-w", "3", "-o", str(out),
-                           "-c", str(tmp_path / "config.yaml")],
-                          check=False, capture_output=True, text=True, timeout=100,
-                          env=dict(os.environ, HF_DATASETS_OFFLINE="1", MSWEA_SILENT_STARTUP="1"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_cli(service, tmp_path, ["arservice.integrations.minisweagent", "swebench", "--subset", str(dataset),
+                                "--split", "test", "-w", "3", "-o", str(out)], {})
     preds = json.loads((out / "preds.json").read_text())
     assert {k: v["model_patch"] for k, v in preds.items()} == {t["instance_id"]: "patch\n" for t in tasks}
     for task in tasks:
-        trajectory = json.loads((out / task["instance_id"] / f"{task['instance_id']}.traj.json").read_text())
-        assert trajectory["info"]["config"]["environment"]["image"] == BOOKWORM
-        assert trajectory["info"]["config"]["environment_type"] == CLASS_PATH
-        assert trajectory["messages"][3]["extra"]["raw_output"] == "in-image\n"
+        assert_ran_in_image(out / task["instance_id"] / f"{task['instance_id']}.traj.json")
 
 
 @needs_shell_argv
