@@ -21,7 +21,7 @@ import pytest
 
 os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
 
-from backends import BOOKWORM, missing
+from backends import BOOKWORM, BUSYBOX, missing
 from helpers import Service, wait_for
 from minisweagent.agents.default import DefaultAgent
 from minisweagent.environments import get_environment
@@ -251,6 +251,18 @@ def test_submission_check_template_vars_and_serialize(docker_env):
     assert serialized["environment_type"] == CLASS_PATH
     assert serialized["environment"]["image"] == BOOKWORM and "token" not in serialized["environment"]
     json.dumps(serialized)
+
+
+@needs_shell_argv
+@skip_unless("podman")
+def test_executable_podman_picks_the_podman_backend(service):
+    env = arservice_env(service, executable="/usr/bin/podman", image=BUSYBOX, spec={"pull": "never"},
+                        interpreter=["sh", "-c"])
+    try:
+        assert [i["type"] for i in service.client.instances() if i["instance_id"] == env.instance_id] == ["podman"]
+        assert env.execute({"command": "echo in podman"})["output"] == "in podman\n"
+    finally:
+        env.cleanup()
 
 
 # --- configuration that needs no instance ---
