@@ -130,6 +130,11 @@ def client_methods(cls):
                 return self._run(_build(*args, **kwargs))
         method = functools.wraps(build)(method)
         method.__qualname__ = f"{cls.__name__}.{name}"
+        # The signature users see: the declaration's parameters after self, and no `-> Call`.
+        declared = inspect.signature(build)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        method.__signature__ = declared.replace(parameters=[self_param, *declared.parameters.values()],
+                                                return_annotation=inspect.Signature.empty)
         setattr(cls, name, method)
     return cls
 

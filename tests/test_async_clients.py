@@ -28,6 +28,11 @@ def test_async_clients_have_the_sync_methods_with_the_same_signatures():
             assert inspect.signature(method) == sync_sig, f"{cls.__name__}.{name}"
     assert {"start_instance", "execute", "write_file", "read_file", "close_instance",
             "available_resources", "instances", "ping"} <= set(METHODS)
+    # Bound, they take what the declaration takes (introspection must not lose the first argument).
+    bound = AsyncZMQClient("tcp://127.0.0.1:1", token="").execute
+    assert list(inspect.signature(bound).parameters)[:2] == ["instance_id", "command"]
+    assert list(inspect.signature(sync_client.ZMQClient("tcp://127.0.0.1:1").execute).parameters)[:2] == [
+        "instance_id", "command"]
 
 
 def test_every_method(make_client):
