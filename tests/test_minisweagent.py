@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from unittest.mock import patch
 
 import pytest
@@ -163,7 +164,7 @@ def docker_env(service):
     made = []
 
     def make(**config):
-        env = arservice_env(service, image=BOOKWORM, spec={"pull": "never"}, **config)
+        env = arservice_env(service, **{"image": BOOKWORM, "spec": {"pull": "never"}, **config})
         made.append(env)
         return env
     yield make
@@ -205,6 +206,17 @@ def test_exit_codes_and_timeout_override(docker_env):
     assert result["exception_info"] == ("An error occurred while executing the command: "
                                         "Command 'echo partial; sleep 10' timed out after 1 seconds")
     assert result["extra"]["exception_type"] == "TimeoutExpired"
+
+
+@needs_shell_argv
+def test_network_is_there_as_in_mini_unless_the_spec_says_no(docker_env):
+    def network_mode(env):
+        [container] = backend("docker").client().containers.list(
+            filters={"label": f"arservice.instance={env.instance_id}"})
+        return container.attrs["HostConfig"]["NetworkMode"]
+    # DockerEnvironment's `docker run` joins docker's default network; arservice's own default is none.
+    assert network_mode(docker_env()) == "bridge"
+    assert network_mode(docker_env(spec={"pull": "never", "network": False})) == "none"
 
 
 @needs_shell_argv
@@ -263,6 +275,20 @@ def test_executable_podman_picks_the_podman_backend(service):
         assert env.execute({"command": "echo in podman"})["output"] == "in podman\n"
     finally:
         env.cleanup()
+
+
+def test_a_timeout_adds_nothing_to_the_output(service):
+    """mini's LocalEnvironment kills the command's group at once; the service must not let the shell
+    see its child die first and print "Killed" (it did, in about 1 of 10 timeouts under sh)."""
+    instance_id = service.client.start_instance({"type": "local", "shell": "sh"})["instance_id"]
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            outputs = list(pool.map(lambda _: service.client.execute(instance_id, "echo started; sleep 5", timeout=0.3),
+                                    range(40)))
+    finally:
+        service.client.close_instance(instance_id)
+    assert all(r["timed_out"] for r in outputs)
+    assert [r["output"] for r in outputs] == ["started\n"] * 40
 
 
 # --- configuration that needs no instance ---
