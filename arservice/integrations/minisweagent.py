@@ -6,7 +6,8 @@
       cwd: /testbed
       address: tcp://127.0.0.1:5555   # the service (http://... works too); ARSERVICE_ADDRESS
       # token: ...                    # or ARSERVICE_TOKEN
-      # spec: {type: docker, pull: never, memory: 2g}   # any arservice spec fields (default type docker)
+      # spec: {type: docker, pull: never, memory: 2g}   # any arservice spec fields (default type docker;
+                                    # network true, as in mini-swe-agent: network: false isolates)
       # preset: swe                   # or a preset of the service, instead of a spec
 
 `ArserviceEnvironment` answers as mini-swe-agent's own environments do: the same `execute` result
@@ -59,7 +60,8 @@ class ArserviceEnvironmentConfig(BaseModel):
     token: str | None = Field(default=None, exclude=True)
     """Bearer token (default ARSERVICE_TOKEN); never serialized into trajectories."""
     spec: dict[str, Any] = {}
-    """arservice spec fields for the instance; type defaults to docker (podman with executable podman)."""
+    """arservice spec fields for the instance; type defaults to docker (podman with executable podman).
+    network defaults to true (the engine's default network), as mini-swe-agent's containers have it."""
     preset: str | None = None
     """A preset of the service instead of a spec; image, interpreter and the container keys then come from it."""
     start_wait: float = 600.0
@@ -124,6 +126,10 @@ class ArserviceEnvironment:
         if spec["type"] in ("docker", "podman"):
             spec.setdefault("container_timeout", sleep_seconds(config.container_timeout))
             spec.setdefault("pull_timeout", config.pull_timeout)
+        if spec["type"] in ("docker", "podman", "bubblewrap"):
+            # mini-swe-agent's containers and sandboxes have the network (pip install works in
+            # them); arservice isolates by default. A switch must not change what commands see.
+            spec.setdefault("network", True)
         return spec
 
     def _start(self, environment: str | dict) -> dict:
