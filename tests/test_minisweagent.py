@@ -220,6 +220,12 @@ def test_network_is_there_as_in_mini_unless_the_spec_says_no(docker_env):
 
 
 @needs_shell_argv
+def test_output_is_not_cut_at_the_services_default_limit(docker_env):
+    result = docker_env().execute({"command": "head -c 3000000 /dev/zero | tr '\\0' a"})
+    assert result["output"] == "a" * 3_000_000  # the service's default keeps 1 MiB; mini keeps all
+
+
+@needs_shell_argv
 def test_interpreter_is_a_login_bash_by_default(docker_env):
     assert docker_env().execute({"command": "shopt -q login_shell && echo login"})["output"] == "login\n"
     assert docker_env(interpreter=["bash", "-c"]).execute({"command": "shopt -q login_shell || echo plain"})["output"] == "plain\n"

@@ -30,6 +30,7 @@ from minisweagent.environments.docker import DockerEnvironment
 from pydantic import BaseModel, Field
 
 from ..client import HTTPClient, ServiceError, ZMQClient
+from ..environments.base import MAX_OUTPUT_LIMIT
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 CLASS_PATH = "arservice.integrations.minisweagent.ArserviceEnvironment"
@@ -122,6 +123,8 @@ class ArserviceEnvironment:
         if config.cwd:
             spec["cwd"] = config.cwd
         spec["shell"] = list(config.interpreter)
+        # mini-swe-agent keeps a command's whole output; the service keeps at most this much.
+        spec.setdefault("output_limit", MAX_OUTPUT_LIMIT)
         spec["env"] = {**spec.get("env", {}), **self._forwarded_env()}
         if spec["type"] in ("docker", "podman"):
             spec.setdefault("container_timeout", sleep_seconds(config.container_timeout))
