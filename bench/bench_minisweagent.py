@@ -142,6 +142,7 @@ def main():
         print(f"{name:34} {summary[name][0]:16.2f} {summary[name][1] * 1e3:12.1f} "
               f"{percentile(times, 0.99) * 1e3:12.1f} {statistics.median(starts):12.2f}")
     (mini_wall, mini_p50), (our_wall, our_p50) = summary.values()
+    print(f"load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     print(f"\nwall time ratio   {our_wall / mini_wall:.3f}  (target <= 0.3)")
     print(f"step p50 ratio    {our_p50 / mini_p50:.3f}  (target <= 0.1)")
 
