@@ -4,6 +4,7 @@ import asyncio
 import inspect
 
 import pytest
+from helpers import Service
 
 from arservice import client as sync_client
 from arservice.aio import AsyncHTTPClient, AsyncZMQClient
@@ -97,3 +98,19 @@ def test_wait_budget_is_a_timeout_error(service):
         finally:
             await client.aclose()
     asyncio.run(scenario())
+
+
+def test_the_token_is_sent_and_a_wrong_one_refused():
+    svc = Service("--runner", "local", token="s3cret").wait_ready()
+    try:
+        async def scenario():
+            for make in (lambda t: AsyncZMQClient(svc.zmq, token=t), lambda t: AsyncHTTPClient(svc.url, token=t)):
+                async with make("s3cret") as client:
+                    assert (await client.available_resources())["agents"]
+                async with make("wrong") as client:
+                    with pytest.raises(ServiceError) as err:
+                        await client.available_resources()
+                    assert err.value.code == "unauthorized"
+        asyncio.run(scenario())
+    finally:
+        assert svc.stop() == 0
