@@ -155,6 +155,20 @@ def test_selected_by_environment_class_from_a_config(service, transport):
         env.cleanup()
 
 
+@needs_shell_argv
+@pytest.mark.parametrize("kind", ["local", "bubblewrap"])
+def test_without_an_image_the_default_cwd_is_the_instances_own(service, kind):
+    if why := missing(kind):
+        pytest.skip(why)
+    env = arservice_env(service, spec={"type": kind}, interpreter=["bash", "-c"])
+    try:
+        assert env.config.cwd == "" and env.get_template_vars()["cwd"] == ""
+        result = env.execute({"command": "pwd"})
+        assert result["returncode"] == 0 and result["output"] != "/\n"
+    finally:
+        env.cleanup()
+
+
 # --- mini-swe-agent's DockerEnvironment behaviours, against the shipped class on docker ---
 
 @pytest.fixture

@@ -42,7 +42,8 @@ class ArserviceEnvironmentConfig(BaseModel):
     image: str | None = None
     """The image; may stay unset where the spec needs none (local, bubblewrap)."""
     cwd: str = "/"
-    """Working directory of every command; empty: the instance's own (the spec's cwd, or the backend's)."""
+    """Working directory of every command; empty: the instance's own (the spec's cwd, or the backend's),
+    which is the default for local and bubblewrap specs, as in mini's Local and Bubblewrap environments."""
     env: dict[str, str] = {}
     forward_env: list[str] = []
     """Variables copied from this process's environment (where mini-swe-agent runs) into the instance's."""
@@ -118,6 +119,10 @@ class ArserviceEnvironment:
             return config.preset
         spec = dict(config.spec)
         spec.setdefault("type", "podman" if os.path.basename(config.executable) == "podman" else "docker")
+        if spec["type"] in ("local", "bubblewrap") and "cwd" not in config.model_fields_set:
+            # DockerEnvironment's `/` is an image's root; mini's Local and Bubblewrap environments
+            # default to a directory of their own, as these instances do.
+            config.cwd = ""
         if config.image is not None:
             spec["image"] = config.image
         if config.cwd:
