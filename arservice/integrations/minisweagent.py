@@ -6,8 +6,8 @@
       cwd: /testbed
       address: tcp://127.0.0.1:5555   # the service (http://... works too); ARSERVICE_ADDRESS
       # token: ...                    # or ARSERVICE_TOKEN
-      # spec: {type: docker, pull: never, memory: 2g}   # any arservice spec fields (default type docker;
-                                    # network true, as in mini-swe-agent: network: false isolates)
+      # spec: {pull: never, memory: 2g}   # more arservice spec fields; type docker and network true
+      #                                   # (as mini-swe-agent's containers) unless given
       # preset: swe                   # or a preset of the service, instead of a spec
 
 `ArserviceEnvironment` answers as mini-swe-agent's own environments do: the same `execute` result
