@@ -115,6 +115,8 @@ class AsyncZMQClient(AsyncClient):
         # channel whose reader ended (its socket broke) is replaced.
         channel = self._channel
         if channel is None or channel.loop is not asyncio.get_running_loop() or channel.reader.done():
+            if channel is not None:
+                channel.sock.close(linger=0)  # its loop is gone or its reader ended: nothing reads it
             self._channel = _Channel(self.ctx, self.address)
         return self._channel
 
