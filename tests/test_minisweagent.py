@@ -324,6 +324,11 @@ def test_docker_cli_run_args_are_refused_not_ignored():
         ArserviceEnvironment(address="tcp://127.0.0.1:1", image=BOOKWORM, run_args=["--rm", "--privileged"])
 
 
+def test_a_misspelt_key_is_an_error():
+    with pytest.raises(ValueError, match="adress"):
+        ArserviceEnvironment(adress="tcp://127.0.0.1:1", image=BOOKWORM)
+
+
 def test_a_preset_excludes_the_keys_it_decides():
     with pytest.raises(ValueError, match="image"):
         ArserviceEnvironment(address="tcp://127.0.0.1:1", preset="swe", image=BOOKWORM)

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from minisweagent.environments.docker import DockerEnvironment
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..client import HTTPClient, ServiceError, ZMQClient
 from ..environments.base import MAX_OUTPUT_LIMIT
@@ -38,6 +38,9 @@ START_RETRY_S = (0.1, 2.0)  # first and largest pause between starts refused wit
 
 
 class ArserviceEnvironmentConfig(BaseModel):
+    # A misspelt key (`adress:`) is an error, not a silent default, as everywhere in arservice.
+    model_config = ConfigDict(extra="forbid")
+
     # mini-swe-agent's DockerEnvironmentConfig keys, with its defaults.
     image: str | None = None
     """The image; may stay unset where the spec needs none (local, bubblewrap)."""
