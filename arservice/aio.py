@@ -128,7 +128,7 @@ class AsyncZMQClient(AsyncClient):
         msg_id = next(self._ids)
         try:
             answer = await self._channel_here().request(zmq_frame(kind, msg_id, fields, self.token), msg_id, wait_s)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError:  # noqa: UP041 - not yet the builtin on Python 3.10
             raise no_answer(f"the broker at {self.address}", wait_s) from None
         return zmq_result(answer)
 
@@ -171,7 +171,7 @@ class AsyncHTTPClient(AsyncClient):
             except aiohttp.ServerDisconnectedError:
                 if attempt == 2:
                     raise
-            except asyncio.TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 - not yet the builtin on Python 3.10
                 raise no_answer(f"{self.url}{request.path}", wait_s) from None
 
     async def aclose(self):

@@ -130,7 +130,7 @@ def main():
             for future in as_completed(futures):
                 try:
                     results.append(future.result())
-                except Exception as exc:  # one failed rollout is a row, not the end of the batch
+                except Exception as exc:  # noqa: BLE001 - one failed rollout is a row, not the end of the batch
                     failures.append((futures[future], exc))
     finally:
         if service is not None:
