@@ -337,10 +337,11 @@ def test_a_preset_excludes_the_keys_it_decides():
 @needs_shell_argv
 def test_no_capacity_starts_are_retried(tmp_path):
     svc = Service("--runner", "local", "--max-resources", '{"instances": 1}').wait_ready()
+    holder = svc.client.start_instance({"type": "local"})["instance_id"]
+    # The room the start waits for: the only instance closes a second from now.
+    closer = threading.Timer(1.0, svc.client.close_instance, args=(holder,))
     try:
-        holder = svc.client.start_instance({"type": "local"})["instance_id"]
         started = time.monotonic()
-        closer = threading.Timer(1.0, svc.client.close_instance, args=(holder,))
         closer.start()
         env = ArserviceEnvironment(address=svc.zmq, token="", spec={"type": "local"},
                                    interpreter=["bash", "-c"], cwd="/tmp", start_wait=30)
@@ -352,6 +353,9 @@ def test_no_capacity_starts_are_retried(tmp_path):
             ArserviceEnvironment(address=svc.zmq, token="", spec={"type": "local"}, start_wait=0.5)
         assert refused.value.code == "no_capacity"
     finally:
+        # A failed test must not leave the timer to ask a stopped service (it would wait 600 s).
+        closer.cancel()
+        closer.join()
         assert svc.stop() == 0
 
 
