@@ -6,16 +6,25 @@ Both are safe to use from many threads: each thread gets its own socket or conne
     inst = client.start_instance({"type": "local"})
     print(client.execute(inst["instance_id"], "echo hi")["output"])
     client.close_instance(inst["instance_id"])
+
+The methods are declared once, in `Calls`: each builds a `Call` (message type, fields, how long to
+wait, how to shape the result). `Client` here runs a call on a blocking transport;
+`arservice.aio` runs the same calls on asyncio transports.
 """
 
 import base64
+import functools
 import http.client
+import inspect
 import itertools
 import json
 import os
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
@@ -36,51 +45,130 @@ class ServiceError(Exception):
         self.message = message
 
 
-class Client:
-    """The methods both transports share; subclasses provide `_call(kind, wait_s, fields)`."""
+def _as_is(result):
+    return result
 
-    def start_instance(self, environment):
-        """environment: a preset name or a spec such as {"type": "local"}."""
-        return self._call(protocol.START_INSTANCE, DEFAULT_WAIT_S, {"environment": environment})
 
-    def execute(self, instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False):
-        """Run a shell command; `output` is text, or bytes with raw=True."""
-        fields = {"instance_id": instance_id, "command": command, "timeout": timeout, "cwd": cwd,
-                  "env": env, "output_limit": output_limit}
-        wait_s = (timeout or DEFAULT_WAIT_S) + EXECUTE_MARGIN_S
-        result = self._call(protocol.EXECUTE, wait_s, _present(fields))
-        if not raw:
-            result["output"] = result["output"].decode("utf-8", errors="replace")
-        return result
+@dataclass(frozen=True)
+class Call:
+    """One request as the clients send it: the message type, its fields, how long to wait for the
+    answer, and what to make of the result."""
 
-    def write_file(self, instance_id, path, content, mode=0o644):
-        content = content.encode() if isinstance(content, str) else content
-        return self._call(protocol.WRITE_FILE, DEFAULT_WAIT_S, {"instance_id": instance_id, "path": path, "content": content, "mode": mode})
-
-    def read_file(self, instance_id, path, limit=None):
-        """The file's bytes."""
-        fields = _present({"instance_id": instance_id, "path": path, "limit": limit})
-        return self._call(protocol.READ_FILE, DEFAULT_WAIT_S, fields)["content"]
-
-    def close_instance(self, instance_id):
-        return self._call(protocol.CLOSE_INSTANCE, DEFAULT_WAIT_S, {"instance_id": instance_id})
-
-    def available_resources(self):
-        return self._call(protocol.RESOURCES, DEFAULT_WAIT_S, {})
-
-    def instances(self):
-        return self._call(protocol.INSTANCES, DEFAULT_WAIT_S, {})["instances"]
-
-    def status(self):
-        """Agents, every instance, the runner's report and recent errors: what the status page shows."""
-        return self._call(protocol.STATUS, DEFAULT_WAIT_S, {})
-
-    def ping(self):
-        return self._call(protocol.PING, DEFAULT_WAIT_S, {})
+    kind: str
+    fields: dict
+    wait_s: float = DEFAULT_WAIT_S
+    finish: Callable[[dict], Any] = _as_is
 
 
 def _present(fields):
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _decode_output(result):
+    result["output"] = result["output"].decode("utf-8", errors="replace")
+    return result
+
+
+class Calls:
+    """Every client method, declared once; `client_methods` turns them into sync or async methods."""
+
+    @staticmethod
+    def start_instance(environment) -> Call:
+        """environment: a preset name or a spec such as {"type": "local"}."""
+        return Call(protocol.START_INSTANCE, {"environment": environment})
+
+    @staticmethod
+    def execute(instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False) -> Call:
+        """Run a shell command; `output` is text, or bytes with raw=True."""
+        fields = {"instance_id": instance_id, "command": command, "timeout": timeout, "cwd": cwd,
+                  "env": env, "output_limit": output_limit}
+        return Call(protocol.EXECUTE, _present(fields), (timeout or DEFAULT_WAIT_S) + EXECUTE_MARGIN_S,
+                    _as_is if raw else _decode_output)
+
+    @staticmethod
+    def write_file(instance_id, path, content, mode=0o644) -> Call:
+        content = content.encode() if isinstance(content, str) else content
+        return Call(protocol.WRITE_FILE, {"instance_id": instance_id, "path": path, "content": content, "mode": mode})
+
+    @staticmethod
+    def read_file(instance_id, path, limit=None) -> Call:
+        """The file's bytes."""
+        return Call(protocol.READ_FILE, _present({"instance_id": instance_id, "path": path, "limit": limit}),
+                    finish=lambda result: result["content"])
+
+    @staticmethod
+    def close_instance(instance_id) -> Call:
+        return Call(protocol.CLOSE_INSTANCE, {"instance_id": instance_id})
+
+    @staticmethod
+    def available_resources() -> Call:
+        return Call(protocol.RESOURCES, {})
+
+    @staticmethod
+    def instances() -> Call:
+        return Call(protocol.INSTANCES, {}, finish=lambda result: result["instances"])
+
+    @staticmethod
+    def status() -> Call:
+        """Agents, every instance, the runner's report and recent errors: what the status page shows."""
+        return Call(protocol.STATUS, {})
+
+    @staticmethod
+    def ping() -> Call:
+        return Call(protocol.PING, {})
+
+
+METHODS = [name for name in vars(Calls) if not name.startswith("_")]
+
+
+def client_methods(cls):
+    """Class decorator: give `cls` one method per entry of `Calls`, each running its Call through
+    `cls._run` (a plain method, or a coroutine function for asyncio clients)."""
+    is_async = inspect.iscoroutinefunction(cls._run)
+    for name in METHODS:
+        build = getattr(Calls, name)
+        if is_async:
+            async def method(self, *args, _build=build, **kwargs):
+                return await self._run(_build(*args, **kwargs))
+        else:
+            def method(self, *args, _build=build, **kwargs):
+                return self._run(_build(*args, **kwargs))
+        method = functools.wraps(build)(method)
+        method.__qualname__ = f"{cls.__name__}.{name}"
+        # The signature users see: the declaration's parameters after self, and no `-> Call`.
+        declared = inspect.signature(build)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        method.__signature__ = declared.replace(parameters=[self_param, *declared.parameters.values()],
+                                                return_annotation=inspect.Signature.empty)
+        setattr(cls, name, method)
+    return cls
+
+
+@client_methods
+class Client:
+    """The methods both transports share; subclasses provide `_call(kind, wait_s, fields)`."""
+
+    def _run(self, call: Call):
+        return call.finish(self._call(call.kind, call.wait_s, dict(call.fields)))
+
+
+# --- ZeroMQ: what the sync and async ZMQ clients share ---
+
+def zmq_frame(kind: str, msg_id: int, fields: dict, token: str | None) -> bytes:
+    if token:
+        fields = dict(fields, token=token)
+    return protocol.encode(protocol.request(kind, msg_id, **fields))
+
+
+def zmq_result(answer: dict):
+    """The result of a decoded answer, or its error raised as ServiceError."""
+    if answer["type"] == protocol.ERROR:
+        raise ServiceError(answer["error"]["code"], answer["error"]["message"])
+    return answer["result"]
+
+
+def no_answer(where: str, wait_s: float) -> ServiceError:
+    return ServiceError("timeout", f"no answer from {where} within {wait_s:.0f}s")
 
 
 class ZMQClient(Client):
@@ -116,20 +204,15 @@ class ZMQClient(Client):
         """Send one message and wait for its answer; the result, or ServiceError."""
         sock = self._socket()
         msg_id = next(self._ids)
-        if self.token:
-            fields["token"] = self.token
-        sock.send(protocol.encode(protocol.request(kind, msg_id, **fields)))
+        sock.send(zmq_frame(kind, msg_id, fields, self.token))
         deadline = time.monotonic() + wait_s
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not sock.poll(remaining * 1000):
-                raise ServiceError("timeout", f"no answer from the broker at {self.address} within {wait_s:.0f}s")
+                raise no_answer(f"the broker at {self.address}", wait_s)
             answer = protocol.decode(sock.recv())
-            if answer.get("id") != msg_id:
-                continue  # a late answer to an earlier request that timed out
-            if answer["type"] == protocol.ERROR:
-                raise ServiceError(answer["error"]["code"], answer["error"]["message"])
-            return answer["result"]
+            if answer.get("id") == msg_id:  # else a late answer to an earlier request that timed out
+                return zmq_result(answer)
 
     def close(self):
         """Close every socket; call when no request is in flight."""
@@ -137,6 +220,46 @@ class ZMQClient(Client):
             for sock in self._sockets.values():
                 sock.close(linger=0)
             self._sockets.clear()
+
+
+# --- HTTP: what the sync and async HTTP clients share ---
+
+@dataclass(frozen=True)
+class HTTPRequest:
+    method: str
+    path: str
+    body: bytes | None
+
+
+def http_request(kind: str, fields: dict) -> HTTPRequest:
+    """The HTTP request for a call; byte fields travel base64-encoded, exactly."""
+    path = PATHS[kind]
+    method = ROUTES[path][0]
+    body = None
+    if method == "POST":
+        fields = dict(fields, base64=True)
+        if kind in BYTES_IN:
+            fields[BYTES_IN[kind]] = base64.b64encode(fields[BYTES_IN[kind]]).decode()
+        body = json.dumps(fields).encode()
+    return HTTPRequest(method, path, body)
+
+
+def http_headers(token: str | None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def http_result(kind: str, status: int, data: bytes):
+    """The result of an HTTP answer, or its error raised as ServiceError."""
+    answer = json.loads(data) if data else {}
+    if status >= 400:
+        error = answer.get("error", {}) if isinstance(answer, dict) else {}
+        raise ServiceError(error.get("code", f"http_{status}"), error.get("message", str(answer)))
+    if kind in BYTES_OUT:
+        answer[BYTES_OUT[kind]] = base64.b64decode(answer[BYTES_OUT[kind]])
+    return answer
 
 
 class HTTPClient(Client):
@@ -149,36 +272,21 @@ class HTTPClient(Client):
         self._local = threading.local()
 
     def _call(self, kind, wait_s, fields):
-        path = PATHS[kind]
-        method = ROUTES[path][0]
-        body = None
-        if method == "POST":
-            fields = dict(fields, base64=True)
-            if kind in BYTES_IN:
-                fields[BYTES_IN[kind]] = base64.b64encode(fields[BYTES_IN[kind]]).decode()
-            body = json.dumps(fields).encode()
-        status, answer = self._send(method, path, body, wait_s)
-        if status >= 400:
-            error = answer.get("error", {}) if isinstance(answer, dict) else {}
-            raise ServiceError(error.get("code", f"http_{status}"), error.get("message", str(answer)))
-        if kind in BYTES_OUT:
-            answer[BYTES_OUT[kind]] = base64.b64decode(answer[BYTES_OUT[kind]])
-        return answer
+        request = http_request(kind, fields)
+        status, data = self._send(request, wait_s)
+        return http_result(kind, status, data)
 
-    def _send(self, method, path, body, wait_s):
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+    def _send(self, request, wait_s):
+        headers = http_headers(self.token)
         for attempt in (1, 2):  # a kept-alive connection the server closed gets one fresh retry
             conn = getattr(self._local, "conn", None)
             if conn is None:
                 conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=wait_s)
             conn.timeout = wait_s
             try:
-                conn.request(method, path, body=body, headers=headers)
+                conn.request(request.method, request.path, body=request.body, headers=headers)
                 response = conn.getresponse()
-                data = response.read()
-                return response.status, json.loads(data) if data else {}
+                return response.status, response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
                 self._local.conn = None
@@ -187,4 +295,4 @@ class HTTPClient(Client):
             except TimeoutError:
                 conn.close()
                 self._local.conn = None
-                raise ServiceError("timeout", f"no answer from {self.host}:{self.port}{path} within {wait_s:.0f}s")
+                raise no_answer(f"{self.host}:{self.port}{request.path}", wait_s)

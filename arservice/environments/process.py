@@ -84,7 +84,14 @@ def descendants(pid):
 
 
 def kill_tree(pid):
-    """SIGKILL pid's process group and every descendant, including ones that left the group."""
+    """SIGKILL pid's process group and every descendant, including ones that left the group.
+
+    The group is stopped first: a shell that saw its child die before it died itself would
+    write "Killed" into the output, which the command never printed."""
+    try:
+        os.killpg(pid, signal.SIGSTOP)
+    except OSError:
+        pass
     for target in descendants(pid):
         _signal(os.kill, target)
     _signal(os.killpg, pid)

@@ -1,0 +1,184 @@
+"""asyncio clients: the methods of arservice.client (declared once there, in `Calls`), as coroutines.
+
+One client serves thousands of coroutines of one event loop at once:
+
+    client = AsyncZMQClient("tcp://127.0.0.1:5555")   # or AsyncHTTPClient("http://127.0.0.1:8000")
+    inst = await client.start_instance({"type": "local"})
+    results = await asyncio.gather(*(client.execute(inst["instance_id"], f"echo {i}") for i in range(1000)))
+    await client.close_instance(inst["instance_id"])
+    await client.aclose()
+
+`AsyncZMQClient` keeps one DEALER socket and one reader task per event loop: every request
+carries its own id, and the reader hands each answer to the coroutine waiting on that id.
+`AsyncHTTPClient` uses aiohttp's connection pool (keep-alive, at most `max_connections` at
+once; the others wait their turn, which counts against their wait budget only once they are sent).
+"""
+
+import asyncio
+import itertools
+import os
+
+import aiohttp
+import zmq
+import zmq.asyncio
+
+from . import protocol
+from .client import (
+    DEFAULT_WAIT_S,
+    Call,
+    ServiceError,
+    client_methods,
+    http_headers,
+    http_request,
+    http_result,
+    no_answer,
+    zmq_frame,
+    zmq_result,
+)
+
+
+@client_methods
+class AsyncClient:
+    """The methods of arservice.client.Client as coroutines; subclasses provide `async _call`."""
+
+    async def _run(self, call: Call):
+        return call.finish(await self._call(call.kind, call.wait_s, dict(call.fields)))
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.aclose()
+
+
+class _Channel:
+    """One DEALER socket of one event loop, and the reader task that routes answers by id."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, address: str):
+        self.loop = asyncio.get_running_loop()
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Thousands of requests may be queued at once: let them all wait in ZeroMQ, not in send().
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(address)
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.reader = self.loop.create_task(self._read())
+
+    async def _read(self):
+        try:
+            while True:
+                frame = await self.sock.recv()
+                try:
+                    answer = protocol.decode(frame)
+                except protocol.ProtocolError:
+                    continue  # not an answer of ours: nobody waits for it
+                future = self.waiting.pop(answer.get("id"), None)
+                if future is not None and not future.done():  # else a late answer to a request that timed out
+                    future.set_result(answer)
+        except Exception as exc:  # the socket broke: nobody may wait for an answer that cannot come
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+
+    async def request(self, frame: bytes, msg_id: int, wait_s: float) -> dict:
+        future = self.loop.create_future()
+        self.waiting[msg_id] = future
+        try:
+            await self.sock.send(frame)
+            return await asyncio.wait_for(future, wait_s)
+        finally:
+            self.waiting.pop(msg_id, None)
+
+    async def close(self):
+        self.reader.cancel()
+        try:
+            await self.reader
+        except asyncio.CancelledError:
+            pass
+        self.sock.close(linger=0)
+
+
+class AsyncZMQClient(AsyncClient):
+    """The low-latency path from asyncio: msgpack over one DEALER socket per event loop."""
+
+    def __init__(self, address: str, token: str | None = None, context: zmq.asyncio.Context | None = None):
+        self.address = address
+        self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
+        self.ctx = context or zmq.asyncio.Context.instance()
+        self._channel: _Channel | None = None
+        self._ids = itertools.count(1)
+
+    def _channel_here(self) -> _Channel:
+        # A socket belongs to the loop it was made in (asyncio.run twice makes two loops); a
+        # channel whose reader ended (its socket broke) is replaced.
+        channel = self._channel
+        if channel is None or channel.loop is not asyncio.get_running_loop() or channel.reader.done():
+            if channel is not None:
+                channel.sock.close(linger=0)  # its loop is gone or its reader ended: nothing reads it
+            self._channel = _Channel(self.ctx, self.address)
+        return self._channel
+
+    async def _call(self, kind, wait_s, fields):
+        return await self.request(kind, wait_s, **fields)
+
+    async def request(self, kind: str, wait_s: float = DEFAULT_WAIT_S, **fields):
+        """Send one message and wait for its answer; the result, or ServiceError."""
+        msg_id = next(self._ids)
+        try:
+            answer = await self._channel_here().request(zmq_frame(kind, msg_id, fields, self.token), msg_id, wait_s)
+        except asyncio.TimeoutError:  # noqa: UP041 - not yet the builtin on Python 3.10
+            raise no_answer(f"the broker at {self.address}", wait_s) from None
+        return zmq_result(answer)
+
+    async def aclose(self):
+        """Close the socket; call from the loop that used it, when no request is in flight."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+class AsyncHTTPClient(AsyncClient):
+    """The same methods over the HTTP API, through one aiohttp connection pool per event loop."""
+
+    def __init__(self, url: str, token: str | None = None, max_connections: int = 64):
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
+        # The service serves 64 requests at once by default (--http-threads); more connections
+        # would only queue there. Waiting for a free connection has no limit of its own.
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._session_loop: asyncio.AbstractEventLoop | None = None
+
+    def _session_here(self) -> aiohttp.ClientSession:
+        # Connections belong to the loop they were opened in, as ZeroMQ sockets do.
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._session_loop is not loop:
+            self._session = aiohttp.ClientSession(
+                self.url, headers=http_headers(self.token), connector=aiohttp.TCPConnector(limit=self.max_connections))
+            self._session_loop = loop
+        return self._session
+
+    async def _call(self, kind, wait_s, fields):
+        request = http_request(kind, fields)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=wait_s, sock_read=wait_s)
+        for attempt in (1, 2):  # a kept-alive connection the server closed gets one fresh retry
+            try:
+                async with self._session_here().request(request.method, request.path, data=request.body,
+                                                        timeout=timeout) as response:
+                    return http_result(kind, response.status, await response.read())
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 2:
+                    raise
+            except asyncio.TimeoutError:  # noqa: UP041 - not yet the builtin on Python 3.10
+                raise no_answer(f"{self.url}{request.path}", wait_s) from None
+
+    async def aclose(self):
+        """Close the connections; call from the loop that used them, when no request is in flight."""
+        if self._session is not None and self._session_loop is asyncio.get_running_loop():
+            await self._session.close()
+        self._session = None
+
+
+__all__ = ["AsyncClient", "AsyncHTTPClient", "AsyncZMQClient", "ServiceError"]
