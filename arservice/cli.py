@@ -176,7 +176,7 @@ def broker_command(**options):
               help="Read the shared secret from this file [env ARSERVICE_TOKEN_FILE].")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
 @click.option("--broker-timeout", default=15.0, show_default=True, type=float, help="Seconds of broker silence before the agent cleans up and exits.")
-@click.option("--workdir-root", default=None, help="Where instance working directories go (default /tmp/arservice).")
+@click.option("--workdir-root", default=None, help="Where instance working directories go (default /tmp/arservice; not root: /tmp/arservice-UID).")
 @click.option("--log-level", default="INFO", show_default=True)
 def agent_command(broker_address, instances, cpus, memory, types, token, token_file, heartbeat, broker_timeout,
                   workdir_root, log_level):

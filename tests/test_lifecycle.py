@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from arservice import protocol
+from arservice.agent.workdirs import DEFAULT_ROOT
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 from helpers import Service, free_port, live_processes, wait_for
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def agent_dirs(pids):
-    return [d for pid in pids for d in glob.glob(f"/tmp/arservice/*-{pid}-*")]
+    return [d for pid in pids for d in glob.glob(f"{DEFAULT_ROOT}/*-{pid}-*")]
 
 
 def test_killed_agent_loses_its_instances_and_frees_capacity():
