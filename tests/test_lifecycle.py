@@ -87,7 +87,8 @@ def test_stopping_the_service_leaves_nothing_behind(sig):
         inst = svc.client.start_instance({"type": "local"})
         dirs.append(inst["info"]["workdir"])
         svc.client.execute(inst["instance_id"], f"(exec -a {marker} sleep 300) >/dev/null 2>&1 &")
-    assert len(live_processes(marker)) == 3
+    # The command returns once its shell exits; the background subshell may not have exec'd yet.
+    wait_for(lambda: len(live_processes(marker)) == 3, timeout=10, what="the 3 background processes to start")
     assert svc.stop(sig) == 0
     assert not [p for p in pids if _alive(p)]
     assert not [d for d in dirs if os.path.exists(d)]
