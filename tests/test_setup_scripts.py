@@ -4,6 +4,7 @@ reuse, and which tests the core suite (pytest --core) leaves out."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,19 +14,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(ROOT, "scripts")
 
 
-def run(script, *args, env=None):
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([os.path.join(SCRIPTS, script), *args], capture_output=True, text=True, timeout=50, check=False,
                           stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
 
 
-def archive(path, origin):
+def archive(path: Path, origin: str) -> str:
     """A directory that answers like an apt archive serving bookworm, for a file:// URI."""
     os.makedirs(path / "dists" / "bookworm")
     (path / "dists" / "bookworm" / "Release").write_text(f"Origin: {origin}\nSuite: oldstable\n")
     return f"file://{path}"
 
 
-def machine(tmp_path, os_id, sources=None, sources_list=None):
+def machine(tmp_path: Path, os_id: str, sources: dict | None = None, sources_list: str | None = None) -> str:
     root = tmp_path / "root"
     os.makedirs(root / "etc" / "apt" / "sources.list.d")
     (root / "etc" / "os-release").write_text(f"ID={os_id}\nVERSION_CODENAME={'bookworm' if os_id == 'debian' else 'noble'}\n")
@@ -88,7 +89,7 @@ def test_a_broken_venv_is_remade_and_a_working_one_reused(tmp_path):
     assert (venv / "pyvenv.cfg").stat().st_mtime_ns == config
 
 
-def collected(*args):
+def collected(*args: str) -> list[str]:
     nowhere = "unix:///nonexistent/arservice-test.sock"  # collection need not ask the engines for images
     done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=50, check=False,
