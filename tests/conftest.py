@@ -12,11 +12,12 @@ from helpers import Service
 
 # The core suite (`pytest --core`): every test that needs no system daemon, the set CI runs on each
 # Python from 3.10 to 3.13. A test needs a daemon when its module is listed here or when it runs
-# on a backend spec (tests/backends.py) other than local. The core run hides the daemons (docker and
-# podman sockets point nowhere; bwrap and Slurm's commands fail), so a test that needs one and is
-# not classified here fails there, loudly, instead of joining the core set unnoticed.
+# on a backend spec (tests/backends.py) other than local. The core run makes the daemons present
+# but broken (the docker and podman addresses lead to a file that is no socket; bwrap, docker,
+# podman and Slurm's commands exit 97 naming this file), so a test that needs one and is not
+# classified here fails there, loudly, even one that first checks whether its daemon is there.
 DAEMON_MODULES = {"test_containers.py", "test_bubblewrap.py", "test_slurm.py"}
-HIDDEN_COMMANDS = ("bwrap", "docker", "podman", "sbatch", "squeue", "scancel", "sinfo", "srun", "scontrol")
+BROKEN_COMMANDS = ("bwrap", "docker", "podman", "sbatch", "squeue", "scancel", "sinfo", "srun", "scontrol")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,15 +37,16 @@ def needs_daemon(item: pytest.Item) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("core"):
         return
-    # Environment variables reach the services the tests start, so their agents see no daemon either.
-    nowhere = "unix:///nonexistent/arservice-core-tests.sock"
-    os.environ["DOCKER_HOST"] = os.environ["CONTAINER_HOST"] = nowhere
+    # Environment variables reach the services the tests start, so their agents get the same.
     shims = tempfile.mkdtemp(prefix="arservice-core-shims-")
     config.add_cleanup(lambda: shutil.rmtree(shims, ignore_errors=True))
-    for name in HIDDEN_COMMANDS:
+    no_socket = os.path.join(shims, "engine.sock")
+    open(no_socket, "w").close()
+    os.environ["DOCKER_HOST"] = os.environ["CONTAINER_HOST"] = f"unix://{no_socket}"
+    for name in BROKEN_COMMANDS:
         path = os.path.join(shims, name)
         with open(path, "w") as f:
-            f.write(f"#!/bin/sh\necho 'tests/conftest.py: {name} is hidden from the core suite (pytest --core); "
+            f.write(f"#!/bin/sh\necho 'tests/conftest.py: {name} is broken on purpose in the core suite (pytest --core); "
                     f"a test that needs it belongs in DAEMON_MODULES' >&2\nexit 97\n")
         os.chmod(path, 0o755)
     os.environ["PATH"] = shims + os.pathsep + os.environ["PATH"]
