@@ -83,9 +83,12 @@ def descendants(pid):
 
 def kill_tree(pid):
     """SIGKILL pid's process group and every descendant, including ones that left the group."""
-    for target in descendants(pid):
-        _signal(os.kill, target)
+    # Listed before any kill (a killed parent's children are reparented out of reach), but the
+    # group dies first: a shell whose child died before it would run its next command meanwhile.
+    targets = descendants(pid)
     _signal(os.killpg, pid)
+    for target in targets:
+        _signal(os.kill, target)
 
 
 def kill_group(pgid):
