@@ -5,14 +5,16 @@
 # The Debian rootfs is kept in $ARSERVICE_CACHE (default /var/cache/arservice) so the image is
 # built once per machine, and the bubblewrap tests use the same directory as a rootfs.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 log() { echo "docker-up: $*" >&2; }
 cache=${ARSERVICE_CACHE:-/var/cache/arservice}
 
-if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null || ! command -v debootstrap >/dev/null; then
-  log "installing docker.io busybox-static debootstrap"
+if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null || ! command -v debootstrap >/dev/null \
+   || ! command -v curl >/dev/null; then
+  log "installing docker.io busybox-static debootstrap curl"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io busybox-static debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io busybox-static debootstrap curl >/dev/null
 fi
 
 if ! docker info >/dev/null 2>&1; then
@@ -44,8 +46,7 @@ log "image $image ready"
 
 rootfs=$cache/bookworm-rootfs
 if [ ! -x "$rootfs/bin/bash" ]; then
-  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
-  mirror=${mirror:-http://deb.debian.org/debian}
+  mirror=$(scripts/debian-mirror.sh)  # the machine's own apt mirror (or ARSERVICE_DEBIAN_MIRROR)
   log "debootstrap minbase bookworm into $rootfs from $mirror (about 30 s)"
   rm -rf "$rootfs.partial"
   mkdir -p "$cache"

@@ -1,10 +1,73 @@
 import json
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from arservice.client import ServiceError
 
+from backends import SPECS
 from helpers import Service
+
+# The core suite (`pytest --core`): every test that needs no system daemon, the set CI runs on each
+# Python from 3.10 to 3.13. A test needs a daemon when its module is listed here or when it runs
+# on a backend spec (tests/backends.py) other than local. The core run makes the daemons present
+# but broken (the docker and podman addresses lead to a file that is no socket; bwrap, docker,
+# podman and Slurm's commands exit 97 naming this file), so a test that needs one and is not
+# classified here fails there, loudly, even one that first checks whether its daemon is there.
+# Modules that need a system component (daemons, Chromium) or an extra the core run leaves out (minisweagent).
+DAEMON_MODULES = {"test_containers.py", "test_bubblewrap.py", "test_slurm.py", "test_slurm_multinode.py",
+                  "test_status_page.py", "test_minisweagent.py"}
+BROKEN_COMMANDS = ("bwrap", "docker", "podman", "sbatch", "squeue", "scancel", "sinfo", "srun", "scontrol")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--core", action="store_true",
+                     help="run only the tests that need no system daemon (docker, podman, bwrap, Slurm, sshd)")
+
+
+def needs_daemon(item: pytest.Item) -> bool:
+    if item.path.name in DAEMON_MODULES:
+        return True
+    params = getattr(item, "callspec", None)
+    return params is not None and any(
+        isinstance(value, str) and SPECS.get(value, {}).get("type", "local") != "local"
+        for value in params.params.values())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("core"):
+        return
+    # Environment variables reach the services the tests start, so their agents get the same.
+    shims = tempfile.mkdtemp(prefix="arservice-core-shims-")
+    config.add_cleanup(lambda: shutil.rmtree(shims, ignore_errors=True))
+    no_socket = os.path.join(shims, "engine.sock")
+    open(no_socket, "w").close()
+    os.environ["DOCKER_HOST"] = os.environ["CONTAINER_HOST"] = f"unix://{no_socket}"
+    for name in BROKEN_COMMANDS:
+        path = os.path.join(shims, name)
+        with open(path, "w") as f:
+            f.write(f"#!/bin/sh\necho 'tests/conftest.py: {name} is broken on purpose in the core suite (pytest --core); "
+                    f"a test that needs it belongs in DAEMON_MODULES' >&2\nexit 97\n")
+        os.chmod(path, 0o755)
+    os.environ["PATH"] = shims + os.pathsep + os.environ["PATH"]
+
+
+def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None:
+    # Not even imported: test_minisweagent.py imports an extra the core venvs leave out.
+    return True if config.getoption("core") and collection_path.name in DAEMON_MODULES else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("core"):
+        return
+    core, daemon = [], []
+    for item in items:
+        (daemon if needs_daemon(item) else core).append(item)
+    config.hook.pytest_deselected(items=daemon)
+    items[:] = core
+
 
 MAX_REQUEST_BYTES = 1 << 20
 

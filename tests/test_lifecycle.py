@@ -12,13 +12,14 @@ import zmq
 from helpers import Service, free_port, live_processes, wait_for
 
 from arservice import protocol
+from arservice.agent.workdirs import DEFAULT_ROOT
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def agent_dirs(pids):
-    return [d for pid in pids for d in glob.glob(f"/tmp/arservice/*-{pid}-*")]
+    return [d for pid in pids for d in glob.glob(f"{DEFAULT_ROOT}/*-{pid}-*")]
 
 
 def test_killed_agent_loses_its_instances_and_frees_capacity():
@@ -86,7 +87,8 @@ def test_stopping_the_service_leaves_nothing_behind(sig):
         inst = svc.client.start_instance({"type": "local"})
         dirs.append(inst["info"]["workdir"])
         svc.client.execute(inst["instance_id"], f"(exec -a {marker} sleep 300) >/dev/null 2>&1 &")
-    assert len(live_processes(marker)) == 3
+    # The command returns once its shell exits; the background subshell may not have exec'd yet.
+    wait_for(lambda: len(live_processes(marker)) == 3, timeout=10, what="the 3 background processes to start")
     assert svc.stop(sig) == 0
     assert not [p for p in pids if _alive(p)]
     assert not [d for d in dirs if os.path.exists(d)]

@@ -10,7 +10,8 @@ import socket
 
 from ..environments import hostdir
 
-DEFAULT_ROOT = "/tmp/arservice"
+# One root per user: another user's agents could neither write into root's, nor root's trust theirs.
+DEFAULT_ROOT = "/tmp/arservice" if os.getuid() == 0 else f"/tmp/arservice-{os.getuid()}"
 OWNER_FILE = "owner"
 
 

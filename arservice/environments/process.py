@@ -87,14 +87,16 @@ def kill_tree(pid):
     """SIGKILL pid's process group and every descendant, including ones that left the group.
 
     The group is stopped first: a shell that saw its child die before it died itself would
-    write "Killed" into the output, which the command never printed."""
+    write "Killed" into the output, or run on to what comes after. Descendants are listed before
+    any kill (a killed parent's children are reparented out of reach)."""
     try:
         os.killpg(pid, signal.SIGSTOP)
     except OSError:
         pass
-    for target in descendants(pid):
-        _signal(os.kill, target)
+    targets = descendants(pid)
     _signal(os.killpg, pid)
+    for target in targets:
+        _signal(os.kill, target)
 
 
 def kill_group(pgid):
