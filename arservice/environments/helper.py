@@ -5,39 +5,49 @@ instance runs one helper, a shell loop started once, and a host directory is mou
 instance at MOUNT. The agent and the helper talk only through that directory, so no container
 engine sits between them:
 
-    in       FIFO, agent -> helper: `run ID SHELL` and `kill ID` lines. When the agent dies its
-             end closes; the helper reads end of file and exits (ending a container it is the
-             main process of).
+    in       FIFO, agent -> helper: `run ID` and `kill ID` lines. When the agent dies its end
+             closes; the helper reads end of file and exits (ending a container it is the main
+             process of).
     life     FIFO, helper -> agent: `ready SHELL`, then held open: its end of file means the helper
              is gone.
-    ID.cmd   the command file the agent writes; ID.out the command's merged output; ID.pid the
-             command's process (and process group) inside the instance, for `kill`.
-    ID.st    FIFO, per command: its exit status, written by the subshell that waits for it; end
-             of file without a status means the instance stopped under it.
+    ID.cmd   the command file the agent writes: a few lines of sh that change directory, export
+             the variables and exec the user's shell with the command as its last argument, so
+             the command runs in a real `bash -c COMMAND` (its own $$, $LINENO, error text).
+    ID.out   the command's merged output.
+    ID.st    FIFO, per command: its exit status; end of file without a status means the helper
+             went away under it.
 
 So a command is one file descriptor the agent's event loop watches, as a host process is: no
 thread waits for it. The agent reads the output file on the host: exact bytes, head and tail by
-seeking, any size. Commands stay stateless (a fresh process each), several run at once, and no
-Python is needed in the image.
+seeking, any size. Several commands run at once, and no Python is needed in the image.
 
-Where the image has bash, the loop runs in bash: job control (`set -m`) gives each command its
-own process group, and a command for bash is sourced in a forked subshell, so it costs two
-forks and no exec, like `bash -c` without bash's start-up. Elsewhere (busybox, dash) the loop
-runs in sh and starts `setsid SHELL ID.cmd`, which costs two more execs.
+Where the image has bash 5.1 or later, the loop is bash and is meant to be the instance's PID 1
+(docker and podman start it as the container's main process, bubblewrap with --as-pid-1). PID 1
+gets no signal from inside its PID namespace that it has no handler for, and `kill -1` spares it,
+so nothing a command does (`kill -9 $PPID`, `kill -9 -1`, `pkill -9 -f .`) ends the instance.
+The commands are its own children, each in its own process group (`set -m`), and it learns their
+exit status itself with `wait -n -p`; it never blocks reading the `in` FIFO, which a child reads
+for it (one line batch per child; one killed by a command is started again). So a command's
+status survives even the death of every other process in the instance. A command costs a fork
+and the exec of its shell. Elsewhere (busybox, dash, older bash) the loop runs in sh: a subshell
+per command waits for it and reports its status; a command that kills every process (`kill -9
+-1`) kills those subshells too, and the commands they waited for then end in an error.
 """
 
 import itertools
 import os
-import re
 import select
+import selectors
 import shlex
+import signal
 import subprocess
 import threading
 import time
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
-from .process import Watched, kill_group, read_bounded
+from .base import check_command, shell_argv
+from .process import Watched, kill_group, read_bounded, signal_name
 
 log = EventLog("helper")
 
@@ -46,80 +56,122 @@ MOUNT = "/.arservice"
 KILL_GRACE_S = 5.0
 READY_TIMEOUT_S = 30.0
 
-# In bash, `me` is bash itself and `jc` turns job control on in the waiting subshell, so the
-# command it starts gets its own process group; sh has no job control without a terminal, so
-# there `setsid` (where the image has it) does that job. The command closes the channels (3, 9)
-# so that nothing it leaves behind keeps them open.
-LOOP = r"""
-d=%(mount)s me= jc=: ss=
-if [ -n "$BASH_VERSION" ]; then me=$BASH jc="set -m"
-elif command -v setsid >/dev/null 2>&1; then ss=setsid; fi
-exec <"$d/in"
-echo ready ${me:-$(command -v sh)} >&9
-while read -r op id sh; do
-  case $op:$sh in
-    run:"$me"|run:"${me:+bash}")
-      ( exec 3>"$d/$id.st" 9>&-; set -m
-        ( echo $BASHPID >"$d/$id.pid"; set +m; . "$d/$id.cmd" ) >"$d/$id.out" 2>&1 </dev/null 3>&-
-        echo $? >&3 ) 2>/dev/null & ;;
-    run:*)
-      ( exec 3>"$d/$id.st" 9>&-; $jc
-        $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null 3>&- & p=$!; echo $p >"$d/$id.pid"; wait $p
-        echo $? >&3 ) 2>/dev/null & ;;
-    kill:*) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
+# The sh loop: a subshell per command starts it (in its own session where the image has setsid)
+# and reports its status. The subshells close the channels (9, and 3 for the command) so that
+# nothing a command leaves behind keeps them open.
+SH_LOOP = r"""
+d=MOUNT ss=
+command -v setsid >/dev/null 2>&1 && ss=setsid
+exec <"$d/in" 2>/dev/null
+while read -r op id; do
+  case $id in *[!0-9]*|"") continue ;; esac
+  case $op in
+    run)
+      ( exec 3<>"$d/$id.st" 9>&-
+        $ss sh "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null 3>&- & p=$!; echo $p >"$d/$id.pid"; wait $p
+        echo $? >&3 ) & ;;
+    kill) read -r p <"$d/$id.pid" && { kill -9 "-$p" || kill -9 "$p"; } ;;
+    quit) exit ;;
   esac
 done
-""" % {"mount": MOUNT}
-# The loop's variables, unset at the top of every command file: a sourced command must not see them.
-LOOP_VARIABLES = "d me jc ss op id sh p"
+""".replace("MOUNT", MOUNT, 1)
+
+# The bash loop (see the module's doc): `next` starts the child that waits for the next batch of
+# lines on `in` and hands them over in the file `lines`; `wait -n -p` wakes the loop when that
+# child or a command ends. The status FIFO is opened read-write, which never blocks, even if the
+# agent has stopped listening. Its $1 is SHLVL as the instance's processes have it, so a command's
+# bash counts from where `docker exec bash` would.
+BASH_LOOP = r"""
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) || exec sh -c "$2"
+if [ "$1" = - ]; then unset SHLVL; else export SHLVL="$1"; fi
+d=MOUNT
+exec <"$d/in" 2>/dev/null
+set -m
+declare -A job=() pid=()
+next() {
+  ( IFS= read -r l || exit 1; printf '%s\n' "$l"
+    while read -t 0 && IFS= read -r l; do printf '%s\n' "$l"; done ) >"$d/lines" 9>&- & r=$!
+}
+take() {
+  while read -r op id; do
+    case $id in *[!0-9]*|"") continue ;; esac
+    case $op in
+      run) { . "$d/$id.cmd"; } >"$d/$id.out" 2>&1 </dev/null 9>&- & job[$!]=$id pid[$id]=$! ;;
+      kill) [ -n "${pid[$id]}" ] && kill -9 "-${pid[$id]}" ;;
+      quit) exit ;;
+    esac
+  done <"$d/lines"
+}
+ended() {
+  for p in "${!job[@]}"; do
+    kill -0 "$p" 2>/dev/null || [ -d "/proc/$p" ] && continue  # ended and reaped (not: of another user)
+    wait "$p"; s=$?; id=${job[$p]}; echo "$s" 1<>"$d/$id.st"; unset "job[$p]" "pid[$id]"
+  done
+  kill -0 "$r" 2>/dev/null && return
+  wait "$r"; s=$?
+  [ "$s" = 1 ] && exit
+  [ "$s" = 0 ] && take
+  next
+}
+trap ended CHLD
+next
+while :; do wait -n; done
+""".replace("MOUNT", MOUNT, 1)
 
 
 def helper_argv(before=""):
-    """The argv that starts the helper inside an instance: in bash where the image has it, else
-    in sh. `before` is shell code to run first (a lifetime backstop, say).
+    """The argv that starts the helper inside an instance: the bash loop where the image has bash,
+    else the sh loop. `before` is shell code to run first (a lifetime backstop, say).
 
-    Where there is bash, sh says `ready bash` as soon as it runs and then becomes the bash loop:
-    commands sent meanwhile wait in the FIFO, so bash's start-up (about 1.5 ms) overlaps the
-    answer to the start instead of delaying it."""
+    Where there is bash, sh says `ready bash` as soon as it runs and then becomes the bash loop
+    (same pid): commands sent meanwhile wait in the FIFO, so bash's start-up (about 1.5 ms)
+    overlaps the answer to the start instead of delaying it."""
     boot = (f'exec 9>{MOUNT}/life; '
-            'command -v bash >/dev/null 2>&1 && echo ready bash >&9 && exec bash -c "$0"; eval "$0"')
-    return ["sh", "-c", before + boot, LOOP]
+            'if command -v bash >/dev/null 2>&1; then echo ready bash >&9; exec bash -c "$1" bash "${SHLVL:--}" "$0"; fi; '
+            'echo ready sh >&9; eval "$0"')
+    return ["sh", "-c", before + boot, SH_LOOP, BASH_LOOP]
 
 
-# The fallback, one exec per command: `sh -c PLAIN_EXEC SHELL COMMAND TIMEOUT`. It runs the command
-# in its own session with a watchdog that kills the command's group inside the instance on timeout
+def backstop(seconds):
+    """Code for helper_argv's `before` that ends the helper after `seconds` whatever happens to the
+    agent: a signal would not do, as the helper is PID 1 and has no handler for one."""
+    return f"(sleep {int(seconds)}; echo quit 0 >{MOUNT}/in) >/dev/null 2>&1 & "
+
+
+# The fallback, one exec per command: `sh -c PLAIN_EXEC TIMEOUT ARGV...`. It runs the command in
+# its own session with a watchdog that kills the command's group inside the instance on timeout
 # (the client side of an exec ending does not stop anything in the container).
 PLAIN_EXEC = r"""
-ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
-$ss "$0" -c "$1" </dev/null 2>&1 & p=$!  # one pipe keeps stdout and stderr in order
-$ss sh -c 'sleep "$1"; kill -9 "-$2" 2>/dev/null || kill -9 "$2"' watchdog "$2" "$p" </dev/null >/dev/null 2>&1 & w=$!
+t=$0 ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
+$ss "$@" </dev/null 2>&1 & p=$!  # one pipe keeps stdout and stderr in order
+$ss sh -c 'sleep "$1"; kill -9 "-$2" 2>/dev/null || kill -9 "$2"' watchdog "$t" "$p" </dev/null >/dev/null 2>&1 & w=$!
 wait $p; rc=$?
 kill -9 "-$w" 2>/dev/null || kill -9 "$w" 2>/dev/null
 exit $rc
 """
 
 
-def plain_exec_argv(shell, command, timeout):
-    """The argv, to run inside the instance, of one command through PLAIN_EXEC."""
-    return ["sh", "-c", PLAIN_EXEC, shell, command, f"{timeout:.3f}"]
+def plain_exec_argv(argv, timeout):
+    """The argv, to run inside the instance, that runs argv through PLAIN_EXEC."""
+    return ["sh", "-c", PLAIN_EXEC, f"{timeout:.3f}", *argv]
 
 
-def mark_plain_timeout(result, timeout):
-    """PLAIN_EXEC's watchdog kills with SIGKILL (exit 137): report that as every other path does."""
-    if result["returncode"] == 137 and result["duration_s"] >= timeout:
-        result.update(returncode=-9, timed_out=True)
+def plain_result(result, timeout):
+    """Complete a PLAIN_EXEC result: name the signal in its status, and since the watchdog kills
+    with SIGKILL (137), say whether it timed out."""
+    result["signal"] = signal_name(result["returncode"])
+    result["timed_out"] = result["returncode"] == 137 and result["duration_s"] >= timeout
     return result
 
 
-def script_for(command, cwd, env):
-    """The command file: change directory, export the variables, then the command itself."""
-    bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
-    if bad:
-        raise ProtocolError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
-    lines = [f"unset {LOOP_VARIABLES}"]
-    lines += [f"cd {shlex.quote(cwd)} || exit 126"] if cwd else []
+def script_for(argv, cwd, env):
+    """The command file: change directory, export the variables, then exec argv (the user's shell
+    with the command). OLDPWD is the one variable the `cd` sets that `docker exec -w` does not."""
+    check_command(argv[-1], env)
+    lines = [f"cd -- {shlex.quote(cwd)} || exit 126", "unset OLDPWD"] if cwd else []
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
-    return "\n".join([*lines, command, ""]).encode()
+    lines.append("exec " + " ".join(shlex.quote(arg) for arg in argv))
+    return "\n".join([*lines, ""]).encode()
 
 
 class ExecHelper:
@@ -130,26 +182,48 @@ class ExecHelper:
         self.host_dir = host_dir
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # close() must not free a FIFO's fd under send() or alive()
-        for name in ("in", "life"):
-            os.mkfifo(os.path.join(host_dir, name), 0o600)
-        # Read and write: opening never waits for the helper, and the helper sees end of file only
-        # when this process is gone.
-        self._in = os.open(os.path.join(host_dir, "in"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._life = os.open(os.path.join(host_dir, "life"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._revive_lock = threading.Lock()  # one restart at a time
+        self._in = self._life = None
+        self._make_fifos()
         self.best_shell = None
+
+    def _make_fifos(self):
+        with self._lock:
+            for name in ("in", "life"):
+                path = os.path.join(self.host_dir, name)
+                if os.path.lexists(path):  # a dead helper's
+                    os.unlink(path)
+                os.mkfifo(path, 0o600)
+            # Read and write: opening never waits for the helper, and the helper sees end of file
+            # only when this process is gone.
+            self._in = os.open(os.path.join(self.host_dir, "in"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._life = os.open(os.path.join(self.host_dir, "life"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def revive(self, launch):
+        """Start the helper again if it has died (OOM, a bug): launch() starts it over new FIFOs
+        and waits until it is ready. Called from a worker thread, never the agent's loop."""
+        with self._revive_lock:
+            if self.alive():
+                return
+            log.warning("helper_restarted", directory=self.host_dir)
+            self.close()
+            self._make_fifos()
+            launch()
 
     def wait_ready(self, running, timeout=READY_TIMEOUT_S):
         """Wait for the helper's `ready` line; running() says whether what hosts it still runs."""
         deadline = time.monotonic() + timeout
         line = b""
-        while not line.endswith(b"\n"):
-            if time.monotonic() > deadline or not running():
-                raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
-            if select.select([self._life], [], [], 0.2)[0]:
-                chunk = os.read(self._life, 256)
-                if not chunk:
-                    raise ProtocolError("environment_error", "the exec helper exited as it started")
-                line += chunk
+        with selectors.DefaultSelector() as sel:  # not select(): an agent's fds may be past 1023
+            sel.register(self._life, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                if time.monotonic() > deadline or not running():
+                    raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
+                if sel.select(0.2):
+                    chunk = os.read(self._life, 256)
+                    if not chunk:
+                        raise ProtocolError("environment_error", "the exec helper exited as it started")
+                    line += chunk
         parts = line.split(b"\n")[0].decode(errors="replace").split()
         self.best_shell = parts[1] if len(parts) > 1 else "sh"  # bash where the image has it
 
@@ -172,17 +246,17 @@ class ExecHelper:
                 raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands")
 
     def spawn(self, command, timeout, cwd, env, output_limit, shell):
-        """Start one command; the HelperCommand to drive to its end."""
+        """Start `command` in `shell` (a name or an argv prefix); the HelperCommand to drive to its end."""
         if not self.alive():
             raise ProtocolError("environment_error", "the exec helper inside the instance has exited")
         base = os.path.join(self.host_dir, str(next(self._ids)))
         # The instance can write to this directory: never follow or reuse what it may have put there.
         with open(os.open(base + ".cmd", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
-            f.write(script_for(command, cwd, env))
+            f.write(script_for(shell_argv(shell, command), cwd, env))
         os.mkfifo(base + ".st", 0o600)
         status = os.open(base + ".st", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.send(f"run {os.path.basename(base)} {shell}\n")
+            self.send(f"run {os.path.basename(base)}\n")
         except ProtocolError:
             os.close(status)
             _remove(base)
@@ -240,7 +314,7 @@ class HelperCommand(Watched):
     def result(self):
         try:
             if not self.timed_out and not self.status.endswith(b"\n"):
-                raise ProtocolError("environment_error", "the instance stopped while the command ran")
+                raise ProtocolError("environment_error", self._lost())
             if not self.timed_out and not self.status.strip().isdigit():
                 raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
             try:
@@ -249,9 +323,12 @@ class HelperCommand(Watched):
                 output, truncated = b"", False
             except OSError as exc:  # ELOOP: a symlink where the output should be
                 raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.strerror}")
+            # The status is the shell's: 128+N for a command killed by signal N, as bash -c reports it.
+            returncode = int(self.status) if self.status.strip().isdigit() else 128 + signal.SIGKILL
             return {
                 "output": output,
-                "returncode": -9 if self.timed_out else int(self.status),  # as the local backend reports SIGKILL
+                "returncode": returncode,
+                "signal": signal_name(returncode),
                 "timed_out": self.timed_out,
                 "truncated": truncated,
                 "duration_s": round(time.monotonic() - self.started, 6),
@@ -259,6 +336,22 @@ class HelperCommand(Watched):
         finally:
             os.close(self.status_fd)
             _remove(self.base)
+
+
+    def _lost(self):
+        """Why a command's status never came."""
+        if self.helper.alive():
+            return ("the process inside the instance that waited for the command was killed (by a command that "
+                    "signals every process, as `kill -9 -1` does, in an image without bash 5.1): its exit status is lost")
+        return ("the exec helper inside the instance ended while the command ran (killed from outside, or out of "
+                "memory): the command's exit status is lost; the next command starts the helper again")
+
+
+def revived(started):
+    """Drive a command spawned right after the helper was started again; an error if it died again."""
+    if started is None:
+        raise ProtocolError("environment_error", "the exec helper inside the instance died again as it restarted")
+    return started.wait()
 
 
 def _remove(base):

@@ -34,7 +34,7 @@ class BoundedOutput:
 
     def value(self):
         """(output bytes, truncated)."""
-        tail = self.tail[len(self.tail) - self.tail_limit:] if self.tail_limit else b""
+        tail = self.tail[-self.tail_limit:] if self.tail_limit else b""
         return joined(bytes(self.head), bytes(tail), self.total - len(self.head) - len(tail))
 
 
@@ -82,10 +82,30 @@ def descendants(pid):
 
 
 def kill_tree(pid):
-    """SIGKILL pid's process group and every descendant, including ones that left the group."""
-    for target in descendants(pid):
-        _signal(os.kill, target)
+    """SIGKILL pid's process group and every descendant, including ones that left the group.
+
+    The group goes first, in one signal: a shell killed after its children would run on between
+    the two and print what comes after the command it was waiting for. The descendants are found
+    before that, while they are still linked to their parents."""
+    found = descendants(pid)
     _signal(os.killpg, pid)
+    for target in found:
+        _signal(os.kill, target)
+
+
+def signal_name(returncode):
+    """The signal a shell's exit status 128+N names ("SIGKILL" for 137), or None. Every backend
+    reads it off the status as a shell reads $?: inside an instance only the status is known, and
+    bash itself cannot tell `exit 137` from SIGKILL."""
+    try:
+        return signal.Signals(returncode - 128).name if returncode > 128 else None
+    except ValueError:
+        return None
+
+
+def shell_status(returncode):
+    """A Popen returncode as a shell reports it: -N (killed by signal N) becomes 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def kill_group(pgid):
@@ -196,7 +216,8 @@ class Command(Watched):
         data, truncated = self.output.value()
         return {
             "output": data,
-            "returncode": returncode,
+            "returncode": shell_status(returncode),
+            "signal": signal_name(shell_status(returncode)),
             "timed_out": self.timed_out,
             "truncated": truncated,
             "duration_s": round(time.monotonic() - self.started, 6),
