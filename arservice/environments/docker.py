@@ -116,7 +116,7 @@ class DockerEnvironment(Environment):
             options["pids_limit"] = config["pids"]
         options.update(config["run_options"])
         if fast:
-            self.helper = ExecHelper(self.host_dir)
+            self.helper = ExecHelper(self.host_dir, pid_one=True)
         try:
             self.container = self.docker.containers.create(config["image"], **options)
             self.container.start()

@@ -54,6 +54,7 @@ log = EventLog("helper")
 MOUNT = "/.arservice"
 # How long a killed command may take to be reported done before it is given up on.
 KILL_GRACE_S = 5.0
+KILL_RETRY_S = 0.2
 READY_TIMEOUT_S = 30.0
 
 # The sh loop: a subshell per command starts it (in its own session where the image has setsid)
@@ -178,8 +179,10 @@ class ExecHelper:
     """The agent's end of one helper: make it before the helper starts (it creates the FIFOs the
     helper opens), then wait_ready() once the helper runs, then spawn() commands from any thread."""
 
-    def __init__(self, host_dir):
+    def __init__(self, host_dir, pid_one=False):
         self.host_dir = host_dir
+        # Whether the helper is its PID namespace's PID 1: its death then kills every command.
+        self.pid_one = pid_one
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # close() must not free a FIFO's fd under send() or alive()
         self._revive_lock = threading.Lock()  # one restart at a time
@@ -256,12 +259,22 @@ class ExecHelper:
         os.mkfifo(base + ".st", 0o600)
         status = os.open(base + ".st", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            self.send(f"run {os.path.basename(base)}\n")
-        except ProtocolError:
+            with self._lock:
+                if self._life is None:
+                    raise ProtocolError("environment_error", "the instance is closed")
+                life = os.dup(self._life)
+        except (ProtocolError, OSError):
             os.close(status)
             _remove(base)
             raise
-        return HelperCommand(self, base, status, timeout, output_limit)
+        try:
+            self.send(f"run {os.path.basename(base)}\n")
+        except ProtocolError:
+            os.close(status)
+            os.close(life)
+            _remove(base)
+            raise
+        return HelperCommand(self, base, status, life, timeout, output_limit)
 
     def close(self):
         with self._lock:
@@ -272,20 +285,33 @@ class ExecHelper:
 
 
 class HelperCommand(Watched):
-    """One command started through a helper; its one file descriptor is the end of ID.st."""
+    """One command started through a helper. It watches two file descriptors: the end of ID.st,
+    and its own copy of the helper's `life` FIFO, whose end of file says the helper died (the
+    status FIFO then never sees a writer, so it would say nothing)."""
 
-    def __init__(self, helper, base, status_fd, timeout, output_limit):
+    def __init__(self, helper, base, status_fd, life_fd, timeout, output_limit):
         self.started = time.monotonic()
         self.helper = helper
         self.base = base
         self.status_fd = status_fd
-        self.fds = (status_fd,)
+        self.life_fd = life_fd
+        self.fds = (status_fd, life_fd)
         self.output_limit = output_limit
         self.deadline = self.started + timeout
+        self.give_up = self.cut = None
         self.status = b""
         self.done = self.timed_out = False
 
     def on_readable(self, fd):
+        if fd == self.life_fd:
+            try:
+                gone = not os.read(fd, 256)  # anything else is a command writing into the FIFO
+            except BlockingIOError:
+                return False
+            if gone:
+                self.on_readable(self.status_fd)  # a status written just before the end still counts
+                self.done = True
+            return gone
         try:
             chunk = os.read(fd, 64)
         except BlockingIOError:
@@ -297,13 +323,24 @@ class HelperCommand(Watched):
         return self.done
 
     def on_deadline(self):
-        if self.timed_out:  # killed, yet not reported done within the grace
+        """Kill the command, and again every KILL_RETRY_S until it is reported done: the sh loop
+        learns a command's pid from its waiter, which may not have written it yet."""
+        now = time.monotonic()
+        if self.give_up is None:
+            self.timed_out = True
+            self.give_up = now + KILL_GRACE_S
+            # What the command wrote by now is its output: the kill takes a moment to land, and
+            # nothing printed after the deadline may come back.
+            try:
+                self.cut = os.lstat(self.base + ".out").st_size
+            except FileNotFoundError:
+                self.cut = 0
+        elif now >= self.give_up:  # killed, yet not reported done within the grace
             log.error("command_not_killed", command=self.base)
             self.done = True
             return
-        self.timed_out = True
         self.kill()
-        self.deadline = time.monotonic() + KILL_GRACE_S
+        self.deadline = min(now + KILL_RETRY_S, self.give_up)
 
     def kill(self):
         try:
@@ -313,18 +350,26 @@ class HelperCommand(Watched):
 
     def result(self):
         try:
+            message = None
             if not self.timed_out and not self.status.endswith(b"\n"):
-                raise ProtocolError("environment_error", self._lost())
+                if self.helper.pid_one and not self.helper.alive():
+                    # The kernel killed the command with the namespace's PID 1: that is its status.
+                    self.status = b"%d\n" % (128 + signal.SIGKILL)
+                    message = ("the instance's exec helper was killed from outside (or out of memory) and every "
+                               "process of the instance with it; the next command starts it again")
+                else:
+                    raise ProtocolError("environment_error", self._lost())
             if not self.timed_out and not self.status.strip().isdigit():
                 raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
             try:
-                output, truncated = read_bounded(self.base + ".out", self.output_limit)
+                output, truncated = read_bounded(self.base + ".out", self.output_limit, self.cut)
             except FileNotFoundError:
                 output, truncated = b"", False
             except OSError as exc:  # ELOOP: a symlink where the output should be
                 raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.strerror}")
             # The status is the shell's: 128+N for a command killed by signal N, as bash -c reports it.
-            returncode = int(self.status) if self.status.strip().isdigit() else 128 + signal.SIGKILL
+            # A command that timed out was killed (SIGKILL), whatever it managed after the deadline.
+            returncode = 128 + signal.SIGKILL if self.timed_out else int(self.status)
             return {
                 "output": output,
                 "returncode": returncode,
@@ -332,19 +377,21 @@ class HelperCommand(Watched):
                 "timed_out": self.timed_out,
                 "truncated": truncated,
                 "duration_s": round(time.monotonic() - self.started, 6),
+                **({"message": message} if message else {}),
             }
         finally:
             os.close(self.status_fd)
+            os.close(self.life_fd)
             _remove(self.base)
 
 
     def _lost(self):
-        """Why a command's status never came."""
+        """Why a command's status never came (where it did not die with the helper)."""
         if self.helper.alive():
             return ("the process inside the instance that waited for the command was killed (by a command that "
                     "signals every process, as `kill -9 -1` does, in an image without bash 5.1): its exit status is lost")
-        return ("the exec helper inside the instance ended while the command ran (killed from outside, or out of "
-                "memory): the command's exit status is lost; the next command starts the helper again")
+        return ("the exec helper inside the instance ended while the command ran: the command's exit status is lost; "
+                "the next command starts the helper again")
 
 
 def revived(started):

@@ -86,7 +86,7 @@ class BubblewrapEnvironment(Environment):
         ]
         if self.config["fast_exec"]:
             self.host_dir = tempfile.mkdtemp(prefix=f"{self.instance_id}-exec-", dir=self.workdir_root)
-            self.helper = ExecHelper(self.host_dir)
+            self.helper = ExecHelper(self.host_dir, pid_one=True)
             self._launch_helper()
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else
                                               "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh")
