@@ -16,15 +16,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from arservice.environments import backend
-from arservice.protocol import ProtocolError
-from arservice.environments.base import shell_argv
-from arservice.environments.process import shell_status
-
 from backends import SPECS, params
 from fidelity_corpus import CORPUS
 from helpers import wait_for
+
+from arservice.environments import backend
+from arservice.environments.base import shell_argv
+from arservice.environments.process import shell_status
+from arservice.protocol import ProtocolError
 
 TIMEOUT_S = 20.0
 BASH_SPECS = ("local", "docker-bookworm", "podman-bookworm", "bubblewrap", "bubblewrap-rootfs")
@@ -64,7 +63,7 @@ class Pair:
         # Its own session: `kill 0` in a command must not reach pytest.
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               cwd=self.env.cwd if local else None, env=self.env.env if local else None,
-                              start_new_session=True, timeout=TIMEOUT_S)
+                              start_new_session=True, timeout=TIMEOUT_S, check=False)
         return without_pids(done.stdout), shell_status(done.returncode)
 
     def close(self):
