@@ -255,3 +255,38 @@ def test_the_helper_starts_on_an_agent_whose_descriptors_are_past_1023(workdir_r
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# The differences from `bash -c` the README lists, pinned: each test fails when one goes away
+# (then the README is wrong) or changes.
+
+@pytest.mark.parametrize("name", params("docker-bookworm", "podman-bookworm"))
+def test_known_difference_the_parent_of_a_command_is_the_helper(name, workdir_root):
+    pair = Pair(name, SPECS[name], workdir_root)
+    try:
+        assert pair.ours("echo $PPID") == (b"1\n", 0)
+        assert pair.raw("echo $PPID") == (b"0\n", 0)
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("name", params("docker-busybox"))
+def test_known_difference_sh_images_lose_the_status_of_a_command_that_kills_every_process(name, workdir_root):
+    pair = Pair(name, SPECS[name], workdir_root)
+    try:
+        with pytest.raises(ProtocolError, match="exit status is lost"):
+            pair.env.execute("kill -9 -1; echo $?", TIMEOUT_S)
+        assert pair.ours("echo alive") == (b"alive\n", 0)
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("name", params("docker-plain-exec"))
+def test_known_difference_without_the_fast_path_sigint_is_ignored(name, workdir_root):
+    pair = Pair(name, SPECS[name], workdir_root)
+    command = "trap 'echo int' INT; kill -INT $$; echo after"
+    try:
+        assert pair.ours(command) == (b"after\n", 0)
+        assert pair.raw(command) == (b"int\nafter\n", 0)
+    finally:
+        pair.close()

@@ -145,6 +145,7 @@ def backstop(seconds):
 PLAIN_EXEC = r"""
 t=$0 ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
 $ss "$@" </dev/null 2>&1 & p=$!  # one pipe keeps stdout and stderr in order
+exec 2>/dev/null  # sh's own word on how the command ended (`Killed`) is not the command's output
 $ss sh -c 'sleep "$1"; kill -9 "-$2" 2>/dev/null || kill -9 "$2"' watchdog "$t" "$p" </dev/null >/dev/null 2>&1 & w=$!
 wait $p; rc=$?
 kill -9 "-$w" 2>/dev/null || kill -9 "$w" 2>/dev/null
