@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure podman's Docker-compatible API answers on unix:///run/podman/podman.sock and holds
-# the busybox test image (copied from Docker, so run scripts/docker-up.sh first).
+# the busybox and Debian test images (copied from Docker, so run scripts/docker-up.sh first).
 #
 # Why the containers.conf: as root, podman asks the OCI runtime for nofile and nproc limits of
 # 1048576, above this machine's hard limits, and runc/crun may not raise them ("error setting
