@@ -61,6 +61,7 @@ READY_TIMEOUT_S = 30.0
 # and reports its status. The subshells close the channels (9, and 3 for the command) so that
 # nothing a command leaves behind keeps them open.
 SH_LOOP = r"""
+trap '' INT  # sh catches SIGINT, so as PID 1 it would get one from a command (its commands ignore it anyway, as background jobs)
 d=MOUNT ss=
 command -v setsid >/dev/null 2>&1 && ss=setsid
 exec <"$d/in" 2>/dev/null
@@ -89,6 +90,7 @@ d=MOUNT
 exec <"$d/in" 2>/dev/null
 set -m
 declare -A job=() pid=()
+inside= pending=
 next() {
   ( IFS= read -r l || exit 1; printf '%s\n' "$l"
     while read -t 0 && IFS= read -r l; do printf '%s\n' "$l"; done ) >"$d/lines" 9>&- & r=$!
@@ -103,20 +105,34 @@ take() {
     esac
   done <"$d/lines"
 }
-ended() {
+running() {  # whether child $1 runs: not once it is a zombie, nor once bash has reaped it
+  local state=
+  if { read -r _ _ state _ </proc/"$1"/stat; } 2>/dev/null; then [ "$state" != Z ]; else kill -0 "$1" 2>/dev/null; fi
+}
+pass() {  # report the commands that have ended; take the lines of a reader that has
   for p in "${!job[@]}"; do
-    kill -0 "$p" 2>/dev/null || [ -d "/proc/$p" ] && continue  # ended and reaped (not: of another user)
-    wait "$p"; s=$?; id=${job[$p]}; echo "$s" 1<>"$d/$id.st"; unset "job[$p]" "pid[$id]"
+    running "$p" && continue
+    wait "$p"; s=$?; id=${job[$p]}; echo "$s" 1<>"$d/$id.st"; unset "job[$p]" "pid[$id]"; pending=1
   done
-  kill -0 "$r" 2>/dev/null && return
+  running "$r" && return
   wait "$r"; s=$?
   [ "$s" = 1 ] && exit
   [ "$s" = 0 ] && take
-  next
+  next; pending=1
+}
+ended() {  # the CHLD trap, never run inside itself; what ends meanwhile gets another pass
+  pending=1
+  [ -n "$inside" ] && return
+  while :; do
+    inside=1
+    while [ "$pending" = 1 ]; do pending=0; pass; done
+    inside=
+    [ "$pending" = 1 ] || break
+  done
 }
 trap ended CHLD
 next
-while :; do wait -n; done
+while :; do wait -n; ended; done
 """.replace("MOUNT", MOUNT, 1)
 
 
@@ -245,7 +261,10 @@ class ExecHelper:
             if self._in is None:
                 raise ProtocolError("environment_error", "the instance is closed")
             try:
-                os.write(self._in, line.encode())  # a short line goes in whole or not at all
+                # A short line goes in whole or not at all. The leading space is for a reader a
+                # command has just killed (kill -9 -1): woken by the line, it may still take one
+                # byte of it before it dies, and the loops skip leading blanks.
+                os.write(self._in, b" " + line.encode())
             except BlockingIOError:
                 raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands")
 
