@@ -90,10 +90,11 @@ d=MOUNT
 exec <"$d/in" 2>/dev/null
 set -m
 declare -A job=() pid=()
-inside= pending=
-next() {
+inside= pending= f=1
+next() {  # readers write to lines0 and lines1 in turn: the next one starts before its lines are taken
+  f=$((1 - f))
   ( IFS= read -r l || exit 1; printf '%s\n' "$l"
-    while read -t 0 && IFS= read -r l; do printf '%s\n' "$l"; done ) >"$d/lines" 9>&- & r=$!
+    while read -t 0 && IFS= read -r l; do printf '%s\n' "$l"; done ) >"$d/lines$f" 9>&- & r=$!
 }
 take() {
   while read -r op id; do
@@ -103,7 +104,7 @@ take() {
       kill) [ -n "${pid[$id]}" ] && kill -9 "-${pid[$id]}" ;;
       quit) exit ;;
     esac
-  done <"$d/lines"
+  done <"$d/lines$1"
 }
 running() {  # whether child $1 runs: not once it is a zombie, nor once bash has reaped it
   local state=
@@ -117,8 +118,8 @@ pass() {  # report the commands that have ended; take the lines of a reader that
   running "$r" && return
   wait "$r"; s=$?
   [ "$s" = 1 ] && exit
-  [ "$s" = 0 ] && take
-  next; pending=1
+  next; pending=1  # before the commands start, so that they always find the instance as it is
+  [ "$s" = 0 ] && take $((1 - f))
 }
 ended() {  # the CHLD trap, never run inside itself; what ends meanwhile gets another pass
   pending=1
