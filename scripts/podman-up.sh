@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure podman's Docker-compatible API answers on unix:///run/podman/podman.sock and holds
-# the busybox test image (copied from Docker, so run scripts/docker-up.sh first).
+# the busybox and Debian test images (copied from Docker, so run scripts/docker-up.sh first).
 #
 # Why the containers.conf: as root, podman asks the OCI runtime for nofile and nproc limits of
 # 1048576, above this machine's hard limits, and runc/crun may not raise them ("error setting
@@ -19,11 +19,13 @@ if ! command -v podman >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc catatonit >/dev/null
 fi
 
+for image in local/arservice-busybox:test local/arservice-bookworm:test; do  # bookworm: the fidelity tests' bash
+  if ! podman image exists "$image"; then
+    log "copying $image from docker"
+    docker save "$image" | podman load >/dev/null
+  fi
+done
 image=local/arservice-busybox:test
-if ! podman image exists "$image"; then
-  log "copying $image from docker"
-  docker save "$image" | podman load >/dev/null
-fi
 
 if ! [ -S "$sock" ] || ! curl -sf --unix-socket "$sock" http://d/_ping >/dev/null 2>&1; then
   mkdir -p "$(dirname "$conf")" "$(dirname "$sock")"

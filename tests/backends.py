@@ -22,6 +22,7 @@ SPECS = {
     "docker-bookworm": {"type": "docker", "image": BOOKWORM, "pull": "never"},
     "docker-plain-exec": {"type": "docker", "image": BUSYBOX, "pull": "never", "fast_exec": False},
     "podman": {"type": "podman", "image": BUSYBOX, "pull": "never"},
+    "podman-bookworm": {"type": "podman", "image": BOOKWORM, "pull": "never"},
     "bubblewrap": {"type": "bubblewrap"},
     "bubblewrap-rootfs": {"type": "bubblewrap", "root": ROOTFS},
     "bubblewrap-rootfs-sh": {"type": "bubblewrap", "root": ROOTFS, "shell": "sh"},

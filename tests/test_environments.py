@@ -10,7 +10,7 @@ from arservice.client import ServiceError
 from backends import SPECS, params
 from helpers import Service, live_processes, run_in_threads, wait_for
 
-ALL = params(*SPECS)
+ALL = params(*(name for name in SPECS if name != "podman-bookworm"))  # podman is here with busybox
 # Specs whose commands run in sh: a busybox image has no bash, and one asks for sh.
 SH_ONLY = {"docker-busybox", "docker-plain-exec", "podman", "bubblewrap-rootfs-sh"}
 
@@ -153,4 +153,4 @@ def test_long_commands_hold_no_worker_thread(service, name):
         threads.shutdown(wait=True)
     # Each command ends with its instance: killed (local) or cut off with the instance (containers).
     assert len(answers) == MANY
-    assert all(a == "environment_error" or (isinstance(a, dict) and a["returncode"] < 0) for a in answers), answers[:3]
+    assert all(a == "environment_error" or (isinstance(a, dict) and a["signal"] == "SIGKILL") for a in answers), answers[:3]

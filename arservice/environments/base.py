@@ -8,6 +8,7 @@ before any agent sees it.
 """
 
 import os
+import re
 
 from ..protocol import MAX_SECONDS, ProtocolError, check_value, environment_map
 
@@ -31,6 +32,32 @@ def _seconds(value):
 
 
 LIMITS = ("cpus", "memory", "pids", "network", "disk")
+
+
+def _shell(value):
+    if isinstance(value, str):
+        return bool(value)
+    return bool(value) and all(isinstance(arg, str) for arg in value) and bool(value[0])
+
+
+def shell_option(default):
+    """The `shell` spec field: a shell's name, run as `NAME -c COMMAND`, or an argv prefix the
+    command is appended to as the last argument (`["bash", "-lc"]`: a login shell per command)."""
+    return ((str, list), default, _shell)
+
+
+def check_command(command, env):
+    """Refuse what no exec could pass: a NUL byte in the command or a variable, a bad variable name."""
+    bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+    if bad:
+        raise ProtocolError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
+    if "\0" in command or any("\0" in value for value in env.values()):
+        raise ProtocolError("invalid_request", "a command or variable cannot hold a NUL byte (no exec can pass one)")
+
+
+def shell_argv(shell, command):
+    """The argv that runs `command` in `shell` (a name or an argv prefix, as shell_option takes)."""
+    return [shell, "-c", command] if isinstance(shell, str) else [*shell, command]
 
 
 class Environment:

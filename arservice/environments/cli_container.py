@@ -23,8 +23,8 @@ import uuid
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import hostdir, process, safefs
-from .base import Environment, resolve_path
-from .helper import MOUNT, ExecHelper, helper_argv, mark_plain_timeout, plain_exec_argv, script_for, start_process
+from .base import Environment, resolve_path, shell_argv, shell_option
+from .helper import MOUNT, ExecHelper, helper_argv, plain_exec_argv, plain_result, revived, script_for, start_process
 
 log = EventLog("cli_container")
 
@@ -63,7 +63,7 @@ class CLIContainerEnvironment(Environment):
         "cache_dir": (str, None, None),
         "build_timeout": (float, 1800.0, _positive),
         "build_retries": (int, 2, lambda n: n >= 0),
-        "shell": (str, None, None),  # default: bash where the image has it, else sh
+        "shell": shell_option(None),  # default: bash where the image has it, else sh
         "fast_exec": (bool, True, None),
     }
     executables = ()  # tool names to look for, preferred first
@@ -196,16 +196,25 @@ class CLIContainerEnvironment(Environment):
                                  {**self.config["env"], **(env or {})}, output_limit or self.config["output_limit"],
                                  self.shell)
 
+    def _launch_helper(self):
+        process.kill_group(self.helper_proc.pid)  # what is left of the dead one
+        self.helper_proc.wait()
+        self.helper_proc = start_process(self.enter_argv(helper_argv()), self.helper)
+
     def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
-        """Where there is no helper (fast_exec false, or it could not start): one exec per command."""
+        """Where there is no helper (fast_exec false, or it could not start): one exec per command.
+        Where it died, it is started again, and the command runs through it."""
+        if self.helper is not None:
+            self.helper.revive(self._launch_helper)
+            return revived(self.spawn(command, timeout, cwd, env, output_limit))
         cwd = resolve_path(cwd, self.cwd or "/") if cwd else self.cwd
         output_limit = output_limit or self.config["output_limit"]
         env = {**self.config["env"], **(env or {})}
-        script = script_for(command, cwd, env).decode()
-        argv = self.enter_argv(plain_exec_argv(self.shell, script, timeout))
+        script = script_for(shell_argv(self.shell, command), cwd, env).decode()
+        argv = self.enter_argv(plain_exec_argv(["sh", "-c", script], timeout))
         # The in-container watchdog kills on time; the host-side timeout is the backstop.
-        return mark_plain_timeout(process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait(),
-                                  timeout)
+        return plain_result(process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait(),
+                            timeout)
 
     def write_file(self, path, content, mode):
         path = resolve_path(path, self.cwd or "/")

@@ -18,8 +18,8 @@ import time
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import hostdir
-from .base import Environment, resolve_path
-from .helper import MOUNT, ExecHelper, helper_argv, mark_plain_timeout, plain_exec_argv
+from .base import Environment, check_command, resolve_path, shell_argv, shell_option
+from .helper import MOUNT, ExecHelper, backstop, helper_argv, plain_exec_argv, plain_result, revived
 from .process import BoundedOutput
 
 log = EventLog("docker")
@@ -44,9 +44,10 @@ class DockerEnvironment(Environment):
         "forward_env": (list, [], lambda names: all(isinstance(n, str) for n in names)),
         "container_timeout": (float, 24 * 3600.0, _positive),
         "run_options": (dict, {}, None),
-        "shell": (str, None, None),
+        "shell": shell_option(None),  # default: bash where the image has it, else sh
         "fast_exec": (bool, True, None),
     }
+    helper_prelude = ""  # shell code the helper runs first, to make its environment what an exec's would be
     helper = None
     container = None
     host_dir = None
@@ -92,11 +93,12 @@ class DockerEnvironment(Environment):
         lifetime = str(int(config["container_timeout"]))
         fast = config["fast_exec"]
         options = dict(
-            # The helper is the main process: no exec session to pay for. It ends when the agent
-            # dies (its FIFO closes), and so does the container; the backstop ends it after
-            # container_timeout whatever happens.
-            entrypoint=helper_argv(f"(sleep {lifetime}; kill $$) & ") if fast else ["sleep", lifetime],
-            init=True, environment=env,
+            # The helper is the main process, PID 1, which no command can signal: no exec session
+            # to pay for, and it reaps orphans itself. It ends when the agent dies (its FIFO
+            # closes), and so does the container; the backstop ends it after container_timeout
+            # whatever happens. Without it, Docker's init reaps the orphans.
+            entrypoint=helper_argv(self.helper_prelude + backstop(lifetime)) if fast else ["sleep", lifetime],
+            init=not fast, environment=env,
             labels={LABEL: "1", f"{LABEL}.instance": self.instance_id, f"{LABEL}.agent": self.agent_id,
                     f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())},
             network_mode="none" if network in (None, False) else ("bridge" if network is True else network),
@@ -115,7 +117,7 @@ class DockerEnvironment(Environment):
             options["storage_opt"] = {"size": f"{config['disk']}m"}
         options.update(config["run_options"])
         if fast:
-            self.helper = ExecHelper(self.host_dir)
+            self.helper = ExecHelper(self.host_dir, pid_one=True)
         try:
             self.container = self.docker.containers.create(config["image"], **options)
             self.container.start()
@@ -162,7 +164,7 @@ class DockerEnvironment(Environment):
         found = result.output.decode(errors="replace").strip().splitlines()
         if result.exit_code != 0 or not found:
             raise ProtocolError("environment_error", f"image {self.config['image']} has no POSIX shell")
-        return found[0]
+        return os.path.basename(found[0])  # by name, as `docker exec C bash -c` starts it: $0 is the same
 
     def _running(self):
         self.container.reload()
@@ -175,18 +177,30 @@ class DockerEnvironment(Environment):
                                  output_limit or self.config["output_limit"], self.shell)
 
     def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
-        """Where there is no helper (fast_exec false, or it died): one exec session per command,
-        output streamed into a bounded buffer."""
+        """Where there is no helper (fast_exec false): one exec session per command, output
+        streamed into a bounded buffer. Where the helper died, the container (whose main process
+        it was) is started again with a new one, and the command runs through it."""
+        if self.helper is not None:
+            self.helper.revive(self._restart)
+            return revived(self.spawn(command, timeout, cwd, env, output_limit))
         started = time.monotonic()
         api = self.docker.api
-        argv = plain_exec_argv(self.shell, command, timeout)
+        check_command(command, env or {})
+        argv = plain_exec_argv(shell_argv(self.shell, command), timeout)
         exec_id = api.exec_create(self.container.id, argv, workdir=self._cwd(cwd), environment=env or None)["Id"]
         output = BoundedOutput(output_limit or self.config["output_limit"])
         for chunk in api.exec_start(exec_id, stream=True):
             output.feed(chunk)
         data, truncated = output.value()
-        return mark_plain_timeout({"output": data, "returncode": api.exec_inspect(exec_id)["ExitCode"], "timed_out": False,
-                                   "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}, timeout)
+        return plain_result({"output": data, "returncode": api.exec_inspect(exec_id)["ExitCode"], "timed_out": False,
+                             "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}, timeout)
+
+    def _restart(self):
+        try:
+            self.container.restart(timeout=0)  # its filesystem is kept
+        except Exception as exc:
+            raise ProtocolError("environment_error", f"{self.type} could not restart the instance after its helper died: {exc}")
+        self.helper.wait_ready(self._running)
 
     def _cwd(self, cwd):
         return resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None

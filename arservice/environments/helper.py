@@ -5,32 +5,41 @@ instance runs one helper, a shell loop started once, and a host directory is mou
 instance at MOUNT. The agent and the helper talk only through that directory, so no container
 engine sits between them:
 
-    in       FIFO, agent -> helper: `run ID SHELL` and `kill ID` lines. When the agent dies its
-             end closes; the helper reads end of file and exits (ending a container it is the
-             main process of).
+    in       FIFO, agent -> helper: `run ID` and `kill ID` lines. When the agent dies its end
+             closes; the helper reads end of file and exits (ending a container it is the main
+             process of).
     life     FIFO, helper -> agent: `ready SHELL`, then held open: its end of file means the helper
              is gone.
-    ID.cmd   the command file the agent writes; ID.out the command's merged output; ID.pid the
-             command's process (and process group) inside the instance, for `kill`.
-    ID.st    FIFO, per command: its exit status, written by the subshell that waits for it; end
-             of file without a status means the instance stopped under it.
+    ID.cmd   the command file the agent writes: a few lines of sh that change directory, export
+             the variables and exec the user's shell with the command as its last argument, so
+             the command runs in a real `bash -c COMMAND` (its own $$, $LINENO, error text).
+    ID.out   the command's merged output.
+    ID.st    FIFO, per command: its exit status; end of file without a status means the helper
+             went away under it.
 
 So a command is one file descriptor the agent's event loop watches, as a host process is: no
 thread waits for it. The agent reads the output file on the host: exact bytes, head and tail by
-seeking, any size. Commands stay stateless (a fresh process each), several run at once, and no
-Python is needed in the image.
+seeking, any size. Several commands run at once, and no Python is needed in the image.
 
-Where the image has bash, the loop runs in bash: job control (`set -m`) gives each command its
-own process group, and a command for bash is sourced in a forked subshell, so it costs two
-forks and no exec, like `bash -c` without bash's start-up. Elsewhere (busybox, dash) the loop
-runs in sh and starts `setsid SHELL ID.cmd`, which costs two more execs.
+Where the image has bash 5.1 or later, the loop is bash and is meant to be the instance's PID 1
+(docker and podman start it as the container's main process, bubblewrap with --as-pid-1). PID 1
+gets no signal from inside its PID namespace that it has no handler for, and `kill -1` spares it,
+so nothing a command does (`kill -9 $PPID`, `kill -9 -1`, `pkill -9 -f .`) ends the instance.
+The commands are its own children, each in its own process group (`set -m`), and it learns their
+exit status itself with `wait -n -p`; it never blocks reading the `in` FIFO, which a child reads
+for it (one line batch per child; one killed by a command is started again). So a command's
+status survives even the death of every other process in the instance. A command costs a fork
+and the exec of its shell. Elsewhere (busybox, dash, older bash) the loop runs in sh: a subshell
+per command waits for it and reports its status; a command that kills every process (`kill -9
+-1`) kills those subshells too, and the commands they waited for then end in an error.
 """
 
 import itertools
 import os
-import re
 import select
+import selectors
 import shlex
+import signal
 import stat
 import subprocess
 import threading
@@ -39,119 +48,205 @@ import time
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import safefs
-from .process import Watched, kill_group, read_bounded
+from .base import check_command, shell_argv
+from .process import Watched, kill_group, read_bounded, signal_name
 
 log = EventLog("helper")
 
 MOUNT = "/.arservice"
 # How long a killed command may take to be reported done before it is given up on.
 KILL_GRACE_S = 5.0
+KILL_RETRY_S = 0.2
 READY_TIMEOUT_S = 30.0
 
-# In bash, `me` is bash itself and `jc` turns job control on in the waiting subshell, so the
-# command it starts gets its own process group; sh has no job control without a terminal, so
-# there `setsid` (where the image has it) does that job. The command closes the channels (3, 9)
-# so that nothing it leaves behind keeps them open.
-LOOP = r"""
-d=%(mount)s me= jc=: ss=
-if [ -n "$BASH_VERSION" ]; then me=$BASH jc="set -m"
-elif command -v setsid >/dev/null 2>&1; then ss=setsid; fi
-exec <"$d/in"
-echo ready ${me:-$(command -v sh)} >&9
-while read -r op id sh; do
-  case $op:$sh in
-    run:"$me"|run:"${me:+bash}")
-      ( exec 3>"$d/$id.st" 9>&-; set -m
-        ( echo $BASHPID >"$d/$id.pid"; set +m; . "$d/$id.cmd" ) >"$d/$id.out" 2>&1 </dev/null 3>&-
-        echo $? >&3 ) 2>/dev/null & ;;
-    run:*)
-      ( exec 3>"$d/$id.st" 9>&-; $jc
-        $ss "$sh" "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null 3>&- & p=$!; echo $p >"$d/$id.pid"; wait $p
-        echo $? >&3 ) 2>/dev/null & ;;
-    kill:*) p=$(cat "$d/$id.pid" 2>/dev/null) && { kill -9 "-$p" 2>/dev/null || kill -9 "$p" 2>/dev/null; } ;;
+# The sh loop: a subshell per command starts it (in its own session where the image has setsid)
+# and reports its status. The subshells close the channels (9, and 3 for the command) so that
+# nothing a command leaves behind keeps them open.
+SH_LOOP = r"""
+trap '' INT  # sh catches SIGINT, so as PID 1 it would get one from a command (its commands ignore it anyway, as background jobs)
+d=MOUNT ss=
+command -v setsid >/dev/null 2>&1 && ss=setsid
+exec <"$d/in" 2>/dev/null
+while read -r op id; do
+  case $id in *[!0-9]*|"") continue ;; esac
+  case $op in
+    run)
+      ( exec 3<>"$d/$id.st" 9>&-
+        $ss sh "$d/$id.cmd" >"$d/$id.out" 2>&1 </dev/null 3>&- & p=$!; echo $p >"$d/$id.pid"; wait $p
+        echo $? >&3 ) & ;;
+    kill) read -r p <"$d/$id.pid" && { kill -9 "-$p" || kill -9 "$p"; } ;;
+    quit) exit ;;
   esac
 done
-""" % {"mount": MOUNT}
-# The loop's variables, unset at the top of every command file: a sourced command must not see them.
-LOOP_VARIABLES = "d me jc ss op id sh p"
+""".replace("MOUNT", MOUNT, 1)
+
+# The bash loop (see the module's doc): `next` starts the child that waits for the next batch of
+# lines on `in` and hands them over in the file `lines`; `wait -n -p` wakes the loop when that
+# child or a command ends. The status FIFO is opened read-write, which never blocks, even if the
+# agent has stopped listening. Its $1 is SHLVL as the instance's processes have it, so a command's
+# bash counts from where `docker exec bash` would.
+BASH_LOOP = r"""
+((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) || exec sh -c "$2"
+if [ "$1" = - ]; then unset SHLVL; else export SHLVL="$1"; fi
+d=MOUNT
+exec <"$d/in" 2>/dev/null
+set -m
+declare -A job=() pid=()
+inside= pending= f=1
+next() {  # readers write to lines0 and lines1 in turn: the next one starts before its lines are taken
+  f=$((1 - f))
+  ( IFS= read -r l || exit 1; printf '%s\n' "$l"
+    while read -t 0 && IFS= read -r l; do printf '%s\n' "$l"; done ) >"$d/lines$f" 9>&- & r=$!
+}
+take() {
+  while read -r op id; do
+    case $id in *[!0-9]*|"") continue ;; esac
+    case $op in
+      run) { . "$d/$id.cmd"; } >"$d/$id.out" 2>&1 </dev/null 9>&- & job[$!]=$id pid[$id]=$! ;;
+      kill) [ -n "${pid[$id]}" ] && kill -9 "-${pid[$id]}" ;;
+      quit) exit ;;
+    esac
+  done <"$d/lines$1"
+}
+running() {  # whether child $1 runs: not once it is a zombie, nor once bash has reaped it
+  local state=
+  if { read -r _ _ state _ </proc/"$1"/stat; } 2>/dev/null; then [ "$state" != Z ]; else kill -0 "$1" 2>/dev/null; fi
+}
+pass() {  # report the commands that have ended; take the lines of a reader that has
+  for p in "${!job[@]}"; do
+    running "$p" && continue
+    wait "$p"; s=$?; id=${job[$p]}; echo "$s" 1<>"$d/$id.st"; unset "job[$p]" "pid[$id]"; pending=1
+  done
+  running "$r" && return
+  wait "$r"; s=$?
+  [ "$s" = 1 ] && exit
+  next; pending=1  # before the commands start, so that they always find the instance as it is
+  [ "$s" = 0 ] && take $((1 - f))
+}
+ended() {  # the CHLD trap, never run inside itself; what ends meanwhile gets another pass
+  pending=1
+  [ -n "$inside" ] && return
+  while :; do
+    inside=1
+    while [ "$pending" = 1 ]; do pending=0; pass; done
+    inside=
+    [ "$pending" = 1 ] || break
+  done
+}
+trap ended CHLD
+next
+while :; do wait -n; ended; done
+""".replace("MOUNT", MOUNT, 1)
 
 
 def helper_argv(before=""):
-    """The argv that starts the helper inside an instance: in bash where the image has it, else
-    in sh. `before` is shell code to run first (a lifetime backstop, say).
+    """The argv that starts the helper inside an instance: the bash loop where the image has bash,
+    else the sh loop. `before` is shell code to run first (a lifetime backstop, say).
 
-    Where there is bash, sh says `ready bash` as soon as it runs and then becomes the bash loop:
-    commands sent meanwhile wait in the FIFO, so bash's start-up (about 1.5 ms) overlaps the
-    answer to the start instead of delaying it."""
+    Where there is bash, sh says `ready bash` as soon as it runs and then becomes the bash loop
+    (same pid): commands sent meanwhile wait in the FIFO, so bash's start-up (about 1.5 ms)
+    overlaps the answer to the start instead of delaying it."""
     boot = (f'exec 9>{MOUNT}/life; '
-            'command -v bash >/dev/null 2>&1 && echo ready bash >&9 && exec bash -c "$0"; eval "$0"')
-    return ["sh", "-c", before + boot, LOOP]
+            'if command -v bash >/dev/null 2>&1; then echo ready bash >&9; exec bash -c "$1" bash "${SHLVL:--}" "$0"; fi; '
+            'echo ready sh >&9; eval "$0"')
+    return ["sh", "-c", before + boot, SH_LOOP, BASH_LOOP]
 
 
-# The fallback, one exec per command: `sh -c PLAIN_EXEC SHELL COMMAND TIMEOUT`. It runs the command
-# in its own session with a watchdog that kills the command's group inside the instance on timeout
+def backstop(seconds):
+    """Code for helper_argv's `before` that ends the helper after `seconds` whatever happens to the
+    agent: a signal would not do, as the helper is PID 1 and has no handler for one."""
+    return f"(sleep {int(seconds)}; echo quit 0 >{MOUNT}/in) >/dev/null 2>&1 & "
+
+
+# The fallback, one exec per command: `sh -c PLAIN_EXEC TIMEOUT ARGV...`. It runs the command in
+# its own session with a watchdog that kills the command's group inside the instance on timeout
 # (the client side of an exec ending does not stop anything in the container).
 PLAIN_EXEC = r"""
-ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
-$ss "$0" -c "$1" </dev/null 2>&1 & p=$!  # one pipe keeps stdout and stderr in order
-$ss sh -c 'sleep "$1"; kill -9 "-$2" 2>/dev/null || kill -9 "$2"' watchdog "$2" "$p" </dev/null >/dev/null 2>&1 & w=$!
+t=$0 ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
+$ss "$@" </dev/null 2>&1 & p=$!  # one pipe keeps stdout and stderr in order
+exec 2>/dev/null  # sh's own word on how the command ended (`Killed`) is not the command's output
+$ss sh -c 'sleep "$1"; kill -9 "-$2" 2>/dev/null || kill -9 "$2"' watchdog "$t" "$p" </dev/null >/dev/null 2>&1 & w=$!
 wait $p; rc=$?
 kill -9 "-$w" 2>/dev/null || kill -9 "$w" 2>/dev/null
 exit $rc
 """
 
 
-def plain_exec_argv(shell, command, timeout):
-    """The argv, to run inside the instance, of one command through PLAIN_EXEC."""
-    return ["sh", "-c", PLAIN_EXEC, shell, command, f"{timeout:.3f}"]
+def plain_exec_argv(argv, timeout):
+    """The argv, to run inside the instance, that runs argv through PLAIN_EXEC."""
+    return ["sh", "-c", PLAIN_EXEC, f"{timeout:.3f}", *argv]
 
 
-def mark_plain_timeout(result, timeout):
-    """PLAIN_EXEC's watchdog kills with SIGKILL (exit 137): report that as every other path does."""
-    if result["returncode"] == 137 and result["duration_s"] >= timeout:
-        result.update(returncode=-9, timed_out=True)
+def plain_result(result, timeout):
+    """Complete a PLAIN_EXEC result: name the signal in its status, and since the watchdog kills
+    with SIGKILL (137), say whether it timed out."""
+    result["signal"] = signal_name(result["returncode"])
+    result["timed_out"] = result["returncode"] == 137 and result["duration_s"] >= timeout
     return result
 
 
-def script_for(command, cwd, env):
-    """The command file: change directory, export the variables, then the command itself."""
-    bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
-    if bad:
-        raise ProtocolError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
-    lines = [f"unset {LOOP_VARIABLES}"]
-    lines += [f"cd {shlex.quote(cwd)} || exit 126"] if cwd else []
+def script_for(argv, cwd, env):
+    """The command file: change directory, export the variables, then exec argv (the user's shell
+    with the command). OLDPWD is the one variable the `cd` sets that `docker exec -w` does not."""
+    check_command(argv[-1], env)
+    lines = [f"cd -- {shlex.quote(cwd)} || exit 126", "unset OLDPWD"] if cwd else []
     lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
-    return "\n".join([*lines, command, ""]).encode()
+    lines.append("exec " + " ".join(shlex.quote(arg) for arg in argv))
+    return "\n".join([*lines, ""]).encode()
 
 
 class ExecHelper:
     """The agent's end of one helper: make it before the helper starts (it creates the FIFOs the
     helper opens), then wait_ready() once the helper runs, then spawn() commands from any thread."""
 
-    def __init__(self, host_dir):
+    def __init__(self, host_dir, pid_one=False):
         self.host_dir = host_dir
+        # Whether the helper is its PID namespace's PID 1: its death then kills every command.
+        self.pid_one = pid_one
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # close() must not free a FIFO's fd under send() or alive()
-        for name in ("in", "life"):
-            os.mkfifo(os.path.join(host_dir, name), 0o600)
-        # Read and write: opening never waits for the helper, and the helper sees end of file only
-        # when this process is gone.
-        self._in = os.open(os.path.join(host_dir, "in"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._life = os.open(os.path.join(host_dir, "life"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._revive_lock = threading.Lock()  # one restart at a time
+        self._in = self._life = None
+        self._make_fifos()
         self.best_shell = None
+
+    def _make_fifos(self):
+        with self._lock:
+            for name in ("in", "life"):
+                path = os.path.join(self.host_dir, name)
+                if os.path.lexists(path):  # a dead helper's
+                    os.unlink(path)
+                os.mkfifo(path, 0o600)
+            # Read and write: opening never waits for the helper, and the helper sees end of file
+            # only when this process is gone.
+            self._in = os.open(os.path.join(self.host_dir, "in"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._life = os.open(os.path.join(self.host_dir, "life"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def revive(self, launch):
+        """Start the helper again if it has died (OOM, a bug): launch() starts it over new FIFOs
+        and waits until it is ready. Called from a worker thread, never the agent's loop."""
+        with self._revive_lock:
+            if self.alive():
+                return
+            log.warning("helper_restarted", directory=self.host_dir)
+            self.close()
+            self._make_fifos()
+            launch()
 
     def wait_ready(self, running, timeout=READY_TIMEOUT_S):
         """Wait for the helper's `ready` line; running() says whether what hosts it still runs."""
         deadline = time.monotonic() + timeout
         line = b""
-        while not line.endswith(b"\n"):
-            if time.monotonic() > deadline or not running():
-                raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
-            if select.select([self._life], [], [], 0.2)[0]:
-                chunk = os.read(self._life, 256)
-                if not chunk:
-                    raise ProtocolError("environment_error", "the exec helper exited as it started")
-                line += chunk
+        with selectors.DefaultSelector() as sel:  # not select(): an agent's fds may be past 1023
+            sel.register(self._life, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                if time.monotonic() > deadline or not running():
+                    raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
+                if sel.select(0.2):
+                    chunk = os.read(self._life, 256)
+                    if not chunk:
+                        raise ProtocolError("environment_error", "the exec helper exited as it started")
+                    line += chunk
         parts = line.split(b"\n")[0].decode(errors="replace").split()
         self.best_shell = parts[1] if len(parts) > 1 else "sh"  # bash where the image has it
 
@@ -169,18 +264,21 @@ class ExecHelper:
             if self._in is None:
                 raise ProtocolError("environment_error", "the instance is closed")
             try:
-                os.write(self._in, line.encode())  # a short line goes in whole or not at all
+                # A short line goes in whole or not at all. The leading space is for a reader a
+                # command has just killed (kill -9 -1): woken by the line, it may still take one
+                # byte of it before it dies, and the loops skip leading blanks.
+                os.write(self._in, b" " + line.encode())
             except BlockingIOError:
                 raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands")
 
     def spawn(self, command, timeout, cwd, env, output_limit, shell):
-        """Start one command; the HelperCommand to drive to its end."""
+        """Start `command` in `shell` (a name or an argv prefix); the HelperCommand to drive to its end."""
         if not self.alive():
             raise ProtocolError("environment_error", "the exec helper inside the instance has exited")
         base = os.path.join(self.host_dir, str(next(self._ids)))
         # The instance can write to this directory: never follow or reuse what it may have put there.
         with open(os.open(base + ".cmd", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
-            f.write(script_for(command, cwd, env))
+            f.write(script_for(shell_argv(shell, command), cwd, env))
         try:
             os.mkfifo(base + ".st", 0o600)
             # Not followed if swapped for a link meanwhile, and not a host file: a FIFO in this directory.
@@ -189,12 +287,22 @@ class ExecHelper:
             _remove(base)
             raise
         try:
-            self.send(f"run {os.path.basename(base)} {shell}\n")
-        except ProtocolError:
+            with self._lock:
+                if self._life is None:
+                    raise ProtocolError("environment_error", "the instance is closed")
+                life = os.dup(self._life)
+        except (ProtocolError, OSError):
             os.close(status)
             _remove(base)
             raise
-        return HelperCommand(self, base, status, timeout, output_limit)
+        try:
+            self.send(f"run {os.path.basename(base)}\n")
+        except ProtocolError:
+            os.close(status)
+            os.close(life)
+            _remove(base)
+            raise
+        return HelperCommand(self, base, status, life, timeout, output_limit)
 
     def close(self):
         with self._lock:
@@ -205,20 +313,33 @@ class ExecHelper:
 
 
 class HelperCommand(Watched):
-    """One command started through a helper; its one file descriptor is the end of ID.st."""
+    """One command started through a helper. It watches two file descriptors: the end of ID.st,
+    and its own copy of the helper's `life` FIFO, whose end of file says the helper died (the
+    status FIFO then never sees a writer, so it would say nothing)."""
 
-    def __init__(self, helper, base, status_fd, timeout, output_limit):
+    def __init__(self, helper, base, status_fd, life_fd, timeout, output_limit):
         self.started = time.monotonic()
         self.helper = helper
         self.base = base
         self.status_fd = status_fd
-        self.fds = (status_fd,)
+        self.life_fd = life_fd
+        self.fds = (status_fd, life_fd)
         self.output_limit = output_limit
         self.deadline = self.started + timeout
+        self.give_up = self.cut = None
         self.status = b""
         self.done = self.timed_out = False
 
     def on_readable(self, fd):
+        if fd == self.life_fd:
+            try:
+                gone = not os.read(fd, 256)  # anything else is a command writing into the FIFO
+            except BlockingIOError:
+                return False
+            if gone:
+                self.on_readable(self.status_fd)  # a status written just before the end still counts
+                self.done = True
+            return gone
         try:
             chunk = os.read(fd, 64)
         except BlockingIOError:
@@ -230,13 +351,24 @@ class HelperCommand(Watched):
         return self.done
 
     def on_deadline(self):
-        if self.timed_out:  # killed, yet not reported done within the grace
+        """Kill the command, and again every KILL_RETRY_S until it is reported done: the sh loop
+        learns a command's pid from its waiter, which may not have written it yet."""
+        now = time.monotonic()
+        if self.give_up is None:
+            self.timed_out = True
+            self.give_up = now + KILL_GRACE_S
+            # What the command wrote by now is its output: the kill takes a moment to land, and
+            # nothing printed after the deadline may come back.
+            try:
+                self.cut = os.lstat(self.base + ".out").st_size
+            except FileNotFoundError:
+                self.cut = 0
+        elif now >= self.give_up:  # killed, yet not reported done within the grace
             log.error("command_not_killed", command=self.base)
             self.done = True
             return
-        self.timed_out = True
         self.kill()
-        self.deadline = time.monotonic() + KILL_GRACE_S
+        self.deadline = min(now + KILL_RETRY_S, self.give_up)
 
     def kill(self):
         try:
@@ -246,26 +378,54 @@ class HelperCommand(Watched):
 
     def result(self):
         try:
+            message = None
             if not self.timed_out and not self.status.endswith(b"\n"):
-                raise ProtocolError("environment_error", "the instance stopped while the command ran")
+                if self.helper.pid_one and not self.helper.alive():
+                    # The kernel killed the command with the namespace's PID 1: that is its status.
+                    self.status = b"%d\n" % (128 + signal.SIGKILL)
+                    message = ("the instance's exec helper was killed from outside (or out of memory) and every "
+                               "process of the instance with it; the next command starts it again")
+                else:
+                    raise ProtocolError("environment_error", self._lost())
             if not self.timed_out and not self.status.strip().isdigit():
                 raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
             try:
-                output, truncated = read_bounded(self.base + ".out", self.output_limit)
+                output, truncated = read_bounded(self.base + ".out", self.output_limit, self.cut)
             except ProtocolError as exc:
                 if exc.code != "not_found":  # a symlink or a FIFO where the output should be
                     raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.message}")
                 output, truncated = b"", False
+            # The status is the shell's: 128+N for a command killed by signal N, as bash -c reports it.
+            # A command that timed out was killed (SIGKILL), whatever it managed after the deadline.
+            returncode = 128 + signal.SIGKILL if self.timed_out else int(self.status)
             return {
                 "output": output,
-                "returncode": -9 if self.timed_out else int(self.status),  # as the local backend reports SIGKILL
+                "returncode": returncode,
+                "signal": signal_name(returncode),
                 "timed_out": self.timed_out,
                 "truncated": truncated,
                 "duration_s": round(time.monotonic() - self.started, 6),
+                **({"message": message} if message else {}),
             }
         finally:
             os.close(self.status_fd)
+            os.close(self.life_fd)
             _remove(self.base)
+
+    def _lost(self):
+        """Why a command's status never came (where it did not die with the helper)."""
+        if self.helper.alive():
+            return ("the process inside the instance that waited for the command was killed (by a command that "
+                    "signals every process, as `kill -9 -1` does, in an image without bash 5.1): its exit status is lost")
+        return ("the exec helper inside the instance ended while the command ran: the command's exit status is lost; "
+                "the next command starts the helper again")
+
+
+def revived(started):
+    """Drive a command spawned right after the helper was started again; an error if it died again."""
+    if started is None:
+        raise ProtocolError("environment_error", "the exec helper inside the instance died again as it restarted")
+    return started.wait()
 
 
 def _remove(base):

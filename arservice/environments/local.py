@@ -6,32 +6,34 @@ import tempfile
 
 from ..protocol import ProtocolError
 from . import process, safefs
-from .base import Environment, resolve_path
+from .base import Environment, check_command, resolve_path, shell_argv, shell_option
 
 
 class LocalEnvironment(Environment):
     type = "local"
-    options = {**Environment.options, "shell": (str, "bash", None)}
+    options = {**Environment.options, "shell": shell_option("bash")}
     workdir = None
     groups = ()
 
     def start(self):
-        shell = shutil.which(self.config["shell"])
-        if shell is None:
-            raise ProtocolError("environment_error", f"shell {self.config['shell']!r} is not installed on this agent")
-        self.shell = shell
+        self.shell = self.config["shell"]
+        self.env = {**os.environ, **self.config["env"]}
+        # Started by name, as `bash -c` in a terminal is: $0 and $BASH are then what they would be.
+        name = shell_argv(self.shell, "")[0]
+        if shutil.which(name, path=self.env.get("PATH")) is None:
+            raise ProtocolError("environment_error", f"shell {name!r} is not installed on this agent")
         self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
         self.cwd = self.config["cwd"] or self.workdir
         if not os.path.isdir(self.cwd):
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise ProtocolError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
-        self.env = {**os.environ, **self.config["env"]}
         self.groups = set()
         return {"workdir": self.workdir}
 
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        check_command(command, env or {})
         return process.Command(
-            [self.shell, "-c", command],
+            shell_argv(self.shell, command),
             timeout=timeout,
             output_limit=output_limit or self.config["output_limit"],
             groups=self.groups,

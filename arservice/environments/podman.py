@@ -13,6 +13,10 @@ from .docker import DockerEnvironment
 class PodmanEnvironment(DockerEnvironment):
     type = "podman"
 
+    # Podman sets HOSTNAME for a container's main process but not for `podman exec`: the helper
+    # takes it out, so that its commands see what `podman exec C bash -c` sees.
+    helper_prelude = "unset HOSTNAME; "
+
     @classmethod
     def url(cls):
         return os.environ.get("CONTAINER_HOST", "unix:///run/podman/podman.sock")

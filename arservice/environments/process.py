@@ -4,6 +4,7 @@ import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
 
 from . import safefs
@@ -36,7 +37,7 @@ class BoundedOutput:
 
     def value(self):
         """(output bytes, truncated)."""
-        tail = self.tail[len(self.tail) - self.tail_limit:] if self.tail_limit else b""
+        tail = self.tail[-self.tail_limit:] if self.tail_limit else b""
         return joined(bytes(self.head), bytes(tail), self.total - len(self.head) - len(tail))
 
 
@@ -47,56 +48,94 @@ def joined(head, tail, dropped):
     return head + f"\n[... {dropped} bytes truncated ...]\n".encode() + tail, True
 
 
-def read_bounded(path, limit):
-    """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's.
+def read_bounded(path, limit, upto=None):
+    """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's; only
+    its first `upto` bytes where that is given (what a command wrote by its deadline).
 
     The path is in a directory an instance can write to, so a symlink there is refused (on the
     host it would lead to the host's files), and so is a FIFO (it would wait for a writer)."""
     with open(safefs.open_file(path, os.O_RDONLY, shown=os.path.basename(path)), "rb") as f:
         size = os.fstat(f.fileno()).st_size
+        if upto is not None:
+            size = min(size, upto)
         if size <= limit:
-            return f.read(), False
+            return f.read(size), False
         head = f.read(limit // 2)
         tail_size = limit - limit // 2
         f.seek(size - tail_size)
         return joined(head, f.read(tail_size), size - len(head) - tail_size)
 
 
-def descendants(pid):
-    """Every live descendant of pid, read from /proc."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(b")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
+_table_lock = threading.Lock()
+_table = (-1.0, {})  # (when it was read, parent pid -> child pids): one read serves many kills
+
+
+def _process_table(newer_than):
+    """parent pid -> child pids of every process, read from /proc after `newer_than` (monotonic
+    time). A busy host has thousands of processes (tens of milliseconds to read): commands that
+    time out together share one read."""
+    global _table
+    with _table_lock:
+        taken, table = _table
+        if taken <= newer_than:
+            taken, table = time.monotonic(), {}
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{entry}/stat", "rb") as f:
+                        stat = f.read()
+                except OSError:
+                    continue
+                table.setdefault(int(stat.rsplit(b")", 1)[1].split()[1]), []).append(int(entry))
+            _table = (taken, table)
+        return table
+
+
+def descendants(pid, newer_than=None):
+    """Every live descendant of pid, from a look at /proc taken after `newer_than` (now if None)."""
+    table = _process_table(time.monotonic() if newer_than is None else newer_than)
     found, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(), ()):
+        for child in table.get(todo.pop(), ()):
             found.append(child)
             todo.append(child)
     return found
 
 
-def kill_tree(pid):
+def stop_group(pgid):
+    """Freeze a process group (SIGSTOP): nothing of it runs on, and nobody's parent changes."""
+    _signal(os.killpg, pgid, signal.SIGSTOP)
+    return time.monotonic()
+
+
+def kill_tree(pid, stopped_at=None):
     """SIGKILL pid's process group and every descendant, including ones that left the group.
 
-    The group is stopped first: a shell that saw its child die before it died itself would
-    write "Killed" into the output, or run on to what comes after. Descendants are listed before
-    any kill (a killed parent's children are reparented out of reach)."""
-    try:
-        os.killpg(pid, signal.SIGSTOP)
-    except OSError:
-        pass
-    targets = descendants(pid)
+    The group must be stopped first (stop_group, whose time is `stopped_at`): a shell killed
+    after its children would run on meanwhile and print what comes after the command it waited
+    for, and one killed before the look through /proc would leave its children unlinked from it."""
+    if stopped_at is None:
+        stopped_at = stop_group(pid)
+    found = descendants(pid, stopped_at)
     _signal(os.killpg, pid)
-    for target in targets:
+    for target in found:
         _signal(os.kill, target)
+
+
+def signal_name(returncode):
+    """The signal a shell's exit status 128+N names ("SIGKILL" for 137), or None. Every backend
+    reads it off the status as a shell reads $?: inside an instance only the status is known, and
+    bash itself cannot tell `exit 137` from SIGKILL."""
+    try:
+        return signal.Signals(returncode - 128).name if returncode > 128 else None
+    except ValueError:
+        return None
+
+
+def shell_status(returncode):
+    """A Popen returncode as a shell reports it: -N (killed by signal N) becomes 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def kill_group(pgid):
@@ -111,9 +150,9 @@ def group_alive(pgid):
         return False
 
 
-def _signal(send, target):
+def _signal(send, target, signum=signal.SIGKILL):
     try:
-        send(target, signal.SIGKILL)
+        send(target, signum)
     except OSError:
         pass
 
@@ -165,6 +204,7 @@ class Command(Watched):
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.deadline = self.started + timeout
         self.exited = self.eof = self.timed_out = self.done = False
+        self.stopped_at = None
 
     @property
     def fds(self):
@@ -188,9 +228,14 @@ class Command(Watched):
     def on_deadline(self):
         if self.exited:  # only background children still hold the pipe
             kill_group(self.proc.pid)
-        else:
+        elif self.stopped_at is None:
+            # Freeze it now, and kill it at the next turn: the commands that time out together
+            # are then killed after one look through /proc.
             self.timed_out = True
-            kill_tree(self.proc.pid)
+            self.stopped_at = stop_group(self.proc.pid)
+            return
+        else:
+            kill_tree(self.proc.pid, self.stopped_at)
         self.done = True
 
     def kill(self):
@@ -207,7 +252,8 @@ class Command(Watched):
         data, truncated = self.output.value()
         return {
             "output": data,
-            "returncode": returncode,
+            "returncode": shell_status(returncode),
+            "signal": signal_name(shell_status(returncode)),
             "timed_out": self.timed_out,
             "truncated": truncated,
             "duration_s": round(time.monotonic() - self.started, 6),

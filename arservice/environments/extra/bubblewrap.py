@@ -16,8 +16,8 @@ import tempfile
 
 from ...protocol import ProtocolError
 from .. import hostdir, process, safefs
-from ..base import Environment, resolve_path
-from ..helper import MOUNT, ExecHelper, helper_argv, start_process
+from ..base import Environment, check_command, resolve_path, shell_argv, shell_option
+from ..helper import MOUNT, ExecHelper, helper_argv, revived, start_process
 
 WORK = "/work"
 HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
@@ -43,7 +43,7 @@ class BubblewrapEnvironment(Environment):
     options = {
         **Environment.options,
         "root": (str, None, None),
-        "shell": (str, None, None),  # default: bash where the sandbox has it, else sh
+        "shell": shell_option(None),  # default: bash where the sandbox has it, else sh
         "fast_exec": (bool, True, None),
         "bwrap_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
     }
@@ -88,23 +88,40 @@ class BubblewrapEnvironment(Environment):
         ]
         if self.config["fast_exec"]:
             self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-exec-", hostdir.helper_dir_mib(self.config))
-            self.helper = ExecHelper(self.host_dir)
-            self.helper_proc = start_process(
-                [*self.prefix, "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()], self.helper)
+            self.helper = ExecHelper(self.host_dir, pid_one=True)
+            self._launch_helper()
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else
                                               "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh")
         return {"workdir": self.workdir, "shell": self.shell, "fast_exec": self.helper is not None}
 
+    def _launch_helper(self):
+        if self.helper_proc is not None:  # a dead helper's sandbox: end what is left of it
+            process.kill_group(self.helper_proc.pid)
+            self.helper_proc.wait()
+        # --as-pid-1: the helper is the sandbox's PID 1, which no command can signal.
+        self.helper_proc = start_process(
+            [*self.prefix, "--as-pid-1", "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()],
+            self.helper)
+
+    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+        """Only where the helper died (spawn returned None): a new sandbox with a new helper (the
+        old /tmp is gone with the old one), and the command through it."""
+        self.helper.revive(self._launch_helper)
+        return revived(self.spawn(command, timeout, cwd, env, output_limit))
+
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+        if self.helper is not None and not self.helper.alive():
+            return None
         cwd = resolve_path(cwd, self.cwd) if cwd else self.cwd
         variables = {**self.config["env"], **(env or {})}
         output_limit = output_limit or self.config["output_limit"]
         if self.helper is not None:
             return self.helper.spawn(command, timeout, cwd, variables, output_limit, self.shell)
+        check_command(command, variables)
         argv = [*self.prefix, "--chdir", cwd]
         for name, value in variables.items():
             argv += ["--setenv", name, value]
-        return process.Command([*argv, self.shell, "-c", command], timeout=timeout, output_limit=output_limit,
+        return process.Command([*argv, *shell_argv(self.shell, command)], timeout=timeout, output_limit=output_limit,
                                groups=self.groups)
 
     def _beneath_work(self, path):
