@@ -110,7 +110,8 @@ def test_bad_bytes_in_a_file_path_are_400(service, instance, what, path, fields)
 
 def test_agent_survives_what_a_backend_raises():
     """The last-resort guard, on a real agent behind a broker played by the test (no broker
-    validation in between): a NUL in a command makes Popen raise ValueError."""
+    validation in between): what the backend refuses is invalid_request, and what makes it raise
+    (an output_limit that is no number, which the broker never lets through) costs that request only."""
     router = zmq.Context.instance().socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = free_port()
@@ -135,11 +136,13 @@ def test_agent_survives_what_a_backend_raises():
 
         ok = answer_to(protocol.request("start_instance", "s1", instance_id="i-1", environment={"type": "local"}))
         assert ok["type"] == "reply", ok
-        for n, fields in enumerate([{"command": "echo a\0b"}, {"command": "true", "env": {"A=B": "x"}},
-                                    {"command": "true", "cwd": "x\0"}]):
+        for n, (fields, code) in enumerate([({"command": "echo a\0b"}, "invalid_request"),
+                                            ({"command": "true", "env": {"A=B": "x"}}, "invalid_request"),
+                                            ({"command": "true", "cwd": "x\0"}, "environment_error"),
+                                            ({"command": "true", "output_limit": "x"}, "environment_error")]):
             bad = answer_to(protocol.request("execute", f"x{n}", instance_id="i-1", timeout=5, **fields))
             assert bad["type"] == "error" and bad["id"] == f"x{n}", bad
-            assert bad["error"]["code"] == "environment_error"
+            assert bad["error"]["code"] == code, (fields, bad)
         ok = answer_to(protocol.request("execute", "x9", instance_id="i-1", command="echo alive", timeout=5))
         assert ok["result"]["output"] == b"alive\n"
         assert agent.poll() is None

@@ -121,6 +121,7 @@ class DockerEnvironment(Environment):
         try:
             self.container = self.docker.containers.create(config["image"], **options)
             self.container.start()
+            self.ends_at = time.monotonic() + config["container_timeout"]
         except Exception as exc:
             if config["disk"] and "storage-opt" in str(exc).lower():
                 raise ProtocolError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}")
@@ -196,6 +197,9 @@ class DockerEnvironment(Environment):
                              "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}, timeout)
 
     def _restart(self):
+        if time.monotonic() >= self.ends_at:  # the backstop ended it, as container_timeout asks: no revival
+            raise ProtocolError("environment_error", f"the container ended: its container_timeout of "
+                                f"{self.config['container_timeout']:g}s has passed")
         try:
             self.container.restart(timeout=0)  # its filesystem is kept
         except Exception as exc:
