@@ -28,7 +28,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def needs_daemon(item: pytest.Item) -> bool:
-    if item.path.name in DAEMON_MODULES:
+    if item.path.name in DAEMON_MODULES or item.get_closest_marker("daemon"):
         return True
     params = getattr(item, "callspec", None)
     return params is not None and any(

@@ -238,6 +238,7 @@ def test_shell_must_be_a_name_or_an_argv_prefix():
     assert cls.parse_config({"type": "docker", "image": "x", "shell": ["bash", "-lc"]})["shell"] == ["bash", "-lc"]
 
 
+@pytest.mark.daemon  # bwrap
 def test_the_helper_starts_on_an_agent_whose_descriptors_are_past_1023(workdir_root):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < 1200:

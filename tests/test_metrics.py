@@ -212,6 +212,7 @@ def test_names_types_and_help_follow_prometheus_conventions(service):
     assert "arservice_instances" in {f.name for f in parse_openmetrics(text)}
 
 
+@pytest.mark.daemon  # Slurm
 @pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm is not installed (scripts/setup.sh installs it)")
 def test_slurm_jobs_of_a_real_slurm_runner():
     svc = Service("--runner", "slurm", "--max-resources", '{"jobs": 1}', "--slurm-min-jobs", "1",

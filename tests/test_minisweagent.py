@@ -3,9 +3,6 @@
 Trajectories of mini-swe-agent's DefaultAgent with its DeterministicModel are compared with the
 ones mini-swe-agent's own environments produce on the same image or host; the environment
 behaviours mini-swe-agent tests for its DockerEnvironment are run against ArserviceEnvironment.
-
-Tests marked `needs_shell_argv` need the service to take a list as the spec's `shell` (mini's
-`interpreter`, e.g. ["bash", "-lc"]); before that lands they fail with invalid_request.
 """
 
 import json
@@ -40,7 +37,6 @@ from arservice.integrations.minisweagent import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-needs_shell_argv = pytest.mark.needs_shell_argv
 
 SYSTEM = "You are on {{system}}; commands time out after {{timeout}} s."
 INSTANCE = "Task: {{task}}"
@@ -111,7 +107,6 @@ def skip_unless(*names):
     return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
 
 
-@needs_shell_argv
 @skip_unless("docker-bookworm")
 def test_trajectory_on_docker_equals_mini_swe_agents_docker_environment(service):
     theirs = run_agent(DockerEnvironment(image=BOOKWORM, timeout=TIMEOUT_S))
@@ -119,7 +114,6 @@ def test_trajectory_on_docker_equals_mini_swe_agents_docker_environment(service)
     assert_same_trajectory(ours, theirs)
 
 
-@needs_shell_argv
 def test_trajectory_on_local_equals_mini_swe_agents_local_environment(service, tmp_path):
     # LocalEnvironment runs `sh -c COMMAND` (subprocess's shell=True) in cwd, with this process's environment.
     (tmp_path / "mini" / "work").mkdir(parents=True)
@@ -132,7 +126,6 @@ def test_trajectory_on_local_equals_mini_swe_agents_local_environment(service, t
     assert [m["content"] for m in ours[1]] == [m["content"] for m in theirs[1]]
 
 
-@needs_shell_argv
 @skip_unless("bubblewrap")
 def test_trajectory_on_bubblewrap_equals_mini_swe_agents_bubblewrap_environment(service, tmp_path):
     # mini's BubblewrapEnvironment runs `bash -c COMMAND` in a sandbox with cwd bound writable.
@@ -142,7 +135,6 @@ def test_trajectory_on_bubblewrap_equals_mini_swe_agents_bubblewrap_environment(
     assert_same_trajectory(ours, theirs)
 
 
-@needs_shell_argv
 @pytest.mark.parametrize("transport", ["zmq", "http"])
 def test_selected_by_environment_class_from_a_config(service, transport):
     address = service.zmq if transport == "zmq" else service.url
@@ -155,7 +147,6 @@ def test_selected_by_environment_class_from_a_config(service, transport):
         env.cleanup()
 
 
-@needs_shell_argv
 @pytest.mark.parametrize("kind", ["local", "bubblewrap"])
 def test_without_an_image_the_default_cwd_is_the_instances_own(service, kind):
     if why := missing(kind):
@@ -186,13 +177,11 @@ def docker_env(service):
         env.cleanup()
 
 
-@needs_shell_argv
 def test_env_variables(docker_env):
     env = docker_env(env={"TEST_VAR": "test_value", "ANOTHER_VAR": "another value"})
     assert env.execute({"command": "echo $TEST_VAR; echo \"$ANOTHER_VAR\""})["output"] == "test_value\nanother value\n"
 
 
-@needs_shell_argv
 def test_forward_env_is_read_where_the_client_runs(docker_env):
     # The service's agent does not have these: they can only come from this process.
     with patch.dict(os.environ, {"HOST_VAR": "from_host", "CONFLICT_VAR": "from_host"}):
@@ -202,7 +191,6 @@ def test_forward_env_is_read_where_the_client_runs(docker_env):
     assert result["output"] == "from_config from_host from_config [unset]\n"
 
 
-@needs_shell_argv
 def test_cwd_default_config_and_override(docker_env):
     assert docker_env().execute({"command": "pwd"})["output"] == "/\n"  # DockerEnvironment's default
     env = docker_env(cwd="/tmp")
@@ -211,7 +199,6 @@ def test_cwd_default_config_and_override(docker_env):
     assert env.execute({"command": "pwd"})["output"] == "/tmp\n"
 
 
-@needs_shell_argv
 def test_exit_codes_and_timeout_override(docker_env):
     env = docker_env()
     assert env.execute({"command": "exit 42"}) == {"output": "", "returncode": 42, "exception_info": ""}
@@ -222,7 +209,6 @@ def test_exit_codes_and_timeout_override(docker_env):
     assert result["extra"]["exception_type"] == "TimeoutExpired"
 
 
-@needs_shell_argv
 def test_network_is_there_as_in_mini_unless_the_spec_says_no(docker_env):
     def network_mode(env):
         [container] = backend("docker").client().containers.list(
@@ -233,19 +219,16 @@ def test_network_is_there_as_in_mini_unless_the_spec_says_no(docker_env):
     assert network_mode(docker_env(spec={"pull": "never", "network": False})) == "none"
 
 
-@needs_shell_argv
 def test_output_is_not_cut_at_the_services_default_limit(docker_env):
     result = docker_env().execute({"command": "head -c 3000000 /dev/zero | tr '\\0' a"})
     assert result["output"] == "a" * 3_000_000  # the service's default keeps 1 MiB; mini keeps all
 
 
-@needs_shell_argv
 def test_interpreter_is_a_login_bash_by_default(docker_env):
     assert docker_env().execute({"command": "shopt -q login_shell && echo login"})["output"] == "login\n"
     assert docker_env(interpreter=["bash", "-c"]).execute({"command": "shopt -q login_shell || echo plain"})["output"] == "plain\n"
 
 
-@needs_shell_argv
 def test_container_timeout_ends_the_container(docker_env):
     env = docker_env(container_timeout="3s")
     assert env.execute({"command": "echo running"})["output"] == "running\n"
@@ -255,7 +238,6 @@ def test_container_timeout_ends_the_container(docker_env):
     assert result["exception_info"].startswith("An error occurred while executing the command: ")
 
 
-@needs_shell_argv
 def test_cleanup_removes_the_container_and_the_instance(docker_env, service):
     env = docker_env()
     instance_id = env.instance_id
@@ -267,7 +249,6 @@ def test_cleanup_removes_the_container_and_the_instance(docker_env, service):
     assert client.containers.list(all=True, filters={"label": f"arservice.instance={instance_id}"}) == []
 
 
-@needs_shell_argv
 def test_submission_check_template_vars_and_serialize(docker_env):
     env = docker_env(env={"A": "1"})
     from minisweagent.exceptions import Submitted
@@ -285,7 +266,6 @@ def test_submission_check_template_vars_and_serialize(docker_env):
     json.dumps(serialized)
 
 
-@needs_shell_argv
 @skip_unless("podman")
 def test_executable_podman_picks_the_podman_backend(service):
     env = arservice_env(service, executable="/usr/bin/podman", image=BUSYBOX, spec={"pull": "never"},
@@ -334,7 +314,6 @@ def test_a_preset_excludes_the_keys_it_decides():
         ArserviceEnvironment(address="tcp://127.0.0.1:1", preset="swe", image=BOOKWORM)
 
 
-@needs_shell_argv
 def test_no_capacity_starts_are_retried(tmp_path):
     svc = Service("--runner", "local", "--max-resources", '{"instances": 1}').wait_ready()
     holder = svc.client.start_instance({"type": "local"})["instance_id"]
@@ -398,7 +377,6 @@ def swebench_dataset(tmp_path, count):
     return dataset, tasks
 
 
-@needs_shell_argv
 @skip_unless("docker-bookworm")
 def test_mini_single_task_runner_takes_the_image_from_the_config(service, tmp_path):
     run_cli(service, tmp_path, ["minisweagent.run.mini", "-t", "a task", "-y", "--exit-immediately",
@@ -406,7 +384,6 @@ def test_mini_single_task_runner_takes_the_image_from_the_config(service, tmp_pa
     assert_ran_in_image(tmp_path / "out.traj.json")
 
 
-@needs_shell_argv
 @skip_unless("docker-bookworm")
 def test_swebench_single_runner_passes_the_tasks_image(service, tmp_path):
     dataset, tasks = swebench_dataset(tmp_path, 2)
@@ -416,7 +393,6 @@ def test_swebench_single_runner_passes_the_tasks_image(service, tmp_path):
     assert_ran_in_image(tmp_path / "out.traj.json")
 
 
-@needs_shell_argv
 @skip_unless("docker-bookworm")
 def test_swebench_batch_runner_passes_each_tasks_image(service, tmp_path):
     dataset, tasks = swebench_dataset(tmp_path, 3)
@@ -429,7 +405,6 @@ def test_swebench_batch_runner_passes_each_tasks_image(service, tmp_path):
         assert_ran_in_image(out / task["instance_id"] / f"{task['instance_id']}.traj.json")
 
 
-@needs_shell_argv
 def test_batch_example_runs_in_one_command():
     """examples/minisweagent_batch.py as a new user runs it: it starts its own service."""
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "minisweagent_batch.py")
