@@ -17,17 +17,18 @@ if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null || ! comma
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io busybox-static debootstrap curl >/dev/null
 fi
 
-if ! docker info >/dev/null 2>&1; then
+# Every `docker info` is bounded: a wedged engine must fail the setup, not hang it.
+if ! timeout 30 docker info >/dev/null 2>&1; then
   log "starting dockerd (log: /tmp/dockerd.log)"
   # No bridge and no iptables: containers here run with --network none.
   nohup dockerd --iptables=false --ip-masq=false --bridge=none >/tmp/dockerd.log 2>&1 &
   for _ in $(seq 1 120); do
-    docker info >/dev/null 2>&1 && break
+    timeout 10 docker info >/dev/null 2>&1 && break
     sleep 0.5
   done
-  docker info >/dev/null 2>&1 || { log "dockerd did not come up; see /tmp/dockerd.log"; tail -20 /tmp/dockerd.log >&2; exit 1; }
+  timeout 30 docker info >/dev/null 2>&1 || { log "dockerd did not come up; see /tmp/dockerd.log"; tail -20 /tmp/dockerd.log >&2; exit 1; }
 fi
-log "docker is up ($(docker info --format '{{.ServerVersion}} {{.Driver}}'))"
+log "docker is up ($(timeout 30 docker info --format '{{.ServerVersion}} {{.Driver}}'))"
 
 image=local/arservice-busybox:test
 if ! docker image inspect "$image" >/dev/null 2>&1; then

@@ -27,7 +27,7 @@ for image in local/arservice-busybox:test local/arservice-bookworm:test; do  # b
 done
 image=local/arservice-busybox:test
 
-if ! [ -S "$sock" ] || ! curl -sf --unix-socket "$sock" http://d/_ping >/dev/null 2>&1; then
+if ! [ -S "$sock" ] || ! curl -sf -m 10 --unix-socket "$sock" http://d/_ping >/dev/null 2>&1; then
   mkdir -p "$(dirname "$conf")" "$(dirname "$sock")"
   nofile=$(ulimit -Hn)
   found=
@@ -43,9 +43,9 @@ if ! [ -S "$sock" ] || ! curl -sf --unix-socket "$sock" http://d/_ping >/dev/nul
   rm -f "$sock"
   CONTAINERS_CONF=$conf nohup podman system service --time=0 "unix://$sock" >/tmp/podman-service.log 2>&1 &
   for _ in $(seq 1 60); do
-    curl -sf --unix-socket "$sock" http://d/_ping >/dev/null 2>&1 && break
+    curl -sf -m 10 --unix-socket "$sock" http://d/_ping >/dev/null 2>&1 && break
     sleep 0.5
   done
-  curl -sf --unix-socket "$sock" http://d/_ping >/dev/null || { log "podman API did not come up; see /tmp/podman-service.log"; exit 1; }
+  curl -sf -m 10 --unix-socket "$sock" http://d/_ping >/dev/null || { log "podman API did not come up; see /tmp/podman-service.log"; exit 1; }
 fi
 log "podman API is up at unix://$sock"
