@@ -172,7 +172,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
     if runner is None:
         raise CliError("--runner is required (local or slurm), or use a subcommand: broker, agent")
     if runner == "local":
-        runner_options = {"agents": agents}
+        runner_options = {"agents": agents, "log_level": options["log_level"]}
     else:
         if slurm["slurm_min_jobs"] > options["max_resources"].get("jobs", 1):
             raise CliError("--slurm-min-jobs is more than the jobs in --max-resources")

@@ -23,7 +23,14 @@ from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, ServiceError, ZMQClient
 from ..logs import EventLog
 from ..protocol import MAX_INT, MAX_SECONDS, ProtocolError
 from . import observe
-from .routes import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, PATHS, ROUTES
+from .routes import (
+    BYTES_IN,
+    BYTES_OUT,
+    DEFAULT_MAX_BODY_BYTES,
+    PATHS,
+    QUERY_INTS,
+    ROUTES,
+)
 
 log = EventLog("http")
 
@@ -87,6 +94,18 @@ def parse_body(raw):
     return body
 
 
+def query_fields(params: dict) -> dict:
+    """A GET's query parameters as message fields: text, but the QUERY_INTS as integers (the broker
+    checks every field as it does a ZMQ client's)."""
+    fields = dict(params)
+    for name in QUERY_INTS & fields.keys():
+        try:
+            fields[name] = _bounded_int(fields[name])
+        except (TypeError, ValueError):
+            raise ServiceError("invalid_request", f"query parameter '{name}' must be an integer") from None
+    return fields
+
+
 def wait_for(fields):
     """How long to wait for the broker: a command's own time limit and a margin, where it is a sane one
     (the broker refuses the others, at once)."""
@@ -106,7 +125,7 @@ class Endpoint:
         setattr(self, f"on_{method.lower()}", self._get if method == "GET" else self._post)
 
     def _get(self, req, resp):
-        self._serve(req, resp, {})
+        self._serve(req, resp, query_fields(req.params))
 
     def _post(self, req, resp):
         too_large = ServiceError("payload_too_large", f"request body is larger than {self.max_body} bytes")

@@ -1,0 +1,122 @@
+"""Scale: listing many instances in pages, hundreds of instances on one agent, log levels reaching agents."""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from backends import SPECS, params
+from helpers import Service
+
+from arservice.client import HTTPRequest, ServiceError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def many():
+    """A service with two agents and room for many local instances; each test closes what it starts."""
+    svc = Service("--runner", "local", "--agents", "2", "--max-resources", '{"instances": 1200}',
+                  "--log-level", "DEBUG").wait_ready(agents=2)
+    yield svc
+    assert svc.stop() == 0
+
+
+def _start(client, spec, count):
+    with ThreadPoolExecutor(32) as pool:
+        return [i["instance_id"] for i in pool.map(lambda _: client.start_instance(spec), range(count))]
+
+
+def _close(client, ids):
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(client.close_instance, ids))
+
+
+@pytest.mark.parametrize("transport", ["zmq", "http"])
+def test_instances_pages_and_filters(many, transport):
+    client = many.client if transport == "zmq" else many.http
+    ids = _start(client, {"type": "local"}, 30)
+    try:
+        mine = set(ids)
+        # Every page in instance id order; the last id of a page is the cursor for the next one.
+        seen, after = [], None
+        while True:
+            page = client.instances(limit=7, after=after)
+            assert len(page) <= 7
+            seen += [i["instance_id"] for i in page]
+            if len(page) < 7:
+                break
+            after = page[-1]["instance_id"]
+        assert seen == sorted(seen) and len(seen) == len(set(seen))
+        assert mine <= set(seen)
+        agents = {a["agent_id"] for a in client.available_resources()["agents"]}
+        by_agent = {agent: {i["instance_id"] for i in client.instances(agent_id=agent)} for agent in agents}
+        assert all(all(i["agent_id"] == agent for i in client.instances(agent_id=agent)) for agent in agents)
+        assert mine <= set().union(*by_agent.values()) and all(mine & listed for listed in by_agent.values())
+        assert mine <= {i["instance_id"] for i in client.instances(state="running", env_type="local")}
+        assert not mine & {i["instance_id"] for i in client.instances(state="closing")}
+        assert client.instances(env_type="local", agent_id="no-such-agent") == []
+    finally:
+        _close(client, ids)
+    assert not mine & {i["instance_id"] for i in client.instances()}
+
+
+def test_instances_paging_over_http_gives_the_cursor(many):
+    ids = _start(many.client, {"type": "local"}, 3)
+    try:
+        status, body = many.http._send(HTTPRequest("GET", "/instances?limit=1", None), 10)
+        assert status == 200
+        answer = json.loads(body)
+        assert len(answer["instances"]) == 1 and answer["next"] == answer["instances"][0]["instance_id"]
+        status, body = many.http._send(HTTPRequest("GET", "/instances?limit=ten", None), 10)
+        assert status == 400 and b"limit" in body
+    finally:
+        _close(many.client, ids)
+
+
+@pytest.mark.parametrize("bad, code", [({"limit": 0}, "invalid_request"), ({"limit": "5"}, "invalid_request"),
+                                       ({"state": 3}, "invalid_request"), ({"after": ["x"]}, "invalid_request")])
+def test_instances_refuses_bad_filters(many, bad, code):
+    with pytest.raises(ServiceError) as err:
+        many.client.request("instances", 10, **bad)
+    assert err.value.code == code and next(iter(bad)) in err.value.message
+
+
+def test_log_level_reaches_the_local_agents(many):
+    for pid in many.agent_pids():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert argv[argv.index(b"--log-level") + 1] == b"DEBUG"
+
+
+# How many instances one agent holds in the scale test; bench/bench_scale.py drives the full counts.
+HUNDREDS = {"bubblewrap": int(os.environ.get("ARSERVICE_SCALE_BWRAP", "1000")),
+            "docker-busybox": int(os.environ.get("ARSERVICE_SCALE_DOCKER", "300"))}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("spec", params(*HUNDREDS))
+def test_hundreds_of_instances_on_one_agent(spec):
+    """Past 1,023 descriptors an agent must still start and drive sandboxes (select() could not)."""
+    count = HUNDREDS[spec]
+    svc = Service("--runner", "local", "--agents", "1", "--max-resources", f'{{"instances": {count}}}').wait_ready()
+    ids = []
+    try:
+        with ThreadPoolExecutor(32) as pool:
+            starts = list(pool.map(lambda _: _try(svc.client.start_instance, SPECS[spec]), range(count)))
+        ids = [s["instance_id"] for s in starts if isinstance(s, dict)]
+        failures = [s for s in starts if not isinstance(s, dict)]
+        assert not failures, f"{len(failures)} of {count} starts failed, first: {failures[0]}"
+        with ThreadPoolExecutor(32) as pool:
+            outputs = list(pool.map(lambda i: svc.client.execute(i, "echo $((6*7))")["output"], ids))
+        assert outputs == ["42\n"] * count
+    finally:
+        _close(svc.client, ids)
+        assert svc.stop() == 0
+
+
+def _try(call, *args):
+    try:
+        return call(*args)
+    except ServiceError as exc:
+        return exc
