@@ -2,13 +2,14 @@
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from backends import SPECS, params
-from helpers import Service
+from helpers import Service, _parent, live_processes
 
-from arservice.client import HTTPRequest, ServiceError
+from arservice.client import HTTPClient, HTTPRequest, ServiceError
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,3 +121,62 @@ def _try(call, *args):
         return call(*args)
     except ServiceError as exc:
         return exc
+
+
+def _established_on(pid: int, port: int) -> int:
+    """TCP connections to `port` that process `pid` holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
+                    count += 1
+    return count
+
+
+def test_http_workers_serve_the_port_with_the_same_app():
+    """--http-workers: worker processes share the HTTP port, as clients of the broker, with the token off argv."""
+    token = "scale-worker-token"
+    svc = Service("--runner", "local", "--http-workers", "2", "--max-request-bytes", "2048", token=token).wait_ready()
+    try:
+        workers = live_processes("arservice.http.workers")
+        workers = [pid for pid in workers if _parent(pid) == svc.proc.pid]
+        assert len(workers) == 2
+        for pid in workers:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert token.encode() not in f.read()
+        # The app is the one in-process HTTP runs: the token checked, the body limit, every route.
+        with pytest.raises(ServiceError) as err:
+            HTTPClient(svc.url, token="wrong").instances()
+        assert err.value.code == "unauthorized"
+        with pytest.raises(ServiceError) as err:
+            svc.http.write_file("i-none", "f", b"x" * 2100)  # base64: past 2048, within waitress's 2x backstop
+        assert err.value.code == "payload_too_large"
+        inst = svc.http.start_instance({"type": "local"})["instance_id"]
+        assert svc.http.execute(inst, "echo $((6*7))")["output"] == "42\n"
+        svc.http.close_instance(inst)
+        # Many clients at once: each keeps its connection, and both workers hold some.
+        barrier = threading.Barrier(32)
+
+        def client(_):
+            http = HTTPClient(svc.url, token=token)
+            http.ping()
+            barrier.wait(timeout=30)
+            counts = [_established_on(pid, svc.http_port) for pid in workers]
+            barrier.wait(timeout=30)
+            return counts
+        with ThreadPoolExecutor(32) as pool:
+            counts = list(pool.map(client, range(32)))
+        assert all(all(n > 0 for n in c) for c in counts), counts
+    finally:
+        assert svc.stop() == 0
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]

@@ -168,8 +168,9 @@ def _http_error(req, resp, exc, params):
     resp.text = error_body(STATUS_CODES.get(status, "invalid_request"), exc.title + (f": {exc.description}" if exc.description else ""))
 
 
-def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
-    broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)
+def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES, broker_address=INPROC_ADDRESS):
+    """The app, a client of the broker: over inproc in the broker's process, over loopback in a worker."""
+    broker = ZMQClient(broker_address, token=token or "", context=context)
     app = falcon.App(middleware=[Authorization(token)])
     for path, (method, kind) in ROUTES.items():
         app.add_route(path, Endpoint(method, kind, broker, max_body))
@@ -183,12 +184,14 @@ def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
 class HTTPServer:
     """waitress serving the app on its own threads, stoppable from another thread."""
 
-    def __init__(self, app, host, port, threads=DEFAULT_THREADS, max_body=DEFAULT_MAX_BODY_BYTES,
-                 connections=DEFAULT_CONNECTIONS, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S):
+    def __init__(self, app, host=None, port=None, threads=DEFAULT_THREADS, max_body=DEFAULT_MAX_BODY_BYTES,
+                 connections=DEFAULT_CONNECTIONS, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S, sockets=None):
+        # On host and port, or on listening sockets made elsewhere (a worker's, inherited).
+        where = {"sockets": sockets} if sockets is not None else {"host": host, "port": port}
         # waitress's own limit is a backstop for chunked bodies; the app answers 413 in JSON first.
         # poll(), not select(): past 1023 descriptors select() fails.
         self.server = waitress.create_server(
-            app, host=host, port=port, threads=threads, max_request_body_size=2 * max_body,
+            app, **where, threads=threads, max_request_body_size=2 * max_body,
             connection_limit=connections, channel_timeout=idle_timeout_s, asyncore_use_poll=True,
             ident="arservice",
         )
