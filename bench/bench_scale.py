@@ -162,7 +162,7 @@ def part_memory(args) -> None:
         inst = svc.client.start_instance({"type": "local"})["instance_id"]
         svc.client.execute(inst, "true")
         idle = memory_kib(svc.proc.pid, "VmRSS")
-        for size in (1 * MIB, 10 * MIB, 50 * MIB, 100 * MIB):
+        for size in (1 * MIB, 10 * MIB, 32 * MIB, 64 * MIB):  # 64 MiB: the largest output_limit
             for pid in (svc.proc.pid, agent):
                 reset_peak(pid)
             base = {pid: memory_kib(pid, "VmRSS") for pid in (svc.proc.pid, agent)}
