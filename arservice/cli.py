@@ -118,6 +118,9 @@ def service_options(fn):
                      help="HTTP connections open at once (each client keeps one alive)."),
         click.option("--http-idle-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
                      help="Seconds an idle keep-alive HTTP connection is kept open."),
+        click.option("--http-workers", default=0, show_default=True, type=click.IntRange(0),
+                     help="HTTP front-end processes sharing the HTTP port, ZMQ clients of the broker "
+                          "(0: serve HTTP in the broker's process)."),
         click.option("--max-request-bytes", default=DEFAULT_MAX_BODY_BYTES, show_default=True, type=click.IntRange(1024),
                      help="Largest HTTP request body; larger ones get 413."),
         click.option("--log-level", default="INFO", show_default=True),
@@ -172,7 +175,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
     if runner is None:
         raise CliError("--runner is required (local or slurm), or use a subcommand: broker, agent")
     if runner == "local":
-        runner_options = {"agents": agents}
+        runner_options = {"agents": agents, "log_level": options["log_level"]}
     else:
         if slurm["slurm_min_jobs"] > options["max_resources"].get("jobs", 1):
             raise CliError("--slurm-min-jobs is more than the jobs in --max-resources")
@@ -274,12 +277,13 @@ def check_exposure(host, token):
 
 
 def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads,
-          http_connections, http_idle_timeout, max_request_bytes, log_level, runner_options=None,
+          http_connections, http_idle_timeout, http_workers, max_request_bytes, log_level, runner_options=None,
           advertise_address=None, start_wait=None):
     from .http.app import (  # here: agents (job start-up time) do not need falcon
         HTTPServer,
         create_app,
     )
+    from .http.workers import WorkerPool
 
     check_exposure(host, token)
     logs.setup(log_level)
@@ -298,8 +302,13 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
     try:
         broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets,
                         token=token, agent_secret=agent_secret, agent_timeout_s=agent_timeout, start_wait_s=start_wait)
-        http = HTTPServer(create_app(context, token, max_request_bytes), host, port, threads=http_threads,
-                          max_body=max_request_bytes, connections=http_connections, idle_timeout_s=http_idle_timeout)
+        http_settings = {"threads": http_threads, "max_body": max_request_bytes, "connections": http_connections,
+                         "idle_timeout_s": http_idle_timeout}
+        if http_workers:
+            http = WorkerPool(http_workers, host, port, broker.address.replace("0.0.0.0", "127.0.0.1"), token,
+                              log_level=log_level, **http_settings)
+        else:
+            http = HTTPServer(create_app(context, token, max_request_bytes), host, port, **http_settings)
     except (zmq.ZMQError, OSError) as exc:
         raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}")
     stop = threading.Event()

@@ -105,8 +105,11 @@ class Calls:
         return Call(protocol.RESOURCES, {})
 
     @staticmethod
-    def instances() -> Call:
-        return Call(protocol.INSTANCES, {}, finish=lambda result: result["instances"])
+    def instances(state=None, agent_id=None, env_type=None, limit=None, after=None) -> Call:
+        """The instances matching every filter given, in instance id order; with `limit`, one page of
+        them: pass the last one's instance_id as `after` for the next page."""
+        fields = {"state": state, "agent_id": agent_id, "env_type": env_type, "limit": limit, "after": after}
+        return Call(protocol.INSTANCES, _present(fields), finish=lambda result: result["instances"])
 
     @staticmethod
     def status() -> Call:
@@ -236,6 +239,8 @@ def http_request(kind: str, fields: dict) -> HTTPRequest:
     path = PATHS[kind]
     method = ROUTES[path][0]
     body = None
+    if method == "GET" and fields:
+        path += "?" + urllib.parse.urlencode(fields)
     if method == "POST":
         fields = dict(fields, base64=True)
         if kind in BYTES_IN:

@@ -318,7 +318,25 @@ class Broker:
         self.send(envelope, protocol.reply(msg["id"], {"agent_id": agent_id, "released": True}))
 
     def on_instances(self, envelope, msg):
-        self.send(envelope, protocol.reply(msg["id"], {"instances": [i.describe() for i in self.pool.instances.values()]}))
+        """The instances that match every filter given (env_type: the message's own `type` is taken), in
+        instance id order, from after the cursor on.
+
+        Ids are the stable order, so the last id of a page is the cursor for the next one (`next`,
+        null on the last page) even while instances come and go between pages."""
+        wanted = {name: text(msg, name, default=None) for name in ("state", "agent_id", "env_type")}
+        after = text(msg, "after", default="")
+        limit = field(msg, "limit", int, default=None, check=lambda n: n > 0, what="a positive number of instances")
+        matching = sorted(
+            (i for i in self.pool.instances.values()
+             if i.instance_id > after
+             and (wanted["state"] is None or i.state == wanted["state"])
+             and (wanted["agent_id"] is None or i.agent_id == wanted["agent_id"])
+             and (wanted["env_type"] is None or i.config["type"] == wanted["env_type"])),
+            key=lambda i: i.instance_id)
+        page = matching if limit is None else matching[:limit]
+        more = len(page) < len(matching)
+        self.send(envelope, protocol.reply(msg["id"], {"instances": [i.describe() for i in page],
+                                                       "next": page[-1].instance_id if more else None}))
 
     def on_start_instance(self, envelope, msg):
         spec = msg.get("environment")

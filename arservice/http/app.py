@@ -23,7 +23,14 @@ from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, ServiceError, ZMQClient
 from ..logs import EventLog
 from ..protocol import MAX_INT, MAX_SECONDS, ProtocolError
 from . import observe
-from .routes import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, PATHS, ROUTES
+from .routes import (
+    BYTES_IN,
+    BYTES_OUT,
+    DEFAULT_MAX_BODY_BYTES,
+    PATHS,
+    QUERY_INTS,
+    ROUTES,
+)
 
 log = EventLog("http")
 
@@ -87,6 +94,18 @@ def parse_body(raw):
     return body
 
 
+def query_fields(params: dict) -> dict:
+    """A GET's query parameters as message fields: text, but the QUERY_INTS as integers (the broker
+    checks every field as it does a ZMQ client's)."""
+    fields = dict(params)
+    for name in QUERY_INTS & fields.keys():
+        try:
+            fields[name] = _bounded_int(fields[name])
+        except (TypeError, ValueError):
+            raise ServiceError("invalid_request", f"query parameter '{name}' must be an integer") from None
+    return fields
+
+
 def wait_for(fields):
     """How long to wait for the broker: a command's own time limit and a margin, where it is a sane one
     (the broker refuses the others, at once)."""
@@ -106,7 +125,7 @@ class Endpoint:
         setattr(self, f"on_{method.lower()}", self._get if method == "GET" else self._post)
 
     def _get(self, req, resp):
-        self._serve(req, resp, {})
+        self._serve(req, resp, query_fields(req.params))
 
     def _post(self, req, resp):
         too_large = ServiceError("payload_too_large", f"request body is larger than {self.max_body} bytes")
@@ -149,8 +168,9 @@ def _http_error(req, resp, exc, params):
     resp.text = error_body(STATUS_CODES.get(status, "invalid_request"), exc.title + (f": {exc.description}" if exc.description else ""))
 
 
-def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
-    broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)
+def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES, broker_address=INPROC_ADDRESS):
+    """The app, a client of the broker: over inproc in the broker's process, over loopback in a worker."""
+    broker = ZMQClient(broker_address, token=token or "", context=context)
     app = falcon.App(middleware=[Authorization(token)])
     for path, (method, kind) in ROUTES.items():
         app.add_route(path, Endpoint(method, kind, broker, max_body))
@@ -164,12 +184,14 @@ def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES):
 class HTTPServer:
     """waitress serving the app on its own threads, stoppable from another thread."""
 
-    def __init__(self, app, host, port, threads=DEFAULT_THREADS, max_body=DEFAULT_MAX_BODY_BYTES,
-                 connections=DEFAULT_CONNECTIONS, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S):
+    def __init__(self, app, host=None, port=None, threads=DEFAULT_THREADS, max_body=DEFAULT_MAX_BODY_BYTES,
+                 connections=DEFAULT_CONNECTIONS, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S, sockets=None):
+        # On host and port, or on listening sockets made elsewhere (a worker's, inherited).
+        where = {"sockets": sockets} if sockets is not None else {"host": host, "port": port}
         # waitress's own limit is a backstop for chunked bodies; the app answers 413 in JSON first.
         # poll(), not select(): past 1023 descriptors select() fails.
         self.server = waitress.create_server(
-            app, host=host, port=port, threads=threads, max_request_body_size=2 * max_body,
+            app, **where, threads=threads, max_request_body_size=2 * max_body,
             connection_limit=connections, channel_timeout=idle_timeout_s, asyncore_use_poll=True,
             ident="arservice",
         )

@@ -18,5 +18,7 @@ PATHS = {kind: path for path, (_, kind) in ROUTES.items()}
 # Byte fields travel as text in JSON; a request with "base64": true carries them base64-encoded instead.
 BYTES_IN = {protocol.WRITE_FILE: "content"}
 BYTES_OUT = {protocol.EXECUTE: "output", protocol.READ_FILE: "content"}
+# A GET's fields come as query parameters, all text; these are numbers.
+QUERY_INTS = {"limit"}
 
 DEFAULT_MAX_BODY_BYTES = 100 << 20

@@ -27,14 +27,15 @@ HEALTHY_S = 10.0
 class LocalRunner(BaseRunner):
     name = "local"
 
-    def __init__(self, limits, broker_address, token=None, context=None, agents=1, agent_args=(), agent_secret=None):
+    def __init__(self, limits, broker_address, token=None, context=None, agents=1, agent_args=(), agent_secret=None,
+                 log_level: str = "INFO"):
         super().__init__(limits, broker_address, token, context)
         self.agent_secret = agent_secret or token
         self.count = agents
         instances = limits.get("instances", 10)
         # Split the service's instances over the agents; the broker enforces the total anyway.
         self.per_agent = max(1, -(-instances // agents))
-        self.agent_args = list(agent_args)
+        self.agent_args = ["--log-level", log_level, *agent_args]
         self.procs = [None] * agents
         self.spawned_at = [0.0] * agents
         self.backoff = [RESTART_BACKOFF_S[0]] * agents
