@@ -128,8 +128,8 @@ def _try(call, *args):
         return exc
 
 
-def _established_on(pid: int, port: int) -> int:
-    """TCP connections to `port` that process `pid` holds open."""
+def _sockets_on(pid: int, port: int, state: str) -> int:
+    """TCP sockets on local `port` in `state` ("01" established, "0A" listening) that process `pid` holds open."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -143,7 +143,7 @@ def _established_on(pid: int, port: int) -> int:
         with open(table) as f:
             for line in f.readlines()[1:]:
                 cols = line.split()
-                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "01" and cols[9] in inodes:
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == state and cols[9] in inodes:
                     count += 1
     return count
 
@@ -169,19 +169,22 @@ def test_http_workers_serve_the_port_with_the_same_app():
         inst = svc.http.start_instance({"type": "local"})["instance_id"]
         assert svc.http.execute(inst, "echo $((6*7))")["output"] == "42\n"
         svc.http.close_instance(inst)
-        # Many clients at once: each keeps its connection, and both workers hold some.
+        # Every worker accepts on the one port; which one the kernel hands a connection to is its
+        # choice (a busy machine may give all to one), so the 32 clients' connections are counted
+        # over the workers together: each client keeps its own.
+        assert all(_sockets_on(pid, svc.http_port, "0A") == 1 for pid in workers)
         barrier = threading.Barrier(32)
 
         def client(_):
             http = HTTPClient(svc.url, token=token)
             http.ping()
             barrier.wait(timeout=30)
-            counts = [_established_on(pid, svc.http_port) for pid in workers]
+            held = sum(_sockets_on(pid, svc.http_port, "01") for pid in workers)
             barrier.wait(timeout=30)
-            return counts
+            return held
         with ThreadPoolExecutor(32) as pool:
-            counts = list(pool.map(client, range(32)))
-        assert all(all(n > 0 for n in c) for c in counts), counts
+            held = list(pool.map(client, range(32)))
+        assert min(held) >= 32, held
     finally:
         assert svc.stop() == 0
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
