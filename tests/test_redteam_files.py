@@ -45,3 +45,26 @@ def test_a_sandbox_cannot_make_read_only_host_binds_writable(client, tmp_path, n
         assert "usr-writable" not in output, "the sandbox made the host's /usr writable"
     finally:
         client.close_instance(instance_id)
+
+
+@pytest.mark.parametrize("name", params("bubblewrap"))
+def test_a_sandbox_cannot_leave_a_setuid_root_program_for_host_users(client, name):
+    """Without `disk`, /work is a plain host directory and the sandbox's root is the host's root:
+    it can open its directory to everyone and leave a setuid-root program there, which any
+    unprivileged user of the host can then run as root."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed: no way to run a program as an unprivileged user")
+    started = client.start_instance(SPECS[name])
+    instance_id, workdir = started["instance_id"], started["info"]["workdir"]
+    try:
+        client.execute(instance_id, "chmod 755 /work; cp /usr/bin/id /work/id && chmod 4755 /work/id")
+        planted = os.path.join(workdir, "id")
+        assert os.path.exists(planted), "the sandbox could not even copy a file into /work: the attack was not tried"
+        mode = os.stat(planted).st_mode
+        ran = subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", planted],
+                             check=False, capture_output=True, text=True, timeout=10)
+        assert "euid=0" not in ran.stdout, \
+            f"an unprivileged host user ran the sandbox's {stat.filemode(mode)} {planted} as root: {ran.stdout}"
+    finally:
+        client.close_instance(instance_id)
