@@ -68,3 +68,45 @@ def test_a_sandbox_cannot_leave_a_setuid_root_program_for_host_users(client, nam
             f"an unprivileged host user ran the sandbox's {stat.filemode(mode)} {planted} as root: {ran.stdout}"
     finally:
         client.close_instance(instance_id)
+
+
+# Runs in a bubblewrap sandbox with the host's python3: waits until the agent opens the output
+# file of the command that started it, then extends that file, sparse (it costs the instance's
+# tmpfs nothing), while the agent reads it.
+GROWER = r"""
+import ctypes, os, sys
+path, target = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_WRONLY)
+libc = ctypes.CDLL(None, use_errno=True)
+watch = libc.inotify_init()
+libc.inotify_add_watch(watch, path.encode(), 0x20)  # IN_OPEN: from now on, only the agent opens it
+open("/work/ready", "w").close()
+os.read(watch, 4096)
+size = os.fstat(fd).st_size
+while size < target:
+    size += 1 << 20
+    os.ftruncate(fd, size)
+"""
+OUTPUT_LIMIT = 16 << 20
+GROWN = 4 * OUTPUT_LIMIT
+
+
+@pytest.mark.parametrize("name", params("bubblewrap"))
+def test_an_output_file_growing_while_the_agent_reads_it_stays_within_output_limit(client, name):
+    """The agent reads a helper command's output file whole when fstat says it is within
+    output_limit; a file that grows after that check is read to its end, however far. A sparse
+    file costs the instance nothing, so one command can make the agent (then the broker and the
+    client) hold gigabytes: here 64 MiB come back for an output_limit of 16 MiB."""
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    try:
+        client.write_file(instance_id, "/work/grow.py", GROWER)
+        command = ("rm -f /work/ready; me=$BASHPID; out=$(readlink /proc/$me/fd/1); "
+                   f"(python3 /work/grow.py $out {GROWN} </dev/null >/dev/null 2>&1 &); "
+                   f"while [ ! -e /work/ready ]; do :; done; head -c {OUTPUT_LIMIT - 1} /dev/zero")
+        sizes = []
+        # The grower must start after the agent's size check and before its read ends: about half the tries.
+        while len(sizes) < 20 and max(sizes, default=0) <= OUTPUT_LIMIT + 100:
+            sizes.append(len(client.execute(instance_id, command, output_limit=OUTPUT_LIMIT, timeout=30)["output"]))
+        assert max(sizes) <= OUTPUT_LIMIT + 100, f"output sizes for an output_limit of {OUTPUT_LIMIT}: {sizes}"
+    finally:
+        client.close_instance(instance_id)
