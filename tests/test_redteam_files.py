@@ -11,6 +11,8 @@ import pytest
 from backends import SPECS, params
 from helpers import Service
 
+from arservice.client import ServiceError
+
 NOBODY = 65534
 
 
@@ -110,3 +112,35 @@ def test_an_output_file_growing_while_the_agent_reads_it_stays_within_output_lim
         assert max(sizes) <= OUTPUT_LIMIT + 100, f"output sizes for an output_limit of {OUTPUT_LIMIT}: {sizes}"
     finally:
         client.close_instance(instance_id)
+
+
+def agent_pid(client):
+    return client.available_resources()["agents"][0]["pid"]
+
+
+def resident_kib(pid, field):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.parametrize("name", params("docker-busybox"))
+def test_reading_a_directory_from_docker_is_refused_before_its_contents_are_fetched(client, name):
+    """read_file through get_archive checks the size docker reports for the path, then joins the
+    whole tar stream in memory: for a directory the size is 4096, and the stream is everything
+    under it. A careless client reading "/" or a hostile instance turning an expected file into a
+    directory holding a sparse file (free to make, any size) fills the agent's memory."""
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    try:
+        assert client.execute(instance_id, "mkdir /result && truncate -s 300M /result/sparse")["returncode"] == 0
+        pid = agent_pid(client)
+        before = resident_kib(pid, "VmRSS")
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the agent's peak resident memory, to now
+        with pytest.raises(ServiceError) as err:
+            client.read_file(instance_id, "/result")
+        assert err.value.code == "invalid_request"
+        grown_mib = (resident_kib(pid, "VmHWM") - before) >> 10
+        assert grown_mib < 64, f"refusing to read a directory took {grown_mib} MiB of the agent's memory"
+    finally:
+        client.close_instance(instance_id)
+
