@@ -6,13 +6,15 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 
 import docker
 import pytest
 from backends import SPECS, params
-from helpers import Service
+from helpers import Service, wait_for
 
 from arservice.client import ServiceError
+from arservice.environments import hostdir
 
 NOBODY = 65534
 
@@ -163,3 +165,56 @@ def test_an_instance_cannot_fill_the_hosts_disk_through_the_container_log(client
     finally:
         client.close_instance(instance_id)
         engine.close()
+
+
+# Runs inside the instance: a directory tree deeper than Python's recursion limit (1000).
+DEEP_TREE = """
+import os
+for _ in range(3000):
+    os.mkdir("d")
+    os.chdir("d")
+"""
+
+
+def remove_tree(root):
+    """What a failing run leaves: detach its mounts, then `rm -rf` (iterative, unlike rmtree)."""
+    hostdir.unmount_under(str(root))
+    subprocess.run(["rm", "-rf", "--one-file-system", str(root)], check=False, timeout=60)
+
+
+@pytest.mark.parametrize("name", params("bubblewrap", "local"))
+def test_a_deep_directory_tree_does_not_stop_an_instance_from_closing_cleanly(tmp_path, name):
+    """close() removes the instance's directory with shutil.rmtree, recursive on Python 3.11:
+    a tree 3,000 deep raises RecursionError, which ignore_errors does not catch. The close fails,
+    the directory stays, and on bubblewrap the helper's tmpfs is never unmounted (its removal
+    comes after /work's). The same rmtree then fails the agent's own exit and the reaping of its
+    directory by the next agent on the host: so this test runs its agent under a root of its own,
+    never under the shared /tmp/arservice."""
+    root = tmp_path / "root"
+    svc = Service("broker").wait_ready(agents=0)
+    agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", svc.zmq, "--workdir-root", str(root)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: svc.client.available_resources()["agents"], timeout=30, what="the agent registered")
+        instance_id = svc.client.start_instance(SPECS[name])["instance_id"]
+        try:
+            svc.client.write_file(instance_id, "deep.py", DEEP_TREE)
+            assert svc.client.execute(instance_id, "python3 deep.py")["returncode"] == 0
+        finally:
+            try:
+                closed = svc.client.close_instance(instance_id)
+            except ServiceError as exc:
+                closed = exc
+        leftovers = [p.name for p in root.glob(f"*/{instance_id}*")]
+        assert (closed, leftovers, mounts_of(instance_id)) == ({"instance_id": instance_id, "closed": True}, [], [])
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        svc.stop()
+        remove_tree(root)
+
+
+def mounts_of(instance_id):
+    """Mount points on the host whose path names the instance."""
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if instance_id in line.split()[4]]
