@@ -4,6 +4,7 @@ through the real service; it fails while the attack works."""
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import docker
 import pytest
 from backends import SPECS, params
-from helpers import Service, wait_for
+from helpers import Service, live_processes, wait_for
 
 from arservice.client import ServiceError
 from arservice.environments import hostdir
@@ -218,3 +219,23 @@ def mounts_of(instance_id):
     """Mount points on the host whose path names the instance."""
     with open("/proc/self/mountinfo") as f:
         return [line.split()[4] for line in f if instance_id in line.split()[4]]
+
+
+@pytest.mark.parametrize("name", params("local"))
+def test_a_daemon_that_calls_setsid_does_not_outlive_its_instance(client, name):
+    """The README: background processes that redirect their output (daemons) are killed when the
+    instance closes. close() kills the process groups of the instance's commands; a daemon that
+    starts its own session (setsid, as daemons do) is in none of them once its command has
+    ended, and lives on after the close."""
+    marker = f"sleep {os.getpid()}.4242"  # an argv no other test has
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    try:
+        client.execute(instance_id, f"setsid {marker} </dev/null >/dev/null 2>&1 &")
+        wait_for(lambda: live_processes(marker), what="the daemon running")
+    finally:
+        client.close_instance(instance_id)
+    try:
+        wait_for(lambda: not live_processes(marker), timeout=5, what="the daemon gone after the close")
+    finally:
+        for pid in live_processes(marker):
+            os.kill(pid, signal.SIGKILL)
