@@ -15,7 +15,7 @@ from backends import SPECS, params
 from helpers import Service, live_processes, wait_for
 
 from arservice.client import ServiceError
-from arservice.environments import hostdir
+from arservice.environments import backend, hostdir
 
 NOBODY = 65534
 
@@ -150,14 +150,14 @@ def test_reading_a_directory_from_docker_is_refused_before_its_contents_are_fetc
 
 
 
-@pytest.mark.parametrize("name", params("docker-busybox", "docker-plain-exec"))
+@pytest.mark.parametrize("name", params("docker-busybox", "docker-plain-exec", "podman"))
 def test_an_instance_cannot_fill_the_hosts_disk_through_the_container_log(client, name):
     """The container's main process keeps docker's log pipe (json-file, no size limit here) as
     its stdout, and a command may write to /proc/1/fd/1: 20 MB of zeros become 120 MB of JSON on
     the host's disk, kept as long as the instance lives. The service never reads that log."""
     started = client.start_instance(SPECS[name])
     instance_id, container_id = started["instance_id"], started["info"]["container_id"]
-    engine = docker.DockerClient(base_url=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"), timeout=30)
+    engine = docker.DockerClient(base_url=backend(SPECS[name]["type"]).url(), timeout=30)
     try:
         client.execute(instance_id, "head -c 20000000 /dev/zero >/proc/1/fd/1")
         log_path = engine.api.inspect_container(container_id)["LogPath"]
