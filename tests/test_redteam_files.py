@@ -76,6 +76,22 @@ def test_a_sandbox_cannot_leave_a_setuid_root_program_for_host_users(client, nam
         client.close_instance(instance_id)
 
 
+
+@pytest.mark.parametrize("name", params("bubblewrap", "bubblewrap-per-command"))
+def test_a_sandbox_cannot_read_files_only_the_hosts_root_may_read(client, name):
+    """The sandbox's root is the host's root (uid_map 0 0 1) and the host's /etc is bound into it:
+    it reads /etc/shadow and the SSH host private keys. Read-only is not private. Only a read is
+    tried (one byte, thrown away)."""
+    secret = "/etc/shadow"
+    if not os.path.exists(secret) or os.stat(secret).st_mode & stat.S_IROTH:
+        pytest.skip(f"{secret} is not a root-only file on this host: nothing to try")
+    instance_id = client.start_instance(SPECS[name])["instance_id"]
+    try:
+        result = client.execute(instance_id, f"head -c 1 {secret} >/dev/null 2>&1 && echo read")
+        assert result["output"] != "read\n", f"the sandbox read the host's {secret}"
+    finally:
+        client.close_instance(instance_id)
+
 # Runs in a bubblewrap sandbox with the host's python3: waits until the agent opens the output
 # file of the command that started it, then extends that file, sparse (it costs the instance's
 # tmpfs nothing), while the agent reads it.
