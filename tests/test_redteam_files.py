@@ -92,6 +92,20 @@ def test_a_sandbox_cannot_read_files_only_the_hosts_root_may_read(client, name):
     finally:
         client.close_instance(instance_id)
 
+
+@pytest.mark.parametrize("name", params("bubblewrap", "bubblewrap-per-command"))
+def test_a_sandbox_cannot_lift_its_disk_bound(client, name):
+    """`disk` makes /tmp a tmpfs of that size, mounted by bwrap inside the sandbox's own user
+    namespace, where the sandbox holds CAP_SYS_ADMIN: `mount -o remount,size=2g /tmp` lifts the
+    bound (the tmpfs of /work, mounted by the agent on the host, refuses the same remount)."""
+    instance_id = client.start_instance({**SPECS[name], "disk": "16m"})["instance_id"]
+    try:
+        sizes = client.execute(instance_id, "mount -o remount,size=2g /tmp 2>/dev/null; mount -o remount,size=2g /work "
+                                            "2>/dev/null; df -m /tmp /work | tail -n 2")["output"]
+        assert [int(line.split()[1]) for line in sizes.splitlines()] == [16, 16], sizes
+    finally:
+        client.close_instance(instance_id)
+
 # Runs in a bubblewrap sandbox with the host's python3: waits until the agent opens the output
 # file of the command that started it, then extends that file, sparse (it costs the instance's
 # tmpfs nothing), while the agent reads it.
