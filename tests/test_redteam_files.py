@@ -3,11 +3,13 @@ agent (issue 12 items 2, 3 and 6, tried again after they were fixed). Each test 
 through the real service; it fails while the attack works."""
 
 import os
+import pathlib
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from backends import SPECS, params
@@ -31,13 +33,23 @@ def client(service):
     return service.client
 
 
+@pytest.fixture
+def reachable_dir():
+    """A host directory of the test's that a bubblewrap sandbox can be given: the sandbox runs as
+    an unprivileged uid, which cannot reach pytest's tmp_path (under root's 0700 directory)."""
+    path = pathlib.Path(tempfile.mkdtemp(prefix="arservice-redteam-"))
+    path.chmod(0o755)
+    yield path
+    remove_tree(path)
+
+
 @pytest.mark.parametrize("name", params("bubblewrap", "bubblewrap-per-command"))
-def test_a_sandbox_cannot_make_read_only_host_binds_writable(client, tmp_path, name):
+def test_a_sandbox_cannot_make_read_only_host_binds_writable(client, reachable_dir, name):
     """bwrap run by a root agent keeps every capability inside the sandbox, CAP_SYS_ADMIN over
     its own mount namespace included: `mount -o remount,bind,rw` turns the read-only binds of
     the host's /usr and /etc (and of `root`, and of any --ro-bind) into writable ones, and the
     sandbox's root is the host's root."""
-    host = tmp_path / "ro"
+    host = reachable_dir / "ro"
     host.mkdir()
     (host / "f").write_text("host only\n")
     instance_id = client.start_instance({**SPECS[name], "bwrap_options": ["--ro-bind", str(host), "/ro"]})["instance_id"]
@@ -250,14 +262,14 @@ def remove_tree(root):
 
 
 @pytest.mark.parametrize("name", params("bubblewrap", "local"))
-def test_a_deep_directory_tree_does_not_stop_an_instance_from_closing_cleanly(tmp_path, name):
+def test_a_deep_directory_tree_does_not_stop_an_instance_from_closing_cleanly(reachable_dir, name):
     """close() removes the instance's directory with shutil.rmtree, recursive on Python 3.11:
     a tree 3,000 deep raises RecursionError, which ignore_errors does not catch. The close fails,
     the directory stays, and on bubblewrap the helper's tmpfs is never unmounted (its removal
     comes after /work's). The same rmtree then fails the agent's own exit and the reaping of its
     directory by the next agent on the host: so this test runs its agent under a root of its own,
     never under the shared /tmp/arservice."""
-    root = tmp_path / "root"
+    root = reachable_dir / "root"
     svc = Service("broker").wait_ready(agents=0)
     agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", svc.zmq, "--workdir-root", str(root)],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
