@@ -51,15 +51,19 @@ def read_bounded(path, limit):
     """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's.
 
     The path is in a directory an instance can write to, so a symlink there is refused (on the
-    host it would lead to the host's files), and so is a FIFO (it would wait for a writer)."""
+    host it would lead to the host's files), and so is a FIFO (it would wait for a writer). The
+    instance can also grow the file while it is read (a sparse ftruncate costs it nothing), so
+    no read asks for more than the limit (and one byte, to see growth), whatever fstat said."""
     with open(safefs.open_file(path, os.O_RDONLY, shown=os.path.basename(path)), "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size <= limit:
-            return f.read(), False
-        head = f.read(limit // 2)
+        if os.fstat(f.fileno()).st_size <= limit:
+            whole = f.read(limit + 1)
+            if len(whole) <= limit:
+                return whole, False
+        head = os.pread(f.fileno(), limit // 2, 0)
         tail_size = limit - limit // 2
-        f.seek(size - tail_size)
-        return joined(head, f.read(tail_size), size - len(head) - tail_size)
+        size = max(os.fstat(f.fileno()).st_size, len(head))
+        tail = os.pread(f.fileno(), tail_size, max(len(head), size - tail_size)) if tail_size else b""
+        return joined(head, tail, size - len(head) - len(tail))
 
 
 def descendants(pid):
