@@ -5,7 +5,7 @@ import shutil
 import tempfile
 
 from ..protocol import ProtocolError
-from . import process, safefs
+from . import hostdir, process, safefs
 from .base import Environment, resolve_path
 
 
@@ -23,7 +23,7 @@ class LocalEnvironment(Environment):
         self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
         self.cwd = self.config["cwd"] or self.workdir
         if not os.path.isdir(self.cwd):
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            hostdir.remove_tree(self.workdir)
             raise ProtocolError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
         self.env = {**os.environ, **self.config["env"]}
         self.groups = set()
@@ -54,4 +54,4 @@ class LocalEnvironment(Environment):
         for pgid in list(self.groups):
             process.kill_group(pgid)
         if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            hostdir.remove_tree(self.workdir)
