@@ -1,12 +1,42 @@
-"""Commands run as host processes, each instance in its own working directory."""
+"""Commands run as host processes, each instance in its own working directory.
+
+Every process an instance starts carries TAG=<instance id> in its environment, and close() kills
+every process on the host whose environment (as it was at its exec) has it: a daemon that calls
+setsid leaves the process groups the instance tracks, and is reparented away from the agent,
+yet keeps the tag (unless it clears its environment on purpose: `local` isolates nothing).
+"""
 
 import os
 import shutil
+import signal
 import tempfile
 
 from ..protocol import ProtocolError
 from . import hostdir, process, safefs
 from .base import Environment, resolve_path
+
+
+TAG = "ARSERVICE_INSTANCE"
+KILL_PASSES = 10  # a process may fork as the scan passes it: scan again until none is left
+
+
+def kill_tagged(tag: bytes) -> None:
+    """SIGKILL every process whose initial environment holds the entry `tag` (NAME=value)."""
+    for _ in range(KILL_PASSES):
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if tag not in f.read().split(b"\0"):
+                        continue
+                os.kill(int(entry), signal.SIGKILL)
+                found = True
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+        if not found:
+            return
 
 
 class LocalEnvironment(Environment):
@@ -25,7 +55,7 @@ class LocalEnvironment(Environment):
         if not os.path.isdir(self.cwd):
             hostdir.remove_tree(self.workdir)
             raise ProtocolError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
-        self.env = {**os.environ, **self.config["env"]}
+        self.env = {**os.environ, **self.config["env"], TAG: self.instance_id}
         self.groups = set()
         return {"workdir": self.workdir}
 
@@ -54,4 +84,5 @@ class LocalEnvironment(Environment):
         for pgid in list(self.groups):
             process.kill_group(pgid)
         if self.workdir:
+            kill_tagged(f"{TAG}={self.instance_id}".encode())
             hostdir.remove_tree(self.workdir)
