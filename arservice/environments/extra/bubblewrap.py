@@ -121,6 +121,7 @@ class BubblewrapEnvironment(Environment):
         self.workdir = hostdir.make(self.workdir_root, f"{self.instance_id}-", disk, required=bool(disk), owner=self.owner)
         if disk:
             self.tmp_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-tmp-", disk, required=True, owner=self.owner)
+            os.chmod(self.tmp_dir, 0o755)  # as bwrap's own tmpfs
         self.cwd = self.config["cwd"] or WORK
         self.groups = set()
         self.prefix = [
