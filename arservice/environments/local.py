@@ -15,7 +15,6 @@ from ..protocol import ProtocolError
 from . import hostdir, process, safefs
 from .base import Environment, resolve_path
 
-
 TAG = "ARSERVICE_INSTANCE"
 KILL_PASSES = 10  # a process may fork as the scan passes it: scan again until none is left
 
