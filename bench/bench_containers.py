@@ -62,6 +62,7 @@ def main():
     spec = {"type": "docker", "image": BUSYBOX, "pull": "never"}
     labels = {"arservice": "1", "arservice.bench": "1"}
     scratch = tempfile.mkdtemp(prefix="arservice-bench-")
+    os.chmod(scratch, 0o755)  # a root agent's sandbox runs as an unprivileged uid, which must reach it
     svc = Service("--runner", "local", "--max-resources", '{"instances": 8}', "--log-level", "WARNING").wait_ready()
     try:
         inst = svc.client.start_instance(spec)["instance_id"]

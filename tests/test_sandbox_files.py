@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -244,11 +245,12 @@ def test_a_dead_agents_mounts_are_detached_by_the_next_agent(tmp_path):
 
 
 WITHOUT_MOUNT = r"""
-import sys, tempfile
+import os, sys, tempfile
 from arservice.environments import backend
 from arservice.protocol import ProtocolError
 cls = backend("bubblewrap")
-root = tempfile.mkdtemp(dir=".")  # the test's tmp_path
+root = tempfile.mkdtemp(dir=".")  # the test's own directory, which the sandbox's uid can reach
+os.chmod(root, 0o755)
 try:
     cls("i-bounded", cls.parse_config({"type": "bubblewrap", "disk": "8m"}), "a", root).start()
     sys.exit("disk was not refused")
@@ -265,13 +267,19 @@ print("plain")
 
 
 @pytest.mark.parametrize("name", params("bubblewrap"))
-def test_an_agent_that_cannot_mount_keeps_plain_directories_and_refuses_disk(name, tmp_path):
-    """Without CAP_SYS_ADMIN (an agent not running as root) no tmpfs can be mounted."""
+def test_an_agent_that_cannot_mount_keeps_plain_directories_and_refuses_disk(name):
+    """Without CAP_SYS_ADMIN (an agent not running as root) no tmpfs can be mounted. (Not under
+    tmp_path: a root agent's sandbox runs as an unprivileged uid, which cannot reach it.)"""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("setpriv (util-linux) is not installed: no way to drop CAP_SYS_ADMIN for the test")
-    done = subprocess.run([setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
-                           sys.executable, "-c", WITHOUT_MOUNT], check=False, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, cwd=tmp_path)
+    directory = tempfile.mkdtemp(prefix="arservice-nomount-")
+    os.chmod(directory, 0o755)
+    try:
+        done = subprocess.run([setpriv, "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+                               sys.executable, "-c", WITHOUT_MOUNT], check=False, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, cwd=directory)
+    finally:
+        hostdir.remove_tree(directory)
     assert done.returncode == 0 and done.stdout.strip() == "plain", done.stderr
     assert "host_dir_unbounded" in done.stdout + done.stderr

@@ -12,7 +12,6 @@ command never delays another one or the heartbeat.
 import os
 import resource
 import secrets
-import shutil
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import zmq
 
 from .. import environments, protocol
+from ..environments import hostdir
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import workdirs
@@ -123,7 +123,8 @@ class Agent:
             closing = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
             closing.start()
             closing.join(FLUSH_TIMEOUT_S)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            hostdir.unmount_under(self.workdir)
+            hostdir.remove_tree(self.workdir)
             log.info("agent_stopped", agent=self.agent_id)
 
     def _on_ready(self, sock, outbox):

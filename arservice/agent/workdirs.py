@@ -5,7 +5,6 @@ A directory whose owner ran on this host and is no longer alive is a crash lefto
 """
 
 import os
-import shutil
 import socket
 
 from ..environments import hostdir
@@ -39,7 +38,7 @@ def reap(root):
             continue
         if owner_host == host and not alive(int(pid)):
             hostdir.unmount_under(path)  # its instances' tmpfs directories
-            shutil.rmtree(path, ignore_errors=True)
+            hostdir.remove_tree(path)  # however deep: shutil.rmtree raised RecursionError
             reaped.append(path)
     return reaped
 

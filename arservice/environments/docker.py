@@ -33,6 +33,32 @@ def _positive(value):
     return value > 0
 
 
+# Go's os.FileMode type bits, as the engine reports a path's mode: directory, symlink, named pipe,
+# socket, device, character device, irregular. None of them set: a regular file.
+GO_MODE_TYPE = (1 << 31) | (1 << 27) | (1 << 25) | (1 << 24) | (1 << 26) | (1 << 21) | (1 << 19)
+
+
+class ChunkReader(io.RawIOBase):
+    """A file-like view of an iterator of byte chunks (the engine's archive stream), read on demand."""
+
+    def __init__(self, chunks):
+        self.chunks = iter(chunks)
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            self.pending = next(self.chunks, None)
+            if self.pending is None:
+                self.pending = b""
+                return 0
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+
 class DockerEnvironment(Environment):
     type = "docker"
     enforces = {"cpus", "memory", "pids", "network", "disk"}
@@ -104,6 +130,9 @@ class DockerEnvironment(Environment):
             network_mode="none" if network in (None, False) else ("bridge" if network is True else network),
             volumes={self.host_dir: {"bind": MOUNT, "mode": "rw"}},
         )
+        # The main process's stdout is the engine's log, kept on the host's disk without bound and never
+        # read by the service: an instance wrote 120 MB there from 20 MB to /proc/1/fd/1.
+        options["log_config"] = {"type": "none"}
         if config["cwd"]:
             options["working_dir"] = config["cwd"]
         if config["cpus"]:
@@ -229,13 +258,26 @@ class DockerEnvironment(Environment):
             stream, stat = self.container.get_archive(path)
         except docker.errors.NotFound:
             raise ProtocolError("not_found", f"no such file: {path}")
+        try:
+            return {"content": self._first_file(path, stream, stat, limit)}
+        finally:
+            stream.close()  # the rest of the archive is never fetched
+
+    @staticmethod
+    def _first_file(path, stream, stat, limit):
+        # Before fetching anything: a directory's archive is everything under it, whatever "size" says.
+        if stat["mode"] & GO_MODE_TYPE:
+            raise ProtocolError("invalid_request", f"{path} is not a regular file")
         if stat["size"] > limit:
             raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
-        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        # Streamed, one member only: the file may have grown since the stat (it is the instance's).
+        with tarfile.open(fileobj=ChunkReader(stream), mode="r|") as tar:
             member = tar.next()
             if member is None or not member.isfile():
                 raise ProtocolError("invalid_request", f"{path} is not a regular file")
-            return {"content": tar.extractfile(member).read()}
+            if member.size > limit:
+                raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+            return tar.extractfile(member).read()
 
     def close(self):
         if self.container is not None:

@@ -199,8 +199,11 @@ class ExecHelper:
     """The agent's end of one helper: make it before the helper starts (it creates the FIFOs the
     helper opens), then wait_ready() once the helper runs, then spawn() commands from any thread."""
 
-    def __init__(self, host_dir, pid_one=False):
+    def __init__(self, host_dir, pid_one=False, owner=None):
+        """`owner`: the host uid (and gid) the instance runs as, where it is not the agent's: the
+        FIFOs it opens are made its own."""
         self.host_dir = host_dir
+        self.owner = owner
         # Whether the helper is its PID namespace's PID 1: its death then kills every command.
         self.pid_one = pid_one
         self._ids = itertools.count(1)
@@ -221,6 +224,8 @@ class ExecHelper:
             # only when this process is gone.
             self._in = os.open(os.path.join(self.host_dir, "in"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             self._life = os.open(os.path.join(self.host_dir, "life"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            for fd in (self._in, self._life):
+                self._own(fd)
 
     def revive(self, launch):
         """Start the helper again if it has died (OOM, a bug): launch() starts it over new FIFOs
@@ -283,6 +288,7 @@ class ExecHelper:
             os.mkfifo(base + ".st", 0o600)
             # Not followed if swapped for a link meanwhile, and not a host file: a FIFO in this directory.
             status = safefs.open_file(base + ".st", os.O_RDONLY, kind=stat.S_ISFIFO, shown="the status FIFO")
+            self._own(status)
         except (OSError, ProtocolError):
             _remove(base)
             raise
@@ -303,6 +309,10 @@ class ExecHelper:
             _remove(base)
             raise
         return HelperCommand(self, base, status, life, timeout, output_limit)
+
+    def _own(self, fd):
+        if self.owner is not None:
+            os.fchown(fd, self.owner, self.owner)  # the descriptor: what was checked, whatever the name is now
 
     def close(self):
         with self._lock:

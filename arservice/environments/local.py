@@ -1,12 +1,41 @@
-"""Commands run as host processes, each instance in its own working directory."""
+"""Commands run as host processes, each instance in its own working directory.
+
+Every process an instance starts carries TAG=<instance id> in its environment, and close() kills
+every process on the host whose environment (as it was at its exec) has it: a daemon that calls
+setsid leaves the process groups the instance tracks, and is reparented away from the agent,
+yet keeps the tag (unless it clears its environment on purpose: `local` isolates nothing).
+"""
 
 import os
 import shutil
+import signal
 import tempfile
 
 from ..protocol import ProtocolError
-from . import process, safefs
+from . import hostdir, process, safefs
 from .base import Environment, check_command, resolve_path, shell_argv, shell_option
+
+TAG = "ARSERVICE_INSTANCE"
+KILL_PASSES = 10  # a process may fork as the scan passes it: scan again until none is left
+
+
+def kill_tagged(tag: bytes) -> None:
+    """SIGKILL every process whose initial environment holds the entry `tag` (NAME=value)."""
+    for _ in range(KILL_PASSES):
+        found = False
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if tag not in f.read().split(b"\0"):
+                        continue
+                os.kill(int(entry), signal.SIGKILL)
+                found = True
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+        if not found:
+            return
 
 
 class LocalEnvironment(Environment):
@@ -17,7 +46,7 @@ class LocalEnvironment(Environment):
 
     def start(self):
         self.shell = self.config["shell"]
-        self.env = {**os.environ, **self.config["env"]}
+        self.env = {**os.environ, **self.config["env"], TAG: self.instance_id}
         # Started by name, as `bash -c` in a terminal is: $0 and $BASH are then what they would be.
         name = shell_argv(self.shell, "")[0]
         if shutil.which(name, path=self.env.get("PATH")) is None:
@@ -25,7 +54,7 @@ class LocalEnvironment(Environment):
         self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
         self.cwd = self.config["cwd"] or self.workdir
         if not os.path.isdir(self.cwd):
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            hostdir.remove_tree(self.workdir)
             raise ProtocolError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
         self.groups = set()
         return {"workdir": self.workdir}
@@ -56,4 +85,5 @@ class LocalEnvironment(Environment):
         for pgid in list(self.groups):
             process.kill_group(pgid)
         if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            kill_tagged(f"{TAG}={self.instance_id}".encode())
+            hostdir.remove_tree(self.workdir)

@@ -53,17 +53,23 @@ def read_bounded(path, limit, upto=None):
     its first `upto` bytes where that is given (what a command wrote by its deadline).
 
     The path is in a directory an instance can write to, so a symlink there is refused (on the
-    host it would lead to the host's files), and so is a FIFO (it would wait for a writer)."""
+    host it would lead to the host's files), and so is a FIFO (it would wait for a writer). The
+    instance can also grow the file while it is read (a sparse ftruncate costs it nothing), so
+    no read asks for more than the limit (and one byte, to see growth), whatever fstat said."""
     with open(safefs.open_file(path, os.O_RDONLY, shown=os.path.basename(path)), "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+        end = os.fstat(f.fileno()).st_size
         if upto is not None:
-            size = min(size, upto)
-        if size <= limit:
-            return f.read(size), False
-        head = f.read(limit // 2)
+            end = min(end, upto)
+        if end <= limit:
+            whole = f.read(limit + 1 if upto is None else min(limit + 1, upto))
+            if len(whole) <= limit:
+                return whole, False
+        head = os.pread(f.fileno(), limit // 2, 0)
         tail_size = limit - limit // 2
-        f.seek(size - tail_size)
-        return joined(head, f.read(tail_size), size - len(head) - tail_size)
+        size = os.fstat(f.fileno()).st_size if upto is None else min(os.fstat(f.fileno()).st_size, upto)
+        size = max(size, len(head))
+        tail = os.pread(f.fileno(), tail_size, max(len(head), size - tail_size)) if tail_size else b""
+        return joined(head, tail, size - len(head) - len(tail))
 
 
 _table_lock = threading.Lock()

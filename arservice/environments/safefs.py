@@ -24,10 +24,12 @@ DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def open_beneath(root: str, path: str, flags: int, mode: int = 0o644, make_parents: bool = False,
-                 shown: str | None = None) -> int:
+                 shown: str | None = None, owner: int | None = None) -> int:
     """A descriptor of the regular file at `path` (relative) under the directory `root`, reached
     without following any symlink; directories on the way are made when `make_parents`.
-    `shown` is how errors name the file (the instance's own path, never the host's)."""
+    `shown` is how errors name the file (the instance's own path, never the host's). `owner`:
+    the uid (and gid) that directories made on the way and a file created belong to (the
+    sandbox's, so that inside it they are its root's, as what it makes itself)."""
     shown = shown or path
     names = [name for name in path.split("/") if name not in ("", ".")]
     if ".." in names:
@@ -37,9 +39,12 @@ def open_beneath(root: str, path: str, flags: int, mode: int = 0o644, make_paren
     directory = os.open(root, DIRECTORY)
     try:
         for name in names[:-1]:
-            parent, directory = directory, _open_directory(directory, name, make_parents, shown)
+            parent, directory = directory, _open_directory(directory, name, make_parents, shown, owner)
             os.close(parent)
-        return open_file(names[-1], flags, mode, dir_fd=directory, shown=shown)
+        fd = open_file(names[-1], flags, mode, dir_fd=directory, shown=shown)
+        if owner is not None and flags & os.O_CREAT:
+            os.fchown(fd, owner, owner)
+        return fd
     finally:
         os.close(directory)
 
@@ -76,7 +81,7 @@ def write_all(fd: int, content: bytes, mode: int) -> None:
         os.fchmod(f.fileno(), mode)
 
 
-def _open_directory(parent: int, name: str, make: bool, shown: str) -> int:
+def _open_directory(parent: int, name: str, make: bool, shown: str, owner: int | None) -> int:
     try:
         return os.open(name, DIRECTORY, dir_fd=parent)
     except FileNotFoundError:
@@ -87,9 +92,12 @@ def _open_directory(parent: int, name: str, make: bool, shown: str) -> int:
     except FileExistsError:
         pass  # made meanwhile, by the instance or another request: opened as any other below
     try:
-        return os.open(name, DIRECTORY, dir_fd=parent)
+        directory = os.open(name, DIRECTORY, dir_fd=parent)
     except OSError as exc:
         raise _refusal(exc, shown) from None
+    if owner is not None:
+        os.fchown(directory, owner, owner)  # the descriptor: what was opened, whatever is at the name now
+    return directory
 
 
 def _refusal(exc: OSError, shown: str) -> Exception:

@@ -8,11 +8,20 @@ gets a new session so it cannot push input into the agent's terminal.
 With fast_exec (the default) one sandbox lives as long as the instance and runs the exec
 helper, so a command costs a fork instead of a sandbox set-up, and /tmp lasts as long as the
 instance, as in a container. Without it every command gets a fresh sandbox.
+
+The sandbox holds no privilege on the host. bwrap run by a root agent would map the sandbox's
+root to the host's root, with every capability: it could remount the host's read-only binds
+writable, read /etc/shadow, leave a setuid-root program in /work and lift its disk bound. So a
+root agent runs bwrap as SANDBOX_UID, an unprivileged host uid that owns nothing, in a user
+namespace of its own whose uid 0 maps to it (`id` inside still says root, and what the sandbox
+makes is root's inside), with every capability dropped. The host side of /work, /tmp (with
+`disk`) and the helper's directory belong to that uid and are mounted nosuid,nodev; files the
+agent puts there (write_file, the helper's FIFOs) are made that uid's too.
 """
 
 import os
 import shutil
-import tempfile
+import stat
 
 from ...protocol import ProtocolError
 from .. import hostdir, process, safefs
@@ -23,6 +32,9 @@ WORK = "/work"
 HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
 # Made fresh in every sandbox, so never taken from the host or the rootfs.
 OWN_DIRS = ("proc", "dev", "tmp", WORK.strip("/"), MOUNT.strip("/"))
+# The host uid (and gid) a root agent's sandboxes run as: in no passwd file, owning nothing
+# (65534 is nobody; 65000-65533 are left unallocated by Debian's policy).
+SANDBOX_UID = int(os.environ.get("ARSERVICE_SANDBOX_UID", "65533"))
 
 
 def read_only_binds(root, names):
@@ -37,6 +49,25 @@ def read_only_binds(root, names):
     return args
 
 
+BIND_OPTIONS = {"--bind", "--bind-try", "--ro-bind", "--ro-bind-try", "--dev-bind", "--dev-bind-try"}
+
+
+def unreachable(path: str) -> str | None:
+    """The first directory on the way to `path` that SANDBOX_UID (no groups, owning nothing)
+    may not search, or None: bwrap, run as that uid, must reach every path it binds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:
+        try:
+            status = os.stat(directory)
+        except OSError:
+            return None  # missing: bwrap's own error (or a -try option) says so
+        if not status.st_mode & stat.S_IXOTH and status.st_uid != SANDBOX_UID:
+            return directory
+        if directory == "/":
+            return None
+        directory = os.path.dirname(directory)
+
+
 class BubblewrapEnvironment(Environment):
     type = "bubblewrap"
     enforces = {"network", "disk"}
@@ -48,9 +79,11 @@ class BubblewrapEnvironment(Environment):
         "bwrap_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
     }
     workdir = None
+    tmp_dir = None
     host_dir = None
     helper = None
     helper_proc = None
+    owner = None
     groups = ()
 
     @classmethod
@@ -69,26 +102,47 @@ class BubblewrapEnvironment(Environment):
         if root is not None and not os.path.isdir(root):
             raise ProtocolError("invalid_request", f"root {root!r} is not a directory on this agent")
         disk = self.config["disk"]
-        # /work is a host directory: with `disk`, a tmpfs of that size on the host; /tmp, the sandbox's own.
-        self.workdir = (hostdir.make(self.workdir_root, f"{self.instance_id}-", disk, required=True) if disk
-                        else tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root))
+        setpriv = shutil.which("setpriv")
+        # As root, bwrap would make the sandbox's root the host's: it runs as SANDBOX_UID instead.
+        self.owner = SANDBOX_UID if os.geteuid() == 0 else None
+        if self.owner is not None and setpriv is None:
+            raise ProtocolError("environment_error", "bubblewrap on a root agent needs setpriv (util-linux) "
+                                                     "to run the sandbox as an unprivileged user")
+        if self.owner is not None:
+            options = self.config["bwrap_options"]
+            binds = [options[i + 1] for i, option in enumerate(options[:-1]) if option in BIND_OPTIONS]
+            for path, code in [(os.path.join(self.workdir_root, "."), "environment_error"),
+                               *((path, "invalid_request") for path in binds)]:
+                if blocked := unreachable(path):
+                    raise ProtocolError(code, f"the sandbox runs as uid {SANDBOX_UID}, which cannot reach "
+                                              f"{os.path.normpath(path)} (no search permission on {blocked})")
+        # /work is a host directory: with `disk`, a tmpfs of that size, and /tmp another (bwrap's own
+        # tmpfs takes no nr_inodes); without, the directory itself, mounted nosuid.
+        self.workdir = hostdir.make(self.workdir_root, f"{self.instance_id}-", disk, required=bool(disk), owner=self.owner)
+        if disk:
+            self.tmp_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-tmp-", disk, required=True, owner=self.owner)
+            os.chmod(self.tmp_dir, 0o755)  # as bwrap's own tmpfs
         self.cwd = self.config["cwd"] or WORK
         self.groups = set()
         self.prefix = [
+            *([setpriv, f"--reuid={self.owner}", f"--regid={self.owner}", "--clear-groups", "--"]
+              if self.owner is not None else []),
             shutil.which("bwrap"),
             # bwrap's own / is a tmpfs, so mount points for /work and the rest can be made.
             *(read_only_binds(root, sorted(set(os.listdir(root)) - set(OWN_DIRS))) if root
               else read_only_binds("/", HOST_DIRS)),
-            "--proc", "/proc", "--dev", "/dev", *(["--size", str(disk << 20)] if disk else []), "--tmpfs", "/tmp",
+            "--proc", "/proc", "--dev", "/dev", *(["--bind", self.tmp_dir, "/tmp"] if disk else ["--tmpfs", "/tmp"]),
             "--bind", self.workdir, WORK,
             "--unshare-all", *(["--share-net"] if self.config["network"] else []),
+            *(["--unshare-user", "--uid", "0", "--gid", "0"] if self.owner is not None else []), "--cap-drop", "ALL",
             "--die-with-parent", "--new-session",
             "--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", "--setenv", "HOME", WORK,
             *self.config["bwrap_options"],
         ]
         if self.config["fast_exec"]:
-            self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-exec-", hostdir.helper_dir_mib(self.config))
-            self.helper = ExecHelper(self.host_dir, pid_one=True)
+            self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-exec-", hostdir.helper_dir_mib(self.config),
+                                         owner=self.owner)
+            self.helper = ExecHelper(self.host_dir, pid_one=True, owner=self.owner)
             self._launch_helper()
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else
                                               "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh")
@@ -134,7 +188,7 @@ class BubblewrapEnvironment(Environment):
 
     def write_file(self, path, content, mode):
         fd = safefs.open_beneath(self.workdir, self._beneath_work(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                                 mode, make_parents=True, shown=path)
+                                 mode, make_parents=True, shown=path, owner=self.owner)
         safefs.write_all(fd, content, mode)
         return {"path": path, "written": len(content)}
 
@@ -151,7 +205,7 @@ class BubblewrapEnvironment(Environment):
             self.helper.close()
         for pgid in list(self.groups):
             process.kill_group(pgid)
-        for directory in (self.workdir, self.host_dir):
+        for directory in (self.workdir, self.tmp_dir, self.host_dir):
             if directory:
                 hostdir.remove(directory)
 
