@@ -18,13 +18,16 @@ ENGINES = params("docker-busybox", "podman")
 @pytest.fixture(scope="module")
 def service():
     svc = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 8}').wait_ready()
+    agents = {a["agent_id"] for a in svc.client.available_resources()["agents"]}
     yield svc
     assert svc.stop() == 0
-    # Stopping the service removed every container it made, on every engine.
+    # Stopping the service removed every container it made, on every engine (its agents' labels:
+    # the engine may hold other services' containers).
     for name in ("docker-busybox", "podman"):
         engine = SPECS[name]["type"]
         if backend(engine).available():
-            assert labelled(engine) == [], f"{engine} containers left after the service stopped"
+            left = [c for c in labelled(engine) if c["Labels"].get("arservice.agent") in agents]
+            assert left == [], f"{engine} containers left after the service stopped"
 
 
 @pytest.fixture(params=ENGINES)

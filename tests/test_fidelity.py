@@ -73,6 +73,7 @@ class Pair:
 @pytest.fixture(scope="module")
 def workdir_root():
     with tempfile.TemporaryDirectory(prefix="arservice-fidelity-") as root:
+        os.chmod(root, 0o755)  # as an agent's own root: bubblewrap's unprivileged sandbox uid must reach it
         yield root
 
 

@@ -55,7 +55,8 @@ BIND_OPTIONS = {"--bind", "--bind-try", "--ro-bind", "--ro-bind-try", "--dev-bin
 def unreachable(path: str) -> str | None:
     """The first directory on the way to `path` that SANDBOX_UID (no groups, owning nothing)
     may not search, or None: bwrap, run as that uid, must reach every path it binds."""
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.abspath(path)
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
     while True:
         try:
             status = os.stat(directory)
@@ -111,7 +112,7 @@ class BubblewrapEnvironment(Environment):
         if self.owner is not None:
             options = self.config["bwrap_options"]
             binds = [options[i + 1] for i, option in enumerate(options[:-1]) if option in BIND_OPTIONS]
-            for path, code in [(os.path.join(self.workdir_root, "."), "environment_error"),
+            for path, code in [(self.workdir_root, "environment_error"),
                                *((path, "invalid_request") for path in binds)]:
                 if blocked := unreachable(path):
                     raise ProtocolError(code, f"the sandbox runs as uid {SANDBOX_UID}, which cannot reach "
