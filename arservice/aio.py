@@ -123,7 +123,7 @@ class AsyncZMQClient(AsyncClient):
     async def _call(self, kind, wait_s, fields):
         return await self.request(kind, wait_s, **fields)
 
-    async def request(self, kind: str, wait_s: float = DEFAULT_WAIT_S, **fields):
+    async def request(self, kind: str, wait_s: float = DEFAULT_WAIT_S, /, **fields):
         """Send one message and wait for its answer; the result, or ServiceError."""
         msg_id = next(self._ids)
         try:

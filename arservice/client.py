@@ -34,6 +34,8 @@ from .http.routes import BYTES_IN, BYTES_OUT, PATHS, ROUTES
 # How long a client waits beyond a command's own time limit, and for anything else.
 EXECUTE_MARGIN_S = 30.0
 DEFAULT_WAIT_S = 600.0
+# How often keep_alive renews: well inside any sensible --idle-timeout.
+KEEP_ALIVE_S = 60.0
 
 
 class ServiceError(Exception):
@@ -73,9 +75,16 @@ class Calls:
     """Every client method, declared once; `client_methods` turns them into sync or async methods."""
 
     @staticmethod
-    def start_instance(environment) -> Call:
-        """environment: a preset name or a spec such as {"type": "local"}."""
-        return Call(protocol.START_INSTANCE, {"environment": environment})
+    def start_instance(environment, wait_s=None) -> Call:
+        """environment: a preset name or a spec such as {"type": "local"}; wait_s: how long the start may
+        wait for room (first come, first served) before it fails with no_capacity (default: the service's)."""
+        return Call(protocol.START_INSTANCE, _present({"environment": environment, "wait_s": wait_s}),
+                    DEFAULT_WAIT_S + (wait_s or 0))
+
+    @staticmethod
+    def renew(instance_id, ttl=None) -> Call:
+        """Keep an instance: its idle clock starts again; ttl: its hard lifetime becomes that many seconds from now."""
+        return Call(protocol.RENEW, _present({"instance_id": instance_id, "ttl": ttl}))
 
     @staticmethod
     def execute(instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False) -> Call:
@@ -151,6 +160,51 @@ class Client:
     def _run(self, call: Call):
         return call.finish(self._call(call.kind, call.wait_s, dict(call.fields)))
 
+    def keep_alive(self, *instance_ids: str, every_s: float = KEEP_ALIVE_S) -> "KeepAlive":
+        """Renew these instances from a background thread until stopped (use it as a context manager),
+        so that they outlive --idle-timeout while this process lives, and no longer once it died."""
+        return KeepAlive(self, instance_ids, every_s)
+
+
+class KeepAlive:
+    """A daemon thread renewing a set of instances; add() and discard() change the set."""
+
+    def __init__(self, client: Client, instance_ids, every_s: float):
+        self.client = client
+        self.instance_ids = set(instance_ids)
+        self.every_s = every_s
+        self.errors: dict[str, Exception] = {}  # the last renewal error of each instance
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_all, name="arservice-keep-alive", daemon=True)
+        self._thread.start()
+
+    def add(self, instance_id: str) -> None:
+        self.instance_ids.add(instance_id)
+
+    def discard(self, instance_id: str) -> None:
+        self.instance_ids.discard(instance_id)
+
+    def _renew_all(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for instance_id in list(self.instance_ids):
+                try:
+                    self.client.renew(instance_id)
+                    self.errors.pop(instance_id, None)
+                except (ServiceError, OSError) as exc:  # the next request on it says so too; keep the others alive
+                    self.errors[instance_id] = exc
+                    if getattr(exc, "code", None) in ("not_found", "expired", "agent_lost"):
+                        self.instance_ids.discard(instance_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> "KeepAlive":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
 
 # --- ZeroMQ: what the sync and async ZMQ clients share ---
 
@@ -200,7 +254,7 @@ class ZMQClient(Client):
     def _call(self, kind, wait_s, fields):
         return self.request(kind, wait_s, **fields)
 
-    def request(self, kind, wait_s=DEFAULT_WAIT_S, **fields):
+    def request(self, kind, wait_s=DEFAULT_WAIT_S, /, **fields):
         """Send one message and wait for its answer; the result, or ServiceError."""
         sock = self._socket()
         msg_id = next(self._ids)
