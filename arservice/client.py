@@ -199,7 +199,7 @@ class KeepAlive:
         self._stop.set()
         self._thread.join()
 
-    def __enter__(self) -> "KeepAlive":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:

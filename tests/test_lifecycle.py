@@ -216,3 +216,62 @@ def test_restart_backoff_resets_after_a_healthy_agent():
         assert all("restart_in_s=0.5" in line for line in restarts), restarts
     finally:
         assert svc.stop() == 0
+
+
+def _instance_state(svc, instance_id):
+    return {i["instance_id"]: i["state"] for i in svc.client.instances()}.get(instance_id)
+
+
+def test_a_stopped_agent_keeps_its_instances():
+    """SIGSTOP is a stall, not a death: requests fail fast as `unreachable`, and after SIGCONT all is as it was."""
+    svc = Service("--runner", "local", "--agent-timeout", "1", "--agent-grace", "60").wait_ready()
+    try:
+        [pid] = svc.agent_pids()
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        svc.client.write_file(inst, "kept.txt", "still here")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: _instance_state(svc, inst) == "unreachable", timeout=10, what="the instance unreachable")
+            for client in (svc.client, svc.http):
+                with pytest.raises(ServiceError) as err:
+                    client.execute(inst, "true")
+                assert err.value.code == "unreachable"
+            assert svc.client.available_resources()["used"]["instances"] == 1  # still held: it may come back
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: _instance_state(svc, inst) == "running", timeout=10, what="the instance back")
+        assert svc.client.execute(inst, "cat kept.txt")["output"] == "still here"
+        assert svc.agent_pids() == [pid]
+        assert "agent_back" in svc.output() and "agent_lost" not in svc.output()
+        svc.client.close_instance(inst)
+    finally:
+        assert svc.stop() == 0
+
+
+def test_a_stall_past_the_grace_loses_the_agent_and_a_dead_one_is_lost_at_once():
+    svc = Service("--runner", "local", "--agents", "2", "--agent-timeout", "1", "--agent-grace", "1").wait_ready(agents=2)
+    try:
+        stalled, killed = svc.agent_pids()
+        by_agent = {}
+        while len(by_agent) < 2:
+            started = svc.client.start_instance({"type": "local"})
+            agent_pid = {a["agent_id"]: a["pid"] for a in svc.client.available_resources()["agents"]}[started["agent_id"]]
+            by_agent.setdefault(agent_pid, started["instance_id"])
+        svc.client.execute(by_agent[stalled], "nohup sleep 301 >/dev/null 2>&1 &")
+        # A process that died closes its connection: lost at once, however long the grace.
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: _instance_state(svc, by_agent[killed]) == "lost", timeout=3, what="the dead agent's instance lost")
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            wait_for(lambda: _instance_state(svc, by_agent[stalled]) == "lost", timeout=10, what="the stalled one lost")
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        # Back after its grace, the agent learns it was lost, closes what it held and registers again.
+        wait_for(lambda: any(a["pid"] == stalled for a in svc.client.available_resources()["agents"]), timeout=15,
+                 what="the stalled agent registered again")
+        wait_for(lambda: not live_processes("sleep 301"), timeout=10, what="the lost instance's processes to end")
+        with pytest.raises(ServiceError) as err:
+            svc.client.execute(by_agent[stalled], "true")
+        assert err.value.code == "agent_lost"
+    finally:
+        assert svc.stop() == 0
