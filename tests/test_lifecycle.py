@@ -1,10 +1,12 @@
 """Agents dying, the service stopping or crashing: nothing lost, nothing left behind."""
 
+import asyncio
 import glob
 import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +15,7 @@ from helpers import Service, free_port, live_processes, wait_for
 
 from arservice import protocol
 from arservice.agent.workdirs import DEFAULT_ROOT
+from arservice.aio import AsyncZMQClient
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 
 pytestmark = pytest.mark.timeout(90)
@@ -275,3 +278,48 @@ def test_a_stall_past_the_grace_loses_the_agent_and_a_dead_one_is_lost_at_once()
         assert err.value.code == "agent_lost"
     finally:
         assert svc.stop() == 0
+
+
+def _fails_as_unavailable(call, *args, **kwargs):
+    """How long `call` took to fail with `unavailable` (any other outcome fails the test)."""
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        call(*args, **kwargs)
+    assert err.value.code == "unavailable", err.value
+    return time.monotonic() - started
+
+
+def test_clients_fail_fast_when_the_service_stalls_or_dies():
+    svc = Service("--runner", "local").wait_ready()
+    [agent] = svc.agent_pids()
+    try:
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        with ThreadPoolExecutor(4) as pool:
+            stalled = pool.submit(_fails_as_unavailable, svc.client.execute, inst, "sleep 50", timeout=60)
+            wait_for(lambda: live_processes("sleep 50"), timeout=10, what="the command to start")
+            svc.proc.send_signal(signal.SIGSTOP)  # the broker stops answering, its connections stay open
+            try:
+                assert _fails_as_unavailable(ZMQClient(svc.zmq).ping) < 10
+                assert stalled.result(timeout=20) < 15  # ZMTP heartbeats: not the command's 60 + 30 s
+            finally:
+                svc.proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: svc.client.ping()["pong"], timeout=10, what="the service back")
+
+            async def async_execute():
+                client = AsyncZMQClient(svc.zmq)
+                try:
+                    return await client.execute(inst, "sleep 51", timeout=60)
+                finally:
+                    await client.aclose()
+            in_flight = [pool.submit(_fails_as_unavailable, svc.client.execute, inst, "sleep 52", timeout=60),
+                         pool.submit(_fails_as_unavailable, svc.http.execute, inst, "sleep 53", timeout=60),
+                         pool.submit(_fails_as_unavailable, asyncio.run, async_execute())]
+            wait_for(lambda: len(live_processes("sleep 5")) >= 3, timeout=10, what="the commands to start")
+            svc.proc.kill()
+            svc.proc.wait()
+            assert all(f.result(timeout=20) < 10 for f in in_flight)
+        assert _fails_as_unavailable(svc.http.ping) < 5
+        assert _fails_as_unavailable(svc.client.ping) < 10
+        wait_for(lambda: not _alive(agent), timeout=40, what="the orphaned agent to exit")
+    finally:
+        svc.stop()
