@@ -225,7 +225,9 @@ def broker_command(**options):
 @click.option("--token-file", envvar="ARSERVICE_TOKEN_FILE", default=None, type=click.Path(dir_okay=False),
               help="Read the shared secret from this file [env ARSERVICE_TOKEN_FILE].")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
-@click.option("--broker-timeout", default=15.0, show_default=True, type=float, help="Seconds of broker silence before the agent cleans up and exits.")
+@click.option("--broker-grace", "--broker-timeout", "broker_timeout", default=15.0, show_default=True, type=float,
+              help="Seconds of broker silence the agent keeps its instances through (a restarted broker adopts them); "
+                   "then it closes them and exits.")
 @click.option("--workdir-root", default=None, help="Where instance working directories go (default /tmp/arservice; not root: /tmp/arservice-UID).")
 @click.option("--stop-timeout", default=DEFAULT_STOP_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
               help="Seconds the agent gives its instances to close when it stops; then it exits regardless.")

@@ -43,6 +43,10 @@ CONNECT_WAIT_S = 3.0
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
 LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# Requests a client may send again when their answer was lost: they change nothing, or only renew.
+IDEMPOTENT = {protocol.PING, protocol.RESOURCES, protocol.INSTANCES, protocol.STATUS, protocol.METRICS,
+              protocol.READ_FILE, protocol.RENEW}
+RETRY_PAUSE_S = 0.2
 
 
 class ServiceError(Exception):
@@ -315,6 +319,22 @@ class ZMQClient(Client):
         return self._request(kind, wait_s, fields)
 
     def _request(self, kind: str, wait_s: float, fields: dict):
+        """Send one message and wait for its answer, sending it again while that is safe and the wait
+        allows: a request that never reached an agent (`unavailable` from a broker that just restarted),
+        or one that changes nothing (IDEMPOTENT) whose connection dropped."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self._request_once(kind, wait_s, fields)
+            except ServiceError as exc:
+                retry = exc.code == "unavailable" and (exc.message.startswith("no instance") or
+                                                       (kind in IDEMPOTENT and exc.message.startswith("the connection")))
+                wait_s = deadline - time.monotonic() - RETRY_PAUSE_S
+                if not retry or wait_s <= 0:
+                    raise
+                time.sleep(RETRY_PAUSE_S)
+
+    def _request_once(self, kind: str, wait_s: float, fields: dict):
         """Send one message and wait for its answer; the result, or ServiceError (`unavailable` within
         CONNECT_WAIT_S when there is no connection to the broker, or it drops)."""
         link = self._link()

@@ -323,3 +323,57 @@ def test_clients_fail_fast_when_the_service_stalls_or_dies():
         wait_for(lambda: not _alive(agent), timeout=40, what="the orphaned agent to exit")
     finally:
         svc.stop()
+
+
+def test_a_broker_restart_loses_nothing():
+    """`arservice broker` restarted on the same ports mid-rollout: the agent started by hand keeps its
+    instance, the new broker adopts it with the same id, and the rollout goes on."""
+    broker = Service("broker", token="s3cret").wait_ready(agents=0)
+    env = dict(os.environ, ARSERVICE_TOKEN="s3cret")
+    agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", broker.zmq, "--instances", "2",
+                              "--broker-grace", "60"], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    restarted = None
+    try:
+        wait_for(lambda: broker.client.available_resources()["agents"], timeout=30, what="the agent to register")
+        inst = broker.client.start_instance({"type": "local"})["instance_id"]
+        broker.client.write_file(inst, "kept.txt", "kept")
+        outputs, errors = [], []
+
+        def rollout():
+            client = ZMQClient(broker.zmq, token="s3cret")
+            for step in range(40):
+                while True:  # a command lost with the broker is the caller's to send again
+                    try:
+                        outputs.append(client.execute(inst, f"echo {step} >> steps; tail -1 steps")["output"])
+                        break
+                    except ServiceError as exc:
+                        errors.append(exc.code)
+                        if exc.code != "unavailable":
+                            return
+            client.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(rollout)
+            wait_for(lambda: len(outputs) >= 5, timeout=20, what="the rollout to start")
+            broker.proc.send_signal(signal.SIGTERM)
+            broker.proc.wait(timeout=30)
+            restarted = subprocess.Popen(broker.proc.args, stdout=broker.log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+            running.result(timeout=60)
+        assert set(errors) <= {"unavailable"}, errors
+        assert [o for o in outputs if o.strip().isdigit()] == outputs
+        lines = broker.client.read_file(inst, "steps").decode().split()
+        assert lines[-1] == "39" and sorted(set(map(int, lines))) == list(range(40))  # a retried step may repeat
+        assert broker.client.read_file(inst, "kept.txt") == b"kept"
+        assert "instance_adopted" in broker.output()
+        [adopted] = broker.client.instances()
+        assert adopted["instance_id"] == inst and adopted["state"] == "running"
+        assert broker.client.available_resources()["used"]["instances"] == 1
+        assert broker.client.close_instance(inst)["closed"]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(timeout=30)
+        broker.stop()

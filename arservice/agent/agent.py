@@ -162,10 +162,14 @@ class Agent:
         self.sock.send(protocol.encode(msg))
 
     def _register_message(self):
+        # The instances it holds, started and well: a broker that restarted (or lost this agent) adopts them.
+        held = [{"instance_id": instance_id, "environment": env.spec, "info": env.info}
+                for instance_id, (env, started) in self.envs.items()
+                if started.done() and started.exception() is None]
         return protocol.request(
             protocol.REGISTER, self._id(), agent_id=self.agent_id, secret=self.secret,
             capacity=self.capacity, env_types=self.env_types, hostname=socket.gethostname(),
-            pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"), instances=held,
         )
 
     def _on_broker_frame(self, frame):
@@ -178,7 +182,11 @@ class Agent:
         kind = msg["type"]
         if kind == protocol.REPLY and not self.registered and msg.get("result", {}).get("registered"):
             self.registered = True
-            log.info("registered", agent=self.agent_id, broker=self.broker)
+            dropped = msg["result"].get("drop") or []
+            log.info("registered", agent=self.agent_id, broker=self.broker, instances=len(self.envs) - len(dropped))
+            for instance_id in dropped:
+                if instance_id in self.envs:
+                    self.pool.submit(_close_quietly, self.envs.pop(instance_id)[0])
         elif kind == protocol.ERROR:
             self._on_broker_error(msg.get("error") or {})
         elif kind in INSTANCE_REQUESTS:
@@ -197,10 +205,11 @@ class Agent:
         if code == "unauthorized":
             raise AgentExit(f"broker refused registration: {error.get('message')}")
         if code == "not_registered":
-            # The broker no longer counts this agent (declared lost, or restarted): its
-            # instances are gone for the broker, so they go here too, then register again.
-            log.warning("broker_forgot_agent", agent=self.agent_id, instances=len(self.envs))
-            self._close_all()
+            # The broker no longer counts this agent (it restarted, or declared this agent lost):
+            # register again with the instances held; the broker adopts them, or names the ones
+            # it gave up on (lost, closed) for this agent to close.
+            if self.registered:
+                log.warning("broker_forgot_agent", agent=self.agent_id, instances=len(self.envs))
             self.registered = False
         else:
             log.warning("broker_error", code=code, message=error.get("message"))
@@ -214,6 +223,7 @@ class Agent:
         spec = protocol.field(msg, "environment", dict)
         cls = environments.backend(spec.get("type"))
         env = cls(instance_id, cls.parse_config(spec), self.agent_id, self.workdir)
+        env.spec, env.info = spec, {}  # what a broker needs to adopt the instance
         started = self.pool.submit(self._start, msg["id"], env)
         self.envs[instance_id] = (env, started)
 
@@ -300,7 +310,8 @@ class Agent:
     def _start(self, request_id, env):
         def start():
             try:
-                return {"instance_id": env.instance_id, "info": env.start()}
+                env.info = env.start()
+                return {"instance_id": env.instance_id, "info": env.info}
             except BaseException:
                 env.close()
                 raise

@@ -64,6 +64,11 @@ class Broker:
         self.start_wait_s = start_wait_s
         self.waiting = []  # WaitingStart, oldest first
         self.runner_status = None  # what the runner last reported, shown in resources
+        self.lost_agents = set()  # agent ids this broker declared lost: it adopts nothing from them
+        # Until then an unknown instance id may be one an agent has not brought back yet (this broker restarted).
+        # (Not once it started one itself: then the ids it does not know are ones it closed.)
+        self.rejoin_until = time.monotonic() + agent_timeout_s
+        self.started_any = False
         self.metrics = BrokerMetrics(self)
         self._ids = itertools.count(1)
         self._stopping = False
@@ -254,18 +259,44 @@ class Broker:
         old = self.pool.agents.get(identity)
         if old is not None:
             self._lose_agent(old, "registered again")
+        held = field(msg, "instances", list, default=[])
         now = time.monotonic()
-        self.pool.agents[identity] = Agent(
+        agent = self.pool.agents[identity] = Agent(
             identity, agent_id, to_units(capacity),
             [t for t in env_types if isinstance(t, str)], str(msg.get("hostname", "")), msg.get("pid"),
             msg.get("slurm_job_id"), now,
         )
+        drop = [self._adopt(agent, item) for item in held]
+        drop = [instance_id for instance_id in drop if instance_id]
         self.metrics.agent_registered()
         log.info("agent_registered", agent=agent_id, capacity=capacity, types=",".join(map(str, env_types)),
-                 slurm_job=msg.get("slurm_job_id"))
-        self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s}))
+                 slurm_job=msg.get("slurm_job_id"), adopted=len(held) - len(drop), dropped=len(drop))
+        self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s,
+                                                           "drop": drop}))
         if self.waiting:
             self._place_waiting(now)
+
+    def _adopt(self, agent, item):
+        """Take on an instance an agent held through a broker restart, with its id, spec and info;
+        return its id if the agent must close it instead (this broker ended it, or cannot read it)."""
+        instance_id = item.get("instance_id") if isinstance(item, dict) else None
+        if not isinstance(instance_id, str):
+            return None
+        if instance_id in self.pool.instances or agent.agent_id in self.lost_agents:
+            return instance_id  # this broker declared it lost or expired (a client was told so): it stays so
+        try:
+            spec = protocol.check_value(field(item, "environment", dict), "environment")
+            config = environments.backend(spec.get("type")).parse_config(spec)
+        except ProtocolError as exc:
+            log.warning("adoption_refused", agent=agent.agent_id, instance=instance_id, error=exc.message)
+            return instance_id
+        inst = Instance(instance_id, agent.agent_id, spec, config, ttl_s=config["ttl"] or self.instance_ttl_s,
+                        idle_s=config["idle_timeout"] or self.idle_timeout_s)
+        inst.state = "running"
+        inst.info = protocol.check_value(item.get("info") if isinstance(item.get("info"), dict) else {}, "info")
+        self.pool.admit(inst, agent)
+        log.info("instance_adopted", instance=instance_id, agent=agent.agent_id, type=config["type"])
+        return None
 
     def _agent(self, envelope):
         agent = self.pool.agents.get(envelope[0]) if envelope else None
@@ -310,6 +341,7 @@ class Broker:
         (log.info if agent.draining else log.warning)("agent_lost", agent=agent.agent_id, reason=reason,
                                                       instances=len(agent.instance_ids))
         self.pool.drop_agent(agent)
+        self.lost_agents.add(agent.agent_id)
         self.metrics.agent_lost(agent)
         for request_id, pending in list(self.pending.items()):
             if pending.agent_id == agent.agent_id:
@@ -425,6 +457,7 @@ class Broker:
         self._start_on(agent, spec, config, envelope, msg["id"])
 
     def _start_on(self, agent, spec, config, envelope, client_id):
+        self.started_any = True
         inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config,
                         ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s)
         self.pool.admit(inst, agent)
@@ -491,6 +524,9 @@ class Broker:
         instance_id = field(msg, "instance_id", str)
         inst = self.pool.instances.get(instance_id)
         if inst is None:
+            if time.monotonic() < self.rejoin_until and not self.started_any:
+                raise ProtocolError("unavailable", f"no instance {instance_id!r} yet: the broker just started, and "
+                                                   "agents are bringing back the instances they hold")
             raise ProtocolError("not_found", f"no instance {instance_id!r}")
         return inst
 
