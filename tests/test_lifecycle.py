@@ -377,3 +377,24 @@ def test_a_broker_restart_loses_nothing():
             restarted.terminate()
             restarted.wait(timeout=30)
         broker.stop()
+
+
+def test_processes_of_a_killed_agent_do_not_outlive_it():
+    svc = Service("--runner", "local").wait_ready()
+    try:
+        [pid] = svc.agent_pids()
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        svc.client.execute(inst, "nohup sleep 304 >/dev/null 2>&1 &")
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(svc.client.execute, inst, "sleep 305", timeout=60)
+            wait_for(lambda: live_processes("sleep 304") and live_processes("sleep 305"), timeout=10,
+                     what="the commands to start")
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ServiceError):
+                in_flight.result(timeout=30)
+        # The runner's next agent kills what the dead one left, as its first act.
+        wait_for(lambda: not live_processes("sleep 304") and not live_processes("sleep 305"), timeout=20,
+                 what="the dead agent's processes to be killed")
+        assert "reaped_processes" in svc.output()
+    finally:
+        assert svc.stop() == 0

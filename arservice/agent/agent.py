@@ -13,6 +13,7 @@ import os
 import resource
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -31,6 +32,9 @@ log = EventLog("agent")
 INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                      protocol.WRITE_FILE, protocol.READ_FILE)
 DEFAULT_STOP_TIMEOUT_S = 20.0
+# Every process an agent starts inherits this variable naming the agent: what a later agent of the
+# host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
+AGENT_MARK = "ARSERVICE_AGENT"
 # What is left of the stop time for flushing the goodbye to the broker.
 FLUSH_TIMEOUT_S = 2.0
 
@@ -77,6 +81,7 @@ class Agent:
         Returns within stop_timeout_s (plus a moment) of stop(), whatever the worker threads are
         doing; they are not joined, so the process must end with os._exit."""
         raise_file_limit()
+        os.environ[AGENT_MARK] = self.agent_id
         self.workdir = workdirs.claim(self.workdir_root, self.agent_id)
         # Off the loop: reaping asks container engines (hundreds of ms) and must not delay registering;
         # it only touches what dead agents left, never this agent's instances.
@@ -145,6 +150,9 @@ class Agent:
 
     def _reap_leftovers(self):
         """Remove what dead agents of this host left behind, for every backend offered."""
+        killed = kill_orphans(socket.gethostname())
+        if killed:
+            log.info("reaped_processes", count=len(killed), pids=",".join(map(str, killed)))
         for name in self.env_types:
             try:
                 reaped = environments.backend(name).reap(socket.gethostname(), workdirs.alive)
@@ -358,6 +366,34 @@ class Agent:
         done, pending = wait([self.pool.submit(_close_quietly, env) for env in envs], timeout=self.stop_timeout_s)
         if pending:
             log.error("close_timed_out", agent=self.agent_id, count=len(pending))
+
+
+def kill_orphans(host: str) -> list[int]:
+    """SIGKILL the processes that agents of this host started and outlived them; return their pids."""
+    killed = []
+    marker = f"{AGENT_MARK}={host}-".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                variables = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        mark = next((v for v in variables if v.startswith(marker)), None)
+        if mark is None:
+            continue
+        try:
+            agent_pid = int(mark.decode(errors="replace").rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not workdirs.alive(agent_pid):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except OSError:
+                pass
+    return killed
 
 
 def raise_file_limit():
