@@ -27,6 +27,7 @@ from . import protocol
 from .client import (
     CONNECT_WAIT_S,
     DEFAULT_WAIT_S,
+    RETRY_PAUSE_S,
     Call,
     ServiceError,
     broker_socket,
@@ -36,6 +37,7 @@ from .client import (
     http_headers,
     http_request,
     http_result,
+    may_send_again,
     no_answer,
     unreachable_service,
     zmq_frame,
@@ -163,6 +165,22 @@ class AsyncZMQClient(AsyncClient):
         return await self._request(kind, wait_s, fields)
 
     async def _request(self, kind: str, wait_s: float, fields: dict):
+        """One request, sent again while that is safe and the wait allows (as the sync client does)."""
+        deadline = self._loop_time() + wait_s
+        while True:
+            try:
+                return await self._request_once(kind, wait_s, fields)
+            except ServiceError as exc:
+                wait_s = deadline - self._loop_time() - RETRY_PAUSE_S
+                if not may_send_again(kind, exc) or wait_s <= 0:
+                    raise
+                await asyncio.sleep(RETRY_PAUSE_S)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _request_once(self, kind: str, wait_s: float, fields: dict):
         msg_id = next(self._ids)
         try:
             answer = await self._channel_here().request(zmq_frame(kind, msg_id, fields, self.token), msg_id, wait_s)

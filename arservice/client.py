@@ -245,6 +245,14 @@ def connection_dropped(where: str) -> ServiceError:
                                        "not have been carried out")
 
 
+def may_send_again(kind: str, exc: ServiceError) -> bool:
+    """Whether a request that failed so is safe to send again: it never reached an agent (a broker
+    that just restarted does not know the instance yet), or it changes nothing and its answer was lost."""
+    if exc.code != "unavailable":
+        return False
+    return exc.message.startswith("no instance") or (kind in IDEMPOTENT and exc.message.startswith("the connection"))
+
+
 def broker_socket(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socket | None]:
     """A DEALER to the broker with ZMTP heartbeats, and the monitor socket that says when it is
     connected; no monitor in-process (inproc has no connection to lose, and no monitor events)."""
@@ -327,10 +335,8 @@ class ZMQClient(Client):
             try:
                 return self._request_once(kind, wait_s, fields)
             except ServiceError as exc:
-                retry = exc.code == "unavailable" and (exc.message.startswith("no instance") or
-                                                       (kind in IDEMPOTENT and exc.message.startswith("the connection")))
                 wait_s = deadline - time.monotonic() - RETRY_PAUSE_S
-                if not retry or wait_s <= 0:
+                if not may_send_again(kind, exc) or wait_s <= 0:
                     raise
                 time.sleep(RETRY_PAUSE_S)
 

@@ -359,6 +359,11 @@ def test_a_broker_restart_loses_nothing():
             broker.proc.wait(timeout=30)
             restarted = subprocess.Popen(broker.proc.args, stdout=broker.log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env)
+
+            async def read_back():  # sent before the agent is back: the client sends it again until it is
+                async with AsyncZMQClient(broker.zmq, token="s3cret") as client:
+                    return await client.read_file(inst, "kept.txt")
+            assert asyncio.run(read_back()) == b"kept"
             running.result(timeout=60)
         assert set(errors) <= {"unavailable"}, errors
         assert [o for o in outputs if o.strip().isdigit()] == outputs
