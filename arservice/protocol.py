@@ -68,6 +68,7 @@ ERROR_CODES = {
     "internal": 500,
     "agent_lost": 502,
     "environment_error": 502,
+    "instance_lost": 502,
     "no_capacity": 503,
     "not_registered": 503,
     "unreachable": 503,

@@ -4,6 +4,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from backends import SPECS, params
 from helpers import Service, live_processes, wait_for
 
 from arservice.client import ServiceError
@@ -109,3 +110,22 @@ def test_starts_wait_for_room_first_come_first_served(svc):
     assert order == ["first", "second"]
     for inst in held:
         svc.client.close_instance(inst)
+
+
+@pytest.mark.parametrize("name", params("docker-busybox"))
+def test_a_container_that_ended_is_lost_and_frees_its_capacity(svc, name):
+    spec = dict(SPECS[name], container_timeout=8, idle_timeout=60)
+    inst = svc.client.start_instance(spec)["instance_id"]
+    used = svc.client.available_resources()["used"]["instances"]
+    # Past container_timeout the container ended and is not revived: the instance is lost, not running.
+    def gone():
+        try:
+            svc.client.execute(inst, "true")
+        except ServiceError as exc:
+            return exc.code
+        return None
+    assert wait_for(gone, timeout=40, interval=0.5, what="the container to end") == "instance_lost"
+    assert state(svc, inst) == "lost"
+    assert svc.client.available_resources()["used"]["instances"] == used - 1
+    assert refused(svc.client.execute, inst, "true") == "agent_lost"
+    assert svc.client.close_instance(inst)["lost"] is True

@@ -307,6 +307,14 @@ class Broker:
             self._agent_back(agent)
         return agent
 
+    def _lose_instance(self, inst, agent, reason):
+        """The agent found the instance's environment gone (its container ended, dockerd lost it):
+        it is lost, its capacity is free, and the agent removes what is left of it."""
+        log.warning("instance_lost", instance=inst.instance_id, agent=agent.agent_id, reason=reason)
+        inst.state, inst.ended_at = "lost", time.time()
+        self.pool.release(inst)
+        self._forward(agent, inst, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
+
     def _agent_unreachable(self, agent, now):
         """A silent agent may be stopped or cut off, not dead: its instances wait for it, for the grace."""
         agent.unreachable_since = now
@@ -377,6 +385,8 @@ class Broker:
         else:
             error = msg.get("error") or {}
             code = error.get("code") if error.get("code") in protocol.ERROR_CODES else "environment_error"
+            if code == "instance_lost" and inst is not None and inst.state == "running":
+                self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
 
     # -- clients ------------------------------------------------------------------
@@ -541,7 +551,8 @@ class Broker:
         if inst.state in states:
             return
         if inst.state == "lost":
-            raise ProtocolError("agent_lost", f"instance {inst.instance_id} was lost with agent {inst.agent_id}")
+            raise ProtocolError("agent_lost", f"instance {inst.instance_id} was lost (its agent {inst.agent_id} or its "
+                                              "environment went away)")
         if inst.state == "expired":
             raise ProtocolError("expired", f"instance {inst.instance_id} expired: its lease ended")
         if inst.state == "unreachable":
