@@ -21,17 +21,25 @@ import os
 import aiohttp
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol
 from .client import (
+    CONNECT_WAIT_S,
     DEFAULT_WAIT_S,
+    RETRY_PAUSE_S,
     Call,
     ServiceError,
+    broker_socket,
     client_methods,
+    close_socket,
+    connection_dropped,
     http_headers,
     http_request,
     http_result,
+    may_send_again,
     no_answer,
+    unreachable_service,
     zmq_frame,
     zmq_result,
 )
@@ -52,18 +60,37 @@ class AsyncClient:
 
 
 class _Channel:
-    """One DEALER socket of one event loop, and the reader task that routes answers by id."""
+    """One DEALER socket of one event loop, the reader task that routes answers by id, and the
+    watcher task that fails the waiting requests when the connection drops (their answers cannot come)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, address: str):
         self.loop = asyncio.get_running_loop()
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        self.address = address
+        self.sock, self.monitor = broker_socket(ctx, address)
+        self.connected = asyncio.Event()
         # Thousands of requests may be queued at once: let them all wait in ZeroMQ, not in send().
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(address)
         self.waiting: dict[int, asyncio.Future] = {}
         self.reader = self.loop.create_task(self._read())
+        self.watcher = None
+        if self.monitor is None:
+            self.connected.set()
+        else:
+            self.watcher = self.loop.create_task(self._watch())
+
+    async def _watch(self):
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected.set()
+            elif event == zmq.EVENT_DISCONNECTED and self.connected.is_set():
+                self.connected.clear()
+                dropped = connection_dropped(f"the broker at {self.address}")
+                for future in self.waiting.values():
+                    if not future.done():
+                        future.set_exception(dropped)
 
     async def _read(self):
         try:
@@ -83,6 +110,13 @@ class _Channel:
             raise
 
     async def request(self, frame: bytes, msg_id: int, wait_s: float) -> dict:
+        if not self.connected.is_set():
+            try:
+                await asyncio.wait_for(self.connected.wait(), min(wait_s, CONNECT_WAIT_S))
+            except asyncio.TimeoutError:
+                if wait_s <= CONNECT_WAIT_S:  # the caller's budget ran out first
+                    raise asyncio.TimeoutError from None
+                raise unreachable_service(f"the broker at {self.address}") from None
         future = self.loop.create_future()
         self.waiting[msg_id] = future
         try:
@@ -92,12 +126,15 @@ class _Channel:
             self.waiting.pop(msg_id, None)
 
     async def close(self):
-        self.reader.cancel()
-        try:
-            await self.reader
-        except asyncio.CancelledError:
-            pass
-        self.sock.close(linger=0)
+        for task in (self.reader, self.watcher):
+            if task is None:
+                continue
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        close_socket(self.sock, self.monitor)
 
 
 class AsyncZMQClient(AsyncClient):
@@ -116,19 +153,38 @@ class AsyncZMQClient(AsyncClient):
         channel = self._channel
         if channel is None or channel.loop is not asyncio.get_running_loop() or channel.reader.done():
             if channel is not None:
-                channel.sock.close(linger=0)  # its loop is gone or its reader ended: nothing reads it
+                close_socket(channel.sock, channel.monitor)  # its loop is gone or its reader ended: nothing reads it
             self._channel = _Channel(self.ctx, self.address)
         return self._channel
 
     async def _call(self, kind, wait_s, fields):
-        return await self.request(kind, wait_s, **fields)
+        return await self._request(kind, wait_s, fields)
 
     async def request(self, kind: str, wait_s: float = DEFAULT_WAIT_S, **fields):
         """Send one message and wait for its answer; the result, or ServiceError."""
+        return await self._request(kind, wait_s, fields)
+
+    async def _request(self, kind: str, wait_s: float, fields: dict):
+        """One request, sent again while that is safe and the wait allows (as the sync client does)."""
+        deadline = self._loop_time() + wait_s
+        while True:
+            try:
+                return await self._request_once(kind, wait_s, fields)
+            except ServiceError as exc:
+                wait_s = deadline - self._loop_time() - RETRY_PAUSE_S
+                if not may_send_again(kind, exc) or wait_s <= 0:
+                    raise
+                await asyncio.sleep(RETRY_PAUSE_S)
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _request_once(self, kind: str, wait_s: float, fields: dict):
         msg_id = next(self._ids)
         try:
             answer = await self._channel_here().request(zmq_frame(kind, msg_id, fields, self.token), msg_id, wait_s)
-        except asyncio.TimeoutError:  # noqa: UP041 - not yet the builtin on Python 3.10
+        except asyncio.TimeoutError:
             raise no_answer(f"the broker at {self.address}", wait_s) from None
         return zmq_result(answer)
 
@@ -162,7 +218,7 @@ class AsyncHTTPClient(AsyncClient):
 
     async def _call(self, kind, wait_s, fields):
         request = http_request(kind, fields)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=wait_s, sock_read=wait_s)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(wait_s, CONNECT_WAIT_S), sock_read=wait_s)
         for attempt in (1, 2):  # a kept-alive connection the server closed gets one fresh retry
             try:
                 async with self._session_here().request(request.method, request.path, data=request.body,
@@ -170,8 +226,10 @@ class AsyncHTTPClient(AsyncClient):
                     return http_result(kind, response.status, await response.read())
             except aiohttp.ServerDisconnectedError:
                 if attempt == 2:
-                    raise
-            except asyncio.TimeoutError:  # noqa: UP041 - not yet the builtin on Python 3.10
+                    raise connection_dropped(self.url) from None
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                raise ServiceError("unavailable", f"cannot connect to {self.url}: {exc}") from None
+            except asyncio.TimeoutError:
                 raise no_answer(f"{self.url}{request.path}", wait_s) from None
 
     async def aclose(self):

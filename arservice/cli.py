@@ -111,7 +111,18 @@ def service_options(fn):
                      help="JSON file of named environment presets."),
         click.option("--token", envvar="ARSERVICE_TOKEN", default=None,
                      help="Bearer token for clients and shared secret for agents [env ARSERVICE_TOKEN]."),
-        click.option("--agent-timeout", default=5.0, show_default=True, type=float, help="Seconds of silence before an agent is lost."),
+        click.option("--agent-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+                     help="Seconds of silence before an agent's instances are unreachable (requests on them fail fast)."),
+        click.option("--agent-grace", default=60.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Seconds more of silence before a silent agent is lost; one that comes back keeps its instances. "
+                          "An agent whose connection closes (its process died) is lost at once."),
+        click.option("--instance-ttl", default=None, type=click.FloatRange(min=0, min_open=True),
+                     help="Hard lifetime of an instance whose spec sets no ttl, in seconds (default: none)."),
+        click.option("--idle-timeout", default=1800.0, show_default=True, type=click.FloatRange(min=0),
+                     help="Seconds without a request (execute, files, renew) after which an instance whose spec sets "
+                          "no idle_timeout is closed; 0: never."),
+        click.option("--start-wait", default=None, type=click.FloatRange(min=0),
+                     help="Seconds a start may wait for room when it does not say (wait_s) (default: 0 local, 600 slurm)."),
         click.option("--http-threads", default=1500, show_default=True, type=click.IntRange(1),
                      help="HTTP worker threads: requests in flight at once (a command holds one while it runs)."),
         click.option("--http-connections", default=2000, show_default=True, type=click.IntRange(1),
@@ -151,7 +162,6 @@ def slurm_options(fn):
         click.option("--slurm-ssh-port", default=22, show_default=True, type=int),
         click.option("--slurm-ssh-key", default=None, type=click.Path(exists=True, dir_okay=False), help="Private key file for --slurm-ssh."),
         click.option("--advertise-address", default=None, help="ZMQ address agents dial, e.g. tcp://login1:5555 (default: the bound one)."),
-        click.option("--start-wait", default=None, type=float, help="Seconds a start may wait for room (default: 0 local, 600 slurm)."),
         click.option("--slurm-command-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
                      help="Seconds any one Slurm command (or SSH connection) may take before it fails."),
         click.option("--stop-timeout", "slurm_stop_timeout", default=30.0, show_default=True, type=click.FloatRange(0),
@@ -202,7 +212,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
 @service_options
 def broker_command(**options):
     """The broker and HTTP front end alone; agents join with `arservice agent`."""
-    serve(None, start_wait=0.0, **options)
+    serve(None, **options)
     _exit_now(0)
 
 
@@ -218,7 +228,9 @@ def broker_command(**options):
 @click.option("--token-file", envvar="ARSERVICE_TOKEN_FILE", default=None, type=click.Path(dir_okay=False),
               help="Read the shared secret from this file [env ARSERVICE_TOKEN_FILE].")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
-@click.option("--broker-timeout", default=15.0, show_default=True, type=float, help="Seconds of broker silence before the agent cleans up and exits.")
+@click.option("--broker-grace", "--broker-timeout", "broker_timeout", default=15.0, show_default=True, type=float,
+              help="Seconds of broker silence the agent keeps its instances through (a restarted broker adopts them); "
+                   "then it closes them and exits.")
 @click.option("--workdir-root", default=None, help="Where instance working directories go (default /tmp/arservice; not root: /tmp/arservice-UID).")
 @click.option("--stop-timeout", default=DEFAULT_STOP_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
               help="Seconds the agent gives its instances to close when it stops; then it exits regardless.")
@@ -276,9 +288,9 @@ def check_exposure(host, token):
                        "or bind to 127.0.0.1")
 
 
-def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, http_threads,
-          http_connections, http_idle_timeout, http_workers, max_request_bytes, log_level, runner_options=None,
-          advertise_address=None, start_wait=None):
+def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, agent_grace, instance_ttl,
+          idle_timeout, http_threads, http_connections, http_idle_timeout, http_workers, max_request_bytes, log_level,
+          runner_options=None, advertise_address=None, start_wait=None):
     from .http.app import (  # here: agents (job start-up time) do not need falcon
         HTTPServer,
         create_app,
@@ -301,7 +313,8 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
         agent_secret = runner_options["agent_secret"] = secrets.token_urlsafe(32)
     try:
         broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets,
-                        token=token, agent_secret=agent_secret, agent_timeout_s=agent_timeout, start_wait_s=start_wait)
+                        token=token, agent_secret=agent_secret, agent_timeout_s=agent_timeout, agent_grace_s=agent_grace,
+                        start_wait_s=start_wait, instance_ttl_s=instance_ttl, idle_timeout_s=idle_timeout or None)
         http_settings = {"threads": http_threads, "max_body": max_request_bytes, "connections": http_connections,
                          "idle_timeout_s": http_idle_timeout}
         if http_workers:

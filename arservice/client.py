@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import protocol
 from .http.routes import BYTES_IN, BYTES_OUT, PATHS, ROUTES
@@ -34,6 +35,18 @@ from .http.routes import BYTES_IN, BYTES_OUT, PATHS, ROUTES
 # How long a client waits beyond a command's own time limit, and for anything else.
 EXECUTE_MARGIN_S = 30.0
 DEFAULT_WAIT_S = 600.0
+# How often keep_alive renews: well inside any sensible --idle-timeout.
+KEEP_ALIVE_S = 60.0
+# A client with no connection to the service this long answers `unavailable` (it does not wait out the call).
+CONNECT_WAIT_S = 3.0
+# ZMTP heartbeats: a broker that stops answering them (its process stopped, its host gone) is disconnected.
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000
+LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+# Requests a client may send again when their answer was lost: they change nothing, or only renew.
+IDEMPOTENT = {protocol.PING, protocol.RESOURCES, protocol.INSTANCES, protocol.STATUS, protocol.METRICS,
+              protocol.READ_FILE, protocol.RENEW}
+RETRY_PAUSE_S = 0.2
 
 
 class ServiceError(Exception):
@@ -73,9 +86,16 @@ class Calls:
     """Every client method, declared once; `client_methods` turns them into sync or async methods."""
 
     @staticmethod
-    def start_instance(environment) -> Call:
-        """environment: a preset name or a spec such as {"type": "local"}."""
-        return Call(protocol.START_INSTANCE, {"environment": environment})
+    def start_instance(environment, wait_s=None) -> Call:
+        """environment: a preset name or a spec such as {"type": "local"}; wait_s: how long the start may
+        wait for room (first come, first served) before it fails with no_capacity (default: the service's)."""
+        return Call(protocol.START_INSTANCE, _present({"environment": environment, "wait_s": wait_s}),
+                    DEFAULT_WAIT_S + (wait_s or 0))
+
+    @staticmethod
+    def renew(instance_id, ttl=None) -> Call:
+        """Keep an instance: its idle clock starts again; ttl: its hard lifetime becomes that many seconds from now."""
+        return Call(protocol.RENEW, _present({"instance_id": instance_id, "ttl": ttl}))
 
     @staticmethod
     def execute(instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False) -> Call:
@@ -154,6 +174,51 @@ class Client:
     def _run(self, call: Call):
         return call.finish(self._call(call.kind, call.wait_s, dict(call.fields)))
 
+    def keep_alive(self, *instance_ids: str, every_s: float = KEEP_ALIVE_S) -> "KeepAlive":
+        """Renew these instances from a background thread until stopped (use it as a context manager),
+        so that they outlive --idle-timeout while this process lives, and no longer once it died."""
+        return KeepAlive(self, instance_ids, every_s)
+
+
+class KeepAlive:
+    """A daemon thread renewing a set of instances; add() and discard() change the set."""
+
+    def __init__(self, client: Client, instance_ids, every_s: float):
+        self.client = client
+        self.instance_ids = set(instance_ids)
+        self.every_s = every_s
+        self.errors: dict[str, Exception] = {}  # the last renewal error of each instance
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_all, name="arservice-keep-alive", daemon=True)
+        self._thread.start()
+
+    def add(self, instance_id: str) -> None:
+        self.instance_ids.add(instance_id)
+
+    def discard(self, instance_id: str) -> None:
+        self.instance_ids.discard(instance_id)
+
+    def _renew_all(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for instance_id in list(self.instance_ids):
+                try:
+                    self.client.renew(instance_id)
+                    self.errors.pop(instance_id, None)
+                except (ServiceError, OSError) as exc:  # the next request on it says so too; keep the others alive
+                    self.errors[instance_id] = exc
+                    if getattr(exc, "code", None) in ("not_found", "expired", "agent_lost"):
+                        self.instance_ids.discard(instance_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
 
 # --- ZeroMQ: what the sync and async ZMQ clients share ---
 
@@ -174,6 +239,65 @@ def no_answer(where: str, wait_s: float) -> ServiceError:
     return ServiceError("timeout", f"no answer from {where} within {wait_s:.0f}s")
 
 
+def unreachable_service(where: str) -> ServiceError:
+    return ServiceError("unavailable", f"no connection to {where} for {CONNECT_WAIT_S:g}s")
+
+
+def connection_dropped(where: str) -> ServiceError:
+    return ServiceError("unavailable", f"the connection to {where} dropped while waiting: the request may or may "
+                                       "not have been carried out")
+
+
+def may_send_again(kind: str, exc: ServiceError) -> bool:
+    """Whether a request that failed so is safe to send again: it never reached an agent (a broker
+    that just restarted does not know the instance yet), or it changes nothing and its answer was lost."""
+    if exc.code != "unavailable":
+        return False
+    return exc.message.startswith("no instance") or (kind in IDEMPOTENT and exc.message.startswith("the connection"))
+
+
+def broker_socket(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A DEALER to the broker with ZMTP heartbeats, and the monitor socket that says when it is
+    connected; no monitor in-process (inproc has no connection to lose, and no monitor events)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if address.startswith("inproc://"):
+        return sock, None
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    return sock, sock.get_monitor_socket(LINK_EVENTS)
+
+
+class _Link:
+    """One thread's socket to the broker, and whether it is connected (from its monitor's events)."""
+
+    def __init__(self, ctx: zmq.Context, address: str):
+        self.sock, self.monitor = broker_socket(ctx, address)
+        self.sock.connect(address)
+        self.connected = self.monitor is None
+        self.drops = 0  # disconnections so far: an answer due on a dropped connection never comes
+        self.down_since = None if self.connected else time.monotonic()
+
+    def update(self) -> None:
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected, self.down_since = True, None
+            elif event == zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected, self.down_since = False, time.monotonic()
+                self.drops += 1
+
+    def close(self) -> None:
+        close_socket(self.sock, self.monitor)
+
+
+def close_socket(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    if monitor is not None:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.close(linger=0)
+
+
 class ZMQClient(Client):
     """The low-latency path: msgpack over a DEALER socket straight to the broker."""
 
@@ -186,42 +310,74 @@ class ZMQClient(Client):
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
-    def _socket(self):
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
+    def _link(self) -> _Link:
+        link = getattr(self._local, "link", None)
+        if link is None:
             with self._lock:
                 # Threads come and go (pools, one per task): close what ended ones left, or the
                 # sockets pile up to ZeroMQ's limit. No other thread uses a dead thread's socket.
                 for thread in [t for t in self._sockets if not t.is_alive()]:
-                    self._sockets.pop(thread).close(linger=0)
-                sock = self._local.sock = self.ctx.socket(zmq.DEALER)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.connect(self.address)
-                self._sockets[threading.current_thread()] = sock
-        return sock
+                    self._sockets.pop(thread).close()
+                link = self._local.link = _Link(self.ctx, self.address)
+                self._sockets[threading.current_thread()] = link
+        return link
 
     def _call(self, kind, wait_s, fields):
-        return self.request(kind, wait_s, **fields)
+        return self._request(kind, wait_s, fields)
 
     def request(self, kind, wait_s=DEFAULT_WAIT_S, **fields):
         """Send one message and wait for its answer; the result, or ServiceError."""
-        sock = self._socket()
-        msg_id = next(self._ids)
-        sock.send(zmq_frame(kind, msg_id, fields, self.token))
+        return self._request(kind, wait_s, fields)
+
+    def _request(self, kind: str, wait_s: float, fields: dict):
+        """Send one message and wait for its answer, sending it again while that is safe and the wait
+        allows: a request that never reached an agent (`unavailable` from a broker that just restarted),
+        or one that changes nothing (IDEMPOTENT) whose connection dropped."""
         deadline = time.monotonic() + wait_s
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(remaining * 1000):
-                raise no_answer(f"the broker at {self.address}", wait_s)
-            answer = protocol.decode(sock.recv())
-            if answer.get("id") == msg_id:  # else a late answer to an earlier request that timed out
-                return zmq_result(answer)
+            try:
+                return self._request_once(kind, wait_s, fields)
+            except ServiceError as exc:
+                wait_s = deadline - time.monotonic() - RETRY_PAUSE_S
+                if not may_send_again(kind, exc) or wait_s <= 0:
+                    raise
+                time.sleep(RETRY_PAUSE_S)
+
+    def _request_once(self, kind: str, wait_s: float, fields: dict):
+        """Send one message and wait for its answer; the result, or ServiceError (`unavailable` within
+        CONNECT_WAIT_S when there is no connection to the broker, or it drops)."""
+        link = self._link()
+        link.update()
+        drops = link.drops
+        msg_id = next(self._ids)
+        link.sock.send(zmq_frame(kind, msg_id, fields, self.token))
+        deadline = time.monotonic() + wait_s
+        poller = zmq.Poller()
+        poller.register(link.sock, zmq.POLLIN)
+        if link.monitor is not None:
+            poller.register(link.monitor, zmq.POLLIN)
+        where = f"the broker at {self.address}"
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise no_answer(where, wait_s)
+            if link.down_since is not None and now - link.down_since >= CONNECT_WAIT_S:
+                raise unreachable_service(where)
+            wake = deadline if link.down_since is None else min(deadline, link.down_since + CONNECT_WAIT_S)
+            ready = dict(poller.poll(max(0.0, wake - now) * 1000))
+            if link.sock in ready:
+                answer = protocol.decode(link.sock.recv())
+                if answer.get("id") == msg_id:  # else a late answer to an earlier request that timed out
+                    return zmq_result(answer)
+            link.update()
+            if link.drops != drops:
+                raise connection_dropped(where)
 
     def close(self):
         """Close every socket; call when no request is in flight."""
         with self._lock:
-            for sock in self._sockets.values():
-                sock.close(linger=0)
+            for link in self._sockets.values():
+                link.close()
             self._sockets.clear()
 
 
@@ -285,9 +441,14 @@ class HTTPClient(Client):
         headers = http_headers(self.token)
         for attempt in (1, 2):  # a kept-alive connection the server closed gets one fresh retry
             conn = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=wait_s)
-            conn.timeout = wait_s
+            if conn is None or conn.sock is None:  # none yet, or the server ended it ("Connection: close")
+                conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_WAIT_S)
+                try:
+                    conn.connect()
+                except OSError as exc:
+                    self._local.conn = None
+                    raise ServiceError("unavailable", f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            conn.sock.settimeout(wait_s)
             try:
                 conn.request(request.method, request.path, body=request.body, headers=headers)
                 response = conn.getresponse()
@@ -296,7 +457,7 @@ class HTTPClient(Client):
                 conn.close()
                 self._local.conn = None
                 if attempt == 2:
-                    raise
+                    raise connection_dropped(f"{self.host}:{self.port}") from None
             except TimeoutError:
                 conn.close()
                 self._local.conn = None

@@ -51,6 +51,8 @@ def talks_to_service(fn):
         try:
             return fn(HTTPClient(url), **kwargs)
         except ServiceError as exc:
+            if exc.code == "unavailable":  # the client's own answer: no connection to the service
+                fail(UNREACHABLE, f"cannot reach the service at {url}: {exc.message}")
             fail(EXIT_CODES.get(exc.code, OTHER_SERVICE_ERROR), f"{exc.code}: {exc.message}")
         except OSError as exc:
             fail(UNREACHABLE, f"cannot reach the service at {url}: {exc.strerror or exc}")

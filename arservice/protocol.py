@@ -44,6 +44,7 @@ READ_FILE = "read_file"
 RESOURCES = "resources"
 INSTANCES = "instances"
 PING = "ping"
+RENEW = "renew"      # keep an instance's lease: its idle clock starts again, and optionally a new ttl
 METRICS = "metrics"  # the broker's counters and gauges, for GET /metrics
 STATUS = "status"    # agents, instances, runner report, recent errors: the status page and `arservice status`
 
@@ -62,12 +63,16 @@ ERROR_CODES = {
     "unauthorized": 401,
     "not_found": 404,
     "conflict": 409,
+    "expired": 410,
     "payload_too_large": 413,
     "internal": 500,
     "agent_lost": 502,
     "environment_error": 502,
+    "instance_lost": 502,
     "no_capacity": 503,
     "not_registered": 503,
+    "unreachable": 503,
+    "unavailable": 503,
     "timeout": 504,
 }
 

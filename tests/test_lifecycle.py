@@ -1,10 +1,12 @@
 """Agents dying, the service stopping or crashing: nothing lost, nothing left behind."""
 
+import asyncio
 import glob
 import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +15,7 @@ from helpers import Service, free_port, live_processes, wait_for
 
 from arservice import protocol
 from arservice.agent.workdirs import DEFAULT_ROOT
+from arservice.aio import AsyncZMQClient
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 
 pytestmark = pytest.mark.timeout(90)
@@ -214,5 +217,189 @@ def test_restart_backoff_resets_after_a_healthy_agent():
         wait_for(lambda: agent_other_than(dead), timeout=20, what="the last replacement")
         restarts = [line for line in svc.output().splitlines() if "agent_died" in line]
         assert all("restart_in_s=0.5" in line for line in restarts), restarts
+    finally:
+        assert svc.stop() == 0
+
+
+def _instance_state(svc, instance_id):
+    return {i["instance_id"]: i["state"] for i in svc.client.instances()}.get(instance_id)
+
+
+def test_a_stopped_agent_keeps_its_instances():
+    """SIGSTOP is a stall, not a death: requests fail fast as `unreachable`, and after SIGCONT all is as it was."""
+    svc = Service("--runner", "local", "--agent-timeout", "1", "--agent-grace", "60").wait_ready()
+    try:
+        [pid] = svc.agent_pids()
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        svc.client.write_file(inst, "kept.txt", "still here")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: _instance_state(svc, inst) == "unreachable", timeout=10, what="the instance unreachable")
+            for client in (svc.client, svc.http):
+                with pytest.raises(ServiceError) as err:
+                    client.execute(inst, "true")
+                assert err.value.code == "unreachable"
+            assert svc.client.available_resources()["used"]["instances"] == 1  # still held: it may come back
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: _instance_state(svc, inst) == "running", timeout=10, what="the instance back")
+        assert svc.client.execute(inst, "cat kept.txt")["output"] == "still here"
+        assert svc.agent_pids() == [pid]
+        assert "agent_back" in svc.output() and "agent_lost" not in svc.output()
+        svc.client.close_instance(inst)
+    finally:
+        assert svc.stop() == 0
+
+
+def test_a_stall_past_the_grace_loses_the_agent_and_a_dead_one_is_lost_at_once():
+    svc = Service("--runner", "local", "--agents", "2", "--agent-timeout", "1", "--agent-grace", "1").wait_ready(agents=2)
+    try:
+        stalled, killed = svc.agent_pids()
+        by_agent = {}
+        while len(by_agent) < 2:
+            started = svc.client.start_instance({"type": "local"})
+            agent_pid = {a["agent_id"]: a["pid"] for a in svc.client.available_resources()["agents"]}[started["agent_id"]]
+            by_agent.setdefault(agent_pid, started["instance_id"])
+        svc.client.execute(by_agent[stalled], "nohup sleep 301 >/dev/null 2>&1 &")
+        # A process that died closes its connection: lost at once, however long the grace.
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: _instance_state(svc, by_agent[killed]) == "lost", timeout=3, what="the dead agent's instance lost")
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            wait_for(lambda: _instance_state(svc, by_agent[stalled]) == "lost", timeout=10, what="the stalled one lost")
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        # Back after its grace, the agent learns it was lost, closes what it held and registers again.
+        wait_for(lambda: any(a["pid"] == stalled for a in svc.client.available_resources()["agents"]), timeout=15,
+                 what="the stalled agent registered again")
+        wait_for(lambda: not live_processes("sleep 301"), timeout=10, what="the lost instance's processes to end")
+        with pytest.raises(ServiceError) as err:
+            svc.client.execute(by_agent[stalled], "true")
+        assert err.value.code == "agent_lost"
+    finally:
+        assert svc.stop() == 0
+
+
+def _fails_as_unavailable(call, *args, **kwargs):
+    """How long `call` took to fail with `unavailable` (any other outcome fails the test)."""
+    started = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        call(*args, **kwargs)
+    assert err.value.code == "unavailable", err.value
+    return time.monotonic() - started
+
+
+def test_clients_fail_fast_when_the_service_stalls_or_dies():
+    svc = Service("--runner", "local").wait_ready()
+    [agent] = svc.agent_pids()
+    try:
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        with ThreadPoolExecutor(4) as pool:
+            stalled = pool.submit(_fails_as_unavailable, svc.client.execute, inst, "sleep 50", timeout=60)
+            wait_for(lambda: live_processes("sleep 50"), timeout=10, what="the command to start")
+            svc.proc.send_signal(signal.SIGSTOP)  # the broker stops answering, its connections stay open
+            try:
+                assert _fails_as_unavailable(ZMQClient(svc.zmq).ping) < 10
+                assert stalled.result(timeout=20) < 15  # ZMTP heartbeats: not the command's 60 + 30 s
+            finally:
+                svc.proc.send_signal(signal.SIGCONT)
+            wait_for(lambda: svc.client.ping()["pong"], timeout=10, what="the service back")
+
+            async def async_execute():
+                client = AsyncZMQClient(svc.zmq)
+                try:
+                    return await client.execute(inst, "sleep 51", timeout=60)
+                finally:
+                    await client.aclose()
+            in_flight = [pool.submit(_fails_as_unavailable, svc.client.execute, inst, "sleep 52", timeout=60),
+                         pool.submit(_fails_as_unavailable, svc.http.execute, inst, "sleep 53", timeout=60),
+                         pool.submit(_fails_as_unavailable, asyncio.run, async_execute())]
+            wait_for(lambda: len(live_processes("sleep 5")) >= 3, timeout=10, what="the commands to start")
+            svc.proc.kill()
+            svc.proc.wait()
+            assert all(f.result(timeout=20) < 10 for f in in_flight)
+        assert _fails_as_unavailable(svc.http.ping) < 5
+        assert _fails_as_unavailable(svc.client.ping) < 10
+        wait_for(lambda: not _alive(agent), timeout=40, what="the orphaned agent to exit")
+    finally:
+        svc.stop()
+
+
+def test_a_broker_restart_loses_nothing():
+    """`arservice broker` restarted on the same ports mid-rollout: the agent started by hand keeps its
+    instance, the new broker adopts it with the same id, and the rollout goes on."""
+    broker = Service("broker", token="s3cret").wait_ready(agents=0)
+    env = dict(os.environ, ARSERVICE_TOKEN="s3cret")
+    agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", broker.zmq, "--instances", "2",
+                              "--broker-grace", "60"], env=env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    restarted = None
+    try:
+        wait_for(lambda: broker.client.available_resources()["agents"], timeout=30, what="the agent to register")
+        inst = broker.client.start_instance({"type": "local"})["instance_id"]
+        broker.client.write_file(inst, "kept.txt", "kept")
+        outputs, errors = [], []
+
+        def rollout():
+            client = ZMQClient(broker.zmq, token="s3cret")
+            for step in range(40):
+                while True:  # a command lost with the broker is the caller's to send again
+                    try:
+                        outputs.append(client.execute(inst, f"echo {step} >> steps; tail -1 steps")["output"])
+                        break
+                    except ServiceError as exc:
+                        errors.append(exc.code)
+                        if exc.code != "unavailable":
+                            return
+            client.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(rollout)
+            wait_for(lambda: len(outputs) >= 5, timeout=20, what="the rollout to start")
+            broker.proc.send_signal(signal.SIGTERM)
+            broker.proc.wait(timeout=30)
+            restarted = subprocess.Popen(broker.proc.args, stdout=broker.log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+
+            async def read_back():  # sent before the agent is back: the client sends it again until it is
+                async with AsyncZMQClient(broker.zmq, token="s3cret") as client:
+                    return await client.read_file(inst, "kept.txt")
+            assert asyncio.run(read_back()) == b"kept"
+            running.result(timeout=60)
+        assert set(errors) <= {"unavailable"}, errors
+        assert [o for o in outputs if o.strip().isdigit()] == outputs
+        lines = broker.client.read_file(inst, "steps").decode().split()
+        assert lines[-1] == "39" and sorted(set(map(int, lines))) == list(range(40))  # a retried step may repeat
+        assert broker.client.read_file(inst, "kept.txt") == b"kept"
+        assert "instance_adopted" in broker.output()
+        [adopted] = broker.client.instances()
+        assert adopted["instance_id"] == inst and adopted["state"] == "running"
+        assert broker.client.available_resources()["used"]["instances"] == 1
+        assert broker.client.close_instance(inst)["closed"]
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+        if restarted is not None:
+            restarted.terminate()
+            restarted.wait(timeout=30)
+        broker.stop()
+
+
+def test_processes_of_a_killed_agent_do_not_outlive_it():
+    svc = Service("--runner", "local").wait_ready()
+    try:
+        [pid] = svc.agent_pids()
+        inst = svc.client.start_instance({"type": "local"})["instance_id"]
+        svc.client.execute(inst, "nohup sleep 304 >/dev/null 2>&1 &")
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(svc.client.execute, inst, "sleep 305", timeout=60)
+            wait_for(lambda: live_processes("sleep 304") and live_processes("sleep 305"), timeout=10,
+                     what="the commands to start")
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(ServiceError):
+                in_flight.result(timeout=30)
+        # The runner's next agent kills what the dead one left, as its first act.
+        wait_for(lambda: not live_processes("sleep 304") and not live_processes("sleep 305"), timeout=20,
+                 what="the dead agent's processes to be killed")
+        assert "reaped_processes" in svc.output()
     finally:
         assert svc.stop() == 0

@@ -12,6 +12,7 @@ command never delays another one or the heartbeat.
 import os
 import resource
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -31,6 +32,9 @@ log = EventLog("agent")
 INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                      protocol.WRITE_FILE, protocol.READ_FILE)
 DEFAULT_STOP_TIMEOUT_S = 20.0
+# Every process an agent starts inherits this variable naming the agent: what a later agent of the
+# host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
+AGENT_MARK = "ARSERVICE_AGENT"
 # What is left of the stop time for flushing the goodbye to the broker.
 FLUSH_TIMEOUT_S = 2.0
 
@@ -77,6 +81,7 @@ class Agent:
         Returns within stop_timeout_s (plus a moment) of stop(), whatever the worker threads are
         doing; they are not joined, so the process must end with os._exit."""
         raise_file_limit()
+        os.environ[AGENT_MARK] = self.agent_id
         self.workdir = workdirs.claim(self.workdir_root, self.agent_id)
         # Off the loop: reaping asks container engines (hundreds of ms) and must not delay registering;
         # it only touches what dead agents left, never this agent's instances.
@@ -146,6 +151,9 @@ class Agent:
 
     def _reap_leftovers(self):
         """Remove what dead agents of this host left behind, for every backend offered."""
+        killed = kill_orphans(socket.gethostname())
+        if killed:
+            log.info("reaped_processes", count=len(killed), pids=",".join(map(str, killed)))
         for name in self.env_types:
             try:
                 reaped = environments.backend(name).reap(socket.gethostname(), workdirs.alive)
@@ -163,10 +171,14 @@ class Agent:
         self.sock.send(protocol.encode(msg))
 
     def _register_message(self):
+        # The instances it holds, started and well: a broker that restarted (or lost this agent) adopts them.
+        held = [{"instance_id": instance_id, "environment": env.spec, "info": env.info}
+                for instance_id, (env, started) in self.envs.items()
+                if started.done() and started.exception() is None]
         return protocol.request(
             protocol.REGISTER, self._id(), agent_id=self.agent_id, secret=self.secret,
             capacity=self.capacity, env_types=self.env_types, hostname=socket.gethostname(),
-            pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"), instances=held,
         )
 
     def _on_broker_frame(self, frame):
@@ -179,7 +191,11 @@ class Agent:
         kind = msg["type"]
         if kind == protocol.REPLY and not self.registered and msg.get("result", {}).get("registered"):
             self.registered = True
-            log.info("registered", agent=self.agent_id, broker=self.broker)
+            dropped = msg["result"].get("drop") or []
+            log.info("registered", agent=self.agent_id, broker=self.broker, instances=len(self.envs) - len(dropped))
+            for instance_id in dropped:
+                if instance_id in self.envs:
+                    self.pool.submit(_close_quietly, self.envs.pop(instance_id)[0])
         elif kind == protocol.ERROR:
             self._on_broker_error(msg.get("error") or {})
         elif kind in INSTANCE_REQUESTS:
@@ -198,10 +214,11 @@ class Agent:
         if code == "unauthorized":
             raise AgentExit(f"broker refused registration: {error.get('message')}")
         if code == "not_registered":
-            # The broker no longer counts this agent (declared lost, or restarted): its
-            # instances are gone for the broker, so they go here too, then register again.
-            log.warning("broker_forgot_agent", agent=self.agent_id, instances=len(self.envs))
-            self._close_all()
+            # The broker no longer counts this agent (it restarted, or declared this agent lost):
+            # register again with the instances held; the broker adopts them, or names the ones
+            # it gave up on (lost, closed) for this agent to close.
+            if self.registered:
+                log.warning("broker_forgot_agent", agent=self.agent_id, instances=len(self.envs))
             self.registered = False
         else:
             log.warning("broker_error", code=code, message=error.get("message"))
@@ -215,6 +232,7 @@ class Agent:
         spec = protocol.field(msg, "environment", dict)
         cls = environments.backend(spec.get("type"))
         env = cls(instance_id, cls.parse_config(spec), self.agent_id, self.workdir)
+        env.spec, env.info = spec, {}  # what a broker needs to adopt the instance
         started = self.pool.submit(self._start, msg["id"], env)
         self.envs[instance_id] = (env, started)
 
@@ -301,7 +319,8 @@ class Agent:
     def _start(self, request_id, env):
         def start():
             try:
-                return {"instance_id": env.instance_id, "info": env.start()}
+                env.info = env.start()
+                return {"instance_id": env.instance_id, "info": env.info}
             except BaseException:
                 env.close()
                 raise
@@ -348,6 +367,34 @@ class Agent:
         done, pending = wait([self.pool.submit(_close_quietly, env) for env in envs], timeout=self.stop_timeout_s)
         if pending:
             log.error("close_timed_out", agent=self.agent_id, count=len(pending))
+
+
+def kill_orphans(host: str) -> list[int]:
+    """SIGKILL the processes that agents of this host started and outlived them; return their pids."""
+    killed = []
+    marker = f"{AGENT_MARK}={host}-".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                variables = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        mark = next((v for v in variables if v.startswith(marker)), None)
+        if mark is None:
+            continue
+        try:
+            agent_pid = int(mark.decode(errors="replace").rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not workdirs.alive(agent_pid):
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+            except OSError:
+                pass
+    return killed
 
 
 def raise_file_limit():

@@ -16,7 +16,16 @@ from .. import environments, protocol
 from ..logs import EventLog
 from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
 from .metrics import BrokerMetrics, waiting_by_type
-from .state import Agent, Instance, Pending, Pool, WaitingStart, cost_of, to_units
+from .state import (
+    ENDED_STATES,
+    Agent,
+    Instance,
+    Pending,
+    Pool,
+    WaitingStart,
+    cost_of,
+    to_units,
+)
 
 log = EventLog("broker")
 
@@ -25,6 +34,8 @@ INPROC_ADDRESS = "inproc://arservice-broker"
 ANSWER_GRACE_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
 LOST_INSTANCE_KEEP_S = 3600.0
+# The longest a start may wait for room when it asks (wait_s), whatever --start-wait says.
+MAX_START_WAIT_S = 3600.0
 TICK_S = 0.1
 # Frames queued per peer before libzmq stops reading from it (TCP pushes back on the sender).
 RECEIVE_QUEUE = 1000
@@ -33,7 +44,8 @@ AGENT_TYPES = (protocol.HEARTBEAT, protocol.DISCONNECT, protocol.REPLY, protocol
 
 class Broker:
     def __init__(self, bind, *, context=None, limits=None, presets=None, token=None, agent_secret=None,
-                 heartbeat_s=1.0, agent_timeout_s=5.0, start_wait_s=0.0):
+                 heartbeat_s=1.0, agent_timeout_s=5.0, agent_grace_s=60.0, start_wait_s=0.0,
+                 instance_ttl_s=None, idle_timeout_s=None):
         self.ctx = context or zmq.Context.instance()
         self.pool = Pool(limits or {})
         self.presets = presets or {}
@@ -41,12 +53,22 @@ class Broker:
         # What an agent must present to register: the token, or a secret its runner gave it.
         self.agent_secret = agent_secret or token
         self.heartbeat_s = heartbeat_s
+        # Silent this long: the agent's instances are unreachable; silent for the grace more: lost.
         self.agent_timeout_s = agent_timeout_s
+        self.agent_grace_s = agent_grace_s
+        # The lease of an instance whose spec sets none (None: no limit).
+        self.instance_ttl_s = instance_ttl_s
+        self.idle_timeout_s = idle_timeout_s
         self.pending = {}  # broker request id -> Pending
         # How long a start may wait for an agent with room (a runner may be starting one); 0: refuse at once.
         self.start_wait_s = start_wait_s
         self.waiting = []  # WaitingStart, oldest first
         self.runner_status = None  # what the runner last reported, shown in resources
+        self.lost_agents = set()  # agent ids this broker declared lost: it adopts nothing from them
+        # Until then an unknown instance id may be one an agent has not brought back yet (this broker restarted).
+        # (Not once it started one itself: then the ids it does not know are ones it closed.)
+        self.rejoin_until = time.monotonic() + agent_timeout_s
+        self.started_any = False
         self.metrics = BrokerMetrics(self)
         self._ids = itertools.count(1)
         self._stopping = False
@@ -74,6 +96,7 @@ class Broker:
             protocol.RESOURCES: self.on_resources,
             protocol.INSTANCES: self.on_instances,
             protocol.PING: self.on_ping,
+            protocol.RENEW: self.on_renew,
             protocol.RUNNER_STATUS: self.on_runner_status,
             protocol.RELEASE_AGENT: self.on_release_agent,
             protocol.METRICS: self.on_metrics,
@@ -82,7 +105,7 @@ class Broker:
         self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                              protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
                              protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT,
-                             protocol.METRICS, protocol.STATUS}
+                             protocol.METRICS, protocol.STATUS, protocol.RENEW}
 
     def stop(self):
         """Ask the loop to end within one tick; safe from any thread."""
@@ -164,20 +187,45 @@ class Broker:
         if beat:
             self._next_heartbeat = now + self.heartbeat_s
         for identity, agent in list(self.pool.agents.items()):
-            if now - agent.last_seen > self.agent_timeout_s:
-                self._lose_agent(agent, f"no heartbeat for {now - agent.last_seen:.1f}s")
-            elif beat:
-                self.send([identity], protocol.request(protocol.HEARTBEAT, None))
+            silent = now - agent.last_seen
+            if silent > self.agent_timeout_s + self.agent_grace_s:
+                self._lose_agent(agent, f"no heartbeat for {silent:.1f}s")
+            elif beat and not self.send([identity], protocol.request(protocol.HEARTBEAT, None)):
+                # Its connection is gone (ROUTER_MANDATORY): the process died or closed the socket.
+                # A stopped process keeps its connection, and only falls silent.
+                self._lose_agent(agent, "disconnected")
+            elif silent > self.agent_timeout_s and agent.unreachable_since is None:
+                self._agent_unreachable(agent, now)
         for request_id, pending in list(self.pending.items()):
             if now >= pending.deadline:
                 del self.pending[request_id]
                 self._expire(pending)
         if self.waiting:
             self._place_waiting(now)
+        if beat:
+            self._end_leases(now)
+
+    def _end_leases(self, now):
+        """Close the instances whose lease ended; forget ended ones after a while."""
         wall = time.time()
+        busy = None
         for inst in list(self.pool.instances.values()):
-            if inst.state == "lost" and wall - inst.lost_at > LOST_INSTANCE_KEEP_S:
-                del self.pool.instances[inst.instance_id]
+            if inst.state in ENDED_STATES:
+                if wall - inst.ended_at > LOST_INSTANCE_KEEP_S:
+                    del self.pool.instances[inst.instance_id]
+                continue
+            why = inst.state == "running" and inst.lease_over(now)
+            if not why:
+                continue
+            if busy is None:  # a command in flight is use, however long it runs
+                busy = {p.instance_id for p in self.pending.values()}
+            if why == "idle" and inst.instance_id in busy:
+                continue
+            inst.state, inst.ended_at = "expired", wall
+            self.metrics.instance_expired(why)
+            log.warning("instance_expired", instance=inst.instance_id, agent=inst.agent_id, reason=why)
+            self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
+                          REQUEST_TIMEOUT_S)
 
     def _expire(self, pending):
         inst = self.pool.instances.get(pending.instance_id)
@@ -211,25 +259,81 @@ class Broker:
         old = self.pool.agents.get(identity)
         if old is not None:
             self._lose_agent(old, "registered again")
+        held = field(msg, "instances", list, default=[])
         now = time.monotonic()
-        self.pool.agents[identity] = Agent(
+        agent = self.pool.agents[identity] = Agent(
             identity, agent_id, to_units(capacity),
             [t for t in env_types if isinstance(t, str)], str(msg.get("hostname", "")), msg.get("pid"),
             msg.get("slurm_job_id"), now,
         )
+        drop = [self._adopt(agent, item) for item in held]
+        drop = [instance_id for instance_id in drop if instance_id]
         self.metrics.agent_registered()
         log.info("agent_registered", agent=agent_id, capacity=capacity, types=",".join(map(str, env_types)),
-                 slurm_job=msg.get("slurm_job_id"))
-        self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s}))
+                 slurm_job=msg.get("slurm_job_id"), adopted=len(held) - len(drop), dropped=len(drop))
+        self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s,
+                                                           "drop": drop}))
         if self.waiting:
             self._place_waiting(now)
+
+    def _adopt(self, agent, item):
+        """Take on an instance an agent held through a broker restart, with its id, spec and info;
+        return its id if the agent must close it instead (this broker ended it, or cannot read it)."""
+        instance_id = item.get("instance_id") if isinstance(item, dict) else None
+        if not isinstance(instance_id, str):
+            return None
+        if instance_id in self.pool.instances or agent.agent_id in self.lost_agents:
+            return instance_id  # this broker declared it lost or expired (a client was told so): it stays so
+        try:
+            spec = protocol.check_value(field(item, "environment", dict), "environment")
+            config = environments.backend(spec.get("type")).parse_config(spec)
+        except ProtocolError as exc:
+            log.warning("adoption_refused", agent=agent.agent_id, instance=instance_id, error=exc.message)
+            return instance_id
+        inst = Instance(instance_id, agent.agent_id, spec, config, ttl_s=config["ttl"] or self.instance_ttl_s,
+                        idle_s=config["idle_timeout"] or self.idle_timeout_s)
+        inst.state = "running"
+        inst.info = protocol.check_value(item.get("info") if isinstance(item.get("info"), dict) else {}, "info")
+        self.pool.admit(inst, agent)
+        log.info("instance_adopted", instance=instance_id, agent=agent.agent_id, type=config["type"])
+        return None
 
     def _agent(self, envelope):
         agent = self.pool.agents.get(envelope[0]) if envelope else None
         if agent is None:
             raise ProtocolError("not_registered", "this agent is not registered (lost or unknown); register again")
         agent.last_seen = time.monotonic()
+        if agent.unreachable_since is not None:
+            self._agent_back(agent)
         return agent
+
+    def _lose_instance(self, inst, agent, reason):
+        """The agent found the instance's environment gone (its container ended, dockerd lost it):
+        it is lost, its capacity is free, and the agent removes what is left of it."""
+        log.warning("instance_lost", instance=inst.instance_id, agent=agent.agent_id, reason=reason)
+        inst.state, inst.ended_at = "lost", time.time()
+        self.pool.release(inst)
+        self._forward(agent, inst, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
+
+    def _agent_unreachable(self, agent, now):
+        """A silent agent may be stopped or cut off, not dead: its instances wait for it, for the grace."""
+        agent.unreachable_since = now
+        self.metrics.agent_unreachable()
+        log.warning("agent_unreachable", agent=agent.agent_id, silent_s=round(now - agent.last_seen, 1),
+                    grace_s=self.agent_grace_s, instances=len(agent.instance_ids))
+        for instance_id in agent.instance_ids:
+            inst = self.pool.instances[instance_id]
+            if inst.state == "running":
+                inst.state = "unreachable"
+
+    def _agent_back(self, agent):
+        log.info("agent_back", agent=agent.agent_id, after_s=round(agent.last_seen - agent.unreachable_since, 1))
+        agent.unreachable_since = None
+        for instance_id in agent.instance_ids:
+            inst = self.pool.instances[instance_id]
+            if inst.state == "unreachable":
+                inst.state = "running"
+                inst.last_used = agent.last_seen  # its owner could not use it meanwhile
 
     def on_heartbeat(self, envelope, msg):
         self._agent(envelope)
@@ -245,6 +349,7 @@ class Broker:
         (log.info if agent.draining else log.warning)("agent_lost", agent=agent.agent_id, reason=reason,
                                                       instances=len(agent.instance_ids))
         self.pool.drop_agent(agent)
+        self.lost_agents.add(agent.agent_id)
         self.metrics.agent_lost(agent)
         for request_id, pending in list(self.pending.items()):
             if pending.agent_id == agent.agent_id:
@@ -263,6 +368,7 @@ class Broker:
         if pending.kind == protocol.START_INSTANCE and inst is not None:
             if ok:
                 inst.state = "running"
+                inst.last_used = time.monotonic()
                 inst.info = result.get("info") or {}
                 result = {"instance_id": inst.instance_id, "agent_id": inst.agent_id,
                           "environment": inst.spec, "info": inst.info}
@@ -279,6 +385,8 @@ class Broker:
         else:
             error = msg.get("error") or {}
             code = error.get("code") if error.get("code") in protocol.ERROR_CODES else "environment_error"
+            if code == "instance_lost" and inst is not None and inst.state == "running":
+                self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
 
     # -- clients ------------------------------------------------------------------
@@ -338,6 +446,18 @@ class Broker:
         self.send(envelope, protocol.reply(msg["id"], {"instances": [i.describe() for i in page],
                                                        "next": page[-1].instance_id if more else None}))
 
+    def on_renew(self, envelope, msg):
+        """Keep an instance: its idle clock starts again; a ttl gives it that many seconds from now."""
+        inst = self._instance(msg)
+        ttl = field(msg, "ttl", float, default=None, check=lambda t: 0 < t <= MAX_SECONDS,
+                    what=f"in (0, {MAX_SECONDS:.0f}] seconds")
+        self._check_usable(inst, ("running", "starting", "unreachable"))
+        now = time.monotonic()
+        inst.last_used = now
+        if ttl is not None:
+            inst.expires_at = now + ttl
+        self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, **inst.lease(now)}))
+
     def on_start_instance(self, envelope, msg):
         spec = msg.get("environment")
         if isinstance(spec, str):
@@ -347,19 +467,27 @@ class Broker:
         elif not isinstance(spec, dict):
             raise ProtocolError("invalid_request", "field 'environment' must be a preset name or an environment spec object")
         config = environments.backend(spec.get("type")).parse_config(spec)
-        self.pool.check_limits(cost_of(config))
+        wait_s = field(msg, "wait_s", float, default=self.start_wait_s, check=lambda t: 0 <= t <= MAX_START_WAIT_S,
+                       what=f"in [0, {MAX_START_WAIT_S:.0f}] seconds")
+        # First come, first served: while starts of this type wait, a new one queues behind them.
+        queued = any(w.config["type"] == config["type"] for w in self.waiting)
         try:
+            if queued and wait_s:
+                raise ProtocolError("no_capacity", f"starts of type {config['type']!r} are waiting for room")
+            self.pool.check_limits(cost_of(config))
             agent = self.pool.place(config["type"], cost_of(config))
         except ProtocolError as exc:
-            if not self.start_wait_s:
+            if not wait_s:
                 raise
-            self.waiting.append(WaitingStart(envelope, msg["id"], spec, config, time.monotonic() + self.start_wait_s))
+            self.waiting.append(WaitingStart(envelope, msg["id"], spec, config, wait_s))
             log.info("start_waiting", type=config["type"], waiting=len(self.waiting), reason=exc.message)
             return
         self._start_on(agent, spec, config, envelope, msg["id"])
 
     def _start_on(self, agent, spec, config, envelope, client_id):
-        inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config)
+        self.started_any = True
+        inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config,
+                        ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s)
         self.pool.admit(inst, agent)
         self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, client_id, config["start_timeout"])
 
@@ -375,7 +503,7 @@ class Broker:
                 if now < waiting.deadline:
                     still.append(waiting)
                 else:
-                    message = f"no room within {self.start_wait_s:g}s: {exc.message}"
+                    message = f"no room within {waiting.wait_s:g}s: {exc.message}"
                     self.metrics.error(protocol.START_INSTANCE, "no_capacity", message)
                     self.send(waiting.envelope, protocol.error(waiting.client_id, "no_capacity", message))
                 continue
@@ -410,12 +538,13 @@ class Broker:
 
     def on_close_instance(self, envelope, msg):
         inst = self._instance(msg)
-        if inst.state == "lost":
-            del self.pool.instances[inst.instance_id]
-            self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, "closed": True, "lost": True}))
+        if inst.state in ENDED_STATES:
+            if inst.state == "lost":  # an expired one is forgotten once its agent confirms the close
+                del self.pool.instances[inst.instance_id]
+            self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, "closed": True,
+                                                           inst.state: True}))
             return
-        if inst.state != "running":
-            raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
+        self._check_usable(inst, ("running",))
         inst.state = "closing"
         self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, envelope, msg["id"], REQUEST_TIMEOUT_S)
 
@@ -423,16 +552,31 @@ class Broker:
         instance_id = field(msg, "instance_id", str)
         inst = self.pool.instances.get(instance_id)
         if inst is None:
+            if time.monotonic() < self.rejoin_until and not self.started_any:
+                raise ProtocolError("unavailable", f"no instance {instance_id!r} yet: the broker just started, and "
+                                                   "agents are bringing back the instances they hold")
             raise ProtocolError("not_found", f"no instance {instance_id!r}")
         return inst
 
     def _running_instance(self, msg):
         inst = self._instance(msg)
-        if inst.state == "lost":
-            raise ProtocolError("agent_lost", f"instance {inst.instance_id} was lost with agent {inst.agent_id}")
-        if inst.state != "running":
-            raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
+        self._check_usable(inst, ("running",))
+        inst.last_used = time.monotonic()
         return inst
+
+    def _check_usable(self, inst, states):
+        """Raise the error that says why a request cannot go to this instance in its state."""
+        if inst.state in states:
+            return
+        if inst.state == "lost":
+            raise ProtocolError("agent_lost", f"instance {inst.instance_id} was lost (its agent {inst.agent_id} or its "
+                                              "environment went away)")
+        if inst.state == "expired":
+            raise ProtocolError("expired", f"instance {inst.instance_id} expired: its lease ended")
+        if inst.state == "unreachable":
+            raise ProtocolError("unreachable", f"agent {inst.agent_id} of instance {inst.instance_id} is not "
+                                               f"answering; it is lost after {self.agent_grace_s:g}s more of silence")
+        raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
 
     def _forward(self, agent, inst, kind, fields, envelope, client_id, timeout_s):
         request_id = f"b{next(self._ids)}"

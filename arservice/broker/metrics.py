@@ -61,6 +61,9 @@ FAMILIES = {
     "arservice_instance_closes_total": ("counter", "Closes answered by an agent, by outcome.", ("type", "outcome")),
     "arservice_file_requests_total": ("counter", "write_file and read_file requests answered, by outcome.",
                                       ("request", "type", "outcome")),
+    "arservice_instances_expired_total": ("counter", "Instances closed because their lease ended, by reason (ttl or idle).",
+                                          ("reason",)),
+    "arservice_agents_unreachable_total": ("counter", "Agents that fell silent (their instances became unreachable).", ()),
     "arservice_errors_total": ("counter", ("Error answers from the broker, by request type and error code (the HTTP "
                                            "front end's own 401, 404 and 413 are not counted)."), ("request", "code")),
     "arservice_instance_start_duration_seconds": ("histogram", "From placing a start on an agent to its answer.",
@@ -157,6 +160,12 @@ class BrokerMetrics:
 
     def agent_lost(self, agent) -> None:
         self._count("arservice_agents_lost_total", ("true" if agent.draining else "false",))
+
+    def instance_expired(self, reason: str) -> None:
+        self._count("arservice_instances_expired_total", (reason,))
+
+    def agent_unreachable(self) -> None:
+        self._count("arservice_agents_unreachable_total")
 
     def loop_lag(self, seconds: float) -> None:
         self.last_loop_lag_s = seconds

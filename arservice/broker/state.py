@@ -8,7 +8,11 @@ import time
 from ..protocol import ProtocolError
 
 RESOURCES = ("instances", "cpus", "memory")
-INSTANCE_STATES = ("starting", "running", "closing", "lost")
+# unreachable: its agent is silent (stopped, partitioned) but within --agent-grace; it comes back
+# running if the agent does. expired and lost are ends: the record stays a while so requests on it
+# say why it is gone.
+INSTANCE_STATES = ("starting", "running", "unreachable", "closing", "expired", "lost")
+ENDED_STATES = ("expired", "lost")
 
 
 # CPUs are counted in integer thousandths, so that fractions add up and give back exactly
@@ -45,6 +49,7 @@ class Agent:
         self.used = dict.fromkeys(RESOURCES, 0)
         self.instance_ids = set()
         self.draining = False  # released by its runner: takes no new instances
+        self.unreachable_since = None  # monotonic time it fell silent; None while it answers
 
     def shortfall(self, cost):
         """The first resource this agent lacks for `cost`, or None if it fits."""
@@ -65,7 +70,7 @@ class Agent:
 
 
 class Instance:
-    def __init__(self, instance_id, agent_id, spec, config):
+    def __init__(self, instance_id, agent_id, spec, config, ttl_s=None, idle_s=None):
         self.instance_id = instance_id
         self.agent_id = agent_id
         self.spec = spec      # as the user gave it (preset resolved): what the agent builds from
@@ -73,7 +78,12 @@ class Instance:
         self.cost = cost_of(config)
         self.state = "starting"
         self.created = time.time()
-        self.lost_at = None
+        self.ended_at = None  # wall time it became lost or expired
+        # The lease, in monotonic time: a hard end (None: none) and how long it may go without a request.
+        now = time.monotonic()
+        self.expires_at = None if ttl_s is None else now + ttl_s
+        self.idle_s = idle_s
+        self.last_used = now
         self.info = {}
         self.last_command = None  # wall time of the last command's answer
         self.commands = 0
@@ -82,8 +92,21 @@ class Instance:
         return {
             "instance_id": self.instance_id, "agent_id": self.agent_id, "type": self.config["type"],
             "state": self.state, "created": self.created, "info": self.info,
-            "last_command": self.last_command, "commands": self.commands,
+            "last_command": self.last_command, "commands": self.commands, **self.lease(time.monotonic()),
         }
+
+    def lease(self, now):
+        """Seconds left before the instance expires (None: never), for users to read."""
+        left = [end - now for end in (self.expires_at, self.idle_s and self.last_used + self.idle_s) if end]
+        return {"expires_in_s": round(max(0.0, min(left)), 3) if left else None, "idle_timeout": self.idle_s}
+
+    def lease_over(self, now):
+        """Why the lease ended, or None while it holds."""
+        if self.expires_at is not None and now >= self.expires_at:
+            return "ttl"
+        if self.idle_s is not None and now - self.last_used >= self.idle_s:
+            return "idle"
+        return None
 
 
 class Pending:
@@ -103,12 +126,13 @@ class Pending:
 class WaitingStart:
     """A start that found no agent with room, waiting for one (a runner may be bringing it)."""
 
-    def __init__(self, envelope, client_id, spec, config, deadline):
+    def __init__(self, envelope, client_id, spec, config, wait_s):
         self.envelope = envelope
         self.client_id = client_id
         self.spec = spec
         self.config = config
-        self.deadline = deadline
+        self.wait_s = wait_s
+        self.deadline = time.monotonic() + wait_s
         self.reason = ""
 
 
@@ -130,7 +154,8 @@ class Pool:
 
     def place(self, env_type, cost):
         """Pick the agent for a new instance, or raise no_capacity naming what ran out."""
-        able = [a for a in self.agents.values() if env_type in a.env_types and not a.draining]
+        able = [a for a in self.agents.values()
+                if env_type in a.env_types and not a.draining and a.unreachable_since is None]
         if not able:
             raise ProtocolError("no_capacity", f"no registered agent runs {env_type!r} environments")
         fitting = [a for a in able if a.shortfall(cost) is None]
@@ -145,12 +170,12 @@ class Pool:
         self._charge(agent, instance.cost, +1)
 
     def release(self, instance):
-        """Give an instance's resources back; the record stays only if it is marked lost."""
+        """Give an instance's resources back; the record stays only if it ended (lost or expired)."""
         agent = self.agent_by_id(instance.agent_id)
         if agent is not None and instance.instance_id in agent.instance_ids:
             agent.instance_ids.discard(instance.instance_id)
             self._charge(agent, instance.cost, -1)
-        if instance.state != "lost":
+        if instance.state not in ENDED_STATES:
             self.instances.pop(instance.instance_id, None)
 
     def drop_agent(self, agent):
@@ -159,7 +184,8 @@ class Pool:
         wall = time.time()
         for instance_id in agent.instance_ids:
             inst = self.instances[instance_id]
-            inst.state, inst.lost_at = "lost", wall
+            if inst.state != "expired":  # an expired one being closed stays expired: that is why it is gone
+                inst.state, inst.ended_at = "lost", wall
         agent.instance_ids.clear()
         for name in RESOURCES:
             self.used[name] -= agent.used[name]

@@ -73,6 +73,9 @@ class Environment:
         "timeout": (float, DEFAULT_TIMEOUT_S, _seconds),
         "output_limit": (int, DEFAULT_OUTPUT_LIMIT, lambda n: 0 < n <= MAX_OUTPUT_LIMIT),
         "start_timeout": (float, DEFAULT_START_TIMEOUT_S, _seconds),
+        # The instance's lease (the broker keeps it; None: the service's --instance-ttl, --idle-timeout).
+        "ttl": (float, None, _seconds),
+        "idle_timeout": (float, None, _seconds),
         # Limits: enforced by the backend, and counted against the agent's and service's capacity.
         "cpus": (float, None, _positive),
         "memory": (None, None, None),  # "512m", "2g" or MiB as a number; normalised to MiB

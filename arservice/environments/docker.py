@@ -227,12 +227,12 @@ class DockerEnvironment(Environment):
 
     def _restart(self):
         if time.monotonic() >= self.ends_at:  # the backstop ended it, as container_timeout asks: no revival
-            raise ProtocolError("environment_error", f"the container ended: its container_timeout of "
+            raise ProtocolError("instance_lost", f"the container ended: its container_timeout of "
                                 f"{self.config['container_timeout']:g}s has passed")
         try:
             self.container.restart(timeout=0)  # its filesystem is kept
         except Exception as exc:
-            raise ProtocolError("environment_error", f"{self.type} could not restart the instance after its helper died: {exc}")
+            raise ProtocolError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}")
         self.helper.wait_ready(self._running)
 
     def _cwd(self, cwd):

@@ -6,6 +6,7 @@ ROUTES = {
     "/start_instance": ("POST", protocol.START_INSTANCE),
     "/execute_command": ("POST", protocol.EXECUTE),
     "/close_instance": ("POST", protocol.CLOSE_INSTANCE),
+    "/renew_instance": ("POST", protocol.RENEW),
     "/write_file": ("POST", protocol.WRITE_FILE),
     "/read_file": ("POST", protocol.READ_FILE),
     "/get_available_resources": ("GET", protocol.RESOURCES),
