@@ -9,6 +9,9 @@ import tempfile
 import threading
 import time
 
+import zmq
+
+from arservice import protocol
 from arservice.client import HTTPClient, ZMQClient
 
 
@@ -128,3 +131,47 @@ def _parent(pid):
             return int(f.read().rsplit(b")", 1)[1].split()[1])
     except OSError:
         return None
+
+
+class PlayedBroker:
+    """A real agent process (`arservice agent ...`) whose broker is a ROUTER played by the test:
+    the agent is registered on start, and `answer_to(frame)` sends it a raw frame and returns its
+    first answer that is not a heartbeat."""
+
+    def __init__(self, *agent_args):
+        self.router = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        port = free_port()
+        self.router.bind(f"tcp://127.0.0.1:{port}")
+        self.agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", f"tcp://127.0.0.1:{port}",
+                                       *agent_args], stderr=subprocess.DEVNULL)
+        try:
+            self.identity, msg = self.receive()
+            assert msg["type"] == "register", msg
+            self.router.send_multipart([self.identity, protocol.encode(protocol.reply(msg["id"], {"registered": True}))])
+        except BaseException:
+            self.close()
+            raise
+
+    def receive(self):
+        assert self.router.poll(15000), "the agent said nothing"
+        identity, frame = self.router.recv_multipart()
+        return identity, protocol.decode(frame)
+
+    def send(self, frame):
+        self.router.send_multipart([self.identity, frame])
+
+    def answer_to(self, frame):
+        self.send(frame)
+        while True:
+            _, reply = self.receive()
+            if reply["type"] != "heartbeat":
+                return reply
+
+    def close(self):
+        """Stop the agent; its exit status."""
+        self.agent.terminate()
+        try:
+            return self.agent.wait(timeout=30)
+        finally:
+            self.router.close()

@@ -10,8 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import zmq
-from helpers import Service, free_port, live_processes, wait_for
+from helpers import PlayedBroker, Service, live_processes, wait_for
 
 from arservice import protocol
 from arservice.agent.workdirs import DEFAULT_ROOT
@@ -153,31 +152,10 @@ def test_token_guards_every_endpoint_but_health():
 
 def test_agent_survives_bad_messages_from_its_broker():
     """A real agent process against a ROUTER played by the test: garbage in, error replies out."""
-    ctx = zmq.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = free_port()
-    router.bind(f"tcp://127.0.0.1:{port}")
-    agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", f"tcp://127.0.0.1:{port}"],
-                             stderr=subprocess.DEVNULL)
+    broker = PlayedBroker()
+    answer_to = broker.answer_to
     try:
-        def receive():
-            assert router.poll(15000), "the agent said nothing"
-            identity, frame = router.recv_multipart()
-            return identity, protocol.decode(frame)
-
-        identity, msg = receive()
-        assert msg["type"] == "register"
-        router.send_multipart([identity, protocol.encode(protocol.reply(msg["id"], {"registered": True}))])
-
-        def answer_to(frame):
-            router.send_multipart([identity, frame])
-            while True:
-                _, reply = receive()
-                if reply["type"] != "heartbeat":
-                    return reply
-
-        router.send_multipart([identity, b"\x00\xffnot msgpack"])  # no id to answer to: logged and dropped
+        broker.send(b"\x00\xffnot msgpack")  # no id to answer to: logged and dropped
         bad = answer_to(protocol.encode(protocol.request("execute", "x1", instance_id="i-none", command="true", timeout=5)))
         assert bad["type"] == "error" and bad["error"]["code"] == "not_found" and bad["id"] == "x1"
         bad = answer_to(protocol.encode(protocol.request("start_instance", "x2", instance_id="i-1", environment={"type": "nope"})))
@@ -190,11 +168,9 @@ def test_agent_survives_bad_messages_from_its_broker():
         assert ok["type"] == "reply" and ok["id"] == "x5"
         ok = answer_to(protocol.encode(protocol.request("execute", "x6", instance_id="i-1", command="echo alive", timeout=5)))
         assert ok["result"]["output"] == b"alive\n"
-        assert agent.poll() is None
+        assert broker.agent.poll() is None
     finally:
-        agent.terminate()
-        assert agent.wait(timeout=30) == 0
-        router.close()
+        assert broker.close() == 0
 
 
 def test_restart_backoff_resets_after_a_healthy_agent():

@@ -14,7 +14,7 @@ import msgpack
 import pytest
 import zmq
 from backends import SPECS, params
-from helpers import Service, free_port, wait_for
+from helpers import PlayedBroker, Service, wait_for
 
 from arservice import protocol
 from arservice.client import ServiceError, ZMQClient
@@ -112,28 +112,11 @@ def test_agent_survives_what_a_backend_raises():
     """The last-resort guard, on a real agent behind a broker played by the test (no broker
     validation in between): what the backend refuses is invalid_request, and what makes it raise
     (an output_limit that is no number, which the broker never lets through) costs that request only."""
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = free_port()
-    router.bind(f"tcp://127.0.0.1:{port}")
-    agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", f"tcp://127.0.0.1:{port}",
-                              "--types", "local"], stderr=subprocess.DEVNULL)
+    broker = PlayedBroker("--types", "local")
+
+    def answer_to(msg):
+        return broker.answer_to(protocol.encode(msg))
     try:
-        def receive():
-            assert router.poll(15000), "the agent said nothing"
-            identity, frame = router.recv_multipart()
-            return identity, protocol.decode(frame)
-
-        identity, msg = receive()
-        router.send_multipart([identity, protocol.encode(protocol.reply(msg["id"], {"registered": True}))])
-
-        def answer_to(msg):
-            router.send_multipart([identity, protocol.encode(msg)])
-            while True:
-                _, reply = receive()
-                if reply["type"] != "heartbeat":
-                    return reply
-
         ok = answer_to(protocol.request("start_instance", "s1", instance_id="i-1", environment={"type": "local"}))
         assert ok["type"] == "reply", ok
         for n, (fields, code) in enumerate([({"command": "echo a\0b"}, "invalid_request"),
@@ -145,11 +128,9 @@ def test_agent_survives_what_a_backend_raises():
             assert bad["error"]["code"] == code, (fields, bad)
         ok = answer_to(protocol.request("execute", "x9", instance_id="i-1", command="echo alive", timeout=5))
         assert ok["result"]["output"] == b"alive\n"
-        assert agent.poll() is None
+        assert broker.agent.poll() is None
     finally:
-        agent.terminate()
-        assert agent.wait(timeout=30) == 0
-        router.close()
+        assert broker.close() == 0
 
 
 # -- 12.7: numbers and strings that used to give 500 (or 504 at once) -------------------------
