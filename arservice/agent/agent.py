@@ -23,6 +23,7 @@ import zmq
 
 from .. import environments, protocol
 from ..environments import hostdir
+from ..environments.process import marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import workdirs
@@ -372,26 +373,15 @@ class Agent:
 def kill_orphans(host: str) -> list[int]:
     """SIGKILL the processes that agents of this host started and outlived them; return their pids."""
     killed = []
-    marker = f"{AGENT_MARK}={host}-".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                variables = f.read().split(b"\0")
-        except OSError:  # gone, or another user's
-            continue
-        mark = next((v for v in variables if v.startswith(marker)), None)
-        if mark is None:
-            continue
+    for pid, mark in marked_processes(f"{AGENT_MARK}={host}-".encode()):
         try:
             agent_pid = int(mark.decode(errors="replace").rsplit("-", 2)[-2])
         except (ValueError, IndexError):
             continue
         if not workdirs.alive(agent_pid):
             try:
-                os.kill(int(entry), signal.SIGKILL)
-                killed.append(int(entry))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
             except OSError:
                 pass
     return killed

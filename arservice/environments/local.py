@@ -23,17 +23,13 @@ def kill_tagged(tag: bytes) -> None:
     """SIGKILL every process whose initial environment holds the entry `tag` (NAME=value)."""
     for _ in range(KILL_PASSES):
         found = False
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if tag not in f.read().split(b"\0"):
-                        continue
-                os.kill(int(entry), signal.SIGKILL)
+        for pid, mark in process.marked_processes(tag):
+            if mark == tag:
                 found = True
-            except OSError:
-                continue  # gone meanwhile, or not ours to read
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass  # gone meanwhile
         if not found:
             return
 

@@ -144,6 +144,22 @@ def shell_status(returncode):
     return 128 - returncode if returncode < 0 else returncode
 
 
+def marked_processes(prefix: bytes):
+    """(pid, entry) of every other process whose initial environment has an entry starting with
+    `prefix` (NAME=...): how processes that left every group and parent are still found."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                variables = f.read().split(b"\0")
+        except OSError:  # gone, or another user's
+            continue
+        mark = next((v for v in variables if v.startswith(prefix)), None)
+        if mark is not None:
+            yield int(entry), mark
+
+
 def kill_group(pgid):
     _signal(os.killpg, pgid)
 
