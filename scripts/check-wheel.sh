@@ -49,6 +49,9 @@ socks = [socket.socket() for _ in range(2)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 service_log=$work/service.log
+# With a token, as a site whose agents join by hand runs it (without one, only the runner's own agents may register).
+export ARSERVICE_TOKEN
+ARSERVICE_TOKEN=$("$bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')
 "$bin/arservice" --runner local --port "$http" --zmq-port "$zmq" </dev/null >"$service_log" 2>&1 &
 service=$!
 pids+=("$service")
@@ -63,7 +66,7 @@ wait_agents() {
   done
   fail "no $1 agent(s) registered within 30 s"
 }
-call() { curl -fsS -XPOST "$url/$1" -d "$2"; }
+call() { curl -fsS -XPOST -H "Authorization: Bearer $ARSERVICE_TOKEN" "$url/$1" -d "$2"; }
 field() { "$bin/python" -c "import json, sys; print(json.load(sys.stdin)$1)"; }
 
 wait_agents 1

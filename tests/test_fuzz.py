@@ -5,6 +5,7 @@ is as it was (what a random request happened to start is closed again).
 Random requests never run a random command or write a random path: the one real instance only
 gets `true` as a command and a fixed file name, so the fuzzer cannot touch this host."""
 
+import os
 import http.client
 import json
 import math
@@ -21,7 +22,9 @@ from arservice.http.routes import ROUTES
 
 pytestmark = pytest.mark.timeout(180)
 
-FUZZ = settings(max_examples=250, deadline=None, database=None,
+# Under CI the same examples every run (a landing must not hang on what a new draw happens to
+# find); elsewhere fresh ones each run, to keep exploring.
+FUZZ = settings(max_examples=250, deadline=None, database=None, derandomize=bool(os.environ.get("CI")),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 FIELDS = ["instance_id", "command", "timeout", "cwd", "env", "output_limit", "path", "content", "mode", "limit",
           "environment", "base64", "token", "id", "v", "type", "status", "agent_id", "secret", "capacity"]
@@ -145,6 +148,10 @@ def test_fuzz_zmq_frames(service, target, dealer, data):
 
 # -- HTTP --------------------------------------------------------------------------------------
 
+def _no_constant(name):
+    raise AssertionError(f"the answer holds {name}, which JSON does not allow")
+
+
 @FUZZ
 @given(data=st.data())
 def test_fuzz_http_routes(service, target, data):
@@ -165,11 +172,10 @@ def test_fuzz_http_routes(service, target, data):
     try:
         conn.request(method, path, body=raw if method != "GET" else None, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
-        answer = json.loads(response.read())
+        answer = json.loads(response.read(), parse_constant=_no_constant)  # NaN/Infinity are no JSON
     finally:
         conn.close()
     assert response.status != 500 and response.status < 600, answer
-    assert "NaN" not in json.dumps(answer) and "Infinity" not in json.dumps(answer)
     if response.status == 200:
         remember(answer, started, inst)
     else:
