@@ -171,7 +171,7 @@ t=$1 p=$2 s=$3
 read -r u _ </proc/uptime; d=$((${u%.*}${u#*.} + ${t%.*}*100 + (1${t#*.} - 1000)/10))
 while read -r l </proc/$p/stat; do
   set -- ${l##*) }; [ "$1" != Z ] && [ "${20}" = "$s" ] || exit 0
-  read -r u _ </proc/uptime; u=${u%.*}${u#*.}; [ "$u" -lt "$d" ] || { kill -9 "-$p"; exit; }
+  read -r u _ </proc/uptime; u=${u%.*}${u#*.}; [ "$u" -lt "$d" ] || { kill -9 "-$p" || kill -9 "$p"; exit; }
   r=$((d - u)); [ $r -gt 10 ] && r=10; sleep 0.$((r/10))$((r%10))
 done' watchdog "$t" $$ "$s" & ) </dev/null >/dev/null 2>&1
 exec "$@" </dev/null 2>&1  # one pipe keeps stdout and stderr in order
