@@ -21,6 +21,7 @@ SPECS = {
     "docker-busybox": {"type": "docker", "image": BUSYBOX, "pull": "never"},
     "docker-bookworm": {"type": "docker", "image": BOOKWORM, "pull": "never"},
     "docker-plain-exec": {"type": "docker", "image": BUSYBOX, "pull": "never", "fast_exec": False},
+    "docker-bookworm-plain-exec": {"type": "docker", "image": BOOKWORM, "pull": "never", "fast_exec": False},
     "podman": {"type": "podman", "image": BUSYBOX, "pull": "never"},
     "podman-bookworm": {"type": "podman", "image": BOOKWORM, "pull": "never"},
     "bubblewrap": {"type": "bubblewrap"},

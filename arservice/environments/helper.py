@@ -158,17 +158,23 @@ def backstop(seconds):
     return f"(sleep {int(seconds)}; echo quit 0 >{MOUNT}/in) >/dev/null 2>&1 & "
 
 
-# The fallback, one exec per command: `sh -c PLAIN_EXEC TIMEOUT ARGV...`. It runs the command in
-# its own session with a watchdog that kills the command's group inside the instance on timeout
-# (the client side of an exec ending does not stop anything in the container).
+# The fallback, one exec per command: `sh -c PLAIN_EXEC TIMEOUT ARGV...`. sh execs the command
+# itself, so it keeps the exec's pid, parent (outside the instance: $PPID 0), signal dispositions
+# and exit status, as `docker exec C bash -c` would. Beside it, a watchdog in its own session, not
+# the command's child, polls the command (its pid with its start time in /proc: a reused pid is
+# never killed) and kills its process group (the exec's process leads its own session) on time.
 PLAIN_EXEC = r"""
 t=$0 ss=; command -v setsid >/dev/null 2>&1 && ss=setsid
-$ss "$@" </dev/null 2>&1 & p=$!  # one pipe keeps stdout and stderr in order
-exec 2>/dev/null  # sh's own word on how the command ended (`Killed`) is not the command's output
-$ss sh -c 'sleep "$1"; kill -9 "-$2" 2>/dev/null || kill -9 "$2"' watchdog "$t" "$p" </dev/null >/dev/null 2>&1 & w=$!
-wait $p; rc=$?
-kill -9 "-$w" 2>/dev/null || kill -9 "$w" 2>/dev/null
-exit $rc
+read -r s </proc/$$/stat; s=${s##*) }; started() { s=${20}; }; started $s
+( $ss sh -c '
+t=$1 p=$2 s=$3
+read -r u _ </proc/uptime; d=$((${u%.*}${u#*.} + ${t%.*}*100 + (1${t#*.} - 1000)/10))
+while read -r l </proc/$p/stat; do
+  set -- ${l##*) }; [ "$1" != Z ] && [ "${20}" = "$s" ] || exit 0
+  read -r u _ </proc/uptime; u=${u%.*}${u#*.}; [ "$u" -lt "$d" ] || { kill -9 "-$p" || kill -9 "$p"; exit; }
+  r=$((d - u)); [ $r -gt 10 ] && r=10; sleep 0.$((r/10))$((r%10))
+done' watchdog "$t" $$ "$s" & ) </dev/null >/dev/null 2>&1
+exec "$@" </dev/null 2>&1  # one pipe keeps stdout and stderr in order
 """
 
 
