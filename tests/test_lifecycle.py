@@ -379,3 +379,18 @@ def test_processes_of_a_killed_agent_do_not_outlive_it():
         assert "reaped_processes" in svc.output()
     finally:
         assert svc.stop() == 0
+
+
+def test_an_http_start_may_wait_for_room():
+    """A start's `wait_s` over HTTP (the chaos test's HTTP clients got 500: it collided with the wait
+    the front end gives the broker)."""
+    svc = Service("--runner", "local", "--max-resources", '{"instances": 1}').wait_ready()
+    try:
+        held = svc.http.start_instance({"type": "local"}, wait_s=5)["instance_id"]
+        started = time.monotonic()
+        with pytest.raises(ServiceError) as err:
+            svc.http.start_instance({"type": "local"}, wait_s=1)
+        assert err.value.code == "no_capacity" and time.monotonic() - started >= 0.9
+        svc.http.close_instance(held)
+    finally:
+        assert svc.stop() == 0

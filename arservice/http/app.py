@@ -19,7 +19,7 @@ import waitress
 
 from .. import protocol
 from ..broker import INPROC_ADDRESS
-from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, ServiceError, ZMQClient
+from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, Call, ServiceError, ZMQClient
 from ..logs import EventLog
 from ..protocol import MAX_INT, MAX_SECONDS, ProtocolError
 from . import observe
@@ -144,7 +144,8 @@ class Endpoint:
                 fields[BYTES_IN[self.kind]] = base64.b64decode(fields[BYTES_IN[self.kind]], validate=True)
             except ValueError:  # binascii.Error, or a non-ASCII string
                 raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64")
-        result = self.broker.request(self.kind, wait_for(fields), **fields)
+        # The fields go as a dict: one named like request()'s own parameters (a start's wait_s) is still a field.
+        result = self.broker._run(Call(self.kind, fields, wait_for(fields)))
         out = BYTES_OUT.get(self.kind)
         if out in result:
             data = result[out]
