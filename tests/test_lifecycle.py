@@ -373,10 +373,11 @@ def test_processes_of_a_killed_agent_do_not_outlive_it():
             os.kill(pid, signal.SIGKILL)
             with pytest.raises(ServiceError):
                 in_flight.result(timeout=30)
-        # The runner's next agent kills what the dead one left, as its first act.
+        # The runner's next agent kills what the dead one left, as its first act; so may any other
+        # agent starting on this host meanwhile (CI runs several suites at once), so the test asks
+        # only that they are gone, not who logged it.
         wait_for(lambda: not live_processes("sleep 304") and not live_processes("sleep 305"), timeout=20,
                  what="the dead agent's processes to be killed")
-        assert "reaped_processes" in svc.output()
     finally:
         assert svc.stop() == 0
 
