@@ -66,7 +66,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         (daemon if needs_daemon(item) else core).append(item)
     config.hook.pytest_deselected(items=daemon)
-    items[:] = core
+    # ARSERVICE_CORE_ROTATE=K/N starts the run at the K-th of N equal parts of the module list:
+    # suites run side by side (scripts/test-matrix.sh) then rarely run the same test (its fixed
+    # process markers, the agents it kills) at the same moment.
+    part, _, parts = os.environ.get("ARSERVICE_CORE_ROTATE", "0/1").partition("/")
+    modules = list(dict.fromkeys(item.path for item in core))
+    first = modules[len(modules) * int(part) // int(parts)] if core else None
+    start = next((i for i, item in enumerate(core) if item.path == first), 0)
+    items[:] = core[start:] + core[:start]
 
 
 MAX_REQUEST_BYTES = 1 << 20
