@@ -2,13 +2,17 @@
 # CI: the core suite (pytest --core: every test that needs no system daemon) on each Python from
 # 3.10 to 3.13, in a venv of its own per version (.venv-3.1x, reused).
 # The default Python (the one in .venv) is left out: scripts/test.sh runs the full suite there.
-# Usage: scripts/test-matrix.sh [VERSION...]  Extra pytest arguments: PYTEST_ARGS.
+# Usage: scripts/test-matrix.sh [--serial] [VERSION...]  Extra pytest arguments: PYTEST_ARGS.
+# --serial runs one suite at a time (CI runs the matrix beside the full suite, so two suites share
+# the 2 cores at any moment rather than four).
 # A version is skipped, saying so, only when no interpreter for it is found: pyenv's
 # ($PYENV_ROOT/versions/3.1x.y/bin/python, newest first), else python3.1x on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { echo "test-matrix: $*" >&2; }
+serial=false
+if [ "${1:-}" = --serial ]; then serial=true; shift; fi
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(3.10 3.11 3.12 3.13)
 default=$("${ARSERVICE_VENV:-$PWD/.venv}/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
@@ -25,11 +29,11 @@ interpreter() {
   return 1
 }
 
-# Set up one after the other (pip calls), then run the suites at once: they mostly wait on the
-# services they start, so on 2 cores three take little longer than one. Each one's output is
-# printed whole when all are done.
+# Set up one after the other (pip calls), then run the suites at once (unless --serial): they
+# mostly wait on the services they start, so on 2 cores three take little longer than one. Each
+# one's output is printed whole when all are done.
 failed=()
-declare -A runs=()
+ran=()
 started=0
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
@@ -48,19 +52,21 @@ for version in "${versions[@]}"; do
   # Each suite starts at another third of the test modules (tests/conftest.py), so side by side
   # they rarely run the same test at once.
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-  ARSERVICE_CORE_ROTATE=$started/3 "$venv/bin/python" -m pytest --core -q -p no:cacheprovider ${PYTEST_ARGS:-} \
-    </dev/null >"$logs/$version" 2>&1 &
+  (status=0
+   ARSERVICE_CORE_ROTATE=$started/3 "$venv/bin/python" -m pytest --core -q -p no:cacheprovider ${PYTEST_ARGS:-} \
+     </dev/null >"$logs/$version" 2>&1 || status=$?
+   echo $status >"$logs/$version.status") &
+  $serial && wait
   started=$((started + 1))
-  runs[$version]=$!
+  ran+=("$version")
 done
+wait
 
-for version in "${versions[@]}"; do
-  [ -n "${runs[$version]:-}" ] || continue
-  status=0
-  wait "${runs[$version]}" || status=$?
-  log "Python $version: the core suite $([ $status = 0 ] && echo passed || echo "FAILED ($status)"):"
+for version in "${ran[@]}"; do
+  status=$(cat "$logs/$version.status")
+  log "Python $version: the core suite $([ "$status" = 0 ] && echo passed || echo "FAILED ($status)"):"
   cat "$logs/$version"
-  [ $status = 0 ] || failed+=("$version")
+  [ "$status" = 0 ] || failed+=("$version")
 done
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -16,9 +16,10 @@ from helpers import Service
 # but broken (the docker and podman addresses lead to a file that is no socket; bwrap, docker,
 # podman and Slurm's commands exit 97 naming this file), so a test that needs one and is not
 # classified here fails there, loudly, even one that first checks whether its daemon is there.
-# Modules that need a system component (daemons, Chromium) or an extra the core run leaves out (minisweagent).
+# Modules that need a system component (daemons, Chromium) or an extra the core run leaves out
+# (minisweagent). The chaos test drives docker and bubblewrap instances and restarts dockerd.
 DAEMON_MODULES = {"test_containers.py", "test_bubblewrap.py", "test_slurm.py", "test_slurm_multinode.py",
-                  "test_status_page.py", "test_minisweagent.py"}
+                  "test_status_page.py", "test_minisweagent.py", "test_chaos.py"}
 BROKEN_COMMANDS = ("bwrap", "docker", "podman", "sbatch", "squeue", "scancel", "sinfo", "srun", "scontrol")
 
 
