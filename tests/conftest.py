@@ -102,6 +102,14 @@ def service(presets_file):
     assert svc.stop() == 0
 
 
+@pytest.fixture(scope="module")
+def one_agent_service():
+    """One service with one agent and room for 8 instances, shared by a module's tests."""
+    svc = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 8}').wait_ready()
+    yield svc
+    assert svc.stop() == 0
+
+
 @pytest.fixture
 def instance(service):
     """A fresh local instance on the shared service, closed afterwards."""

@@ -22,15 +22,8 @@ NOBODY = 65534
 
 
 @pytest.fixture(scope="module")
-def service():
-    svc = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 8}').wait_ready()
-    yield svc
-    assert svc.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    return service.client
+def client(one_agent_service):
+    return one_agent_service.client
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from backends import SPECS, params
-from helpers import Service, wait_for
+from helpers import wait_for
 
 from arservice.agent import workdirs
 from arservice.client import ServiceError
@@ -34,15 +34,8 @@ RACE_TRIES = 10_000
 
 
 @pytest.fixture(scope="module")
-def service():
-    svc = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 8}').wait_ready()
-    yield svc
-    assert svc.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    return service.client
+def client(one_agent_service):
+    return one_agent_service.client
 
 
 @pytest.mark.parametrize("name", params("bubblewrap"))
