@@ -70,7 +70,10 @@ class Pair:
                               start_new_session=True, timeout=TIMEOUT_S, check=False)
         return without_pids(done.stdout), shell_status(done.returncode)
 
-    def close(self):
+    def __enter__(self) -> "Pair":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         self.env.close()
 
 
@@ -83,9 +86,8 @@ def workdir_root():
 
 @pytest.fixture(scope="module", params=params(*BASH_SPECS))
 def pair(request, workdir_root):
-    pair = Pair(request.param, SPECS[request.param], workdir_root)
-    yield pair
-    pair.close()
+    with Pair(request.param, SPECS[request.param], workdir_root) as pair:
+        yield pair
 
 
 def test_corpus_is_large_enough():
@@ -131,9 +133,8 @@ SMALL_TMP = {  # a 1 MB /tmp, so that filling it costs nothing
 
 @pytest.fixture(params=params(*NAMESPACED, "docker-busybox"))
 def namespaced(request, workdir_root):
-    pair = Pair(request.param, {**SPECS[request.param], **SMALL_TMP[request.param]}, workdir_root)
-    yield pair
-    pair.close()
+    with Pair(request.param, {**SPECS[request.param], **SMALL_TMP[request.param]}, workdir_root) as pair:
+        yield pair
 
 
 def test_no_command_kills_its_instance(namespaced):
@@ -152,8 +153,7 @@ def test_no_command_kills_its_instance(namespaced):
 
 @pytest.mark.parametrize("name", params(*NAMESPACED))
 def test_a_command_that_kills_every_process_gets_its_true_exit_code(name, workdir_root):
-    pair = Pair(name, SPECS[name], workdir_root)
-    try:
+    with Pair(name, SPECS[name], workdir_root) as pair:
         for command in ("kill -9 -1; echo $?", "kill -9 -1; exit 3", "kill -9 -1; kill -9 $$"):
             if pair.env.type == "bubblewrap":
                 # The one known difference (README): a raw bwrap sandbox holds nothing but its init
@@ -164,18 +164,13 @@ def test_a_command_that_kills_every_process_gets_its_true_exit_code(name, workdi
                                               "kill -9 -1; kill -9 $$": (b"", 137)}[command]
             else:
                 assert pair.ours(command) == pair.raw(command), command
-    finally:
-        pair.close()
 
 
 @pytest.mark.parametrize("name", params("local", "docker-bookworm", "docker-busybox", "bubblewrap"))
 def test_two_hundred_concurrent_timeouts_print_nothing_after_the_deadline(name, workdir_root):
-    pair = Pair(name, SPECS[name], workdir_root)
-    try:
+    with Pair(name, SPECS[name], workdir_root) as pair:
         with ThreadPoolExecutor(200) as pool:
             results = list(pool.map(lambda _: pair.env.execute("echo start; sleep 2; echo never", 0.5), range(200)))
-    finally:
-        pair.close()
     run_ons = [r for r in results if b"never" in r["output"]]
     assert not run_ons, f"{len(run_ons)} of 200 printed after their deadline"
     assert all(r["timed_out"] and (r["returncode"], r["signal"]) == (137, "SIGKILL") for r in results)
@@ -184,9 +179,8 @@ def test_two_hundred_concurrent_timeouts_print_nothing_after_the_deadline(name, 
 
 @pytest.mark.parametrize("name", params("docker-bookworm", "bubblewrap-rootfs", "docker-busybox"))
 def test_a_helper_killed_from_outside_comes_back_within_the_next_request(name, workdir_root):
-    pair = Pair(name, SPECS[name], workdir_root)
-    env = pair.env
-    try:
+    with Pair(name, SPECS[name], workdir_root) as pair:
+        env = pair.env
         assert env.execute("echo kept >/root/kept 2>/dev/null || echo kept >/work/kept", 10)["returncode"] == 0
         running = env.spawn("sleep 30", 60)
         wait_for(lambda: env.execute("cat /proc/[0-9]*/comm | grep -qx sleep", 10)["returncode"] == 0,
@@ -205,35 +199,27 @@ def test_a_helper_killed_from_outside_comes_back_within_the_next_request(name, w
         result = env.execute("cat /root/kept 2>/dev/null || cat /work/kept; echo $$", 30)
         assert result["returncode"] == 0 and result["output"].startswith(b"kept\n")
         assert env.helper.alive()
-    finally:
-        pair.close()
 
 
 @pytest.mark.parametrize("name", params("local", "docker-bookworm", "podman-bookworm", "bubblewrap-rootfs"))
 def test_a_login_shell_as_the_shell_behaves_as_bash_lc(name, workdir_root):
     """`shell: ["bash", "-lc"]`: the command is the last argument; /etc/profile and BASH_ENV apply."""
-    pair = Pair(name, {**SPECS[name], "shell": ["bash", "-lc"]}, workdir_root)
-    try:
+    with Pair(name, {**SPECS[name], "shell": ["bash", "-lc"]}, workdir_root) as pair:
         commands = ["shopt -q login_shell && echo login", "echo $0 $-", "echo $LINENO; foo", "env | sort",
                     'echo "${BASH_EXECUTION_STRING}"']
         for command in commands:
             assert pair.ours(command) == pair.raw(command), command
         result = pair.env.execute("shopt -q login_shell && echo login; echo ${FROM_BASH_ENV-}", 10)
         assert result["output"] == b"login\n\n"
-    finally:
-        pair.close()
 
 
 def test_bash_env_applies_per_command(workdir_root, tmp_path):
     script = tmp_path / "env.sh"
     script.write_text("FROM_BASH_ENV=yes\n")
-    pair = Pair("local", {"type": "local", "shell": ["bash", "-c"]}, workdir_root)
-    try:
+    with Pair("local", {"type": "local", "shell": ["bash", "-c"]}, workdir_root) as pair:
         result = pair.env.execute("echo ${FROM_BASH_ENV-no}", 10, env={"BASH_ENV": str(script)})
         assert result["output"] == b"yes\n"
         assert pair.env.execute("echo ${FROM_BASH_ENV-no}", 10)["output"] == b"no\n"
-    finally:
-        pair.close()
 
 
 def test_shell_must_be_a_name_or_an_argv_prefix():
@@ -252,12 +238,9 @@ def test_the_helper_starts_on_an_agent_whose_descriptors_are_past_1023(workdir_r
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
     try:
-        pair = Pair("bubblewrap", SPECS["bubblewrap"], workdir_root)
-        try:
+        with Pair("bubblewrap", SPECS["bubblewrap"], workdir_root) as pair:
             assert pair.env.helper._life > 1023
             assert pair.env.execute("echo ok", 10)["output"] == b"ok\n"
-        finally:
-            pair.close()
     finally:
         for fd in held:
             os.close(fd)
@@ -269,42 +252,32 @@ def test_the_helper_starts_on_an_agent_whose_descriptors_are_past_1023(workdir_r
 
 @pytest.mark.parametrize("name", params("docker-bookworm", "podman-bookworm"))
 def test_known_difference_the_parent_of_a_command_is_the_helper(name, workdir_root):
-    pair = Pair(name, SPECS[name], workdir_root)
-    try:
+    with Pair(name, SPECS[name], workdir_root) as pair:
         assert pair.ours("echo $PPID") == (b"1\n", 0)
         assert pair.raw("echo $PPID") == (b"0\n", 0)
-    finally:
-        pair.close()
 
 
 @pytest.mark.parametrize("name", params("docker-busybox"))
 def test_known_difference_sh_images_lose_the_status_of_a_command_that_kills_every_process(name, workdir_root):
-    pair = Pair(name, SPECS[name], workdir_root)
-    try:
+    with Pair(name, SPECS[name], workdir_root) as pair:
         with pytest.raises(ProtocolError, match="exit status is lost"):
             pair.env.execute("kill -9 -1; echo $?", TIMEOUT_S)
         assert pair.ours("echo alive") == (b"alive\n", 0)
-    finally:
-        pair.close()
 
 
 @pytest.mark.parametrize("name", params("docker-plain-exec", "docker-bookworm-plain-exec"))
 def test_without_the_fast_path_signals_and_the_parent_are_as_bash_c(name, workdir_root):
     """The plain path execs the command in the exec's own process: nothing ignores SIGINT, and
     its parent is outside the container."""
-    pair = Pair(name, SPECS[name], workdir_root)
-    try:
+    with Pair(name, SPECS[name], workdir_root) as pair:
         for command in ("trap 'echo int' INT; kill -INT $$; echo after", "echo $PPID"):
             assert pair.ours(command) == pair.raw(command)
         assert pair.ours("echo $PPID") == (b"0\n", 0)
-    finally:
-        pair.close()
 
 
 @pytest.mark.parametrize("name", params("docker-bookworm-plain-exec"))
 def test_without_the_fast_path_a_timeout_kills_the_command_and_spares_later_ones(name, workdir_root):
-    pair = Pair(name, SPECS[name], workdir_root)
-    try:
+    with Pair(name, SPECS[name], workdir_root) as pair:
         result = pair.env.execute("echo start; sleep 30 & sleep 30; echo late", 1.0)
         assert (result["output"], result["returncode"], result["timed_out"]) == (b"start\n", 137, True)
         assert result["duration_s"] < 5
@@ -312,5 +285,3 @@ def test_without_the_fast_path_a_timeout_kills_the_command_and_spares_later_ones
         assert (quick["output"], quick["timed_out"]) == (b"quick\n", False)
         survivor = pair.env.execute("sleep 1.5; echo survived", 5.0)
         assert (survivor["output"], survivor["returncode"]) == (b"survived\n", 0)
-    finally:
-        pair.close()
