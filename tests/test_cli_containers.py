@@ -18,9 +18,9 @@ from helpers import Service
 NAME = "ars-4242-node1-i-0123456789ab"
 
 
-def make(kind, tmp_path, **spec):
+def make(kind, tmp_path, instance_id="i-0123456789ab", **spec):
     cls = backend(kind)
-    env = cls("i-0123456789ab", cls.parse_config({"type": kind, **spec}), "agent-1", str(tmp_path))
+    env = cls(instance_id, cls.parse_config({"type": kind, **spec}), "agent-1", str(tmp_path))
     env.tool, env.name, env.host_dir = kind, NAME, "/w/h"
     return env
 
@@ -63,7 +63,8 @@ def test_enroot_refuses_limits_it_cannot_enforce():
 
 def test_converted_images_are_cached_by_image_name(tmp_path):
     a = make("apptainer", tmp_path, image="docker://a:1", cache_dir=str(tmp_path / "cache"))
-    assert a.cache_path("docker://a:1") == a.cache_path("docker://a:1")
+    other_instance = make("apptainer", tmp_path, "i-ba9876543210", image="docker://a:1", cache_dir=str(tmp_path / "cache"))
+    assert a.cache_path("docker://a:1") == other_instance.cache_path("docker://a:1")  # shared between instances
     assert a.cache_path("docker://a:1") != a.cache_path("docker://a:2")
     assert a.cache_path("docker://a:1").startswith(str(tmp_path / "cache")) and a.cache_path("docker://a:1").endswith(".sif")
     cached = a.cache_path("docker://a:1")
