@@ -6,6 +6,7 @@
     arservice status | start | exec | close    a running service, from a shell (console.py)
 """
 
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -34,6 +35,8 @@ from .runners.slurm import JOB_PREFIX, SlurmOptions, slurm_seconds
 DEFAULT_MAX_RESOURCES = '{"instances": 10}'
 LIMIT_KEYS = ("instances", "cpus", "memory", "jobs")
 READY_TIMEOUT_S = 60.0
+POOLS_KEY = "pools"  # in an --environments file: preset name -> warm pool size (so no preset may be called so)
+MAX_POOL = 10_000
 
 
 class CliError(click.ClickException):
@@ -66,24 +69,50 @@ def parse_max_resources(ctx, param, value):
     return limits
 
 
-def load_presets(ctx, param, path):
+@dataclasses.dataclass
+class Presets:
+    """An --environments file: named environment specs, and how many of each its warm pools keep ready."""
+    specs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    pools: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def load_presets(ctx, param, path) -> Presets:
     if path is None:
-        return {}
+        return Presets()
     try:
         with open(path) as f:
-            presets = json.load(f)
+            specs = json.load(f)
     except OSError as exc:
         raise CliError(f"cannot read --environments file: {exc.strerror}: {path}")
     except ValueError as exc:
         raise CliError(f"--environments file {path} is not valid JSON: {exc}")
-    if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
+    pools = specs.pop(POOLS_KEY, {}) if isinstance(specs, dict) else {}
+    if not isinstance(specs, dict) or not all(isinstance(v, dict) for v in specs.values()):
         raise CliError(f"--environments file {path} must map preset names to environment objects")
-    for name, spec in presets.items():
+    for name, spec in specs.items():
         try:
             environments.backend(spec.get("type")).parse_config(spec)
         except ProtocolError as exc:
             raise CliError(f"preset {name!r} in {path}: {exc.message}")
-    return presets
+    if not isinstance(pools, dict):
+        raise CliError(f"--environments file {path}: {POOLS_KEY!r} must map preset names to instance counts")
+    return Presets(specs, {name: pool_size(name, count, f"{POOLS_KEY!r} in {path}") for name, count in pools.items()})
+
+
+def parse_pools(ctx, param, values) -> dict[str, int]:
+    pools = {}
+    for value in values:
+        name, eq, count = value.partition("=")
+        if not eq or not count.strip().isdigit():
+            raise CliError(f"--pool {value!r}: want PRESET=N, N a number of instances")
+        pools[name] = pool_size(name, int(count), "--pool")
+    return pools
+
+
+def pool_size(name, count, where) -> int:
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_POOL:
+        raise CliError(f"{where}: the pool of {name!r} must be a whole number of instances from 0 to {MAX_POOL}")
+    return count
 
 
 def check_slurm_env(ctx, param, values):
@@ -108,7 +137,10 @@ def service_options(fn):
         click.option("--max-resources", default=DEFAULT_MAX_RESOURCES, show_default=True, callback=parse_max_resources,
                      help="JSON caps for the whole service: instances, cpus, memory, jobs."),
         click.option("--environments", "presets", default=None, callback=load_presets,
-                     help="JSON file of named environment presets."),
+                     help=f"JSON file of named environment presets (and, under {POOLS_KEY!r}, warm pool sizes)."),
+        click.option("--pool", "pools", multiple=True, callback=parse_pools, metavar="PRESET=N",
+                     help="Keep N started instances of a preset ready for starts that name it (repeatable; "
+                          "overrides the presets file's pools)."),
         click.option("--token", envvar="ARSERVICE_TOKEN", default=None,
                      help="Bearer token for clients and shared secret for agents [env ARSERVICE_TOKEN]."),
         click.option("--agent-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -288,7 +320,7 @@ def check_exposure(host, token):
                        "or bind to 127.0.0.1")
 
 
-def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agent_timeout, agent_grace, instance_ttl,
+def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, token, agent_timeout, agent_grace, instance_ttl,
           idle_timeout, http_threads, http_connections, http_idle_timeout, http_workers, max_request_bytes, log_level,
           runner_options=None, advertise_address=None, start_wait=None):
     from .http.app import (  # here: agents (job start-up time) do not need falcon
@@ -298,6 +330,10 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
     from .http.workers import WorkerPool
 
     check_exposure(host, token)
+    pools = {**presets.pools, **pools}
+    unknown = sorted(set(pools) - set(presets.specs))
+    if unknown:
+        raise CliError(f"warm pool of {', '.join(map(repr, unknown))}: no such preset (--environments names them)")
     logs.setup(log_level)
     raise_file_limit()  # every HTTP connection and thread's inproc socket is a descriptor
     context = zmq.Context.instance()
@@ -312,7 +348,7 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, token, agen
         # Clients need no token, but agents do: a secret of this run, given only to our own agents.
         agent_secret = runner_options["agent_secret"] = secrets.token_urlsafe(32)
     try:
-        broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets,
+        broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets.specs, pools=pools,
                         token=token, agent_secret=agent_secret, agent_timeout_s=agent_timeout, agent_grace_s=agent_grace,
                         start_wait_s=start_wait, instance_ttl_s=instance_ttl, idle_timeout_s=idle_timeout or None)
         http_settings = {"threads": http_threads, "max_body": max_request_bytes, "connections": http_connections,

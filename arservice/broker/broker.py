@@ -16,6 +16,7 @@ from .. import environments, protocol
 from ..logs import EventLog
 from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
 from .metrics import BrokerMetrics, waiting_by_type
+from .pools import WarmPools
 from .state import (
     ENDED_STATES,
     Agent,
@@ -45,10 +46,14 @@ AGENT_TYPES = (protocol.HEARTBEAT, protocol.DISCONNECT, protocol.REPLY, protocol
 class Broker:
     def __init__(self, bind, *, context=None, limits=None, presets=None, token=None, agent_secret=None,
                  heartbeat_s=1.0, agent_timeout_s=5.0, agent_grace_s=60.0, start_wait_s=0.0,
-                 instance_ttl_s=None, idle_timeout_s=None):
+                 instance_ttl_s=None, idle_timeout_s=None, pools=None):
         self.ctx = context or zmq.Context.instance()
         self.pool = Pool(limits or {})
         self.presets = presets or {}
+        unknown = sorted(set(pools or {}) - set(self.presets))
+        if unknown:
+            raise ValueError(f"warm pools of unknown presets: {', '.join(unknown)}")
+        self.warm = WarmPools(pools or {}, self.pool.instances)
         self.token = token
         # What an agent must present to register: the token, or a secret its runner gave it.
         self.agent_secret = agent_secret or token
@@ -202,6 +207,8 @@ class Broker:
                 self._expire(pending)
         if self.waiting:
             self._place_waiting(now)
+        elif self.warm.pools:  # pools take only room that no start waits for
+            self._refill(now)
         if beat:
             self._end_leases(now)
 
@@ -367,15 +374,16 @@ class Broker:
         result = msg.get("result") if ok else None
         if pending.kind == protocol.START_INSTANCE and inst is not None:
             if ok:
-                inst.state = "running"
+                inst.state = "pooled" if inst.pooled_for else "running"
                 inst.last_used = time.monotonic()
                 inst.info = result.get("info") or {}
-                result = {"instance_id": inst.instance_id, "agent_id": inst.agent_id,
-                          "environment": inst.spec, "info": inst.info}
-                log.info("instance_started", instance=inst.instance_id, agent=inst.agent_id, type=inst.config["type"])
+                result = self._started(inst)
+                log.info("instance_started", instance=inst.instance_id, agent=inst.agent_id, type=inst.config["type"],
+                         **({"pool": inst.pooled_for} if inst.pooled_for else {}))
             else:
                 self.pool.release(inst)
                 log.warning("instance_start_failed", instance=inst.instance_id, error=msg.get("error"))
+            self.warm.started(inst, ok, time.monotonic())
         elif pending.kind == protocol.CLOSE_INSTANCE and inst is not None:
             self.pool.release(inst)
             result = {"instance_id": inst.instance_id, "closed": True}
@@ -389,6 +397,11 @@ class Broker:
                 self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
 
+    @staticmethod
+    def _started(inst):
+        """What a client is told of an instance that started for it."""
+        return {"instance_id": inst.instance_id, "agent_id": inst.agent_id, "environment": inst.spec, "info": inst.info}
+
     # -- clients ------------------------------------------------------------------
 
     def on_ping(self, envelope, msg):
@@ -397,6 +410,8 @@ class Broker:
     def on_resources(self, envelope, msg):
         result = self.pool.describe(time.monotonic())
         result["waiting"] = {"starts": len(self.waiting), "by_type": waiting_by_type(self.waiting)}
+        if self.warm.pools:
+            result["pools"] = self.warm.describe()
         if self.runner_status is not None:
             result["runner"] = self.runner_status
         self.send(envelope, protocol.reply(msg["id"], result))
@@ -460,22 +475,26 @@ class Broker:
 
     def on_start_instance(self, envelope, msg):
         spec = msg.get("environment")
+        preset = None
         if isinstance(spec, str):
             if spec not in self.presets:
                 raise ProtocolError("not_found", f"no environment preset named {spec!r}; known: {', '.join(sorted(self.presets)) or 'none'}")
-            spec = self.presets[spec]
+            preset, spec = spec, self.presets[spec]
         elif not isinstance(spec, dict):
             raise ProtocolError("invalid_request", "field 'environment' must be a preset name or an environment spec object")
         config = environments.backend(spec.get("type")).parse_config(spec)
         wait_s = field(msg, "wait_s", float, default=self.start_wait_s, check=lambda t: 0 <= t <= MAX_START_WAIT_S,
                        what=f"in [0, {MAX_START_WAIT_S:.0f}] seconds")
+        pooled = self.warm.take(preset) if preset else None
+        if pooled is not None:
+            self._hand_out(pooled, envelope, msg["id"])
+            return
         # First come, first served: while starts of this type wait, a new one queues behind them.
         queued = any(w.config["type"] == config["type"] for w in self.waiting)
         try:
             if queued and wait_s:
                 raise ProtocolError("no_capacity", f"starts of type {config['type']!r} are waiting for room")
-            self.pool.check_limits(cost_of(config))
-            agent = self.pool.place(config["type"], cost_of(config))
+            agent = self._place(config, sparing=preset)
         except ProtocolError as exc:
             if not wait_s:
                 raise
@@ -484,21 +503,73 @@ class Broker:
             return
         self._start_on(agent, spec, config, envelope, msg["id"])
 
-    def _start_on(self, agent, spec, config, envelope, client_id):
+    def _start_on(self, agent, spec, config, envelope, client_id, pooled_for=None):
         self.started_any = True
         inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config,
-                        ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s)
+                        ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s,
+                        pooled_for=pooled_for)
         self.pool.admit(inst, agent)
         self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, client_id, config["start_timeout"])
+        return inst
+
+    def _place(self, config, sparing=None):
+        """The agent for a client's new instance. Where there is no room, warm pools give up ready
+        instances (not of `sparing`, the preset asked for) as long as that may make some."""
+        cost = cost_of(config)
+        while True:
+            try:
+                self.pool.check_limits(cost)
+                break
+            except ProtocolError:
+                if not self._evict(self.warm.victim(sparing, lambda inst: True)):
+                    raise
+        able = {a.agent_id for a in self.pool.agents.values() if config["type"] in a.env_types}
+        while True:
+            try:
+                return self.pool.place(config["type"], cost)
+            except ProtocolError:
+                if not self._evict(self.warm.victim(sparing, lambda inst: inst.agent_id in able)):
+                    raise
+
+    def _evict(self, inst):
+        """Close a warm pool's ready instance to make room for a client's; False if there is none.
+        Its room is free at once: its agent closes it meanwhile."""
+        if inst is None:
+            return False
+        log.info("pooled_instance_evicted", instance=inst.instance_id, agent=inst.agent_id, pool=inst.pooled_for)
+        inst.state = "closing"
+        self.pool.release(inst)
+        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
+                      REQUEST_TIMEOUT_S)
+        return True
+
+    def _hand_out(self, inst, envelope, client_id):
+        """A warm pool's instance becomes a client's: its lease starts now."""
+        log.info("instance_handed_out", instance=inst.instance_id, agent=inst.agent_id, pool=inst.pooled_for)
+        inst.state, inst.pooled_for = "running", None
+        inst.start_lease(inst.config["ttl"] or self.instance_ttl_s, inst.config["idle_timeout"] or self.idle_timeout_s)
+        self.send(envelope, protocol.reply(client_id, self._started(inst)))
+
+    def _refill(self, now):
+        """Start what the warm pools miss, as far as the room nobody waits for allows."""
+        for pool in self.warm.to_refill(now):
+            spec = self.presets[pool.preset]
+            config = environments.backend(spec.get("type")).parse_config(spec)
+            cost = cost_of(config)
+            for _ in range(pool.missing()):
+                try:
+                    self.pool.check_limits(cost)
+                    agent = self.pool.place(config["type"], cost)
+                except ProtocolError:
+                    break
+                pool.starting.add(self._start_on(agent, spec, config, None, None, pooled_for=pool.preset).instance_id)
 
     def _place_waiting(self, now):
         """Start the waiting starts that fit now, oldest first; refuse the ones that waited too long."""
         still = []
         for waiting in self.waiting:
-            cost = cost_of(waiting.config)
             try:
-                self.pool.check_limits(cost)
-                agent = self.pool.place(waiting.config["type"], cost)
+                agent = self._place(waiting.config)
             except ProtocolError as exc:
                 if now < waiting.deadline:
                     still.append(waiting)
@@ -568,6 +639,8 @@ class Broker:
         """Raise the error that says why a request cannot go to this instance in its state."""
         if inst.state in states:
             return
+        if inst.state == "pooled" or inst.pooled_for:  # no client was given its id
+            raise ProtocolError("not_found", f"no instance {inst.instance_id!r}")
         if inst.state == "lost":
             raise ProtocolError("agent_lost", f"instance {inst.instance_id} was lost (its agent {inst.agent_id} or its "
                                               "environment went away)")

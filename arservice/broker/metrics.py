@@ -76,6 +76,9 @@ FAMILIES = {
                                     ("expected",)),
     **{name: ("gauge", help_text, labels) for name, help_text, labels in _resource_families()},
     "arservice_waiting_starts": ("gauge", "Starts waiting for an agent with room.", ("type",)),
+    "arservice_warm_pool_instances": ("gauge", ("A warm pool's instances: ready (started, not handed out), starting, "
+                                                "and its target."), ("preset", "state")),
+    "arservice_warm_pool_handouts_total": ("counter", "Starts a warm pool answered with a ready instance.", ("preset",)),
     "arservice_agent_requests_in_flight": ("gauge", "Requests forwarded to agents and not answered yet.", ("request",)),
     "arservice_slurm_jobs": ("gauge", "Agent jobs of the Slurm runner, by state.", ("state",)),
     "arservice_slurm_jobs_submitted_total": ("counter", "Jobs the Slurm runner submitted.", ()),
@@ -182,7 +185,7 @@ class BrokerMetrics:
             if kind == "histogram":
                 histogram = self.histograms[name]
                 samples = [list(histogram.bounds), [[list(k), v] for k, v in histogram.series.items()]]
-            else:  # the Slurm counters are the runner's, read from its report like the gauges
+            else:  # the Slurm and warm pool counters are read from state, like the gauges
                 series = gauges[name] if name in gauges else self.counters.get(name, {})
                 samples = [[list(k), v] for k, v in series.items()]
             out.append([name, kind, help_text, list(labels), samples])
@@ -212,6 +215,10 @@ class BrokerMetrics:
                 gauges[f"arservice_pool_capacity_{unit}"][()] = capacity[resource] * factor
             gauges[f"arservice_pool_used_{unit}"][()] = pool.used[resource] * factor
         gauges["arservice_waiting_starts"] = {(t,): n for t, n in waiting_by_type(broker.waiting).items()}
+        for preset, pool in broker.warm.describe().items():
+            for state in ("ready", "starting", "target"):
+                gauges["arservice_warm_pool_instances"][(preset, state)] = pool[state]
+            gauges["arservice_warm_pool_handouts_total"][(preset,)] = pool["handed_out"]
         in_flight = gauges["arservice_agent_requests_in_flight"]
         for pending in broker.pending.values():
             in_flight[(pending.kind,)] = in_flight.get((pending.kind,), 0) + 1

@@ -9,9 +9,9 @@ from ..protocol import ProtocolError
 
 RESOURCES = ("instances", "cpus", "memory")
 # unreachable: its agent is silent (stopped, partitioned) but within --agent-grace; it comes back
-# running if the agent does. expired and lost are ends: the record stays a while so requests on it
-# say why it is gone.
-INSTANCE_STATES = ("starting", "running", "unreachable", "closing", "expired", "lost")
+# running if the agent does. pooled: started for a warm pool, not yet handed out to a client.
+# expired and lost are ends: the record stays a while so requests on it say why it is gone.
+INSTANCE_STATES = ("starting", "pooled", "running", "unreachable", "closing", "expired", "lost")
 ENDED_STATES = ("expired", "lost")
 
 
@@ -70,23 +70,28 @@ class Agent:
 
 
 class Instance:
-    def __init__(self, instance_id, agent_id, spec, config, ttl_s=None, idle_s=None):
+    def __init__(self, instance_id, agent_id, spec, config, ttl_s=None, idle_s=None, pooled_for=None):
         self.instance_id = instance_id
         self.agent_id = agent_id
         self.spec = spec      # as the user gave it (preset resolved): what the agent builds from
         self.config = config  # spec parsed, with defaults
         self.cost = cost_of(config)
         self.state = "starting"
-        self.created = time.time()
+        self.pooled_for = pooled_for  # the preset whose warm pool it waits in, until handed out
         self.ended_at = None  # wall time it became lost or expired
-        # The lease, in monotonic time: a hard end (None: none) and how long it may go without a request.
+        self.start_lease(ttl_s, idle_s)
+        self.info = {}
+        self.last_command = None  # wall time of the last command's answer
+        self.commands = 0
+
+    def start_lease(self, ttl_s, idle_s):
+        """Its life starts now (at its start, or when a warm pool hands it out): a hard end (ttl,
+        None: none) and how long it may go without a request, in monotonic time."""
+        self.created = time.time()
         now = time.monotonic()
         self.expires_at = None if ttl_s is None else now + ttl_s
         self.idle_s = idle_s
         self.last_used = now
-        self.info = {}
-        self.last_command = None  # wall time of the last command's answer
-        self.commands = 0
 
     def describe(self):
         return {
