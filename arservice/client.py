@@ -117,6 +117,12 @@ class Calls:
                     finish=lambda result: result["content"])
 
     @staticmethod
+    def fork_instance(instance_id, count=1) -> Call:
+        """`count` new instances on the same agent whose files are copies of this one's now; the
+        answer's `instances` are as start_instance's answers."""
+        return Call(protocol.FORK_INSTANCE, {"instance_id": instance_id, "count": count}, DEFAULT_WAIT_S * 2)
+
+    @staticmethod
     def close_instance(instance_id) -> Call:
         return Call(protocol.CLOSE_INSTANCE, {"instance_id": instance_id})
 

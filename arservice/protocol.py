@@ -44,6 +44,7 @@ READ_FILE = "read_file"
 RESOURCES = "resources"
 INSTANCES = "instances"
 PING = "ping"
+FORK_INSTANCE = "fork_instance"  # new instances whose files are copies of a running one's
 RENEW = "renew"      # keep an instance's lease: its idle clock starts again, and optionally a new ttl
 METRICS = "metrics"  # the broker's counters and gauges, for GET /metrics
 STATUS = "status"    # agents, instances, runner report, recent errors: the status page and `arservice status`

@@ -31,7 +31,7 @@ from . import workdirs
 log = EventLog("agent")
 
 INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
-                     protocol.WRITE_FILE, protocol.READ_FILE)
+                     protocol.WRITE_FILE, protocol.READ_FILE, protocol.FORK_INSTANCE)
 DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
 # host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
@@ -237,6 +237,35 @@ class Agent:
         started = self.pool.submit(self._start, msg["id"], env)
         self.envs[instance_id] = (env, started)
 
+    def _on_fork_instance(self, msg):
+        source, source_started = self._instance(msg)
+        new_ids = protocol.field(msg, "new_ids", list)
+        if not new_ids or not all(isinstance(i, str) and i not in self.envs for i in new_ids) \
+                or len(set(new_ids)) != len(new_ids):
+            raise ProtocolError("invalid_request", "new_ids must be new, distinct instance ids")
+        cls = type(source)
+        forks = [cls(new_id, source.config, self.agent_id, self.workdir) for new_id in new_ids]
+        for fork in forks:
+            fork.spec, fork.info = source.spec, {}
+
+        def fork_all():
+            source_started.result()
+            try:
+                for fork, info in zip(forks, source.fork(forks), strict=True):
+                    fork.info = info
+            except BaseException:
+                for fork in forks:
+                    _close_quietly(fork)
+                raise
+            return {"instances": [{"instance_id": f.instance_id, "info": f.info} for f in forks]}
+
+        def forked():
+            if not self._answer(msg["id"], fork_all, drop_on_error=" ".join(new_ids)):
+                raise RuntimeError("fork failed")  # fails the work queued behind it
+        done = self.pool.submit(forked)
+        for fork in forks:
+            self.envs[fork.instance_id] = (fork, done)
+
     def _on_execute(self, msg):
         env, started = self._instance(msg)
         args = (protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
@@ -354,8 +383,8 @@ class Agent:
 
     def _forward_answer(self, frames):
         payload, drop = frames
-        if drop:
-            self.envs.pop(drop.decode(), None)
+        for instance_id in drop.decode().split():  # what a failed start or fork would have made
+            self.envs.pop(instance_id, None)
         self.sock.send(payload)
 
     def _close_all(self):

@@ -35,6 +35,8 @@ INPROC_ADDRESS = "inproc://arservice-broker"
 ANSWER_GRACE_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
 LOST_INSTANCE_KEEP_S = 3600.0
+# The most instances one fork_instance makes.
+MAX_FORKS = 64
 # The longest a start may wait for room when it asks (wait_s), whatever --start-wait says.
 MAX_START_WAIT_S = 3600.0
 TICK_S = 0.1
@@ -102,6 +104,7 @@ class Broker:
             protocol.INSTANCES: self.on_instances,
             protocol.PING: self.on_ping,
             protocol.RENEW: self.on_renew,
+            protocol.FORK_INSTANCE: self.on_fork_instance,
             protocol.RUNNER_STATUS: self.on_runner_status,
             protocol.RELEASE_AGENT: self.on_release_agent,
             protocol.METRICS: self.on_metrics,
@@ -110,7 +113,7 @@ class Broker:
         self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                              protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
                              protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT,
-                             protocol.METRICS, protocol.STATUS, protocol.RENEW}
+                             protocol.METRICS, protocol.STATUS, protocol.RENEW, protocol.FORK_INSTANCE}
 
     def stop(self):
         """Ask the loop to end within one tick; safe from any thread."""
@@ -238,6 +241,13 @@ class Broker:
         inst = self.pool.instances.get(pending.instance_id)
         what = f"{pending.kind} on instance {pending.instance_id}"
         log.warning("request_timed_out", kind=pending.kind, instance=pending.instance_id, agent=pending.agent_id)
+        for fork_id in pending.forks:  # the agent may still make them: make sure they go away
+            fork = self.pool.instances.get(fork_id)
+            agent = self.pool.agent_by_id(pending.agent_id)
+            if fork is not None and fork.state == "starting":
+                self.pool.release(fork)
+                if agent is not None:
+                    self._forward(agent, fork, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
         if inst is not None and pending.kind in (protocol.START_INSTANCE, protocol.CLOSE_INSTANCE):
             self.pool.release(inst)
             agent = self.pool.agent_by_id(inst.agent_id)
@@ -384,6 +394,8 @@ class Broker:
                 self.pool.release(inst)
                 log.warning("instance_start_failed", instance=inst.instance_id, error=msg.get("error"))
             self.warm.started(inst, ok, time.monotonic())
+        elif pending.kind == protocol.FORK_INSTANCE:
+            result = self._forked(pending, result if ok else None)
         elif pending.kind == protocol.CLOSE_INSTANCE and inst is not None:
             self.pool.release(inst)
             result = {"instance_id": inst.instance_id, "closed": True}
@@ -396,6 +408,22 @@ class Broker:
             if code == "instance_lost" and inst is not None and inst.state == "running":
                 self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
+
+    def _forked(self, pending, result):
+        """A fork's answer: its instances run with the info the agent gave each, or (result None) go."""
+        infos = {}
+        if result is not None:
+            infos = {item.get("instance_id"): item.get("info") for item in result.get("instances") or []
+                     if isinstance(item, dict)}
+        forks = [f for f in map(self.pool.instances.get, pending.forks) if f is not None and f.state == "starting"]
+        for fork in forks:
+            if result is None:
+                self.pool.release(fork)
+                continue
+            fork.state, fork.info = "running", infos.get(fork.instance_id) or {}
+            fork.last_used = time.monotonic()
+            log.info("instance_forked", instance=fork.instance_id, source=pending.instance_id, agent=fork.agent_id)
+        return None if result is None else {"source": pending.instance_id, "instances": [self._started(f) for f in forks]}
 
     @staticmethod
     def _started(inst):
@@ -582,6 +610,25 @@ class Broker:
             self._start_on(agent, waiting.spec, waiting.config, waiting.envelope, waiting.client_id)
         self.waiting = still
 
+    def on_fork_instance(self, envelope, msg):
+        """New instances whose files are copies of a running one's, on its agent (where the files are)."""
+        source = self._running_instance(msg)
+        count = field(msg, "count", int, default=1, check=lambda n: 0 < n <= MAX_FORKS, what=f"from 1 to {MAX_FORKS}")
+        agent = self.pool.agent_by_id(source.agent_id)
+        cost = {name: amount * count for name, amount in source.cost.items()}
+        self.pool.check_limits(cost)
+        if short := agent.shortfall(cost):
+            raise ProtocolError("no_capacity", f"agent {agent.agent_id} of instance {source.instance_id} is out of "
+                                               f"{short} for {count} fork(s) (forks go where the files are)")
+        ttl, idle = source.config["ttl"] or self.instance_ttl_s, source.config["idle_timeout"] or self.idle_timeout_s
+        forks = [Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, source.spec, source.config, ttl_s=ttl, idle_s=idle)
+                 for _ in range(count)]
+        for fork in forks:
+            self.pool.admit(fork, agent)
+        ids = [f.instance_id for f in forks]
+        self._forward(agent, source, protocol.FORK_INSTANCE, {"new_ids": ids}, envelope, msg["id"],
+                      source.config["start_timeout"], forks=ids)
+
     def on_execute(self, envelope, msg):
         inst = self._running_instance(msg)
         timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= MAX_SECONDS,
@@ -651,9 +698,9 @@ class Broker:
                                                f"answering; it is lost after {self.agent_grace_s:g}s more of silence")
         raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
 
-    def _forward(self, agent, inst, kind, fields, envelope, client_id, timeout_s):
+    def _forward(self, agent, inst, kind, fields, envelope, client_id, timeout_s, forks=()):
         request_id = f"b{next(self._ids)}"
         self.pending[request_id] = Pending(kind, envelope, client_id, agent.agent_id, inst.instance_id,
-                                           time.monotonic() + timeout_s, env_type=inst.config["type"])
+                                           time.monotonic() + timeout_s, env_type=inst.config["type"], forks=forks)
         if not self.send([agent.identity], protocol.request(kind, request_id, instance_id=inst.instance_id, **fields)):
             self._lose_agent(agent, "unreachable")

@@ -27,6 +27,7 @@ ANSWER_COUNTERS = {
     protocol.START_INSTANCE: "arservice_instance_starts_total",
     protocol.EXECUTE: "arservice_commands_total",
     protocol.CLOSE_INSTANCE: "arservice_instance_closes_total",
+    protocol.FORK_INSTANCE: "arservice_instance_forks_total",
     protocol.WRITE_FILE: "arservice_file_requests_total",
     protocol.READ_FILE: "arservice_file_requests_total",
 }
@@ -59,6 +60,8 @@ FAMILIES = {
     "arservice_commands_total": ("counter", "Commands answered, by outcome (ok, timed_out, or the error code).",
                                  ("type", "outcome")),
     "arservice_instance_closes_total": ("counter", "Closes answered by an agent, by outcome.", ("type", "outcome")),
+    "arservice_instance_forks_total": ("counter", "fork_instance requests answered by an agent, by outcome.",
+                                       ("type", "outcome")),
     "arservice_file_requests_total": ("counter", "write_file and read_file requests answered, by outcome.",
                                       ("request", "type", "outcome")),
     "arservice_instances_expired_total": ("counter", "Instances closed because their lease ended, by reason (ttl or idle).",

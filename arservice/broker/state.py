@@ -117,7 +117,7 @@ class Instance:
 class Pending:
     """A request forwarded to an agent, waiting for the agent's answer."""
 
-    def __init__(self, kind, envelope, client_id, agent_id, instance_id, deadline, env_type=None):
+    def __init__(self, kind, envelope, client_id, agent_id, instance_id, deadline, env_type=None, forks=()):
         self.kind = kind
         self.env_type = env_type  # the instance's backend, for metrics (the instance may be gone by the answer)
         self.sent = time.monotonic()
@@ -126,7 +126,7 @@ class Pending:
         self.agent_id = agent_id
         self.instance_id = instance_id
         self.deadline = deadline
-
+        self.forks = forks  # fork_instance: the ids of the new instances
 
 class WaitingStart:
     """A start that found no agent with room, waiting for one (a runner may be bringing it)."""

@@ -166,6 +166,11 @@ class Environment:
         """Return {content: bytes} of at most `limit` bytes; raise ProtocolError("payload_too_large") past it."""
         raise NotImplementedError
 
+    def fork(self, forks):
+        """Start `forks` (new, unstarted instances of this backend with this config) with copies of
+        this instance's files as they are now; return each one's start info. Processes are not copied."""
+        raise ProtocolError("invalid_request", f"{self.type} instances cannot be forked")
+
     def close(self):
         """Stop the instance and remove everything it made. Must be safe to call twice."""
         raise NotImplementedError

@@ -14,12 +14,21 @@ import os
 import socket
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import hostdir
 from .base import Environment, check_command, resolve_path, shell_argv, shell_option
-from .helper import MOUNT, ExecHelper, backstop, helper_argv, plain_exec_argv, plain_result, revived
+from .helper import (
+    MOUNT,
+    ExecHelper,
+    backstop,
+    helper_argv,
+    plain_exec_argv,
+    plain_result,
+    revived,
+)
 from .process import BoundedOutput
 
 log = EventLog("docker")
@@ -77,6 +86,7 @@ class DockerEnvironment(Environment):
     helper = None
     container = None
     host_dir = None
+    fork_image = None  # the image committed from the instance this one is a fork of
 
     @classmethod
     def url(cls):
@@ -106,6 +116,21 @@ class DockerEnvironment(Environment):
             if pid.isdigit() and not alive(int(pid)):
                 container.remove(force=True)
                 reaped.append(container.id)
+        return reaped + cls._reap_fork_images(client, host, alive)
+
+    @classmethod
+    def _reap_fork_images(cls, client, host, alive):
+        """Images committed for forks by dead agents of this host (every container of theirs is gone by now)."""
+        import docker.errors
+        reaped = []
+        for image in client.images.list(filters={"label": [f"{LABEL}.fork_of", f"{LABEL}.host={host}"]}):
+            pid = image.labels.get(f"{LABEL}.pid", "")
+            if pid.isdigit() and not alive(int(pid)):
+                try:
+                    client.images.remove(image.id)
+                    reaped.append(image.id)
+                except docker.errors.APIError as exc:
+                    log.warning("fork_image_kept", image=image.id, reason=str(exc))
         return reaped
 
     def start(self):
@@ -279,6 +304,23 @@ class DockerEnvironment(Environment):
                 raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             return tar.extractfile(member).read()
 
+    def fork(self, forks):
+        """Each fork is a container of an image committed from this one's (paused meanwhile): its
+        files as they are now, not its processes, nor what is in its mounts. The image goes with the
+        last container made from it."""
+        labels = {LABEL: "1", f"{LABEL}.fork_of": self.instance_id, f"{LABEL}.agent": self.agent_id,
+                  f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())}
+        try:
+            image = self.container.commit(conf={"Labels": labels})
+        except Exception as exc:
+            raise ProtocolError("environment_error", f"could not commit the container of {self.instance_id}: {exc}")
+        for fork in forks:
+            fork.config = {**fork.config, "image": image.id, "pull": "never"}
+            fork.fork_image = image.id
+        with ThreadPoolExecutor(len(forks)) as threads:  # each start mostly waits on the engine
+            starts = [threads.submit(fork.start) for fork in forks]
+        return [start.result() for start in starts]
+
     def close(self):
         if self.container is not None:
             try:
@@ -290,4 +332,16 @@ class DockerEnvironment(Environment):
             self.helper.close()
         if self.host_dir:
             hostdir.remove(self.host_dir)
+        if self.fork_image is not None:
+            self._remove_fork_image()
+
+    def _remove_fork_image(self):
+        import docker.errors
+        try:
+            self.docker.images.remove(self.fork_image)
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: other forks still use it; the last one removes it
+                raise
 

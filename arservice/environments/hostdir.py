@@ -93,6 +93,21 @@ def remove_tree(path: str) -> None:
         log.warning("remove_failed", path=path, reason=str(exc))
 
 
+def copy_tree(source: str, target: str, timeout_s: float) -> None:
+    """Copy what is in `source` into `target` (a fork's files). `cp -a` never follows a link (it
+    copies it), makes FIFOs and device nodes anew instead of reading them, keeps owners, modes and
+    holes; --reflink=auto shares blocks where the filesystem can (btrfs, xfs), else it copies."""
+    try:
+        done = subprocess.run(["cp", "-a", "--reflink=auto", "--", os.path.join(source, "."), target],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise ProtocolError("timeout", f"copying the instance's files took longer than {timeout_s:g}s") from None
+    if done.returncode != 0:
+        error = done.stderr.decode(errors="replace").strip().splitlines()
+        raise ProtocolError("environment_error", f"copying the instance's files failed: {error[-1] if error else done.returncode}")
+
+
 def unmount_under(root: str) -> None:
     """Detach every mount below root: what an agent that died left mounted in its directories."""
     prefix = root.rstrip("/") + "/"

@@ -77,6 +77,14 @@ class LocalEnvironment(Environment):
         fd = safefs.open_file(resolve_path(path, self.cwd), os.O_RDONLY, follow=True)
         return {"content": safefs.read_limited(fd, limit, path)}
 
+    def fork(self, forks):
+        """Each fork gets a copy of this instance's directory (a cwd elsewhere on the host is shared, as it is)."""
+        infos = []
+        for fork in forks:
+            infos.append(fork.start())
+            hostdir.copy_tree(self.workdir, fork.workdir, self.config["start_timeout"])
+        return infos
+
     def close(self):
         for pgid in list(self.groups):
             process.kill_group(pgid)

@@ -7,6 +7,7 @@ ROUTES = {
     "/execute_command": ("POST", protocol.EXECUTE),
     "/close_instance": ("POST", protocol.CLOSE_INSTANCE),
     "/renew_instance": ("POST", protocol.RENEW),
+    "/fork_instance": ("POST", protocol.FORK_INSTANCE),
     "/write_file": ("POST", protocol.WRITE_FILE),
     "/read_file": ("POST", protocol.READ_FILE),
     "/get_available_resources": ("GET", protocol.RESOURCES),

@@ -179,6 +179,17 @@ class BubblewrapEnvironment(Environment):
         return process.Command([*argv, *shell_argv(self.shell, command)], timeout=timeout, output_limit=output_limit,
                                groups=self.groups)
 
+    def fork(self, forks):
+        """Each fork gets a copy of /work, and of /tmp where it is a host directory (with `disk`);
+        without `disk`, /tmp is the sandbox's own tmpfs, which the host does not see: a fork's starts empty."""
+        infos = []
+        for fork in forks:
+            infos.append(fork.start())
+            for source, target in ((self.workdir, fork.workdir), (self.tmp_dir, fork.tmp_dir)):
+                if source and target:
+                    hostdir.copy_tree(source, target, self.config["start_timeout"])
+        return infos
+
     def _beneath_work(self, path):
         """Files are exchanged through the work directory, the one place the host can see: the
         instance's path, relative to it. safefs walks it on the host without following links."""
