@@ -6,6 +6,8 @@ from backends import SPECS, params
 from helpers import Service
 
 from arservice.client import ServiceError
+from arservice.environments import backend
+from arservice.protocol import ProtocolError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,9 +94,8 @@ def test_bad_forks_are_refused_and_change_nothing(service):
 
 
 def test_a_backend_that_cannot_fork_says_so(tmp_path):
-    from arservice.environments import backend
     cls = backend("apptainer")
     env = cls("i-0123456789ab", cls.parse_config({"type": "apptainer", "image": "docker://x:1"}), "agent", str(tmp_path))
-    with pytest.raises(Exception) as err:
+    with pytest.raises(ProtocolError) as err:
         env.fork([])
-    assert getattr(err.value, "code", None) == "invalid_request" and "cannot be forked" in str(err.value)
+    assert err.value.code == "invalid_request" and "cannot be forked" in err.value.message
