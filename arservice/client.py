@@ -123,6 +123,16 @@ class Calls:
         return Call(protocol.FORK_INSTANCE, {"instance_id": instance_id, "count": count}, DEFAULT_WAIT_S * 2)
 
     @staticmethod
+    def snapshot_instance(instance_id, name) -> Call:
+        """Keep a copy of the instance's files as they are now, under `name`: a spec with
+        "snapshot": name starts from it (on the same agent), until delete_snapshot."""
+        return Call(protocol.SNAPSHOT_INSTANCE, {"instance_id": instance_id, "name": name})
+
+    @staticmethod
+    def delete_snapshot(name) -> Call:
+        return Call(protocol.DELETE_SNAPSHOT, {"name": name})
+
+    @staticmethod
     def close_instance(instance_id) -> Call:
         return Call(protocol.CLOSE_INSTANCE, {"instance_id": instance_id})
 

@@ -1,9 +1,11 @@
 """fork_instance: new instances whose files are copies of a running instance's, on its agent."""
 
+import os
+
 import docker
 import pytest
 from backends import SPECS, params
-from helpers import Service
+from helpers import Service, wait_for
 
 from arservice.client import ServiceError
 from arservice.environments import backend
@@ -31,7 +33,7 @@ def fork_images(source_id):
     """Images committed for forks of `source_id` still on dockerd."""
     client = docker.from_env()
     try:
-        return client.images.list(filters={"label": f"arservice.fork_of={source_id}"})
+        return client.images.list(filters={"label": f"arservice.commit_of={source_id}"})
     finally:
         client.close()
 
@@ -99,3 +101,83 @@ def test_a_backend_that_cannot_fork_says_so(tmp_path):
     with pytest.raises(ProtocolError) as err:
         env.fork([])
     assert err.value.code == "invalid_request" and "cannot be forked" in err.value.message
+
+
+@pytest.mark.parametrize("name", params("local", "docker-busybox", "podman", "bubblewrap"))
+def test_a_named_snapshot_starts_instances_with_the_files_it_kept(service, name):
+    client = service.client
+    snapshot = f"snap-{name}"
+    source = client.start_instance(SPECS[name])["instance_id"]
+    started = []
+    try:
+        assert client.execute(source, MAKE_FILES)["returncode"] == 0
+        listing = client.execute(source, LISTING)["output"]
+        made = client.snapshot_instance(source, snapshot)
+        assert made == {"name": snapshot, "agent_id": made["agent_id"], "type": SPECS[name]["type"], "source": source,
+                        "ready": True}
+        client.execute(source, "echo later > tree/a/b/f")  # after the snapshot: not in it
+        client.close_instance(source)
+        source = None
+        spec = {**SPECS[name], "snapshot": snapshot}
+        for _ in range(2):
+            started.append(client.start_instance(spec)["instance_id"])
+            assert client.execute(started[-1], LISTING)["output"] == listing
+        assert client.available_resources()["snapshots"][snapshot]["ready"] is True
+        with pytest.raises(ServiceError) as err:
+            client.delete_snapshot(snapshot)
+        assert err.value.code == "conflict" and started[0] in err.value.message
+        for instance_id in started:
+            client.close_instance(instance_id)
+        started = []
+        assert client.delete_snapshot(snapshot) == {"name": snapshot, "deleted": True}
+        with pytest.raises(ServiceError) as err:
+            client.start_instance(spec)
+        assert err.value.code == "not_found"
+    finally:
+        for instance_id in [source, *started]:
+            if instance_id is not None:
+                client.close_instance(instance_id)
+    if name == "docker-busybox":
+        wait_for(lambda: fork_images(made["source"]) == [], timeout=20, what="the snapshot's image to go")
+
+
+def test_bad_snapshots_are_refused(service):
+    client = service.client
+    source = client.start_instance({"type": "local"})["instance_id"]
+    try:
+        for bad in ("", "../x", "a/b", ".hidden", "x" * 65, "sp ace"):
+            with pytest.raises(ServiceError) as err:
+                client.snapshot_instance(source, bad)
+            assert err.value.code == "invalid_request", bad
+        client.snapshot_instance(source, "once")
+        with pytest.raises(ServiceError) as err:
+            client.snapshot_instance(source, "once")
+        assert err.value.code == "conflict"
+        for spec, code in (({"type": "bubblewrap", "snapshot": "once"}, "invalid_request"),  # a local instance's
+                           ({"type": "local", "snapshot": "never-made"}, "not_found"),
+                           ({"type": "apptainer", "image": "docker://x:1", "snapshot": "once"}, "invalid_request")):
+            with pytest.raises(ServiceError) as err:
+                client.start_instance(spec)
+            assert err.value.code == code, (spec, err.value)
+        client.delete_snapshot("once")
+        with pytest.raises(ServiceError) as err:
+            client.delete_snapshot("once")
+        assert err.value.code == "not_found"
+    finally:
+        client.close_instance(source)
+
+
+@pytest.mark.parametrize("name", params("local", "docker-busybox"))
+def test_snapshots_go_with_the_service(name):
+    svc = Service("--runner", "local").wait_ready()
+    try:
+        source = svc.client.start_instance(SPECS[name])["instance_id"]
+        svc.client.snapshot_instance(source, "kept")
+        [agent] = svc.client.available_resources()["agents"]
+        workdir = svc.client.instances()[0]["info"].get("workdir")
+    finally:
+        assert svc.stop() == 0
+    if name == "docker-busybox":
+        assert fork_images(source) == []
+    else:
+        assert not os.path.exists(os.path.dirname(workdir)), agent  # the agent's directory, snapshots and all

@@ -15,6 +15,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from arservice import protocol
 from arservice.client import ServiceError
 
 pytestmark = pytest.mark.timeout(90)
@@ -243,3 +244,11 @@ def test_metrics_and_status_need_the_token(service, token):
     for path in ("/metrics", "/status"):
         status, content_type, body = get(service, path, token=token)
         assert status == 401 and "unauthorized" in body and content_type.startswith("application/json")
+
+
+def test_every_request_an_agent_answers_has_its_counter():
+    from arservice.agent.agent import INSTANCE_REQUESTS
+    from arservice.broker.metrics import ANSWER_COUNTERS, FAMILIES
+    # delete_snapshot is answered by the broker itself (the agent's answer goes to nobody).
+    assert set(INSTANCE_REQUESTS) - {protocol.DELETE_SNAPSHOT} <= set(ANSWER_COUNTERS)
+    assert set(ANSWER_COUNTERS.values()) <= set(FAMILIES)

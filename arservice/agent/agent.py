@@ -31,7 +31,9 @@ from . import workdirs
 log = EventLog("agent")
 
 INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
-                     protocol.WRITE_FILE, protocol.READ_FILE, protocol.FORK_INSTANCE)
+                     protocol.WRITE_FILE, protocol.READ_FILE, protocol.FORK_INSTANCE,
+                     protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT)
+SNAPSHOTS_DIR = "snapshots"  # in the agent's directory: the files of its named snapshots
 DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
 # host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
@@ -62,6 +64,8 @@ class Agent:
         self.stop_timeout_s = stop_timeout_s
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="work")
         self.envs = {}  # instance id -> (Environment, Future of its start); touched only by the loop
+        # name -> (backend class, handle, source instance id): set by a worker thread once made
+        self.snapshots = {}
         self.commands = {}  # request id -> environments.process.Watched driven by the loop
         self.command_fds = {}  # fd being watched -> request id
         self.stopping = threading.Event()
@@ -117,6 +121,11 @@ class Agent:
                 self._guarded(self._expire_commands)
         finally:
             self._close_all()
+            for cls, handle, _ in self.snapshots.values():  # after the instances: none uses them now
+                try:
+                    cls.drop_snapshot(handle)
+                except Exception as exc:  # noqa: BLE001 (the reaper of a later agent removes it)
+                    log.error("snapshot_drop_failed", error=repr(exc))
             for request_id in list(self.commands):
                 self.commands[request_id].kill()
                 self._finish_command(request_id)
@@ -176,10 +185,12 @@ class Agent:
         held = [{"instance_id": instance_id, "environment": env.spec, "info": env.info}
                 for instance_id, (env, started) in self.envs.items()
                 if started.done() and started.exception() is None]
+        snapshots = [{"name": name, "type": cls.type, "source": source}
+                     for name, (cls, _, source) in list(self.snapshots.items())]
         return protocol.request(
             protocol.REGISTER, self._id(), agent_id=self.agent_id, secret=self.secret,
             capacity=self.capacity, env_types=self.env_types, hostname=socket.gethostname(),
-            pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"), instances=held,
+            pid=os.getpid(), slurm_job_id=os.environ.get("SLURM_JOB_ID"), instances=held, snapshots=snapshots,
         )
 
     def _on_broker_frame(self, frame):
@@ -234,6 +245,10 @@ class Agent:
         cls = environments.backend(spec.get("type"))
         env = cls(instance_id, cls.parse_config(spec), self.agent_id, self.workdir)
         env.spec, env.info = spec, {}  # what a broker needs to adopt the instance
+        if env.config["snapshot"] is not None:
+            if env.config["snapshot"] not in self.snapshots:
+                raise ProtocolError("not_found", f"no snapshot {env.config['snapshot']!r} on agent {self.agent_id}")
+            env.seed = self.snapshots[env.config["snapshot"]][1]
         started = self.pool.submit(self._start, msg["id"], env)
         self.envs[instance_id] = (env, started)
 
@@ -265,6 +280,25 @@ class Agent:
         done = self.pool.submit(forked)
         for fork in forks:
             self.envs[fork.instance_id] = (fork, done)
+
+    def _on_snapshot_instance(self, msg):
+        env, started = self._instance(msg)
+        name = protocol.field(msg, "name", str)
+        if name in self.snapshots or not name or "/" in name or name.startswith("."):
+            raise ProtocolError("conflict", f"snapshot {name!r} exists or is no name")
+        directory = os.path.join(self.workdir, SNAPSHOTS_DIR, name)
+
+        def snapshot():
+            self.snapshots[name] = (type(env), env.snapshot(directory), env.instance_id)
+            return {"name": name}
+        self._submit(msg["id"], started, snapshot)
+
+    def _on_delete_snapshot(self, msg):
+        name = protocol.field(msg, "name", str)
+        if name not in self.snapshots:
+            raise ProtocolError("not_found", f"no snapshot {name!r} on agent {self.agent_id}")
+        cls, handle, _ = self.snapshots.pop(name)
+        self.pool.submit(self._answer, msg["id"], lambda: cls.drop_snapshot(handle))
 
     def _on_execute(self, msg):
         env, started = self._instance(msg)

@@ -6,6 +6,7 @@ commands, environment starts and everything slow happen on agents.
 """
 
 import itertools
+import re
 import secrets
 import time
 import traceback
@@ -23,6 +24,7 @@ from .state import (
     Instance,
     Pending,
     Pool,
+    Snapshot,
     WaitingStart,
     cost_of,
     to_units,
@@ -37,6 +39,8 @@ REQUEST_TIMEOUT_S = 60.0
 LOST_INSTANCE_KEEP_S = 3600.0
 # The most instances one fork_instance makes.
 MAX_FORKS = 64
+# A snapshot's name: it names a directory on the agent.
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # The longest a start may wait for room when it asks (wait_s), whatever --start-wait says.
 MAX_START_WAIT_S = 3600.0
 TICK_S = 0.1
@@ -56,6 +60,7 @@ class Broker:
         if unknown:
             raise ValueError(f"warm pools of unknown presets: {', '.join(unknown)}")
         self.warm = WarmPools(pools or {}, self.pool.instances)
+        self.snapshots: dict[str, Snapshot] = {}
         self.token = token
         # What an agent must present to register: the token, or a secret its runner gave it.
         self.agent_secret = agent_secret or token
@@ -105,6 +110,8 @@ class Broker:
             protocol.PING: self.on_ping,
             protocol.RENEW: self.on_renew,
             protocol.FORK_INSTANCE: self.on_fork_instance,
+            protocol.SNAPSHOT_INSTANCE: self.on_snapshot_instance,
+            protocol.DELETE_SNAPSHOT: self.on_delete_snapshot,
             protocol.RUNNER_STATUS: self.on_runner_status,
             protocol.RELEASE_AGENT: self.on_release_agent,
             protocol.METRICS: self.on_metrics,
@@ -113,7 +120,8 @@ class Broker:
         self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                              protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
                              protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT,
-                             protocol.METRICS, protocol.STATUS, protocol.RENEW, protocol.FORK_INSTANCE}
+                             protocol.METRICS, protocol.STATUS, protocol.RENEW, protocol.FORK_INSTANCE,
+                             protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT}
 
     def stop(self):
         """Ask the loop to end within one tick; safe from any thread."""
@@ -257,10 +265,9 @@ class Broker:
         self._answer_client(pending, protocol.error(pending.client_id, "timeout", f"agent {pending.agent_id} did not answer {what} in time"))
 
     def _answer_client(self, pending, msg):
+        if pending.envelope is not None:  # first: whatever goes wrong after, the client has its answer
+            self.send(pending.envelope, {**msg, "id": pending.client_id})
         self.metrics.answered(pending, msg)
-        if pending.envelope is not None:
-            msg["id"] = pending.client_id
-            self.send(pending.envelope, msg)
 
     # -- agents -------------------------------------------------------------------
 
@@ -285,6 +292,10 @@ class Broker:
         )
         drop = [self._adopt(agent, item) for item in held]
         drop = [instance_id for instance_id in drop if instance_id]
+        for item in field(msg, "snapshots", list, default=[]):  # what it kept through a broker restart
+            if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] not in self.snapshots:
+                self.snapshots[item["name"]] = Snapshot(item["name"], agent_id, str(item.get("type")),
+                                                        str(item.get("source")), ready=True)
         self.metrics.agent_registered()
         log.info("agent_registered", agent=agent_id, capacity=capacity, types=",".join(map(str, env_types)),
                  slurm_job=msg.get("slurm_job_id"), adopted=len(held) - len(drop), dropped=len(drop))
@@ -367,6 +378,8 @@ class Broker:
                                                       instances=len(agent.instance_ids))
         self.pool.drop_agent(agent)
         self.lost_agents.add(agent.agent_id)
+        for name in [n for n, s in self.snapshots.items() if s.agent_id == agent.agent_id]:
+            del self.snapshots[name]  # its files went with it
         self.metrics.agent_lost(agent)
         for request_id, pending in list(self.pending.items()):
             if pending.agent_id == agent.agent_id:
@@ -396,6 +409,8 @@ class Broker:
             self.warm.started(inst, ok, time.monotonic())
         elif pending.kind == protocol.FORK_INSTANCE:
             result = self._forked(pending, result if ok else None)
+        elif pending.kind == protocol.SNAPSHOT_INSTANCE:
+            result = self._snapshotted(pending, result if ok else None)
         elif pending.kind == protocol.CLOSE_INSTANCE and inst is not None:
             self.pool.release(inst)
             result = {"instance_id": inst.instance_id, "closed": True}
@@ -425,6 +440,19 @@ class Broker:
             log.info("instance_forked", instance=fork.instance_id, source=pending.instance_id, agent=fork.agent_id)
         return None if result is None else {"source": pending.instance_id, "instances": [self._started(f) for f in forks]}
 
+    def _snapshotted(self, pending, result):
+        """A snapshot's answer: it is ready, or (result None) its name is free again."""
+        name = pending.forks[0]
+        snapshot = self.snapshots.get(name)
+        if snapshot is None or snapshot.ready:
+            return result
+        if result is None:
+            del self.snapshots[name]
+            return None
+        snapshot.ready = True
+        log.info("snapshot_made", name=name, source=pending.instance_id, agent=pending.agent_id)
+        return {"name": name, **snapshot.describe()}
+
     @staticmethod
     def _started(inst):
         """What a client is told of an instance that started for it."""
@@ -440,6 +468,8 @@ class Broker:
         result["waiting"] = {"starts": len(self.waiting), "by_type": waiting_by_type(self.waiting)}
         if self.warm.pools:
             result["pools"] = self.warm.describe()
+        if self.snapshots:
+            result["snapshots"] = {name: snapshot.describe() for name, snapshot in self.snapshots.items()}
         if self.runner_status is not None:
             result["runner"] = self.runner_status
         self.send(envelope, protocol.reply(msg["id"], result))
@@ -540,23 +570,34 @@ class Broker:
         self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, client_id, config["start_timeout"])
         return inst
 
-    def _place(self, config, sparing=None):
-        """The agent for a client's new instance. Where there is no room, warm pools give up ready
-        instances (not of `sparing`, the preset asked for) as long as that may make some."""
+    def _place(self, config, sparing=None, evict=True):
+        """The agent for a new instance. Where there is no room, warm pools give up ready instances
+        (not of `sparing`, the preset asked for) as long as that may make some, if `evict`."""
         cost = cost_of(config)
+
+        def make_room(may_go):
+            return evict and self._evict(self.warm.victim(sparing, may_go))
+
         while True:
             try:
                 self.pool.check_limits(cost)
                 break
             except ProtocolError:
-                if not self._evict(self.warm.victim(sparing, lambda inst: True)):
+                if not make_room(lambda inst: True):
                     raise
+        if config["snapshot"] is not None:  # where its files are, or nowhere
+            agent = self._snapshot_agent(config)
+            while short := agent.shortfall(cost):
+                if not make_room(lambda inst: inst.agent_id == agent.agent_id):
+                    raise ProtocolError("no_capacity", f"agent {agent.agent_id}, which holds snapshot "
+                                                       f"{config['snapshot']!r}, is out of {short}")
+            return agent
         able = {a.agent_id for a in self.pool.agents.values() if config["type"] in a.env_types}
         while True:
             try:
                 return self.pool.place(config["type"], cost)
             except ProtocolError:
-                if not self._evict(self.warm.victim(sparing, lambda inst: inst.agent_id in able)):
+                if not make_room(lambda inst: inst.agent_id in able):
                     raise
 
     def _evict(self, inst):
@@ -583,11 +624,9 @@ class Broker:
         for pool in self.warm.to_refill(now):
             spec = self.presets[pool.preset]
             config = environments.backend(spec.get("type")).parse_config(spec)
-            cost = cost_of(config)
             for _ in range(pool.missing()):
                 try:
-                    self.pool.check_limits(cost)
-                    agent = self.pool.place(config["type"], cost)
+                    agent = self._place(config, evict=False)
                 except ProtocolError:
                     break
                 pool.starting.add(self._start_on(agent, spec, config, None, None, pooled_for=pool.preset).instance_id)
@@ -628,6 +667,47 @@ class Broker:
         ids = [f.instance_id for f in forks]
         self._forward(agent, source, protocol.FORK_INSTANCE, {"new_ids": ids}, envelope, msg["id"],
                       source.config["start_timeout"], forks=ids)
+
+    def on_snapshot_instance(self, envelope, msg):
+        """Keep a copy of a running instance's files under a name, on its agent, for later starts."""
+        source = self._running_instance(msg)
+        name = text(msg, "name")
+        if not SNAPSHOT_NAME.fullmatch(name):
+            raise ProtocolError("invalid_request", "a snapshot's name is 1 to 64 letters, digits, '_', '.' or '-', "
+                                                   "starting with a letter or digit")
+        if name in self.snapshots:
+            raise ProtocolError("conflict", f"a snapshot named {name!r} exists already")
+        if not environments.backend(source.config["type"]).can_fork:
+            raise ProtocolError("invalid_request", f"{source.config['type']} instances cannot be snapshotted")
+        self.snapshots[name] = Snapshot(name, source.agent_id, source.config["type"], source.instance_id)
+        self._forward(self.pool.agent_by_id(source.agent_id), source, protocol.SNAPSHOT_INSTANCE, {"name": name},
+                      envelope, msg["id"], source.config["start_timeout"], forks=(name,))
+
+    def on_delete_snapshot(self, envelope, msg):
+        name = text(msg, "name")
+        snapshot = self.snapshots.get(name)
+        if snapshot is None or not snapshot.ready:
+            raise ProtocolError("not_found", f"no snapshot named {name!r}")
+        users = [i.instance_id for i in self.pool.instances.values()
+                 if i.config.get("snapshot") == name and i.state not in ENDED_STATES]
+        if users:
+            raise ProtocolError("conflict", f"snapshot {name!r} is in use by {len(users)} instance(s): {', '.join(users[:5])}")
+        del self.snapshots[name]
+        agent = self.pool.agent_by_id(snapshot.agent_id)
+        # Nobody waits for the agent's answer: the name is gone at once, the files soon.
+        self.send([agent.identity], protocol.request(protocol.DELETE_SNAPSHOT, f"b{next(self._ids)}", name=name))
+        log.info("snapshot_deleted", name=name, agent=snapshot.agent_id)
+        self.send(envelope, protocol.reply(msg["id"], {"name": name, "deleted": True}))
+
+    def _snapshot_agent(self, config):
+        """The agent that holds the snapshot a spec starts from (starts from it go there)."""
+        snapshot = self.snapshots.get(config["snapshot"])
+        if snapshot is None or not snapshot.ready:
+            raise ProtocolError("not_found", f"no snapshot named {config['snapshot']!r}")
+        if snapshot.type != config["type"]:
+            raise ProtocolError("invalid_request", f"snapshot {snapshot.name!r} is of a {snapshot.type} instance, "
+                                                   f"not {config['type']}")
+        return self.pool.agent_by_id(snapshot.agent_id)
 
     def on_execute(self, envelope, msg):
         inst = self._running_instance(msg)

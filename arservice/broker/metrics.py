@@ -28,6 +28,7 @@ ANSWER_COUNTERS = {
     protocol.EXECUTE: "arservice_commands_total",
     protocol.CLOSE_INSTANCE: "arservice_instance_closes_total",
     protocol.FORK_INSTANCE: "arservice_instance_forks_total",
+    protocol.SNAPSHOT_INSTANCE: "arservice_snapshots_total",
     protocol.WRITE_FILE: "arservice_file_requests_total",
     protocol.READ_FILE: "arservice_file_requests_total",
 }
@@ -62,6 +63,8 @@ FAMILIES = {
     "arservice_instance_closes_total": ("counter", "Closes answered by an agent, by outcome.", ("type", "outcome")),
     "arservice_instance_forks_total": ("counter", "fork_instance requests answered by an agent, by outcome.",
                                        ("type", "outcome")),
+    "arservice_snapshots_total": ("counter", "snapshot_instance requests answered by an agent, by outcome.",
+                                  ("type", "outcome")),
     "arservice_file_requests_total": ("counter", "write_file and read_file requests answered, by outcome.",
                                       ("request", "type", "outcome")),
     "arservice_instances_expired_total": ("counter", "Instances closed because their lease ended, by reason (ttl or idle).",

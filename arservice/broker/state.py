@@ -4,6 +4,7 @@ Plain objects, owned by the broker loop alone, so nothing here needs a lock.
 """
 
 import time
+from dataclasses import dataclass
 
 from ..protocol import ProtocolError
 
@@ -127,6 +128,19 @@ class Pending:
         self.instance_id = instance_id
         self.deadline = deadline
         self.forks = forks  # fork_instance: the ids of the new instances
+
+@dataclass
+class Snapshot:
+    """A named copy of an instance's files, kept by the agent that made it: starts from it go there."""
+    name: str
+    agent_id: str
+    type: str
+    source: str  # the instance it was taken from
+    ready: bool = False  # the agent said it is made
+
+    def describe(self) -> dict:
+        return {"agent_id": self.agent_id, "type": self.type, "source": self.source, "ready": self.ready}
+
 
 class WaitingStart:
     """A start that found no agent with room, waiting for one (a runner may be bringing it)."""

@@ -9,8 +9,10 @@ before any agent sees it.
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from ..protocol import MAX_SECONDS, ProtocolError, check_value, environment_map
+from . import hostdir
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_OUTPUT_LIMIT = 1 << 20
@@ -62,6 +64,11 @@ def shell_argv(shell, command):
 
 class Environment:
     type = None  # the name users put in "type"; set by each backend
+    can_fork = False  # whether its files can be copied for forks and snapshots
+    # Whether start() may run on a short-lived thread: not where it starts host processes that die
+    # with the thread that made them (bwrap --die-with-parent is PR_SET_PDEATHSIG, a thread's death).
+    starts_in_threads = False
+    seed = None  # a snapshot's handle (snapshot()) that start() begins from, or None: the image as it is
     # Which of LIMITS this backend can enforce; asking for another one is an error.
     enforces = set()
 
@@ -82,6 +89,7 @@ class Environment:
         "pids": (int, None, _positive),
         "network": ((bool, str), None, None),  # off by default where the backend isolates
         "disk": (None, None, None),  # what the instance may write on the host; sizes as memory's
+        "snapshot": (str, None, None),  # start from a snapshot_instance's files, by name
     }
 
     @classmethod
@@ -114,6 +122,8 @@ class Environment:
         asked = [name for name in LIMITS if config[name] is not None and name not in cls.enforces]
         if asked:
             raise ProtocolError("invalid_request", f"{cls.type} environments cannot enforce {', '.join(asked)}")
+        if config["snapshot"] is not None and not cls.can_fork:
+            raise ProtocolError("invalid_request", f"{cls.type} environments cannot start from a snapshot")
         return config
 
     @classmethod
@@ -166,10 +176,52 @@ class Environment:
         """Return {content: bytes} of at most `limit` bytes; raise ProtocolError("payload_too_large") past it."""
         raise NotImplementedError
 
+    # -- forks and snapshots: an instance's files, for other instances to start from ----------
+
+    def host_dirs(self):
+        """The host directories that hold the instance's files, by role ("work", "tmp"): what
+        snapshots copy, where a backend keeps no files of its own (a container engine does)."""
+        return {}
+
+    def snapshot(self, directory=None):
+        """The instance's files now, as a handle a start can begin from (`seed`): copies in
+        `directory` (they outlive the instance: drop_snapshot removes them), or without one, the
+        live directories themselves, which each fork's start copies (fork)."""
+        if not self.can_fork:
+            raise ProtocolError("invalid_request", f"{self.type} instances cannot be forked or snapshotted")
+        dirs = self.host_dirs()
+        if directory is None:
+            return {"dirs": dirs}
+        copies = {}
+        for role, path in dirs.items():
+            copies[role] = os.path.join(directory, role)
+            os.makedirs(copies[role], mode=0o755)
+            hostdir.copy_tree(path, copies[role], self.config["start_timeout"])
+        return {"dirs": copies, "directory": directory}
+
+    @classmethod
+    def drop_snapshot(cls, handle):
+        """Remove a named snapshot's copies."""
+        hostdir.remove_tree(handle["directory"])
+
+    def plant_seed(self):
+        """In start(), once the instance's directories exist: copy the seed's files into them."""
+        for role, path in (self.seed or {}).get("dirs", {}).items():
+            target = self.host_dirs().get(role)
+            if target:
+                hostdir.copy_tree(path, target, self.config["start_timeout"])
+
     def fork(self, forks):
-        """Start `forks` (new, unstarted instances of this backend with this config) with copies of
-        this instance's files as they are now; return each one's start info. Processes are not copied."""
-        raise ProtocolError("invalid_request", f"{self.type} instances cannot be forked")
+        """Start `forks` (new, unstarted instances of this backend with this config) from this
+        instance's files as they are now; return each one's start info. Processes are not copied."""
+        seed = self.snapshot()
+        for fork in forks:
+            fork.seed = seed
+        if not self.starts_in_threads:
+            return [fork.start() for fork in forks]
+        with ThreadPoolExecutor(len(forks)) as threads:
+            starts = [threads.submit(fork.start) for fork in forks]
+        return [start.result() for start in starts]
 
     def close(self):
         """Stop the instance and remove everything it made. Must be safe to call twice."""

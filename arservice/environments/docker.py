@@ -14,7 +14,6 @@ import os
 import socket
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
@@ -70,6 +69,8 @@ class ChunkReader(io.RawIOBase):
 
 class DockerEnvironment(Environment):
     type = "docker"
+    can_fork = True
+    starts_in_threads = True  # the engine starts the container: it waits on the engine, nothing else
     enforces = {"cpus", "memory", "pids", "network", "disk"}
     options = {
         **Environment.options,
@@ -120,10 +121,11 @@ class DockerEnvironment(Environment):
 
     @classmethod
     def _reap_fork_images(cls, client, host, alive):
-        """Images committed for forks by dead agents of this host (every container of theirs is gone by now)."""
+        """Images committed for forks and snapshots by dead agents of this host (every container of
+        theirs is gone by now)."""
         import docker.errors
         reaped = []
-        for image in client.images.list(filters={"label": [f"{LABEL}.fork_of", f"{LABEL}.host={host}"]}):
+        for image in client.images.list(filters={"label": [f"{LABEL}.commit_of", f"{LABEL}.host={host}"]}):
             pid = image.labels.get(f"{LABEL}.pid", "")
             if pid.isdigit() and not alive(int(pid)):
                 try:
@@ -134,6 +136,9 @@ class DockerEnvironment(Environment):
         return reaped
 
     def start(self):
+        if self.seed is not None:
+            self.config = {**self.config, "image": self.seed["image"], "pull": "never"}
+            self.fork_image = self.seed["image"] if self.seed["for_forks"] else None
         config = self.config
         self.docker = self.client()
         self._ensure_image()
@@ -304,22 +309,21 @@ class DockerEnvironment(Environment):
                 raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             return tar.extractfile(member).read()
 
-    def fork(self, forks):
-        """Each fork is a container of an image committed from this one's (paused meanwhile): its
-        files as they are now, not its processes, nor what is in its mounts. The image goes with the
-        last container made from it."""
-        labels = {LABEL: "1", f"{LABEL}.fork_of": self.instance_id, f"{LABEL}.agent": self.agent_id,
+    def snapshot(self, directory=None):
+        """An image committed from the container (paused meanwhile): its files as they are now, not
+        its processes, nor what is in its mounts. A fork's image (no `directory`: nothing outlives
+        the forks) goes with the last container made from it; a named snapshot's with drop_snapshot."""
+        labels = {LABEL: "1", f"{LABEL}.commit_of": self.instance_id, f"{LABEL}.agent": self.agent_id,
                   f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())}
         try:
             image = self.container.commit(conf={"Labels": labels})
         except Exception as exc:
             raise ProtocolError("environment_error", f"could not commit the container of {self.instance_id}: {exc}")
-        for fork in forks:
-            fork.config = {**fork.config, "image": image.id, "pull": "never"}
-            fork.fork_image = image.id
-        with ThreadPoolExecutor(len(forks)) as threads:  # each start mostly waits on the engine
-            starts = [threads.submit(fork.start) for fork in forks]
-        return [start.result() for start in starts]
+        return {"image": image.id, "for_forks": directory is None}
+
+    @classmethod
+    def drop_snapshot(cls, handle):
+        cls._remove_image(cls.client(), handle["image"])
 
     def close(self):
         if self.container is not None:
@@ -333,15 +337,16 @@ class DockerEnvironment(Environment):
         if self.host_dir:
             hostdir.remove(self.host_dir)
         if self.fork_image is not None:
-            self._remove_fork_image()
+            self._remove_image(self.docker, self.fork_image)
 
-    def _remove_fork_image(self):
+    @staticmethod
+    def _remove_image(client, image_id):
         import docker.errors
         try:
-            self.docker.images.remove(self.fork_image)
+            client.images.remove(image_id)
         except docker.errors.ImageNotFound:
             pass
         except docker.errors.APIError as exc:
-            if exc.status_code != 409:  # 409: other forks still use it; the last one removes it
+            if exc.status_code != 409:  # 409: containers still use it; the last fork's close removes it
                 raise
 

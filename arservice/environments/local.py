@@ -36,6 +36,7 @@ def kill_tagged(tag: bytes) -> None:
 
 class LocalEnvironment(Environment):
     type = "local"
+    can_fork = True
     options = {**Environment.options, "shell": shell_option("bash")}
     workdir = None
     groups = ()
@@ -53,6 +54,7 @@ class LocalEnvironment(Environment):
             hostdir.remove_tree(self.workdir)
             raise ProtocolError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
         self.groups = set()
+        self.plant_seed()
         return {"workdir": self.workdir}
 
     def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
@@ -77,13 +79,9 @@ class LocalEnvironment(Environment):
         fd = safefs.open_file(resolve_path(path, self.cwd), os.O_RDONLY, follow=True)
         return {"content": safefs.read_limited(fd, limit, path)}
 
-    def fork(self, forks):
-        """Each fork gets a copy of this instance's directory (a cwd elsewhere on the host is shared, as it is)."""
-        infos = []
-        for fork in forks:
-            infos.append(fork.start())
-            hostdir.copy_tree(self.workdir, fork.workdir, self.config["start_timeout"])
-        return infos
+    def host_dirs(self):
+        # Its own directory only: a cwd elsewhere on the host is shared by every instance, as it is.
+        return {"work": self.workdir} if self.workdir else {}
 
     def close(self):
         for pgid in list(self.groups):

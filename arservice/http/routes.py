@@ -8,6 +8,8 @@ ROUTES = {
     "/close_instance": ("POST", protocol.CLOSE_INSTANCE),
     "/renew_instance": ("POST", protocol.RENEW),
     "/fork_instance": ("POST", protocol.FORK_INSTANCE),
+    "/snapshot_instance": ("POST", protocol.SNAPSHOT_INSTANCE),
+    "/delete_snapshot": ("POST", protocol.DELETE_SNAPSHOT),
     "/write_file": ("POST", protocol.WRITE_FILE),
     "/read_file": ("POST", protocol.READ_FILE),
     "/get_available_resources": ("GET", protocol.RESOURCES),

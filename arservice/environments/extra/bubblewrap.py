@@ -71,6 +71,7 @@ def unreachable(path: str) -> str | None:
 
 class BubblewrapEnvironment(Environment):
     type = "bubblewrap"
+    can_fork = True
     enforces = {"network", "disk"}
     options = {
         **Environment.options,
@@ -125,6 +126,7 @@ class BubblewrapEnvironment(Environment):
             os.chmod(self.tmp_dir, 0o755)  # as bwrap's own tmpfs
         self.cwd = self.config["cwd"] or WORK
         self.groups = set()
+        self.plant_seed()  # before the sandbox starts: nothing in it sees a half-made copy
         self.prefix = [
             *([setpriv, f"--reuid={self.owner}", f"--regid={self.owner}", "--clear-groups", "--"]
               if self.owner is not None else []),
@@ -179,16 +181,9 @@ class BubblewrapEnvironment(Environment):
         return process.Command([*argv, *shell_argv(self.shell, command)], timeout=timeout, output_limit=output_limit,
                                groups=self.groups)
 
-    def fork(self, forks):
-        """Each fork gets a copy of /work, and of /tmp where it is a host directory (with `disk`);
-        without `disk`, /tmp is the sandbox's own tmpfs, which the host does not see: a fork's starts empty."""
-        infos = []
-        for fork in forks:
-            infos.append(fork.start())
-            for source, target in ((self.workdir, fork.workdir), (self.tmp_dir, fork.tmp_dir)):
-                if source and target:
-                    hostdir.copy_tree(source, target, self.config["start_timeout"])
-        return infos
+    def host_dirs(self):
+        # /tmp only where it is a host directory (with `disk`): bwrap's own tmpfs is not seen from the host.
+        return {name: path for name, path in (("work", self.workdir), ("tmp", self.tmp_dir)) if path}
 
     def _beneath_work(self, path):
         """Files are exchanged through the work directory, the one place the host can see: the
