@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import Service, run_in_threads, wait_for
@@ -220,6 +221,40 @@ def test_a_requeued_job_is_replaced_without_a_duplicate_agent(cluster):
         assert our_jobs(svc.job_name) == {}
     finally:
         svc.cleanup()
+
+
+def test_a_job_requeued_between_two_looks_of_the_runner_is_lost_too(cluster):
+    # The runner looks at squeue once a second, and under load a job can start, register its agent,
+    # be requeued and be pending again in between (CI saw it). Here the service is stopped meanwhile:
+    # it never sees the job run, only pending again, with its restart count up.
+    svc = ClusterService("--max-resources", '{"jobs": 1}', "--slurm-instances", "1",
+                         "--slurm-sbatch-arg=--hold")  # held: a job runs only when the test releases it
+    starter, client = ThreadPoolExecutor(1), ZMQClient(svc.zmq, token="tok")  # (a client per thread)
+    try:
+        started = starter.submit(client.start_instance, {"type": "local"}, wait_s=60)
+        [job_id] = wait_for(lambda: [j["job_id"] for j in svc.runner()["job_list"]], what="the job submitted")
+        svc.proc.send_signal(signal.SIGSTOP)
+        try:
+            subprocess.run(["scontrol", "release", job_id], check=True, env=SLURM_ENV)
+            wait_for(lambda: our_jobs(svc.job_name).get(job_id, ("",))[0] == "RUNNING", timeout=20, interval=0.1,
+                     what="the job running")
+            subprocess.run(["scontrol", "requeue", job_id], check=True, env=SLURM_ENV)
+            wait_for(lambda: our_jobs(svc.job_name).get(job_id, ("",))[0] == "PENDING", timeout=40, interval=0.1,
+                     what="the job pending again")
+        finally:
+            svc.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: job_id not in our_jobs(svc.job_name), timeout=10, interval=0.1, what="the requeued job gone")
+        [new_job] = wait_for(lambda: list(our_jobs(svc.job_name)), timeout=10, interval=0.1, what="a replacement")
+        subprocess.run(["scontrol", "release", new_job], check=True, env=SLURM_ENV)
+        inst = started.result(timeout=30)  # the start that waited all along is served by the replacement
+        assert list(agents_by_job(svc)) == [new_job] and svc.client.execute(inst["instance_id"], "echo ok")["output"] == "ok\n"
+        assert svc.runner()["lost"] == 1
+        code, _, output = svc.terminate(signal.SIGTERM)
+        assert code == 0 and our_jobs(svc.job_name) == {}, output
+    finally:
+        svc.cleanup()
+        starter.shutdown(wait=False)
+        client.close()
 
 
 def test_several_agents_in_one_job(cluster):
