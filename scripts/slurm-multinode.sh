@@ -71,7 +71,9 @@ down() {
 }
 
 # LLN (least loaded node first) spreads single-node jobs over the nodes, as on a busy real cluster,
-# instead of packing them on n1.
+# instead of packing them on n1. A job in partition `urgent` preempts jobs of `mn` that stand in
+# its way, and Slurm requeues them (they keep their id and run again later), as on sites that
+# let priority work evict the rest.
 write_config() {
   { echo "127.0.0.1 localhost"; echo "$NET.1 $HOST"
     for node in "${NODES[@]}" login; do echo "${ADDRESS[$node]} $node"; done; } >"$BASE/hosts"
@@ -101,8 +103,11 @@ ReturnToService=2
 MpiDefault=none
 MailProg=/bin/true
 SchedulerParameters=sched_interval=1
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName=n[1-3] NodeAddr=$NET.1[1-3] CPUs=$NODE_CPUS RealMemory=1000 State=UNKNOWN
-PartitionName=mn Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES LLN=YES
+PartitionName=mn Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES LLN=YES PriorityTier=1
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 }
 

@@ -1,6 +1,6 @@
 """The Slurm runner on a real three-node cluster (scripts/slurm-multinode.sh): the broker on the
 cluster's bridge, agents on nodes n1-n3 dialing it, jobs submitted over SSH on the login node;
-then a node dies, jobs reach their time limit, get requeued, and the login node falls silent."""
+then a node dies, jobs reach their time limit, get requeued or preempted, and the login node falls silent."""
 
 import os
 import shlex
@@ -198,15 +198,25 @@ def test_stop_with_the_login_node_unreachable_is_bounded_and_names_the_jobs(clus
         svc.cleanup()
 
 
-def test_a_requeued_job_is_replaced_without_a_duplicate_agent(cluster):
+@pytest.mark.parametrize("evicted_by", ["scontrol requeue", "preemption"])
+def test_a_requeued_or_preempted_job_is_replaced_without_a_duplicate_agent(cluster, evicted_by):
     svc = ClusterService("--max-resources", '{"jobs": 2}', "--slurm-instances", "1")
+    urgent = f"{svc.job_name}-urgent"
     try:
         inst = svc.client.start_instance({"type": "local"})
         [(job_id, _)] = agents_by_job(svc).items()
-        [squeue_id] = wait_for(lambda: [j["job_id"] for j in svc.runner()["job_list"] if j["slurm_job_id"] == job_id],
-                               what="the runner to know the job")
-        subprocess.run(["scontrol", "requeue", squeue_id], check=True, env=SLURM_ENV)
+        [(squeue_id, node)] = wait_for(lambda: [(j["job_id"], j["node"]) for j in svc.runner()["job_list"]
+                                                if j["slurm_job_id"] == job_id and j["node"]],
+                                       what="the runner to know the job")
+        evicted = time.monotonic()
+        if evicted_by == "preemption":
+            # A job of the higher-priority partition that needs the whole node: Slurm requeues ours.
+            subprocess.run(["sbatch", "-Q", "-p", "urgent", "-J", urgent, "-w", node, "--exclusive", "-o", "/dev/null",
+                            "--wrap", "sleep 120"], check=True, env=SLURM_ENV)
+        else:
+            subprocess.run(["scontrol", "requeue", squeue_id], check=True, env=SLURM_ENV)
         wait_for(lambda: is_lost(svc, inst["instance_id"]), timeout=10, interval=0.1, what="the instance lost")
+        lost_after = time.monotonic() - evicted
         # The requeued job is cancelled, not run again beside its replacement.
         wait_for(lambda: job_id not in our_jobs(svc.job_name), timeout=30, interval=0.1, what="the requeued job gone")
         inst = svc.client.start_instance({"type": "local"})
@@ -216,11 +226,14 @@ def test_a_requeued_job_is_replaced_without_a_duplicate_agent(cluster):
         assert svc.client.execute(inst["instance_id"], "echo ok")["output"] == "ok\n"
         runner = svc.runner()
         assert runner["lost"] == 1 and runner["excluded_nodes"] == []  # Slurm ended it: the node is fine
+        if evicted_by == "preemption":  # the node is the urgent job's now: the replacement runs elsewhere
+            assert all(n != node for _, n in our_jobs(svc.job_name).values()) and lost_after < 5, lost_after
         code, _, output = svc.terminate(signal.SIGTERM)
         assert code == 0, output
         assert our_jobs(svc.job_name) == {}
     finally:
         svc.cleanup()
+        subprocess.run(["scancel", f"--name={urgent}"], env=SLURM_ENV, check=False)
 
 
 def test_a_job_requeued_between_two_looks_of_the_runner_is_lost_too(cluster):
