@@ -391,8 +391,11 @@ class SlurmRunner(BaseRunner):
         if count <= 0:
             return 0
         opts = self.opts
-        env = ",".join(("ALL", f"ARSERVICE_PYTHON={self.python}", *opts.env))
-        argv = ["sbatch", "--parsable", f"--job-name={self.job_name}", f"--output={self.workdir}/%j.out", f"--export={env}"]
+        # The jobs' variables go in sbatch's own environment, which --export=ALL hands on: named in
+        # --export=ALL,NAME=VALUE instead, slurmctld launched the batch script 0.3-2.8 s after
+        # allocating the job here (slurm 22.05), against 0.02-0.1 s this way.
+        argv = ["env", f"ARSERVICE_PYTHON={self.python}", *opts.env, "sbatch", "--parsable", f"--job-name={self.job_name}",
+                f"--output={self.workdir}/%j.out", "--export=ALL"]
         self.excluded = {node: until for node, until in self.excluded.items() if until > now}
         for flag, value in (("--array", f"0-{count - 1}" if count > 1 else None),
                             ("--partition", opts.partition), ("--account", opts.account), ("--time", opts.time_limit),
