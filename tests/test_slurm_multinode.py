@@ -272,14 +272,14 @@ def test_a_job_requeued_between_two_looks_of_the_runner_is_lost_too(cluster):
 
 def test_several_agents_in_one_job(cluster):
     svc = ClusterService("--max-resources", '{"jobs": 1}', "--slurm-agents-per-job", "2", "--slurm-instances", "1",
-                         "--slurm-cpus", "1")
+                         "--slurm-cpus", "1", "--slurm-env", "MN_LIST=a,b")
     try:
         insts = [svc.client.start_instance({"type": "local"}) for _ in range(2)]
         [(job_id, agents)] = agents_by_job(svc).items()
         assert len(agents) == 2 and {a["capacity"]["cpus"] for a in agents} == {1}
         assert {i["agent_id"] for i in insts} == {a["agent_id"] for a in agents}  # one instance on each
         # --slurm-env reaches the agents (sbatch's environment, handed on by --export=ALL) and their instances.
-        assert [svc.client.execute(i["instance_id"], "echo $PYTHONPATH")["output"] for i in insts] == [f"{ROOT}\n"] * 2
+        assert [svc.client.execute(i["instance_id"], "echo $PYTHONPATH $MN_LIST")["output"] for i in insts] == [f"{ROOT} a,b\n"] * 2
         assert list(our_jobs(svc.job_name)) == [job_id]
         wait_for(lambda: svc.runner()["capacity"]["registered"] == 2, interval=0.1, what="the runner counting both agents")
     finally:
