@@ -117,9 +117,9 @@ def pool_size(name, count, where) -> int:
 
 def check_slurm_env(ctx, param, values):
     for value in values:
-        name, eq, setting = value.partition("=")
-        if not eq or not name.isidentifier() or "," in setting:
-            raise CliError(f"--slurm-env {value!r}: want NAME=VALUE, without commas (sbatch --export splits on them)")
+        name, eq, _ = value.partition("=")
+        if not eq or not name.isidentifier():
+            raise CliError(f"--slurm-env {value!r}: want NAME=VALUE")
     return values
 
 

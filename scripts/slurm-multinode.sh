@@ -13,6 +13,7 @@
 # From this host: SLURM_CONF=$BASE/etc/slurm.conf sinfo; ssh -i $BASE/ssh/id_ed25519 root@10.77.0.20.
 # The namespaces have no default route: nothing from the nodes leaves 10.77.0.0/24.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-common.sh"
 
 BASE=${ARSERVICE_MN_BASE:-/tmp/arservice-mn}
 BRIDGE=arsmn0
@@ -71,7 +72,9 @@ down() {
 }
 
 # LLN (least loaded node first) spreads single-node jobs over the nodes, as on a busy real cluster,
-# instead of packing them on n1.
+# instead of packing them on n1. A job in partition `urgent` preempts jobs of `mn` that stand in
+# its way, and Slurm requeues them (they keep their id and run again later), as on sites that
+# let priority work evict the rest.
 write_config() {
   { echo "127.0.0.1 localhost"; echo "$NET.1 $HOST"
     for node in "${NODES[@]}" login; do echo "${ADDRESS[$node]} $node"; done; } >"$BASE/hosts"
@@ -81,9 +84,6 @@ ClusterName=arservice-mn
 SlurmctldHost=$HOST($NET.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=6818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
 CredType=cred/munge
 StateSaveLocation=$BASE/state
 SlurmdSpoolDir=$BASE/spool/%n
@@ -91,18 +91,13 @@ SlurmctldPidFile=$BASE/run/slurmctld.pid
 SlurmdPidFile=$BASE/run/slurmd-%n.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
 SlurmdLogFile=$BASE/log/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-ReturnToService=2
-MpiDefault=none
 MailProg=/bin/true
-SchedulerParameters=sched_interval=1
+$(slurm_conf_common)
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName=n[1-3] NodeAddr=$NET.1[1-3] CPUs=$NODE_CPUS RealMemory=1000 State=UNKNOWN
-PartitionName=mn Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES LLN=YES
+PartitionName=mn Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES LLN=YES PriorityTier=1
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 }
 

@@ -3,6 +3,7 @@
 # Writes /etc/slurm/slurm.conf for this host when there is none of ours, starts munged,
 # slurmctld and slurmd, and waits until the node takes jobs. Idempotent.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/slurm-common.sh"
 
 log() { echo "slurm-up: $*" >&2; }
 
@@ -30,24 +31,13 @@ if ! grep -q "^# written by arservice slurm-up for $host\$" "$conf" 2>/dev/null;
 # written by arservice slurm-up for $host
 ClusterName=arservice-test
 SlurmctldHost=$host
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-ReturnToService=2
-MpiDefault=none
-SchedulerParameters=sched_interval=1
+$(slurm_conf_common)
 NodeName=$host CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF

@@ -1,6 +1,6 @@
 """The Slurm runner on a real three-node cluster (scripts/slurm-multinode.sh): the broker on the
 cluster's bridge, agents on nodes n1-n3 dialing it, jobs submitted over SSH on the login node;
-then a node dies, jobs reach their time limit, get requeued, and the login node falls silent."""
+then a node dies, jobs reach their time limit, get requeued or preempted, and the login node falls silent."""
 
 import os
 import shlex
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import Service, run_in_threads, wait_for
@@ -197,15 +198,25 @@ def test_stop_with_the_login_node_unreachable_is_bounded_and_names_the_jobs(clus
         svc.cleanup()
 
 
-def test_a_requeued_job_is_replaced_without_a_duplicate_agent(cluster):
+@pytest.mark.parametrize("evicted_by", ["scontrol requeue", "preemption"])
+def test_a_requeued_or_preempted_job_is_replaced_without_a_duplicate_agent(cluster, evicted_by):
     svc = ClusterService("--max-resources", '{"jobs": 2}', "--slurm-instances", "1")
+    urgent = f"{svc.job_name}-urgent"
     try:
         inst = svc.client.start_instance({"type": "local"})
         [(job_id, _)] = agents_by_job(svc).items()
-        [squeue_id] = wait_for(lambda: [j["job_id"] for j in svc.runner()["job_list"] if j["slurm_job_id"] == job_id],
-                               what="the runner to know the job")
-        subprocess.run(["scontrol", "requeue", squeue_id], check=True, env=SLURM_ENV)
+        [(squeue_id, node)] = wait_for(lambda: [(j["job_id"], j["node"]) for j in svc.runner()["job_list"]
+                                                if j["slurm_job_id"] == job_id and j["node"]],
+                                       what="the runner to know the job")
+        evicted = time.monotonic()
+        if evicted_by == "preemption":
+            # A job of the higher-priority partition that needs the whole node: Slurm requeues ours.
+            subprocess.run(["sbatch", "-Q", "-p", "urgent", "-J", urgent, "-w", node, "--exclusive", "-o", "/dev/null",
+                            "--wrap", "sleep 120"], check=True, env=SLURM_ENV)
+        else:
+            subprocess.run(["scontrol", "requeue", squeue_id], check=True, env=SLURM_ENV)
         wait_for(lambda: is_lost(svc, inst["instance_id"]), timeout=10, interval=0.1, what="the instance lost")
+        lost_after = time.monotonic() - evicted
         # The requeued job is cancelled, not run again beside its replacement.
         wait_for(lambda: job_id not in our_jobs(svc.job_name), timeout=30, interval=0.1, what="the requeued job gone")
         inst = svc.client.start_instance({"type": "local"})
@@ -215,21 +226,60 @@ def test_a_requeued_job_is_replaced_without_a_duplicate_agent(cluster):
         assert svc.client.execute(inst["instance_id"], "echo ok")["output"] == "ok\n"
         runner = svc.runner()
         assert runner["lost"] == 1 and runner["excluded_nodes"] == []  # Slurm ended it: the node is fine
+        if evicted_by == "preemption":  # the node is the urgent job's now: the replacement runs elsewhere
+            assert all(n != node for _, n in our_jobs(svc.job_name).values()) and lost_after < 5, lost_after
         code, _, output = svc.terminate(signal.SIGTERM)
         assert code == 0, output
         assert our_jobs(svc.job_name) == {}
     finally:
         svc.cleanup()
+        subprocess.run(["scancel", f"--name={urgent}"], env=SLURM_ENV, check=False)
+
+
+def test_a_job_requeued_between_two_looks_of_the_runner_is_lost_too(cluster):
+    # The runner looks at squeue once a second, and under load a job can start, register its agent,
+    # be requeued and be pending again in between (CI saw it). Here the service is stopped meanwhile:
+    # it never sees the job run, only pending again, with its restart count up.
+    svc = ClusterService("--max-resources", '{"jobs": 1}', "--slurm-instances", "1",
+                         "--slurm-sbatch-arg=--hold")  # held: a job runs only when the test releases it
+    starter, client = ThreadPoolExecutor(1), ZMQClient(svc.zmq, token="tok")  # (a client per thread)
+    try:
+        started = starter.submit(client.start_instance, {"type": "local"}, wait_s=60)
+        [job_id] = wait_for(lambda: [j["job_id"] for j in svc.runner()["job_list"]], what="the job submitted")
+        svc.proc.send_signal(signal.SIGSTOP)
+        try:
+            subprocess.run(["scontrol", "release", job_id], check=True, env=SLURM_ENV)
+            wait_for(lambda: our_jobs(svc.job_name).get(job_id, ("",))[0] == "RUNNING", timeout=20, interval=0.1,
+                     what="the job running")
+            subprocess.run(["scontrol", "requeue", job_id], check=True, env=SLURM_ENV)
+            wait_for(lambda: our_jobs(svc.job_name).get(job_id, ("",))[0] == "PENDING", timeout=40, interval=0.1,
+                     what="the job pending again")
+        finally:
+            svc.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: job_id not in our_jobs(svc.job_name), timeout=10, interval=0.1, what="the requeued job gone")
+        [new_job] = wait_for(lambda: list(our_jobs(svc.job_name)), timeout=10, interval=0.1, what="a replacement")
+        subprocess.run(["scontrol", "release", new_job], check=True, env=SLURM_ENV)
+        inst = started.result(timeout=30)  # the start that waited all along is served by the replacement
+        assert list(agents_by_job(svc)) == [new_job] and svc.client.execute(inst["instance_id"], "echo ok")["output"] == "ok\n"
+        assert svc.runner()["lost"] == 1
+        code, _, output = svc.terminate(signal.SIGTERM)
+        assert code == 0 and our_jobs(svc.job_name) == {}, output
+    finally:
+        svc.cleanup()
+        starter.shutdown(wait=False)
+        client.close()
 
 
 def test_several_agents_in_one_job(cluster):
     svc = ClusterService("--max-resources", '{"jobs": 1}', "--slurm-agents-per-job", "2", "--slurm-instances", "1",
-                         "--slurm-cpus", "1")
+                         "--slurm-cpus", "1", "--slurm-env", "MN_LIST=a,b")
     try:
         insts = [svc.client.start_instance({"type": "local"}) for _ in range(2)]
         [(job_id, agents)] = agents_by_job(svc).items()
         assert len(agents) == 2 and {a["capacity"]["cpus"] for a in agents} == {1}
         assert {i["agent_id"] for i in insts} == {a["agent_id"] for a in agents}  # one instance on each
+        # --slurm-env reaches the agents (sbatch's environment, handed on by --export=ALL) and their instances.
+        assert [svc.client.execute(i["instance_id"], "echo $PYTHONPATH $MN_LIST")["output"] for i in insts] == [f"{ROOT} a,b\n"] * 2
         assert list(our_jobs(svc.job_name)) == [job_id]
         wait_for(lambda: svc.runner()["capacity"]["registered"] == 2, interval=0.1, what="the runner counting both agents")
     finally:

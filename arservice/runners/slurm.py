@@ -254,7 +254,7 @@ class SlurmRunner(BaseRunner):
     def _refresh(self, now):
         listed = self._squeue()
         self._next_squeue = now + SQUEUE_EVERY_S
-        for job_id, (slurm_id, state, node, left) in listed.items():
+        for job_id, (slurm_id, state, node, left, restarts) in listed.items():
             job = self.jobs.get(job_id)
             if job is None:  # ours (by name) but unknown: an sbatch whose answer was lost
                 log.warning("job_adopted", job=job_id)
@@ -262,7 +262,9 @@ class SlurmRunner(BaseRunner):
             job.state, job.node = state, node or job.node
             if state != "PENDING":  # (a pending array element shows the array's id)
                 job.slurm_id = slurm_id
-            job.ran = job.ran or bool(job.seen) or state != "PENDING"
+            # A requeued job is pending again with its restart count up: it ran, even if its stay
+            # in RUNNING (and its agent's registration) fell between two of our looks.
+            job.ran = job.ran or bool(job.seen) or state != "PENDING" or restarts != "0"
             if job.ran and state not in ("RUNNING", "CONFIGURING") and not job.cancelled:
                 # requeued or preempted (pending or suspended again), or ending (completing)
                 self._lose(job, now, f"{state} after running (requeued, preempted or ended)")
@@ -389,8 +391,11 @@ class SlurmRunner(BaseRunner):
         if count <= 0:
             return 0
         opts = self.opts
-        env = ",".join(("ALL", f"ARSERVICE_PYTHON={self.python}", *opts.env))
-        argv = ["sbatch", "--parsable", f"--job-name={self.job_name}", f"--output={self.workdir}/%j.out", f"--export={env}"]
+        # The jobs' variables go in sbatch's own environment, which --export=ALL hands on: named in
+        # --export=ALL,NAME=VALUE instead, slurmctld launched the batch script 0.3-2.8 s after
+        # allocating the job here (slurm 22.05), against 0.02-0.1 s this way.
+        argv = ["env", f"ARSERVICE_PYTHON={self.python}", *opts.env, "sbatch", "--parsable", f"--job-name={self.job_name}",
+                f"--output={self.workdir}/%j.out", "--export=ALL"]
         self.excluded = {node: until for node, until in self.excluded.items() if until > now}
         for flag, value in (("--array", f"0-{count - 1}" if count > 1 else None),
                             ("--partition", opts.partition), ("--account", opts.account), ("--time", opts.time_limit),
@@ -432,14 +437,16 @@ class SlurmRunner(BaseRunner):
         log.info("jobs_cancelled", jobs=" ".join(ids))
 
     def _squeue(self, timeout=None):
-        """Our jobs still known to Slurm, array elements one by one: job id -> (SLURM_JOB_ID, state, node list, time left)."""
-        argv = ["squeue", "-h", "-r", f"--name={self.job_name}", "-o", "%i|%A|%T|%N|%L"]
+        """Our jobs still known to Slurm, array elements one by one:
+        job id -> (SLURM_JOB_ID, state, node list, time left, times requeued)."""
+        fields = ("JobArrayID", "JobID", "State", "NodeList", "TimeLeft", "RestartCnt")  # -o has no restart count
+        argv = ["squeue", "-h", "-r", f"--name={self.job_name}", "-O", ",".join(f"{f}:|" for f in fields)]
         result = self._check(self.shell.run(argv) if timeout is None else self.shell.run(argv, timeout=timeout), "squeue")
         jobs = {}
         for line in result.stdout.splitlines():
             parts = line.strip().split("|")
-            if len(parts) == 5:
-                jobs[parts[0]] = tuple(parts[1:])
+            if len(parts) == len(fields) + 1:  # (each field ends with "|")
+                jobs[parts[0]] = tuple(parts[1:-1])
         return jobs
 
     def _job_output(self, job: Job) -> str:
