@@ -65,10 +65,12 @@ class Broker:
         self.waiting = []  # WaitingStart, oldest first
         self.runner_status = None  # what the runner last reported, shown in resources
         self.lost_agents = set()  # agent ids this broker declared lost: it adopts nothing from them
-        # Until then an unknown instance id may be one an agent has not brought back yet (this broker restarted).
-        # (Not once it started one itself: then the ids it does not know are ones it closed.)
-        self.rejoin_until = time.monotonic() + agent_timeout_s
-        self.started_any = False
+        # After a (re)start, for as long as a silent agent may still come back (--agent-timeout, then
+        # --agent-grace), an id this broker never knew may be one an agent has not brought back yet:
+        # requests on it are `unavailable` (clients send them again), `not_found` only after; and an
+        # agent back later adopts nothing, as the old broker would have declared it lost.
+        self.rejoin_until = time.monotonic() + agent_timeout_s + agent_grace_s
+        self.known_ids: set[str] = set()  # ids this broker started or adopted within that window
         self.metrics = BrokerMetrics(self)
         self._ids = itertools.count(1)
         self._stopping = False
@@ -284,6 +286,10 @@ class Broker:
             return None
         if instance_id in self.pool.instances or agent.agent_id in self.lost_agents:
             return instance_id  # this broker declared it lost or expired (a client was told so): it stays so
+        if not self._rejoining():
+            log.warning("adoption_refused", agent=agent.agent_id, instance=instance_id,
+                        error="back after the broker's grace: its requests were answered not_found")
+            return instance_id
         try:
             spec = protocol.check_value(field(item, "environment", dict), "environment")
             config = environments.backend(spec.get("type")).parse_config(spec)
@@ -295,6 +301,7 @@ class Broker:
         inst.state = "running"
         inst.info = protocol.check_value(item.get("info") if isinstance(item.get("info"), dict) else {}, "info")
         self.pool.admit(inst, agent)
+        self._remember(instance_id)
         log.info("instance_adopted", instance=instance_id, agent=agent.agent_id, type=config["type"])
         return None
 
@@ -360,7 +367,8 @@ class Broker:
         agent = self._agent(envelope)
         pending = self.pending.get(msg.get("id"))
         if pending is None or pending.agent_id != agent.agent_id:
-            return  # the answer to a request that already timed out
+            self._close_unclaimed_start(agent, msg)  # or the answer to a request that already timed out
+            return
         del self.pending[msg["id"]]
         inst = self.pool.instances.get(pending.instance_id)
         ok = msg["type"] == protocol.REPLY
@@ -388,6 +396,17 @@ class Broker:
             if code == "instance_lost" and inst is not None and inst.state == "running":
                 self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
+
+    def _close_unclaimed_start(self, agent, msg) -> None:
+        """A start's answer that no request here waits for, naming an instance this broker does not
+        hold: the start was sent by a broker gone since, so no client has the id. The agent closes
+        it, rather than hold it unknown to every broker for as long as it lives."""
+        result = msg.get("result") if msg["type"] == protocol.REPLY else None
+        instance_id = result.get("instance_id") if isinstance(result, dict) and "info" in result else None
+        if isinstance(instance_id, str) and instance_id not in self.pool.instances:
+            log.warning("unclaimed_start_closed", instance=instance_id, agent=agent.agent_id)
+            self.send([agent.identity], protocol.request(protocol.CLOSE_INSTANCE, f"b{next(self._ids)}",
+                                                         instance_id=instance_id))
 
     # -- clients ------------------------------------------------------------------
 
@@ -485,10 +504,10 @@ class Broker:
         self._start_on(agent, spec, config, envelope, msg["id"])
 
     def _start_on(self, agent, spec, config, envelope, client_id):
-        self.started_any = True
         inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config,
                         ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s)
         self.pool.admit(inst, agent)
+        self._remember(inst.instance_id)
         self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, client_id, config["start_timeout"])
 
     def _place_waiting(self, now):
@@ -552,11 +571,20 @@ class Broker:
         instance_id = field(msg, "instance_id", str)
         inst = self.pool.instances.get(instance_id)
         if inst is None:
-            if time.monotonic() < self.rejoin_until and not self.started_any:
-                raise ProtocolError("unavailable", f"no instance {instance_id!r} yet: the broker just started, and "
-                                                   "agents are bringing back the instances they hold")
+            if self._rejoining() and instance_id not in self.known_ids:
+                raise ProtocolError("unavailable", f"no instance {instance_id!r} yet: the broker restarted lately, "
+                                                   "and agents are bringing back the instances they hold")
             raise ProtocolError("not_found", f"no instance {instance_id!r}")
         return inst
+
+    def _rejoining(self) -> bool:
+        """Whether agents may still bring back instances this broker never heard of (it started lately)."""
+        return time.monotonic() < self.rejoin_until
+
+    def _remember(self, instance_id: str) -> None:
+        """Within the rejoin window, ids this broker knew: once gone they were closed (`not_found`)."""
+        if self._rejoining():
+            self.known_ids.add(instance_id)
 
     def _running_instance(self, msg):
         inst = self._instance(msg)
