@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import zmq
 
 from .. import environments, protocol
-from ..environments import hostdir
 from ..environments.process import marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
@@ -129,8 +128,7 @@ class Agent:
             closing = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
             closing.start()
             closing.join(FLUSH_TIMEOUT_S)
-            hostdir.unmount_under(self.workdir)
-            hostdir.remove_tree(self.workdir)
+            workdirs.release(self.workdir)
             log.info("agent_stopped", agent=self.agent_id)
 
     def _on_ready(self, sock, outbox):
