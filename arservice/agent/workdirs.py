@@ -23,8 +23,8 @@ log = EventLog("workdirs")
 # One root per user: another user's agents could neither write into root's, nor root's trust theirs.
 DEFAULT_ROOT = "/tmp/arservice" if os.getuid() == 0 else f"/tmp/arservice-{os.getuid()}"
 OWNER_FILE = "owner"
-# An agent id as agent.Agent makes it, which is the name of its directory.
-AGENT_DIR_NAME = re.compile(r"(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{4}")
+# An agent id as agent.Agent makes it ("<hostname>-<pid>-<4 hex digits>"), the name of its directory.
+AGENT_ID = re.compile(r"(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{4}")
 
 
 def claim(root, agent_id):
@@ -89,8 +89,13 @@ def _owner(path: str) -> tuple[str, int] | None:
         pass
     except (OSError, ValueError):
         return None
-    named = AGENT_DIR_NAME.fullmatch(os.path.basename(path))
-    return (named["host"], int(named["pid"])) if named and os.path.isdir(path) else None
+    return agent_owner(os.path.basename(path)) if os.path.isdir(path) else None
+
+
+def agent_owner(agent_id: str) -> tuple[str, int] | None:
+    """(host, pid) an agent id as agent.Agent makes it names; None for another name."""
+    named = AGENT_ID.fullmatch(agent_id)
+    return (named["host"], int(named["pid"])) if named else None
 
 
 def alive(pid):

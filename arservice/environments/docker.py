@@ -59,6 +59,20 @@ class ChunkReader(io.RawIOBase):
         return size
 
 
+OWNER_LABELS = (f"{LABEL}.agent", f"{LABEL}.host", f"{LABEL}.pid")
+
+
+def _owner(labels: dict) -> tuple[str, int] | None:
+    """(host, pid) of the process that owns a labelled container, from its labels (the agent id
+    names both, where the host or pid label is missing); None if they name none."""
+    from ..agent.workdirs import agent_owner  # the agent id's format is the agent's
+    host, pid = labels.get(f"{LABEL}.host"), labels.get(f"{LABEL}.pid", "")
+    named = agent_owner(labels.get(f"{LABEL}.agent", ""))
+    if named is not None:
+        host, pid = host or named[0], pid or str(named[1])
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
 class DockerEnvironment(Environment):
     type = "docker"
     enforces = {"cpus", "memory", "pids", "network", "disk"}
@@ -98,14 +112,27 @@ class DockerEnvironment(Environment):
 
     @classmethod
     def reap(cls, host, alive):
-        """Remove containers of dead agents of this host; return their ids."""
-        client = cls.client()
+        """Remove the labelled containers that provably have no live owner on this host; return their ids.
+
+        The owner is the pid in the labels (or in the agent id, which names it, where the pid label is
+        missing). A container with no owner label at all (made by hand, or by something that did not
+        label it) is removed once nothing runs in it: a running one may be in a live process's hands."""
         reaped = []
-        for container in client.containers.list(all=True, filters={"label": [f"{LABEL}=1", f"{LABEL}.host={host}"]}):
-            pid = container.labels.get(f"{LABEL}.pid", "")
-            if pid.isdigit() and not alive(int(pid)):
-                container.remove(force=True)
-                reaped.append(container.id)
+        # The low-level list carries the labels: no inspect per container (other agents' included).
+        for container in cls.client().api.containers(all=True, filters={"label": f"{LABEL}=1"}):
+            labels = container.get("Labels") or {}
+            owner = _owner(labels)
+            if owner is None:
+                if any(name in labels for name in OWNER_LABELS) or container.get("State") not in ("exited", "dead"):
+                    continue  # an owner label it cannot read, or something runs in it
+            elif owner[0] != host or alive(owner[1]):
+                continue
+            try:
+                cls.client().api.remove_container(container["Id"], force=True)
+            except Exception as exc:  # noqa: BLE001 (gone meanwhile, or removed by another reaper)
+                log.debug("reap_skipped", container=container["Id"][:12], error=str(exc))
+                continue
+            reaped.append(container["Id"])
         return reaped
 
     def start(self):
