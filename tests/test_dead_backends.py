@@ -108,3 +108,54 @@ def test_a_podman_container_removed_from_outside_is_lost_and_frees_its_capacity(
     assert svc.client.available_resources()["used"]["instances"] == used - 1
     assert code_of(svc.client.execute, instance_id, "true") == "agent_lost"
     assert svc.client.close_instance(instance_id)["lost"] is True
+
+
+class PodmanService:
+    """A podman API service of this test's own on a private socket: restarting it touches nobody
+    else's (podman runs no daemon: containers outlive the service that started them)."""
+
+    CONF = os.path.join(os.environ.get("ARSERVICE_CACHE", "/var/cache/arservice"), "podman-containers.conf")
+
+    def __init__(self, socket_path: str):
+        self.url = f"unix://{socket_path}"
+        self.path = socket_path
+        self.proc = None
+
+    def start(self) -> None:
+        env = dict(os.environ, CONTAINERS_CONF=self.CONF) if os.path.exists(self.CONF) else None
+        self.proc = subprocess.Popen(["podman", "system", "service", "--time=0", self.url], env=env,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: subprocess.run(["curl", "-sf", "-m", "5", "--unix-socket", self.path, "http://d/_ping"],
+                                        check=False, capture_output=True).returncode == 0, timeout=30, what="podman's API up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", params("podman"))
+def test_a_podman_service_restart_keeps_running_instances(name, tmp_path):
+    """Podman's API service restarted under a running instance: the container runs on (conmon holds
+    it), so the instance stays running and usable, and its close, once the service is back,
+    removes the container."""
+    service = PodmanService(str(tmp_path / "podman.sock"))
+    service.start()
+    svc = Service("--runner", "local", env={"CONTAINER_HOST": service.url}).wait_ready()
+    try:
+        inst = svc.client.start_instance(SPECS[name])
+        instance_id, container = inst["instance_id"], inst["info"]["container_id"]
+        svc.client.write_file(instance_id, "/root/kept", "kept")
+        service.stop()
+        assert svc.client.execute(instance_id, "cat /root/kept")["output"] == "kept"  # the helper needs no API
+        assert code_of(svc.client.start_instance, SPECS[name]) == "environment_error"  # a start does
+        service.start()
+        assert svc.client.execute(instance_id, "cat /root/kept; echo")["output"] == "kept\n"
+        assert svc.client.read_file(instance_id, "/root/kept") == b"kept"
+        assert state(svc, instance_id) == "running"
+        svc.client.close_instance(instance_id)
+        gone = subprocess.run(["podman", "container", "exists", container], check=False, timeout=60)
+        assert gone.returncode == 1
+    finally:
+        assert svc.stop() == 0
+        service.stop()
