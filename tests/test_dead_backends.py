@@ -1,13 +1,16 @@
 """Dead is dead on every backend (issue 14 part 4): an instance whose sandbox or container was
 killed from outside is `lost` and frees its capacity (or, where its spec asks, is revived).
-Real bubblewrap and podman."""
+Real bubblewrap, podman and docker."""
 
 import os
+import shutil
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from backends import SPECS, params
+from dockerd import Dockerd
 from helpers import Service, wait_for
 
 from arservice.client import ServiceError
@@ -159,3 +162,31 @@ def test_a_podman_service_restart_keeps_running_instances(name, tmp_path):
     finally:
         assert svc.stop() == 0
         service.stop()
+
+
+@pytest.mark.parametrize("name", params("docker-busybox"))
+def test_a_docker_close_while_dockerd_restarts_removes_the_container(name, tmp_path, monkeypatch, caplog):
+    """Before, a close while dockerd was down failed at once and the container stayed for good
+    (the agent forgets a closed instance). The backend against a dockerd of the test's own."""
+    if shutil.which("dockerd") is None:
+        pytest.skip("no dockerd here to start one of the test's own (a remote engine)")
+    from arservice.environments.docker import DockerEnvironment
+    dockerd = Dockerd(SPECS[name]["image"])
+    try:
+        monkeypatch.setenv("DOCKER_HOST", dockerd.url)
+        config = DockerEnvironment.parse_config(dict(SPECS[name], run_options={"stop_signal": "SIGKILL"}))
+        env = DockerEnvironment(f"i-close-{os.getpid()}", config, "test-agent", str(tmp_path))
+        container = env.start()["container_id"]
+        dockerd.stop()
+        with ThreadPoolExecutor(1) as pool:
+            closing = pool.submit(env.close)
+            wait_for(lambda: "remove_retried" in caplog.text or closing.done(), timeout=10, what="a removal tried")
+            assert not closing.done()  # it did not give up with dockerd down
+            dockerd.start()
+            closing.result(timeout=60)
+        listed = subprocess.run(["docker", "-H", dockerd.url, "ps", "-aq", "--no-trunc"], capture_output=True,
+                                text=True, check=True, timeout=30).stdout.split()
+        assert container not in listed
+        assert os.listdir(tmp_path) == []
+    finally:
+        dockerd.remove()

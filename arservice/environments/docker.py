@@ -26,6 +26,9 @@ log = EventLog("docker")
 
 LABEL = "arservice"
 PULL_PROGRESS_EVERY_S = 5.0
+# How long a close keeps trying to remove a container while the engine fails (dockerd restarting), and how often.
+ENGINE_WAIT_S = 20.0
+ENGINE_RETRY_S = 0.5
 _clients = {}  # engine URL -> DockerClient, shared by every instance's thread (requests pools connections)
 
 
@@ -89,6 +92,7 @@ class DockerEnvironment(Environment):
     }
     helper_prelude = ""  # shell code the helper runs first, to make its environment what an exec's would be
     helper = None
+    docker = None
     container = None
     host_dir = None
 
@@ -307,14 +311,34 @@ class DockerEnvironment(Environment):
             return tar.extractfile(member).read()
 
     def close(self):
-        if self.container is not None:
+        try:
+            if self.docker is not None:  # its start began
+                self._remove_container()
+        finally:
+            if self.helper is not None:
+                self.helper.close()
+            if self.host_dir:
+                hostdir.remove(self.host_dir)
+
+    def _remove_container(self) -> None:
+        """Remove the container, trying again for up to ENGINE_WAIT_S while the engine fails (a
+        dockerd shutting down refuses, then takes no connection): the agent forgets a closed
+        instance, so a removal that gave up at once left the container behind for good."""
+        deadline = time.monotonic() + ENGINE_WAIT_S
+        while True:
             try:
-                self.container.remove(force=True)
-            except Exception as exc:
-                if "No such container" not in str(exc):
+                # Without a container, the create may have failed after the engine made one (its
+                # answer lost as dockerd stopped): the instance's label finds it.
+                for container_id in ([self.container.id] if self.container is not None else [
+                        c["Id"] for c in self.docker.api.containers(
+                            all=True, filters={"label": f"{LABEL}.instance={self.instance_id}"})]):
+                    self.docker.api.remove_container(container_id, force=True)
+                return
+            except Exception as exc:  # the SDK's and requests' errors: only "No such container" means done
+                if "No such container" in str(exc):
+                    return
+                if time.monotonic() >= deadline:
                     raise
-        if self.helper is not None:
-            self.helper.close()
-        if self.host_dir:
-            hostdir.remove(self.host_dir)
+                log.warning("remove_retried", instance=self.instance_id, error=str(exc)[:200])
+                time.sleep(ENGINE_RETRY_S)
 
