@@ -337,6 +337,8 @@ def test_chaos():
     finally:
         if dockerd is not None:
             dockerd.remove()
+        if not os.listdir(root):  # what is left in it is a leak the assertions name: kept to look at
+            os.rmdir(root)
     assert not tally.crashes, tally.crashes[:5]
     assert not tally.wrong, tally.wrong[:5]
     assert not tally.undocumented, tally.undocumented[:5]
@@ -344,4 +346,3 @@ def test_chaos():
     assert tally.slowest <= REQUEST_DEADLINE_S
     assert all(tally.counts[f"started {kind}"] for kind in kinds), tally.counts
     assert tally.counts["cycles"] == CYCLES, f"{tally.counts['cycles']} of {CYCLES} cycles within {MAX_S:g}s"
-    os.rmdir(root)
