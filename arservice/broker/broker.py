@@ -45,7 +45,7 @@ AGENT_TYPES = (protocol.HEARTBEAT, protocol.DISCONNECT, protocol.REPLY, protocol
 class Broker:
     def __init__(self, bind, *, context=None, limits=None, presets=None, token=None, agent_secret=None,
                  heartbeat_s=1.0, agent_timeout_s=5.0, agent_grace_s=60.0, start_wait_s=0.0,
-                 instance_ttl_s=None, idle_timeout_s=None):
+                 instance_ttl_s=None, idle_timeout_s=None, rejoin_s=0.0):
         self.ctx = context or zmq.Context.instance()
         self.pool = Pool(limits or {})
         self.presets = presets or {}
@@ -65,11 +65,12 @@ class Broker:
         self.waiting = []  # WaitingStart, oldest first
         self.runner_status = None  # what the runner last reported, shown in resources
         self.lost_agents = set()  # agent ids this broker declared lost: it adopts nothing from them
-        # After a (re)start, for as long as a silent agent may still come back (--agent-timeout, then
-        # --agent-grace), an id this broker never knew may be one an agent has not brought back yet:
-        # requests on it are `unavailable` (clients send them again), `not_found` only after; and an
-        # agent back later adopts nothing, as the old broker would have declared it lost.
-        self.rejoin_until = time.monotonic() + agent_timeout_s + agent_grace_s
+        # Where agents outlive a broker (rejoin_s: --agent-timeout + --agent-grace, as long as the old
+        # broker would have waited for a silent agent), an id this broker never knew may, for that long
+        # after its start, be one an agent has not brought back yet: requests on it are `unavailable`
+        # (clients send them again), `not_found` only after; and an agent back later adopts nothing, as
+        # the old broker would have declared it lost. 0 where no agent can outlive it.
+        self.rejoin_until = time.monotonic() + rejoin_s
         self.known_ids: set[str] = set()  # ids this broker started or adopted within that window
         self.metrics = BrokerMetrics(self)
         self._ids = itertools.count(1)
