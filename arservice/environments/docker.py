@@ -92,7 +92,7 @@ class DockerEnvironment(Environment):
     }
     helper_prelude = ""  # shell code the helper runs first, to make its environment what an exec's would be
     helper = None
-    docker = None
+    create_sent = False  # the engine may hold a container of this instance, made or being made
     container = None
     host_dir = None
 
@@ -179,6 +179,7 @@ class DockerEnvironment(Environment):
         if fast:
             self.helper = ExecHelper(self.host_dir, pid_one=True)
         try:
+            self.create_sent = True
             self.container = self.docker.containers.create(config["image"], **options)
             self.container.start()
             self.ends_at = time.monotonic() + config["container_timeout"]
@@ -312,7 +313,7 @@ class DockerEnvironment(Environment):
 
     def close(self):
         try:
-            if self.docker is not None:  # its start began
+            if self.create_sent:
                 self._remove_container()
         finally:
             if self.helper is not None:
