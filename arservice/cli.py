@@ -350,7 +350,9 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
     try:
         broker = Broker(f"tcp://{host}:{zmq_port}", context=context, limits=max_resources, presets=presets.specs, pools=pools,
                         token=token, agent_secret=agent_secret, agent_timeout_s=agent_timeout, agent_grace_s=agent_grace,
-                        start_wait_s=start_wait, instance_ttl_s=instance_ttl, idle_timeout_s=idle_timeout or None)
+                        start_wait_s=start_wait, instance_ttl_s=instance_ttl, idle_timeout_s=idle_timeout or None,
+                        # The local runner's agents are this process's children: none outlives it to rejoin.
+                        rejoin_s=0.0 if runner_class is LocalRunner else agent_timeout + agent_grace)
         http_settings = {"threads": http_threads, "max_body": max_request_bytes, "connections": http_connections,
                          "idle_timeout_s": http_idle_timeout}
         if http_workers:

@@ -16,6 +16,7 @@ broker round trip), which is where its floor lies.
 import argparse
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,8 @@ def main():
 
     sdk = docker.from_env()
     spec = {"type": "docker", "image": BUSYBOX, "pull": "never"}
-    labels = {"arservice": "1", "arservice.bench": "1"}
+    # The owner labels let an agent's reaper remove them should this bench die before it does.
+    labels = {"arservice": "1", "arservice.bench": "1", "arservice.host": socket.gethostname(), "arservice.pid": str(os.getpid())}
     scratch = tempfile.mkdtemp(prefix="arservice-bench-")
     os.chmod(scratch, 0o755)  # a root agent's sandbox runs as an unprivileged uid, which must reach it
     svc = Service("--runner", "local", "--max-resources", '{"instances": 8}', "--log-level", "WARNING").wait_ready()

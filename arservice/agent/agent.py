@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import zmq
 
 from .. import environments, protocol
-from ..environments import hostdir
 from ..environments.process import marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
@@ -40,6 +39,9 @@ DEFAULT_STOP_TIMEOUT_S = 20.0
 AGENT_MARK = "ARSERVICE_AGENT"
 # What is left of the stop time for flushing the goodbye to the broker.
 FLUSH_TIMEOUT_S = 2.0
+# A backend's reap that failed (its engine restarting) is tried again this many times in all, this far apart.
+REAP_TRIES = 4
+REAP_RETRY_S = 5.0
 
 
 class AgentExit(Exception):
@@ -138,8 +140,7 @@ class Agent:
             closing = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
             closing.start()
             closing.join(FLUSH_TIMEOUT_S)
-            hostdir.unmount_under(self.workdir)
-            hostdir.remove_tree(self.workdir)
+            workdirs.release(self.workdir)
             log.info("agent_stopped", agent=self.agent_id)
 
     def _on_ready(self, sock, outbox):
@@ -164,14 +165,19 @@ class Agent:
         killed = kill_orphans(socket.gethostname())
         if killed:
             log.info("reaped_processes", count=len(killed), pids=",".join(map(str, killed)))
-        for name in self.env_types:
-            try:
-                reaped = environments.backend(name).reap(socket.gethostname(), workdirs.alive)
-            except Exception as exc:
-                log.warning("reap_failed", type=name, error=repr(exc))
-                continue
-            if reaped:
-                log.info("reaped_leftovers", type=name, count=len(reaped))
+        failed = list(self.env_types)
+        for attempt in range(REAP_TRIES):  # an engine restarting now answers in a while
+            if attempt and self.stopping.wait(REAP_RETRY_S):
+                return
+            for name in list(failed):
+                try:
+                    reaped = environments.backend(name).reap(socket.gethostname(), workdirs.alive)
+                except Exception as exc:
+                    log.warning("reap_failed", type=name, error=repr(exc))
+                    continue
+                failed.remove(name)
+                if reaped:
+                    log.info("reaped_leftovers", type=name, count=len(reaped))
 
     def _id(self):
         self._next_id += 1
@@ -425,10 +431,11 @@ class Agent:
         """Close every instance in parallel, waiting a bounded time."""
         if not self.envs:
             return
-        envs = [env for env, _ in self.envs.values()]
+        envs = list(self.envs.values())
         self.envs.clear()
         log.info("closing_instances", agent=self.agent_id, count=len(envs))
-        done, pending = wait([self.pool.submit(_close_quietly, env) for env in envs], timeout=self.stop_timeout_s)
+        done, pending = wait([self.pool.submit(_close_quietly, env, started) for env, started in envs],
+                             timeout=self.stop_timeout_s)
         if pending:
             log.error("close_timed_out", agent=self.agent_id, count=len(pending))
 
@@ -458,7 +465,11 @@ def raise_file_limit():
         log.info("file_limit_raised", soft=soft, to=hard)
 
 
-def _close_quietly(env):
+def _close_quietly(env, started=None):
+    """Close env, after its start if one is given: a close during the start misses what the start
+    makes after it (a container created a moment later was left behind)."""
+    if started is not None:
+        wait([started])
     try:
         env.close()
     except Exception as exc:

@@ -52,7 +52,7 @@ AGENT_TYPES = (protocol.HEARTBEAT, protocol.DISCONNECT, protocol.REPLY, protocol
 class Broker:
     def __init__(self, bind, *, context=None, limits=None, presets=None, token=None, agent_secret=None,
                  heartbeat_s=1.0, agent_timeout_s=5.0, agent_grace_s=60.0, start_wait_s=0.0,
-                 instance_ttl_s=None, idle_timeout_s=None, pools=None):
+                 instance_ttl_s=None, idle_timeout_s=None, rejoin_s=0.0, pools=None):
         self.ctx = context or zmq.Context.instance()
         self.pool = Pool(limits or {})
         self.presets = presets or {}
@@ -77,10 +77,13 @@ class Broker:
         self.waiting = []  # WaitingStart, oldest first
         self.runner_status = None  # what the runner last reported, shown in resources
         self.lost_agents = set()  # agent ids this broker declared lost: it adopts nothing from them
-        # Until then an unknown instance id may be one an agent has not brought back yet (this broker restarted).
-        # (Not once it started one itself: then the ids it does not know are ones it closed.)
-        self.rejoin_until = time.monotonic() + agent_timeout_s
-        self.started_any = False
+        # Where agents outlive a broker (rejoin_s: --agent-timeout + --agent-grace, as long as the old
+        # broker would have waited for a silent agent), an id this broker never knew may, for that long
+        # after its start, be one an agent has not brought back yet: requests on it are `unavailable`
+        # (clients send them again), `not_found` only after; and an agent back later adopts nothing, as
+        # the old broker would have declared it lost. 0 where no agent can outlive it.
+        self.rejoin_until = time.monotonic() + rejoin_s
+        self.known_ids: set[str] = set()  # ids this broker started or adopted within that window
         self.metrics = BrokerMetrics(self)
         self._ids = itertools.count(1)
         self._stopping = False
@@ -312,6 +315,10 @@ class Broker:
             return None
         if instance_id in self.pool.instances or agent.agent_id in self.lost_agents:
             return instance_id  # this broker declared it lost or expired (a client was told so): it stays so
+        if not self._rejoining():
+            log.warning("adoption_refused", agent=agent.agent_id, instance=instance_id,
+                        error="back after the broker's grace: its requests were answered not_found")
+            return instance_id
         try:
             spec = protocol.check_value(field(item, "environment", dict), "environment")
             config = environments.backend(spec.get("type")).parse_config(spec)
@@ -323,6 +330,7 @@ class Broker:
         inst.state = "running"
         inst.info = protocol.check_value(item.get("info") if isinstance(item.get("info"), dict) else {}, "info")
         self.pool.admit(inst, agent)
+        self._remember(instance_id)
         log.info("instance_adopted", instance=instance_id, agent=agent.agent_id, type=config["type"])
         return None
 
@@ -390,7 +398,8 @@ class Broker:
         agent = self._agent(envelope)
         pending = self.pending.get(msg.get("id"))
         if pending is None or pending.agent_id != agent.agent_id:
-            return  # the answer to a request that already timed out
+            self._close_unclaimed_start(agent, msg)  # or the answer to a request that already timed out
+            return
         del self.pending[msg["id"]]
         inst = self.pool.instances.get(pending.instance_id)
         ok = msg["type"] == protocol.REPLY
@@ -457,6 +466,17 @@ class Broker:
     def _started(inst):
         """What a client is told of an instance that started for it."""
         return {"instance_id": inst.instance_id, "agent_id": inst.agent_id, "environment": inst.spec, "info": inst.info}
+
+    def _close_unclaimed_start(self, agent, msg) -> None:
+        """A start's answer that no request here waits for, naming an instance this broker does not
+        hold: the start was sent by a broker gone since, so no client has the id. The agent closes
+        it, rather than hold it unknown to every broker for as long as it lives."""
+        result = msg.get("result") if msg["type"] == protocol.REPLY else None
+        instance_id = result.get("instance_id") if isinstance(result, dict) and "info" in result else None
+        if isinstance(instance_id, str) and instance_id not in self.pool.instances:
+            log.warning("unclaimed_start_closed", instance=instance_id, agent=agent.agent_id)
+            self.send([agent.identity], protocol.request(protocol.CLOSE_INSTANCE, f"b{next(self._ids)}",
+                                                         instance_id=instance_id))
 
     # -- clients ------------------------------------------------------------------
 
@@ -562,11 +582,11 @@ class Broker:
         self._start_on(agent, spec, config, envelope, msg["id"])
 
     def _start_on(self, agent, spec, config, envelope, client_id, pooled_for=None):
-        self.started_any = True
         inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config,
                         ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s,
                         pooled_for=pooled_for)
         self.pool.admit(inst, agent)
+        self._remember(inst.instance_id)
         self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, client_id, config["start_timeout"])
         return inst
 
@@ -664,6 +684,7 @@ class Broker:
                  for _ in range(count)]
         for fork in forks:
             self.pool.admit(fork, agent)
+            self._remember(fork.instance_id)
         ids = [f.instance_id for f in forks]
         self._forward(agent, source, protocol.FORK_INSTANCE, {"new_ids": ids}, envelope, msg["id"],
                       source.config["start_timeout"], forks=ids)
@@ -750,11 +771,20 @@ class Broker:
         instance_id = field(msg, "instance_id", str)
         inst = self.pool.instances.get(instance_id)
         if inst is None:
-            if time.monotonic() < self.rejoin_until and not self.started_any:
-                raise ProtocolError("unavailable", f"no instance {instance_id!r} yet: the broker just started, and "
-                                                   "agents are bringing back the instances they hold")
+            if self._rejoining() and instance_id not in self.known_ids:
+                raise ProtocolError("unavailable", f"no instance {instance_id!r} yet: the broker restarted lately, "
+                                                   "and agents are bringing back the instances they hold")
             raise ProtocolError("not_found", f"no instance {instance_id!r}")
         return inst
+
+    def _rejoining(self) -> bool:
+        """Whether agents may still bring back instances this broker never heard of (it started lately)."""
+        return time.monotonic() < self.rejoin_until
+
+    def _remember(self, instance_id: str) -> None:
+        """Within the rejoin window, ids this broker knew: once gone they were closed (`not_found`)."""
+        if self._rejoining():
+            self.known_ids.add(instance_id)
 
     def _running_instance(self, msg):
         inst = self._instance(msg)

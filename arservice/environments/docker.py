@@ -34,6 +34,9 @@ log = EventLog("docker")
 
 LABEL = "arservice"
 PULL_PROGRESS_EVERY_S = 5.0
+# How long a close keeps trying to remove a container while the engine fails (dockerd restarting), and how often.
+ENGINE_WAIT_S = 20.0
+ENGINE_RETRY_S = 0.5
 _clients = {}  # engine URL -> DockerClient, shared by every instance's thread (requests pools connections)
 
 
@@ -67,6 +70,20 @@ class ChunkReader(io.RawIOBase):
         return size
 
 
+OWNER_LABELS = (f"{LABEL}.agent", f"{LABEL}.host", f"{LABEL}.pid")
+
+
+def _owner(labels: dict) -> tuple[str, int] | None:
+    """(host, pid) of the process that owns a labelled container, from its labels (the agent id
+    names both, where the host or pid label is missing); None if they name none."""
+    from ..agent.workdirs import agent_owner  # the agent id's format is the agent's
+    host, pid = labels.get(f"{LABEL}.host"), labels.get(f"{LABEL}.pid", "")
+    named = agent_owner(labels.get(f"{LABEL}.agent", ""))
+    if named is not None:
+        host, pid = host or named[0], pid or str(named[1])
+    return (host, int(pid)) if host and pid.isdigit() else None
+
+
 class DockerEnvironment(Environment):
     type = "docker"
     can_fork = True
@@ -85,6 +102,7 @@ class DockerEnvironment(Environment):
     }
     helper_prelude = ""  # shell code the helper runs first, to make its environment what an exec's would be
     helper = None
+    create_sent = False  # the engine may hold a container of this instance, made or being made
     container = None
     host_dir = None
     fork_image = None  # the image committed from the instance this one is a fork of
@@ -109,30 +127,44 @@ class DockerEnvironment(Environment):
 
     @classmethod
     def reap(cls, host, alive):
-        """Remove containers of dead agents of this host; return their ids."""
-        client = cls.client()
+        """Remove the labelled containers that provably have no live owner on this host; return their ids.
+
+        The owner is the pid in the labels (or in the agent id, which names it, where the pid label is
+        missing). A container with no owner label at all (made by hand, or by something that did not
+        label it) is removed once nothing runs in it: a running one may be in a live process's hands."""
         reaped = []
-        for container in client.containers.list(all=True, filters={"label": [f"{LABEL}=1", f"{LABEL}.host={host}"]}):
-            pid = container.labels.get(f"{LABEL}.pid", "")
-            if pid.isdigit() and not alive(int(pid)):
-                container.remove(force=True)
-                reaped.append(container.id)
-        return reaped + cls._reap_fork_images(client, host, alive)
+        # The low-level list carries the labels: no inspect per container (other agents' included).
+        for container in cls.client().api.containers(all=True, filters={"label": f"{LABEL}=1"}):
+            labels = container.get("Labels") or {}
+            owner = _owner(labels)
+            if owner is None:
+                if any(name in labels for name in OWNER_LABELS) or container.get("State") not in ("exited", "dead"):
+                    continue  # an owner label it cannot read, or something runs in it
+            elif owner[0] != host or alive(owner[1]):
+                continue
+            try:
+                cls.client().api.remove_container(container["Id"], force=True)
+            except Exception as exc:  # noqa: BLE001 (gone meanwhile, or removed by another reaper)
+                log.debug("reap_skipped", container=container["Id"][:12], error=str(exc))
+                continue
+            reaped.append(container["Id"])
+        return reaped + cls._reap_commits(host, alive)
 
     @classmethod
-    def _reap_fork_images(cls, client, host, alive):
-        """Images committed for forks and snapshots by dead agents of this host (every container of
-        theirs is gone by now)."""
+    def _reap_commits(cls, host, alive):
+        """Images committed for forks and snapshots by dead agents of this host (their containers
+        went first, above)."""
         import docker.errors
         reaped = []
-        for image in client.images.list(filters={"label": [f"{LABEL}.commit_of", f"{LABEL}.host={host}"]}):
-            pid = image.labels.get(f"{LABEL}.pid", "")
-            if pid.isdigit() and not alive(int(pid)):
-                try:
-                    client.images.remove(image.id)
-                    reaped.append(image.id)
-                except docker.errors.APIError as exc:
-                    log.warning("fork_image_kept", image=image.id, reason=str(exc))
+        for image in cls.client().images.list(filters={"label": f"{LABEL}.commit_of"}):
+            owner = _owner(image.labels)
+            if owner is None or owner[0] != host or alive(owner[1]):
+                continue
+            try:
+                cls.client().images.remove(image.id)
+                reaped.append(image.id)
+            except docker.errors.APIError as exc:
+                log.warning("commit_kept", image=image.id, reason=str(exc))
         return reaped
 
     def start(self):
@@ -178,6 +210,7 @@ class DockerEnvironment(Environment):
         if fast:
             self.helper = ExecHelper(self.host_dir, pid_one=True)
         try:
+            self.create_sent = True
             self.container = self.docker.containers.create(config["image"], **options)
             self.container.start()
             self.ends_at = time.monotonic() + config["container_timeout"]
@@ -326,18 +359,16 @@ class DockerEnvironment(Environment):
         cls._remove_image(cls.client(), handle["image"])
 
     def close(self):
-        if self.container is not None:
-            try:
-                self.container.remove(force=True)
-            except Exception as exc:
-                if "No such container" not in str(exc):
-                    raise
-        if self.helper is not None:
-            self.helper.close()
-        if self.host_dir:
-            hostdir.remove(self.host_dir)
-        if self.fork_image is not None:
-            self._remove_image(self.docker, self.fork_image)
+        try:
+            if self.create_sent:
+                self._remove_container()
+        finally:
+            if self.helper is not None:
+                self.helper.close()
+            if self.host_dir:
+                hostdir.remove(self.host_dir)
+            if self.fork_image is not None:
+                self._remove_image(self.docker, self.fork_image)
 
     @staticmethod
     def _remove_image(client, image_id):
@@ -349,4 +380,26 @@ class DockerEnvironment(Environment):
         except docker.errors.APIError as exc:
             if exc.status_code != 409:  # 409: containers still use it; the last fork's close removes it
                 raise
+
+    def _remove_container(self) -> None:
+        """Remove the container, trying again for up to ENGINE_WAIT_S while the engine fails (a
+        dockerd shutting down refuses, then takes no connection): the agent forgets a closed
+        instance, so a removal that gave up at once left the container behind for good."""
+        deadline = time.monotonic() + ENGINE_WAIT_S
+        while True:
+            try:
+                # Without a container, the create may have failed after the engine made one (its
+                # answer lost as dockerd stopped): the instance's label finds it.
+                for container_id in ([self.container.id] if self.container is not None else [
+                        c["Id"] for c in self.docker.api.containers(
+                            all=True, filters={"label": f"{LABEL}.instance={self.instance_id}"})]):
+                    self.docker.api.remove_container(container_id, force=True)
+                return
+            except Exception as exc:  # the SDK's and requests' errors: only "No such container" means done
+                if "No such container" in str(exc):
+                    return
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("remove_retried", instance=self.instance_id, error=str(exc)[:200])
+                time.sleep(ENGINE_RETRY_S)
 

@@ -400,7 +400,8 @@ class HelperCommand(Watched):
                     # The kernel killed the command with the namespace's PID 1: that is its status.
                     self.status = b"%d\n" % (128 + signal.SIGKILL)
                     message = ("the instance's exec helper was killed from outside (or out of memory) and every "
-                               "process of the instance with it; the next command starts it again")
+                               "process of the instance with it; the next command starts it again, or answers "
+                               "instance_lost where the instance is not revived")
                 else:
                     raise ProtocolError("environment_error", self._lost())
             if not self.timed_out and not self.status.strip().isdigit():

@@ -108,12 +108,17 @@ def copy_tree(source: str, target: str, timeout_s: float) -> None:
         raise ProtocolError("environment_error", f"copying the instance's files failed: {error[-1] if error else done.returncode}")
 
 
-def unmount_under(root: str) -> None:
-    """Detach every mount below root: what an agent that died left mounted in its directories."""
+def mounts_under(root: str) -> list[str]:
+    """The mount points below root, deepest first."""
     prefix = root.rstrip("/") + "/"
     with open("/proc/self/mountinfo") as f:
         points = [_unescape(line.split()[4]) for line in f]
-    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+
+
+def unmount_under(root: str) -> None:
+    """Detach every mount below root: what an agent that died left mounted in its directories."""
+    for point in mounts_under(root):
         _libc.umount2(point.encode(), MNT_DETACH)
 
 

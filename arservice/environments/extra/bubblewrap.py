@@ -79,6 +79,8 @@ class BubblewrapEnvironment(Environment):
         "shell": shell_option(None),  # default: bash where the sandbox has it, else sh
         "fast_exec": (bool, True, None),
         "bwrap_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
+        # A sandbox killed from outside: a new one over the same /work (true), or the instance is lost.
+        "revive": (bool, False, None),
     }
     workdir = None
     tmp_dir = None
@@ -161,8 +163,14 @@ class BubblewrapEnvironment(Environment):
             self.helper)
 
     def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
-        """Only where the helper died (spawn returned None): a new sandbox with a new helper (the
-        old /tmp is gone with the old one), and the command through it."""
+        """Only where the helper died (spawn returned None). It is the sandbox's PID 1, which nothing
+        inside can signal: the sandbox was killed from outside, and its processes and /tmp went with
+        it. The instance is lost (a command answered from a new sandbox would describe another
+        machine than the one the earlier commands built), unless its spec asks for `revive`: then a
+        new sandbox over the same /work, and the command through it."""
+        if not self.config["revive"]:
+            raise ProtocolError("instance_lost", "the instance's sandbox was killed from outside: its processes and "
+                                                 "/tmp are gone (`revive: true` in a spec starts a new sandbox instead)")
         self.helper.revive(self._launch_helper)
         return revived(self.spawn(command, timeout, cwd, env, output_limit))
 
