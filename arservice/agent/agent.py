@@ -184,7 +184,17 @@ class Agent:
         return f"{self.agent_id}:{self._next_id}"
 
     def _send(self, msg):
-        self.sock.send(protocol.encode(msg))
+        self._send_frame(protocol.encode(msg))
+
+    def _send_frame(self, frame):
+        """Never blocks the loop. A DEALER with no connection to send on blocks a send for as long as
+        that lasts: an agent in a Slurm job whose broker was gone hung so, never reaching its broker
+        timeout, and its job lived on. What cannot go now is dropped: registrations and heartbeats
+        go again, and a broker that is gone waits for no answer."""
+        try:
+            self.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            log.debug("send_dropped", bytes=len(frame))
 
     def _register_message(self):
         # The instances it holds, started and well: a broker that restarted (or lost this agent) adopts them.
@@ -425,7 +435,7 @@ class Agent:
         payload, drop = frames
         for instance_id in drop.decode().split():  # what a failed start or fork would have made
             self.envs.pop(instance_id, None)
-        self.sock.send(payload)
+        self._send_frame(payload)
 
     def _close_all(self):
         """Close every instance in parallel, waiting a bounded time."""
