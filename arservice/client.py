@@ -106,6 +106,25 @@ class Calls:
                     _as_is if raw else _decode_output)
 
     @staticmethod
+    def create_session(instance_id, session=None, shell=None) -> Call:
+        """Start a persistent bash in the instance (cwd, variables, functions persist between its
+        commands); session: its name ("default"); shell: the bash to run ("bash")."""
+        return Call(protocol.CREATE_SESSION, _present({"instance_id": instance_id, "session": session, "shell": shell}))
+
+    @staticmethod
+    def run_in_session(instance_id, session, command, timeout=None, output_limit=None, raw=False) -> Call:
+        """Run a command in a session's bash; `output` is text, or bytes with raw=True. A timeout
+        interrupts the command (and what it started) and the session stays usable."""
+        fields = {"instance_id": instance_id, "session": session, "command": command, "timeout": timeout,
+                  "output_limit": output_limit}
+        return Call(protocol.RUN_IN_SESSION, _present(fields), (timeout or DEFAULT_WAIT_S) + EXECUTE_MARGIN_S,
+                    _as_is if raw else _decode_output)
+
+    @staticmethod
+    def close_session(instance_id, session) -> Call:
+        return Call(protocol.CLOSE_SESSION, {"instance_id": instance_id, "session": session})
+
+    @staticmethod
     def write_file(instance_id, path, content, mode=0o644) -> Call:
         content = content.encode() if isinstance(content, str) else content
         return Call(protocol.WRITE_FILE, {"instance_id": instance_id, "path": path, "content": content, "mode": mode})

@@ -47,6 +47,9 @@ PING = "ping"
 RENEW = "renew"      # keep an instance's lease: its idle clock starts again, and optionally a new ttl
 METRICS = "metrics"  # the broker's counters and gauges, for GET /metrics
 STATUS = "status"    # agents, instances, runner report, recent errors: the status page and `arservice status`
+CREATE_SESSION = "create_session"  # a persistent bash in an instance: cwd, variables, functions persist
+RUN_IN_SESSION = "run_in_session"
+CLOSE_SESSION = "close_session"
 
 # Runner -> broker (runners are clients on the inproc socket).
 RUNNER_STATUS = "runner_status"

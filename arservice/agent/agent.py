@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import zmq
 
 from .. import environments, protocol
-from ..environments import hostdir
-from ..environments.process import marked_processes
+from ..environments import hostdir, session
+from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import workdirs
@@ -31,7 +31,8 @@ from . import workdirs
 log = EventLog("agent")
 
 INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
-                     protocol.WRITE_FILE, protocol.READ_FILE)
+                     protocol.WRITE_FILE, protocol.READ_FILE, protocol.CREATE_SESSION, protocol.RUN_IN_SESSION,
+                     protocol.CLOSE_SESSION)
 DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
 # host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
@@ -64,6 +65,7 @@ class Agent:
         self.envs = {}  # instance id -> (Environment, Future of its start); touched only by the loop
         self.commands = {}  # request id -> environments.process.Watched driven by the loop
         self.command_fds = {}  # fd being watched -> request id
+        self.sessions = {}  # instance id -> environments.session.SessionTable; touched only by the loop
         self.stopping = threading.Event()
         self.ctx = zmq.Context()
         self.outbox_address = f"inproc://outbox-{id(self)}"
@@ -118,8 +120,9 @@ class Agent:
         finally:
             self._close_all()
             for request_id in list(self.commands):
-                self.commands[request_id].kill()
-                self._finish_command(request_id)
+                if request_id in self.commands:  # a session's end may have answered its command already
+                    self.commands[request_id].kill()
+                    self._finish_command(request_id)
             if self.registered:
                 self._send(protocol.request(protocol.DISCONNECT, self._id()))
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -280,6 +283,9 @@ class Agent:
         command = self.commands.pop(request_id)
         for fd in command.fds:
             self._unwatch(fd)
+        if isinstance(request_id, tuple):  # a session's bash, which no request waits for
+            self._session_shell_ended(request_id[1], command)
+            return
         try:
             msg = protocol.reply(request_id, command.result())
         except ProtocolError as exc:
@@ -302,7 +308,94 @@ class Agent:
     def _on_close_instance(self, msg):
         env, started = self._instance(msg)
         del self.envs[env.instance_id]
+        self._close_sessions(env.instance_id)
         self._submit(msg["id"], started, env.close)
+
+    # -- sessions: a bash per session, driven by the loop as commands are ------------
+
+    def _watch(self, request_id, command):
+        self.commands[request_id] = command
+        for fd in command.fds:
+            self.command_fds[fd] = request_id
+            self.poller.register(fd, zmq.POLLIN)
+
+    def _session_table(self, msg):
+        env, started = self._instance(msg)
+        if not started.done() or started.exception() is not None:
+            raise ProtocolError("conflict", f"instance {env.instance_id} has not started")
+        table = self.sessions.get(env.instance_id)
+        if table is None:
+            table = self.sessions[env.instance_id] = session.SessionTable(env)
+        return env, table
+
+    def _on_create_session(self, msg):
+        env, table = self._session_table(msg)
+        name = protocol.field(msg, "session", str, default=session.DEFAULT_NAME)
+        shell = session.check_shell(protocol.field(msg, "shell", str, default="bash"))
+        new = table.create(name)
+        try:
+            watch = env.spawn(new.launcher(shell), protocol.MAX_SECONDS)
+        except OSError as exc:
+            watch = exc
+        if not isinstance(watch, Watched):
+            new.close_fds()
+            table.remove(new)
+            raise ProtocolError("environment_error", f"cannot start the session's bash: {watch or 'no exec helper'}")
+        new.shell_watch = watch
+        self._watch(("session", new), watch)
+        step = new.running = session.SessionStep(new, session.START_TIMEOUT_S, starting=True)
+        self._watch(msg["id"], step)
+
+    def _on_run_in_session(self, msg):
+        env, table = self._session_table(msg)
+        found = table.get(protocol.field(msg, "session", str))
+        if found.ended is not None:
+            raise ProtocolError("conflict", f"session {found.name!r} has ended: {found.ended}")
+        if found.running is not None:
+            raise ProtocolError("conflict", f"session {found.name!r} is running a command (one at a time)")
+        step = found.start_command(protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
+                                   protocol.field(msg, "output_limit", int, default=env.config["output_limit"]))
+        self._watch(msg["id"], step)
+
+    def _on_close_session(self, msg):
+        _, table = self._session_table(msg)
+        found = table.get(protocol.field(msg, "session", str))
+        table.remove(found)
+        self._end_session(found, "the session was closed")
+        self._send(protocol.reply(msg["id"], {"session": found.name, "closed": True}))
+
+    def _end_session(self, found, why):
+        """Kill a session's bash; answer the command in flight, if any."""
+        running = found.running
+        session.end(found, why)
+        if running is not None:
+            request_id = next((rid for rid, command in self.commands.items() if command is running), None)
+            if request_id is not None:
+                self._finish_command(request_id)
+
+    def _close_sessions(self, instance_id):
+        table = self.sessions.pop(instance_id, None)
+        if table is None:
+            return
+        for found in list(table.sessions.values()):
+            self._end_session(found, "its instance was closed")
+        table.close_all()
+
+    def _session_shell_ended(self, found, watch):
+        """A session's bash ended: it says so to the command in flight, and its files go."""
+        try:
+            watch.result()
+        except (ProtocolError, OSError):
+            pass  # its instance is gone: its output says nothing the session does not
+        if found.running is not None:  # bash's last words (`x` after `exit N`) may not have been read yet
+            found.running.on_readable(found.status_fd)
+            if found.running.done:
+                request_id = next((rid for rid, command in self.commands.items() if command is found.running), None)
+                if request_id is not None:
+                    self._finish_command(request_id)
+        self._end_session(found, found.ended or "the session's bash was killed")
+        found.close_fds()
+        found.remove_files()
 
     def _instance(self, msg):
         instance_id = protocol.field(msg, "instance_id", str)
