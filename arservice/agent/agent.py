@@ -37,6 +37,8 @@ DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
 # host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
 AGENT_MARK = "ARSERVICE_AGENT"
+# How long a session request waits for its instance's start to be marked done after its answer went out.
+START_SETTLE_S = 1.0
 # What is left of the stop time for flushing the goodbye to the broker.
 FLUSH_TIMEOUT_S = 2.0
 
@@ -321,6 +323,8 @@ class Agent:
 
     def _session_table(self, msg):
         env, started = self._instance(msg)
+        # The start's answer goes out just before its future is marked done: a client may be that quick.
+        wait([started], timeout=START_SETTLE_S)
         if not started.done() or started.exception() is not None:
             raise ProtocolError("conflict", f"instance {env.instance_id} has not started")
         table = self.sessions.get(env.instance_id)

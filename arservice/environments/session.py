@@ -42,13 +42,17 @@ DEFAULT_NAME = "default"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FD_IN, FD_CTL = 63, 62  # high descriptors, out of the way of what commands use
 
-# The sentinel: $1 the session's bash, $2 the status FIFO. It walks /proc itself (no ps or pkill
-# in minimal images) and makes several passes, as the command may fork while it looks.
+# The sentinel: $1 the session's bash, $2 the file holding the first pid of the command (its
+# command substitution's). It walks /proc itself (no ps or pkill in minimal images) and makes
+# several passes, as the command may fork while it looks. Start times count in clock ticks
+# (10 ms): a process started in the command's first tick is the command's if its pid is not
+# below the command's first (a background job of the previous command may share the tick).
 SENTINEL = r"""
 s=$1
 while read -r op t <&62; do
   [ "$op" = int ] || continue
   kill -USR2 "$s" 2>/dev/null
+  { read -r first <"$2"; } 2>/dev/null || first=0
   for pass in 1 2 3 4 5; do
     declare -A kids=(); found=()
     for f in /proc/[0-9]*/stat; do
@@ -61,7 +65,10 @@ while read -r op t <&62; do
       q=${todo[0]}; todo=("${todo[@]:1}")
       for e in ${kids[$q]}; do
         c=${e%%:*}
-        if [ "$q" != "$s" ] || [ "${e#*:}" -ge "$t" ]; then found+=("$c"); todo+=("$c"); fi
+        b=${e#*:}
+        if [ "$q" != "$s" ] || [ "$b" -gt "$t" ] || { [ "$b" = "$t" ] && [ "$c" -ge "$first" ]; }; then
+          found+=("$c"); todo+=("$c")
+        fi
       done
     done
     ((${#found[@]})) || break
@@ -97,8 +104,12 @@ def loop_script(inside: str, key: str) -> str:
     # the shell ends, and says so.
     trap = (f"if ((${{#FUNCNAME[@]}})); then echo f 1<>{status}; exit 137; fi; "
             f"echo i 1<>{status}; continue 99")
-    sentinel = f"( bash --norc --noprofile -c {one_line_quote(SENTINEL)} sentinel $$ {FD_CTL}<{shlex.quote(base + '.ctl')} {FD_IN}<&- >/dev/null 2>&1 & )"
-    run = (f'for _ in 1; do eval "$(<{shlex.quote(base + ".cmd")})"; done '
+    sentinel = f"( bash --norc --noprofile -c {one_line_quote(SENTINEL)} sentinel $$ {shlex.quote(base + '.pid')} {FD_CTL}<{shlex.quote(base + '.ctl')} {FD_IN}<&- >/dev/null 2>&1 & )"
+    # The command substitution that reads the command is the command's first process: its pid
+    # tells the sentinel which processes are the command's.
+    read = (f"echo $BASHPID >{shlex.quote(base + '.pid')}; IFS= read -r -d '' c <{shlex.quote(base + '.cmd')}; "
+            'printf %s "$c"')
+    run = (f'for _ in 1; do eval "$({read})"; done '
            f">{shlex.quote(base + '.out')} 2>&1 </dev/null {FD_IN}<&-")
     # One line: the commands are evaluated on line 1, so $LINENO and error messages count from 1.
     return (f"{sentinel}; trap -- {shlex.quote(trap)} USR2; echo r 1<>{status}; "
@@ -189,7 +200,7 @@ class Session:
         self.fds = {}
 
     def remove_files(self) -> None:
-        for suffix in (".in", ".ctl", ".st", ".cmd", ".out"):
+        for suffix in (".in", ".ctl", ".st", ".cmd", ".out", ".pid"):
             try:
                 os.unlink(self.base + suffix)
             except OSError:
