@@ -196,3 +196,16 @@ def test_async_clients_run_sessions(svc, open_instance, kind):
             assert r["output"] == b"async\n"
             assert await c.close_session(inst, "x") == {"session": "x", "closed": True}
     asyncio.run(scenario())
+
+
+def test_what_differs_from_a_terminal(svc, open_instance):
+    """The differences docs/design.md lists, pinned."""
+    c = svc.client
+    inst = open_instance()
+    c.create_session(inst)
+    run = lambda command: (lambda r: (r["output"], r["returncode"]))(c.run_in_session(inst, "default", command, raw=True))
+    assert run("cat") == (b"", 0)  # stdin is /dev/null
+    assert run("false") == (b"", 1)
+    assert run("echo $?") == (b"0\n", 0)  # $? starts at 0
+    assert run("break; echo after") == (b"", 0)  # leaves the command, silently
+    assert run("echo $-; shopt -q login_shell || echo not-login") == (b"hBc\nnot-login\n", 0)
