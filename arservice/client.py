@@ -193,6 +193,14 @@ class Client:
     def _run(self, call: Call):
         return call.finish(self._call(call.kind, call.wait_s, dict(call.fields)))
 
+    def execute_stream(self, instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False):
+        """execute, with the output as it comes: yields bytes chunks, then the answer execute gives."""
+        return self._stream(Calls.execute(instance_id, command, timeout, cwd, env, output_limit, raw))
+
+    def run_in_session_stream(self, instance_id, session, command, timeout=None, output_limit=None, raw=False):
+        """run_in_session, with the output as it comes: yields bytes chunks, then its answer."""
+        return self._stream(Calls.run_in_session(instance_id, session, command, timeout, output_limit, raw))
+
     def keep_alive(self, *instance_ids: str, every_s: float = KEEP_ALIVE_S) -> "KeepAlive":
         """Renew these instances from a background thread until stopped (use it as a context manager),
         so that they outlive --idle-timeout while this process lives, and no longer once it died."""
@@ -365,6 +373,20 @@ class ZMQClient(Client):
     def _request_once(self, kind: str, wait_s: float, fields: dict):
         """Send one message and wait for its answer; the result, or ServiceError (`unavailable` within
         CONNECT_WAIT_S when there is no connection to the broker, or it drops)."""
+        for answer in self._answers(kind, wait_s, fields):
+            if answer["type"] != protocol.CHUNK:
+                return zmq_result(answer)
+
+    def _stream(self, call: Call):
+        for answer in self._answers(call.kind, call.wait_s, dict(call.fields, stream=True)):
+            if answer["type"] == protocol.CHUNK:
+                yield answer["data"]
+            else:
+                yield call.finish(zmq_result(answer))
+
+    def _answers(self, kind: str, wait_s: float, fields: dict):
+        """Send one message and yield what comes back for it: chunks (a streamed command's), then its
+        answer. The wait is for the first of them, then between any two."""
         link = self._link()
         link.update()
         drops = link.drops
@@ -387,7 +409,10 @@ class ZMQClient(Client):
             if link.sock in ready:
                 answer = protocol.decode(link.sock.recv())
                 if answer.get("id") == msg_id:  # else a late answer to an earlier request that timed out
-                    return zmq_result(answer)
+                    yield answer
+                    if answer["type"] != protocol.CHUNK:
+                        return
+                    deadline = time.monotonic() + wait_s
             link.update()
             if link.drops != drops:
                 raise connection_dropped(where)
@@ -455,6 +480,36 @@ class HTTPClient(Client):
         request = http_request(kind, fields)
         status, data = self._send(request, wait_s)
         return http_result(kind, status, data)
+
+    def _stream(self, call: Call):
+        """The answer comes as JSON lines ({"output": base64} chunks, then {"result"} or {"error"}) on a
+        connection of its own: a stream dropped half-read never leaves a kept-alive connection mid-answer."""
+        request = http_request(call.kind, dict(call.fields, stream=True))
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_WAIT_S)
+        try:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise ServiceError("unavailable", f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            conn.sock.settimeout(call.wait_s)
+            conn.request(request.method, request.path, body=request.body, headers=http_headers(self.token))
+            response = conn.getresponse()
+            if response.status >= 400:
+                http_result(call.kind, response.status, response.read())
+            for line in response:
+                event = json.loads(line)
+                if "output" in event:
+                    yield base64.b64decode(event["output"])
+                elif "error" in event:
+                    raise ServiceError(event["error"].get("code", "internal"), event["error"].get("message", ""))
+                else:
+                    yield call.finish(http_result(call.kind, 200, json.dumps(event["result"]).encode()))
+                    return
+            raise connection_dropped(f"{self.host}:{self.port}")
+        except TimeoutError:
+            raise no_answer(f"{self.host}:{self.port}{request.path}", call.wait_s) from None
+        finally:
+            conn.close()
 
     def _send(self, request, wait_s):
         headers = http_headers(self.token)

@@ -58,6 +58,10 @@ RELEASE_AGENT = "release_agent"
 # Answers.
 REPLY = "reply"
 ERROR = "error"
+# Part of an answer to a request with `stream: true` (execute, run_in_session): output as it comes,
+# {"data": bytes}, in order; the reply (or error) follows the last one.
+CHUNK = "chunk"
+STREAMABLE = (EXECUTE, RUN_IN_SESSION)
 
 # Stable error codes and the HTTP status each maps to.
 ERROR_CODES = {

@@ -26,7 +26,7 @@ from ..environments import hostdir, session
 from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
-from . import workdirs
+from . import streams, workdirs
 
 log = EventLog("agent")
 
@@ -37,6 +37,8 @@ DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
 # host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
 AGENT_MARK = "ARSERVICE_AGENT"
+# How often the output of streamed commands is looked at (files do not wake a poller).
+STREAM_POLL_S = 0.002
 # How long a session request waits for its instance's start to be marked done after its answer went out.
 START_SETTLE_S = 1.0
 # What is left of the stop time for flushing the goodbye to the broker.
@@ -68,6 +70,7 @@ class Agent:
         self.commands = {}  # request id -> environments.process.Watched driven by the loop
         self.command_fds = {}  # fd being watched -> request id
         self.sessions = {}  # instance id -> environments.session.SessionTable; touched only by the loop
+        self.streams = {}  # request id -> agent.streams tail of a command whose output is streamed
         self.stopping = threading.Event()
         self.ctx = zmq.Context()
         self.outbox_address = f"inproc://outbox-{id(self)}"
@@ -115,10 +118,12 @@ class Agent:
                     self._send(protocol.request(protocol.HEARTBEAT, self._id(), instances=len(self.envs))
                                if self.registered else self._register_message())
                     next_beat = now + self.heartbeat_s
-                wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()])
+                wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()]
+                           + ([now + STREAM_POLL_S] if self.streams else []))
                 for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):
                     self._guarded(self._on_ready, sock, outbox)
                 self._guarded(self._expire_commands)
+                self._guarded(self._pump_streams)
         finally:
             self._close_all()
             for request_id in list(self.commands):
@@ -256,6 +261,7 @@ class Agent:
                 for fd in command.fds:
                     self.command_fds[fd] = msg["id"]
                     self.poller.register(fd, zmq.POLLIN)
+                self._follow(msg, command)
                 return
         self._submit(msg["id"], started, env.execute, *args)
 
@@ -285,6 +291,9 @@ class Agent:
         command = self.commands.pop(request_id)
         for fd in command.fds:
             self._unwatch(fd)
+        tail = self.streams.pop(request_id, None)
+        if tail is not None:  # a file's last bytes are taken before result() removes it...
+            self._pump(request_id, tail, everything=True)
         if isinstance(request_id, tuple):  # a session's bash, which no request waits for
             self._session_shell_ended(request_id[1], command)
             return
@@ -294,6 +303,9 @@ class Agent:
             msg = protocol.error(request_id, exc.code, exc.message)
         except OSError as exc:
             msg = protocol.error(request_id, "environment_error", f"command failed: {exc}")
+        if tail is not None:  # ...and a pipe's once result() has drained it
+            self._pump(request_id, tail, everything=True)
+            tail.close()
         self._send(msg)
 
     def _on_write_file(self, msg):
@@ -312,6 +324,26 @@ class Agent:
         del self.envs[env.instance_id]
         self._close_sessions(env.instance_id)
         self._submit(msg["id"], started, env.close)
+
+    # -- streamed output ----------------------------------------------------------
+
+    def _follow(self, msg, command):
+        if protocol.field(msg, "stream", bool, default=False):
+            tail = streams.tail_of(command)
+            if tail is not None:
+                self.streams[msg["id"]] = tail
+
+    def _pump_streams(self):
+        for request_id, tail in list(self.streams.items()):
+            self._pump(request_id, tail)
+
+    def _pump(self, request_id, tail, everything=False):
+        while True:
+            data = tail.take()
+            for chunk in streams.chunks(data):
+                self._send({"v": protocol.VERSION, "type": protocol.CHUNK, "id": request_id, "data": chunk})
+            if not everything or not data:
+                break
 
     # -- sessions: a bash per session, driven by the loop as commands are ------------
 
@@ -360,6 +392,7 @@ class Agent:
         step = found.start_command(protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
                                    protocol.field(msg, "output_limit", int, default=env.config["output_limit"]))
         self._watch(msg["id"], step)
+        self._follow(msg, step)
 
     def _on_close_session(self, msg):
         _, table = self._session_table(msg)

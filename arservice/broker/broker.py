@@ -36,6 +36,11 @@ def session_name(msg, default=...):
     return name if name is None else check_name(name)
 
 
+def stream_field(msg):
+    """`stream: true` asks for the output as chunk messages before the answer."""
+    return {"stream": True} if field(msg, "stream", bool, default=False) else {}
+
+
 def _present(fields):
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -98,6 +103,7 @@ class Broker:
             protocol.DISCONNECT: self.on_disconnect,
             protocol.REPLY: self.on_agent_answer,
             protocol.ERROR: self.on_agent_answer,
+            protocol.CHUNK: self.on_agent_chunk,
             protocol.START_INSTANCE: self.on_start_instance,
             protocol.EXECUTE: self.on_execute,
             protocol.CLOSE_INSTANCE: self.on_close_instance,
@@ -403,6 +409,17 @@ class Broker:
                 self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
 
+    def on_agent_chunk(self, envelope, msg):
+        """Output of a streamed command, passed on to its client as it comes (the answer stays pending)."""
+        agent = self._agent(envelope)
+        pending = self.pending.get(msg.get("id"))
+        if pending is None or pending.agent_id != agent.agent_id or pending.envelope is None:
+            return
+        data = msg.get("data")
+        if isinstance(data, bytes):
+            self.send(pending.envelope, {"v": protocol.VERSION, "type": protocol.CHUNK, "id": pending.client_id,
+                                         "data": data})
+
     # -- clients ------------------------------------------------------------------
 
     def on_ping(self, envelope, msg):
@@ -536,6 +553,7 @@ class Broker:
             "env": protocol.string_map(msg, "env"),
             "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
                                   check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
+            **stream_field(msg),
         }
         self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg["id"], timeout + ANSWER_GRACE_S)
 
@@ -555,6 +573,7 @@ class Broker:
             "timeout": timeout,
             "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
                                   check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
+            **stream_field(msg),
         }
         # A timed-out command gets its interrupt's grace on the agent, then the answer's.
         self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.RUN_IN_SESSION, fields, envelope, msg["id"],
