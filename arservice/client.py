@@ -186,13 +186,9 @@ def client_methods(cls):
     return cls
 
 
-@client_methods
-class Client:
-    """The methods both transports share; subclasses provide `_call(kind, wait_s, fields)`."""
-
-    def _run(self, call: Call):
-        return call.finish(self._call(call.kind, call.wait_s, dict(call.fields)))
-
+def stream_methods(cls):
+    """Class decorator: execute_stream and run_in_session_stream, each `cls._stream(call)` (an iterator,
+    or an async iterator for asyncio clients) of bytes chunks and then the answer."""
     def execute_stream(self, instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False):
         """execute, with the output as it comes: yields bytes chunks, then the answer execute gives."""
         return self._stream(Calls.execute(instance_id, command, timeout, cwd, env, output_limit, raw))
@@ -200,6 +196,18 @@ class Client:
     def run_in_session_stream(self, instance_id, session, command, timeout=None, output_limit=None, raw=False):
         """run_in_session, with the output as it comes: yields bytes chunks, then its answer."""
         return self._stream(Calls.run_in_session(instance_id, session, command, timeout, output_limit, raw))
+    cls.execute_stream = execute_stream
+    cls.run_in_session_stream = run_in_session_stream
+    return cls
+
+
+@stream_methods
+@client_methods
+class Client:
+    """The methods both transports share; subclasses provide `_call(kind, wait_s, fields)`."""
+
+    def _run(self, call: Call):
+        return call.finish(self._call(call.kind, call.wait_s, dict(call.fields)))
 
     def keep_alive(self, *instance_ids: str, every_s: float = KEEP_ALIVE_S) -> "KeepAlive":
         """Renew these instances from a background thread until stopped (use it as a context manager),
@@ -467,6 +475,17 @@ def http_result(kind: str, status: int, data: bytes):
     return answer
 
 
+def http_stream_event(call: Call, line: bytes):
+    """One JSON line of a streamed HTTP answer: a chunk's bytes, or the answer's result (finished as
+    the call finishes it); an error line raises ServiceError."""
+    event = json.loads(line)
+    if "output" in event:
+        return base64.b64decode(event["output"])
+    if "error" in event:
+        raise ServiceError(event["error"].get("code", "internal"), event["error"].get("message", ""))
+    return call.finish(http_result(call.kind, 200, json.dumps(event["result"]).encode()))
+
+
 class HTTPClient(Client):
     """The same methods over the HTTP API, with one keep-alive connection per thread."""
 
@@ -497,13 +516,9 @@ class HTTPClient(Client):
             if response.status >= 400:
                 http_result(call.kind, response.status, response.read())
             for line in response:
-                event = json.loads(line)
-                if "output" in event:
-                    yield base64.b64decode(event["output"])
-                elif "error" in event:
-                    raise ServiceError(event["error"].get("code", "internal"), event["error"].get("message", ""))
-                else:
-                    yield call.finish(http_result(call.kind, 200, json.dumps(event["result"]).encode()))
+                event = http_stream_event(call, line)
+                yield event
+                if not isinstance(event, bytes):
                     return
             raise connection_dropped(f"{self.host}:{self.port}")
         except TimeoutError:

@@ -251,6 +251,8 @@ class Agent:
         env, started = self._instance(msg)
         args = (protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
                 msg.get("cwd"), msg.get("env"), msg.get("output_limit"))
+        if msg.get("stream"):  # only a command the loop drives streams: let a start that just answered settle
+            wait([started], timeout=START_SETTLE_S)
         if started.done() and started.exception() is None:
             try:
                 command = env.spawn(*args)
