@@ -16,8 +16,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from backends import SPECS, missing  # noqa: E402
-from helpers import Service  # noqa: E402
+from backends import SPECS, missing
+from helpers import Service
 
 NAMES = ("local", "docker-bookworm", "bubblewrap")
 STREAMED = "for i in 1 2 3 4 5; do echo $(date +%s%N); sleep 0.2; done"
@@ -44,11 +44,11 @@ def main():
             try:
                 client.create_session(inst)
                 execute, session = [], []
+                calls = ((execute, client.execute, (inst, "true")), (session, client.run_in_session, (inst, "default", "true")))
                 for i in range(args.n + 20):
-                    for times, call in ((execute, lambda: client.execute(inst, "true")),
-                                        (session, lambda: client.run_in_session(inst, "default", "true"))):
+                    for times, call, call_args in calls:
                         started = time.perf_counter()
-                        call()
+                        call(*call_args)
                         if i >= 20:  # warm-up
                             times.append(time.perf_counter() - started)
                 p50_e, p50_s = statistics.median(execute), statistics.median(session)
