@@ -209,3 +209,12 @@ def test_what_differs_from_a_terminal(svc, open_instance):
     assert run("echo $?") == (b"0\n", 0)  # $? starts at 0
     assert run("break; echo after") == (b"", 0)  # leaves the command, silently
     assert run("echo $-; shopt -q login_shell || echo not-login") == (b"hBc\nnot-login\n", 0)
+
+
+@pytest.mark.parametrize("backend", params("docker-busybox"))
+def test_an_image_without_bash_says_so(svc, open_instance, backend):
+    inst = open_instance(backend)
+    with pytest.raises(ServiceError) as err:
+        svc.client.create_session(inst)
+    assert err.value.code == "environment_error" and "is bash installed" in err.value.message
+    assert svc.client.execute(inst, "echo fine")["output"] == "fine\n"  # the instance is untouched

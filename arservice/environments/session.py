@@ -301,6 +301,7 @@ class SessionStep(Watched):
             if self.done and self.failure is None and self.exit_status is None:
                 return {"session": session.name}
             why = self.failure or f"the session's bash exited as it started (status {self.exit_status}: is bash installed?)"
+            end(session, why)  # whatever is left of it goes: the name is free again
             raise ProtocolError("environment_error", why)
         if self.failure is not None and not self.timed_out:
             raise ProtocolError("environment_error", self.failure)
