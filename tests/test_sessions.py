@@ -63,6 +63,9 @@ def test_state_persists_and_output_is_what_bash_gives(svc, open_instance, backen
     c = svc.client
     inst = open_instance(backend)
     assert c.create_session(inst) == {"session": "default"}
+    # The session's bash starts where a command would: the same environment (SHLVL too) and cwd.
+    start = "env | sort; pwd; umask"
+    assert c.run_in_session(inst, "default", start, raw=True)["output"] == c.execute(inst, start, raw=True)["output"]
     assert c.run_in_session(inst, "default", "cd /tmp && export X=5; Y=6; f() { echo \"fn $1\"; }; set -o pipefail",
                             raw=True)["output"] == b""
     r = c.run_in_session(inst, "default", "pwd; echo $X $Y; f a; echo $-; false | true", raw=True)

@@ -121,7 +121,8 @@ def launcher(inside: str, key: str, shell: str) -> str:
     and after it its exit status, so that `exit N` in a session is told as such."""
     base = f"{inside}/{key}"
     status = shlex.quote(base + ".st")
-    return (f"{shell} --norc --noprofile -c {shlex.quote(loop_script(inside, key))} bash "
+    # SHLVL one down: the session's bash counts from where an execute's would, not from this shell.
+    return (f"SHLVL=$((${{SHLVL:-1}} - 1)) {shell} --norc --noprofile -c {shlex.quote(loop_script(inside, key))} bash "
             f"{FD_IN}<{shlex.quote(base + '.in')}; echo \"x$?\" 1<>{status}")
 
 
