@@ -206,7 +206,10 @@ def test_what_differs_from_a_terminal(svc, open_instance):
     c = svc.client
     inst = open_instance()
     c.create_session(inst)
-    run = lambda command: (lambda r: (r["output"], r["returncode"]))(c.run_in_session(inst, "default", command, raw=True))
+
+    def run(command):
+        answer = c.run_in_session(inst, "default", command, raw=True)
+        return answer["output"], answer["returncode"]
     assert run("cat") == (b"", 0)  # stdin is /dev/null
     assert run("false") == (b"", 1)
     assert run("echo $?") == (b"0\n", 0)  # $? starts at 0
