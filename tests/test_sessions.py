@@ -76,6 +76,9 @@ def test_state_persists_and_output_is_what_bash_gives(svc, open_instance, backen
         got = c.run_in_session(inst, "default", command, raw=True)
         want = c.execute(inst, command, cwd="/tmp", raw=True)
         assert (got["output"], got["returncode"]) == (want["output"], want["returncode"]), command
+    # Streamed, the same answer, its output in chunks.
+    *chunks, answer = c.run_in_session_stream(inst, "default", "echo a; sleep 0.1; echo b >&2", raw=True)
+    assert (b"".join(chunks), answer["output"], answer["returncode"]) == (b"a\nb\n", b"a\nb\n", 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
