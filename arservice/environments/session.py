@@ -180,10 +180,10 @@ class Session:
             except FileNotFoundError:
                 pass
         fd = os.open(self.base + ".cmd", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        if self.owner is not None:
+            os.fchown(fd, self.owner, self.owner)  # the file made, whatever the name is now
         with open(fd, "wb") as f:
             f.write(command.encode())
-        if self.owner is not None:
-            os.chown(self.base + ".cmd", self.owner, self.owner, follow_symlinks=False)
         step = SessionStep(self, timeout, output_limit, started_tick=_uptime_ticks())
         self.send(".in", "\n")
         self.running = step
