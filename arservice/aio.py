@@ -37,14 +37,17 @@ from .client import (
     http_headers,
     http_request,
     http_result,
+    http_stream_event,
     may_send_again,
     no_answer,
+    stream_methods,
     unreachable_service,
     zmq_frame,
     zmq_result,
 )
 
 
+@stream_methods
 @client_methods
 class AsyncClient:
     """The methods of arservice.client.Client as coroutines; subclasses provide `async _call`."""
@@ -73,6 +76,7 @@ class _Channel:
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(address)
         self.waiting: dict[int, asyncio.Future] = {}
+        self.streams: dict[int, asyncio.Queue] = {}  # a streamed request's messages, in order
         self.reader = self.loop.create_task(self._read())
         self.watcher = None
         if self.monitor is None:
@@ -91,6 +95,8 @@ class _Channel:
                 for future in self.waiting.values():
                     if not future.done():
                         future.set_exception(dropped)
+                for queue in self.streams.values():
+                    queue.put_nowait(dropped)
 
     async def _read(self):
         try:
@@ -100,6 +106,10 @@ class _Channel:
                     answer = protocol.decode(frame)
                 except protocol.ProtocolError:
                     continue  # not an answer of ours: nobody waits for it
+                queue = self.streams.get(answer.get("id"))
+                if queue is not None:
+                    queue.put_nowait(answer)
+                    continue
                 future = self.waiting.pop(answer.get("id"), None)
                 if future is not None and not future.done():  # else a late answer to a request that timed out
                     future.set_result(answer)
@@ -124,6 +134,29 @@ class _Channel:
             return await asyncio.wait_for(future, wait_s)
         finally:
             self.waiting.pop(msg_id, None)
+
+    async def stream(self, frame: bytes, msg_id: int, wait_s: float):
+        """Send a streamed request; yield its chunk messages, then its answer (each within wait_s of the last)."""
+        if not self.connected.is_set():
+            await self.request_ready(wait_s)
+        queue = self.streams[msg_id] = asyncio.Queue()
+        try:
+            await self.sock.send(frame)
+            while True:
+                answer = await asyncio.wait_for(queue.get(), wait_s)
+                if isinstance(answer, Exception):
+                    raise answer
+                yield answer
+                if answer["type"] != protocol.CHUNK:
+                    return
+        finally:
+            self.streams.pop(msg_id, None)
+
+    async def request_ready(self, wait_s: float) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), min(wait_s, CONNECT_WAIT_S))
+        except asyncio.TimeoutError:
+            raise unreachable_service(f"the broker at {self.address}") from None
 
     async def close(self):
         for task in (self.reader, self.watcher):
@@ -188,6 +221,15 @@ class AsyncZMQClient(AsyncClient):
             raise no_answer(f"the broker at {self.address}", wait_s) from None
         return zmq_result(answer)
 
+    async def _stream(self, call: Call):
+        msg_id = next(self._ids)
+        frame = zmq_frame(call.kind, msg_id, dict(call.fields, stream=True), self.token)
+        try:
+            async for answer in self._channel_here().stream(frame, msg_id, call.wait_s):
+                yield answer["data"] if answer["type"] == protocol.CHUNK else call.finish(zmq_result(answer))
+        except asyncio.TimeoutError:
+            raise no_answer(f"the broker at {self.address}", call.wait_s) from None
+
     async def aclose(self):
         """Close the socket; call from the loop that used it, when no request is in flight."""
         if self._channel is not None:
@@ -231,6 +273,28 @@ class AsyncHTTPClient(AsyncClient):
                 raise ServiceError("unavailable", f"cannot connect to {self.url}: {exc}") from None
             except asyncio.TimeoutError:
                 raise no_answer(f"{self.url}{request.path}", wait_s) from None
+
+    async def _stream(self, call: Call):
+        request = http_request(call.kind, dict(call.fields, stream=True))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(call.wait_s, CONNECT_WAIT_S), sock_read=call.wait_s)
+        try:
+            async with self._session_here().request(request.method, request.path, data=request.body,
+                                                    timeout=timeout) as response:
+                if response.status >= 400:
+                    http_result(call.kind, response.status, await response.read())
+                pending = b""  # lines are split here: aiohttp's readline refuses lines past 512 KiB
+                async for data in response.content.iter_any():
+                    *lines, pending = (pending + data).split(b"\n")
+                    for line in lines:
+                        event = http_stream_event(call, line)
+                        yield event
+                        if not isinstance(event, bytes):
+                            return
+                raise connection_dropped(self.url)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise ServiceError("unavailable", f"cannot connect to {self.url}: {exc}") from None
+        except asyncio.TimeoutError:
+            raise no_answer(f"{self.url}{request.path}", call.wait_s) from None
 
     async def aclose(self):
         """Close the connections; call from the loop that used them, when no request is in flight."""

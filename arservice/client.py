@@ -106,6 +106,25 @@ class Calls:
                     _as_is if raw else _decode_output)
 
     @staticmethod
+    def create_session(instance_id, session=None, shell=None) -> Call:
+        """Start a persistent bash in the instance (cwd, variables, functions persist between its
+        commands); session: its name ("default"); shell: the bash to run ("bash")."""
+        return Call(protocol.CREATE_SESSION, _present({"instance_id": instance_id, "session": session, "shell": shell}))
+
+    @staticmethod
+    def run_in_session(instance_id, session, command, timeout=None, output_limit=None, raw=False) -> Call:
+        """Run a command in a session's bash; `output` is text, or bytes with raw=True. A timeout
+        interrupts the command (and what it started) and the session stays usable."""
+        fields = {"instance_id": instance_id, "session": session, "command": command, "timeout": timeout,
+                  "output_limit": output_limit}
+        return Call(protocol.RUN_IN_SESSION, _present(fields), (timeout or DEFAULT_WAIT_S) + EXECUTE_MARGIN_S,
+                    _as_is if raw else _decode_output)
+
+    @staticmethod
+    def close_session(instance_id, session) -> Call:
+        return Call(protocol.CLOSE_SESSION, {"instance_id": instance_id, "session": session})
+
+    @staticmethod
     def write_file(instance_id, path, content, mode=0o644) -> Call:
         content = content.encode() if isinstance(content, str) else content
         return Call(protocol.WRITE_FILE, {"instance_id": instance_id, "path": path, "content": content, "mode": mode})
@@ -183,6 +202,22 @@ def client_methods(cls):
     return cls
 
 
+def stream_methods(cls):
+    """Class decorator: execute_stream and run_in_session_stream, each `cls._stream(call)` (an iterator,
+    or an async iterator for asyncio clients) of bytes chunks and then the answer."""
+    def execute_stream(self, instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False):
+        """execute, with the output as it comes: yields bytes chunks, then the answer execute gives."""
+        return self._stream(Calls.execute(instance_id, command, timeout, cwd, env, output_limit, raw))
+
+    def run_in_session_stream(self, instance_id, session, command, timeout=None, output_limit=None, raw=False):
+        """run_in_session, with the output as it comes: yields bytes chunks, then its answer."""
+        return self._stream(Calls.run_in_session(instance_id, session, command, timeout, output_limit, raw))
+    cls.execute_stream = execute_stream
+    cls.run_in_session_stream = run_in_session_stream
+    return cls
+
+
+@stream_methods
 @client_methods
 class Client:
     """The methods both transports share; subclasses provide `_call(kind, wait_s, fields)`."""
@@ -362,6 +397,20 @@ class ZMQClient(Client):
     def _request_once(self, kind: str, wait_s: float, fields: dict):
         """Send one message and wait for its answer; the result, or ServiceError (`unavailable` within
         CONNECT_WAIT_S when there is no connection to the broker, or it drops)."""
+        for answer in self._answers(kind, wait_s, fields):
+            if answer["type"] != protocol.CHUNK:
+                return zmq_result(answer)
+
+    def _stream(self, call: Call):
+        for answer in self._answers(call.kind, call.wait_s, dict(call.fields, stream=True)):
+            if answer["type"] == protocol.CHUNK:
+                yield answer["data"]
+            else:
+                yield call.finish(zmq_result(answer))
+
+    def _answers(self, kind: str, wait_s: float, fields: dict):
+        """Send one message and yield what comes back for it: chunks (a streamed command's), then its
+        answer. The wait is for the first of them, then between any two."""
         link = self._link()
         link.update()
         drops = link.drops
@@ -384,7 +433,10 @@ class ZMQClient(Client):
             if link.sock in ready:
                 answer = protocol.decode(link.sock.recv())
                 if answer.get("id") == msg_id:  # else a late answer to an earlier request that timed out
-                    return zmq_result(answer)
+                    yield answer
+                    if answer["type"] != protocol.CHUNK:
+                        return
+                    deadline = time.monotonic() + wait_s
             link.update()
             if link.drops != drops:
                 raise connection_dropped(where)
@@ -439,6 +491,17 @@ def http_result(kind: str, status: int, data: bytes):
     return answer
 
 
+def http_stream_event(call: Call, line: bytes):
+    """One JSON line of a streamed HTTP answer: a chunk's bytes, or the answer's result (finished as
+    the call finishes it); an error line raises ServiceError."""
+    event = json.loads(line)
+    if "output" in event:
+        return base64.b64decode(event["output"])
+    if "error" in event:
+        raise ServiceError(event["error"].get("code", "internal"), event["error"].get("message", ""))
+    return call.finish(http_result(call.kind, 200, json.dumps(event["result"]).encode()))
+
+
 class HTTPClient(Client):
     """The same methods over the HTTP API, with one keep-alive connection per thread."""
 
@@ -452,6 +515,32 @@ class HTTPClient(Client):
         request = http_request(kind, fields)
         status, data = self._send(request, wait_s)
         return http_result(kind, status, data)
+
+    def _stream(self, call: Call):
+        """The answer comes as JSON lines ({"output": base64} chunks, then {"result"} or {"error"}) on a
+        connection of its own: a stream dropped half-read never leaves a kept-alive connection mid-answer."""
+        request = http_request(call.kind, dict(call.fields, stream=True))
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=CONNECT_WAIT_S)
+        try:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise ServiceError("unavailable", f"cannot connect to {self.host}:{self.port}: {exc}") from None
+            conn.sock.settimeout(call.wait_s)
+            conn.request(request.method, request.path, body=request.body, headers=http_headers(self.token))
+            response = conn.getresponse()
+            if response.status >= 400:
+                http_result(call.kind, response.status, response.read())
+            for line in response:
+                event = http_stream_event(call, line)
+                yield event
+                if not isinstance(event, bytes):
+                    return
+            raise connection_dropped(f"{self.host}:{self.port}")
+        except TimeoutError:
+            raise no_answer(f"{self.host}:{self.port}{request.path}", call.wait_s) from None
+        finally:
+            conn.close()
 
     def _send(self, request, wait_s):
         headers = http_headers(self.token)

@@ -50,6 +50,9 @@ DELETE_SNAPSHOT = "delete_snapshot"
 RENEW = "renew"      # keep an instance's lease: its idle clock starts again, and optionally a new ttl
 METRICS = "metrics"  # the broker's counters and gauges, for GET /metrics
 STATUS = "status"    # agents, instances, runner report, recent errors: the status page and `arservice status`
+CREATE_SESSION = "create_session"  # a persistent bash in an instance: cwd, variables, functions persist
+RUN_IN_SESSION = "run_in_session"
+CLOSE_SESSION = "close_session"
 
 # Runner -> broker (runners are clients on the inproc socket).
 RUNNER_STATUS = "runner_status"
@@ -58,6 +61,10 @@ RELEASE_AGENT = "release_agent"
 # Answers.
 REPLY = "reply"
 ERROR = "error"
+# Part of an answer to a request with `stream: true` (execute, run_in_session): output as it comes,
+# {"data": bytes}, in order; the reply (or error) follows the last one.
+CHUNK = "chunk"
+STREAMABLE = (EXECUTE, RUN_IN_SESSION)
 
 # Stable error codes and the HTTP status each maps to.
 ERROR_CODES = {

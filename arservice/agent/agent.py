@@ -22,21 +22,27 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import zmq
 
 from .. import environments, protocol
-from ..environments.process import marked_processes
+from ..environments import session
+from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
-from . import workdirs
+from . import streams, workdirs
 
 log = EventLog("agent")
 
 INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                      protocol.WRITE_FILE, protocol.READ_FILE, protocol.FORK_INSTANCE,
-                     protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT)
+                     protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT, protocol.CREATE_SESSION,
+                     protocol.RUN_IN_SESSION, protocol.CLOSE_SESSION)
 SNAPSHOTS_DIR = "snapshots"  # in the agent's directory: the files of its named snapshots
 DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
 # host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
 AGENT_MARK = "ARSERVICE_AGENT"
+# How often the output of streamed commands is looked at (files do not wake a poller).
+STREAM_POLL_S = 0.002
+# How long a session request waits for its instance's start to be marked done after its answer went out.
+START_SETTLE_S = 1.0
 # What is left of the stop time for flushing the goodbye to the broker.
 FLUSH_TIMEOUT_S = 2.0
 # A backend's reap that failed (its engine restarting) is tried again this many times in all, this far apart.
@@ -70,6 +76,8 @@ class Agent:
         self.snapshots = {}
         self.commands = {}  # request id -> environments.process.Watched driven by the loop
         self.command_fds = {}  # fd being watched -> request id
+        self.sessions = {}  # instance id -> environments.session.SessionTable; touched only by the loop
+        self.streams = {}  # request id -> agent.streams tail of a command whose output is streamed
         self.stopping = threading.Event()
         self.ctx = zmq.Context()
         self.outbox_address = f"inproc://outbox-{id(self)}"
@@ -117,10 +125,12 @@ class Agent:
                     self._send(protocol.request(protocol.HEARTBEAT, self._id(), instances=len(self.envs))
                                if self.registered else self._register_message())
                     next_beat = now + self.heartbeat_s
-                wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()])
+                wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()]
+                           + ([now + STREAM_POLL_S] if self.streams else []))
                 for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):
                     self._guarded(self._on_ready, sock, outbox)
                 self._guarded(self._expire_commands)
+                self._guarded(self._pump_streams)
         finally:
             self._close_all()
             for cls, handle, _ in self.snapshots.values():  # after the instances: none uses them now
@@ -129,8 +139,9 @@ class Agent:
                 except Exception as exc:  # noqa: BLE001 (the reaper of a later agent removes it)
                     log.error("snapshot_drop_failed", error=repr(exc))
             for request_id in list(self.commands):
-                self.commands[request_id].kill()
-                self._finish_command(request_id)
+                if request_id in self.commands:  # a session's end may have answered its command already
+                    self.commands[request_id].kill()
+                    self._finish_command(request_id)
             if self.registered:
                 self._send(protocol.request(protocol.DISCONNECT, self._id()))
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -320,6 +331,8 @@ class Agent:
         env, started = self._instance(msg)
         args = (protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
                 msg.get("cwd"), msg.get("env"), msg.get("output_limit"))
+        if msg.get("stream"):  # only a command the loop drives streams: let a start that just answered settle
+            wait([started], timeout=START_SETTLE_S)
         if started.done() and started.exception() is None:
             try:
                 command = env.spawn(*args)
@@ -330,6 +343,7 @@ class Agent:
                 for fd in command.fds:
                     self.command_fds[fd] = msg["id"]
                     self.poller.register(fd, zmq.POLLIN)
+                self._follow(msg, command)
                 return
         self._submit(msg["id"], started, env.execute, *args)
 
@@ -359,12 +373,21 @@ class Agent:
         command = self.commands.pop(request_id)
         for fd in command.fds:
             self._unwatch(fd)
+        tail = self.streams.pop(request_id, None)
+        if tail is not None:  # a file's last bytes are taken before result() removes it...
+            self._pump(request_id, tail, everything=True)
+        if isinstance(request_id, tuple):  # a session's bash, which no request waits for
+            self._session_shell_ended(request_id[1], command)
+            return
         try:
             msg = protocol.reply(request_id, command.result())
         except ProtocolError as exc:
             msg = protocol.error(request_id, exc.code, exc.message)
         except OSError as exc:
             msg = protocol.error(request_id, "environment_error", f"command failed: {exc}")
+        if tail is not None:  # ...and a pipe's once result() has drained it
+            self._pump(request_id, tail, everything=True)
+            tail.close()
         self._send(msg)
 
     def _on_write_file(self, msg):
@@ -381,7 +404,117 @@ class Agent:
     def _on_close_instance(self, msg):
         env, started = self._instance(msg)
         del self.envs[env.instance_id]
+        self._close_sessions(env.instance_id)
         self._submit(msg["id"], started, env.close)
+
+    # -- streamed output ----------------------------------------------------------
+
+    def _follow(self, msg, command):
+        if protocol.field(msg, "stream", bool, default=False):
+            tail = streams.tail_of(command)
+            if tail is not None:
+                self.streams[msg["id"]] = tail
+
+    def _pump_streams(self):
+        for request_id, tail in list(self.streams.items()):
+            self._pump(request_id, tail)
+
+    def _pump(self, request_id, tail, everything=False):
+        while True:
+            data = tail.take()
+            for chunk in streams.chunks(data):
+                self._send({"v": protocol.VERSION, "type": protocol.CHUNK, "id": request_id, "data": chunk})
+            if not everything or not data:
+                break
+
+    # -- sessions: a bash per session, driven by the loop as commands are ------------
+
+    def _watch(self, request_id, command):
+        self.commands[request_id] = command
+        for fd in command.fds:
+            self.command_fds[fd] = request_id
+            self.poller.register(fd, zmq.POLLIN)
+
+    def _session_table(self, msg):
+        env, started = self._instance(msg)
+        # The start's answer goes out just before its future is marked done: a client may be that quick.
+        wait([started], timeout=START_SETTLE_S)
+        if not started.done() or started.exception() is not None:
+            raise ProtocolError("conflict", f"instance {env.instance_id} has not started")
+        table = self.sessions.get(env.instance_id)
+        if table is None:
+            table = self.sessions[env.instance_id] = session.SessionTable(env)
+        return env, table
+
+    def _on_create_session(self, msg):
+        env, table = self._session_table(msg)
+        name = protocol.field(msg, "session", str, default=session.DEFAULT_NAME)
+        shell = session.check_shell(protocol.field(msg, "shell", str, default="bash"))
+        new = table.create(name)
+        try:
+            watch = env.spawn(new.launcher(shell), protocol.MAX_SECONDS)
+        except OSError as exc:
+            watch = exc
+        if not isinstance(watch, Watched):
+            new.close_fds()
+            table.remove(new)
+            raise ProtocolError("environment_error", f"cannot start the session's bash: {watch or 'no exec helper'}")
+        new.shell_watch = watch
+        self._watch(("session", new), watch)
+        step = new.running = session.SessionStep(new, session.START_TIMEOUT_S, starting=True)
+        self._watch(msg["id"], step)
+
+    def _on_run_in_session(self, msg):
+        env, table = self._session_table(msg)
+        found = table.get(protocol.field(msg, "session", str))
+        if found.ended is not None:
+            raise ProtocolError("conflict", f"session {found.name!r} has ended: {found.ended}")
+        if found.running is not None:
+            raise ProtocolError("conflict", f"session {found.name!r} is running a command (one at a time)")
+        step = found.start_command(protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
+                                   protocol.field(msg, "output_limit", int, default=env.config["output_limit"]))
+        self._watch(msg["id"], step)
+        self._follow(msg, step)
+
+    def _on_close_session(self, msg):
+        _, table = self._session_table(msg)
+        found = table.get(protocol.field(msg, "session", str))
+        table.remove(found)
+        self._end_session(found, "the session was closed")
+        self._send(protocol.reply(msg["id"], {"session": found.name, "closed": True}))
+
+    def _end_session(self, found, why):
+        """Kill a session's bash; answer the command in flight, if any."""
+        running = found.running
+        session.end(found, why)
+        if running is not None:
+            request_id = next((rid for rid, command in self.commands.items() if command is running), None)
+            if request_id is not None:
+                self._finish_command(request_id)
+
+    def _close_sessions(self, instance_id):
+        table = self.sessions.pop(instance_id, None)
+        if table is None:
+            return
+        for found in list(table.sessions.values()):
+            self._end_session(found, "its instance was closed")
+        table.close_all()
+
+    def _session_shell_ended(self, found, watch):
+        """A session's bash ended: it says so to the command in flight, and its files go."""
+        try:
+            watch.result()
+        except (ProtocolError, OSError):
+            pass  # its instance is gone: its output says nothing the session does not
+        if found.running is not None:  # bash's last words (`x` after `exit N`) may not have been read yet
+            found.running.on_readable(found.status_fd)
+            if found.running.done:
+                request_id = next((rid for rid, command in self.commands.items() if command is found.running), None)
+                if request_id is not None:
+                    self._finish_command(request_id)
+        self._end_session(found, found.ended or "the session's bash was killed")
+        found.close_fds()
+        found.remove_files()
 
     def _instance(self, msg):
         instance_id = protocol.field(msg, "instance_id", str)

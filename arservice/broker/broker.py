@@ -14,6 +14,7 @@ import traceback
 import zmq
 
 from .. import environments, protocol
+from ..environments.session import INTERRUPT_GRACE_S, check_name
 from ..logs import EventLog
 from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
 from .metrics import BrokerMetrics, waiting_by_type
@@ -31,6 +32,20 @@ from .state import (
 )
 
 log = EventLog("broker")
+
+
+def session_name(msg, default=...):
+    name = field(msg, "session", str, default=default)
+    return name if name is None else check_name(name)
+
+
+def stream_field(msg):
+    """`stream: true` asks for the output as chunk messages before the answer."""
+    return {"stream": True} if field(msg, "stream", bool, default=False) else {}
+
+
+def _present(fields):
+    return {k: v for k, v in fields.items() if v is not None}
 
 INPROC_ADDRESS = "inproc://arservice-broker"
 # An agent answers after the command's own time limit; allow it this much more.
@@ -103,6 +118,7 @@ class Broker:
             protocol.DISCONNECT: self.on_disconnect,
             protocol.REPLY: self.on_agent_answer,
             protocol.ERROR: self.on_agent_answer,
+            protocol.CHUNK: self.on_agent_chunk,
             protocol.START_INSTANCE: self.on_start_instance,
             protocol.EXECUTE: self.on_execute,
             protocol.CLOSE_INSTANCE: self.on_close_instance,
@@ -119,12 +135,16 @@ class Broker:
             protocol.RELEASE_AGENT: self.on_release_agent,
             protocol.METRICS: self.on_metrics,
             protocol.STATUS: self.on_status,
+            protocol.CREATE_SESSION: self.on_create_session,
+            protocol.RUN_IN_SESSION: self.on_run_in_session,
+            protocol.CLOSE_SESSION: self.on_close_session,
         }
         self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
                              protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
                              protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT,
                              protocol.METRICS, protocol.STATUS, protocol.RENEW, protocol.FORK_INSTANCE,
-                             protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT}
+                             protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT, protocol.CREATE_SESSION,
+                             protocol.RUN_IN_SESSION, protocol.CLOSE_SESSION}
 
     def stop(self):
         """Ask the loop to end within one tick; safe from any thread."""
@@ -478,6 +498,17 @@ class Broker:
             self.send([agent.identity], protocol.request(protocol.CLOSE_INSTANCE, f"b{next(self._ids)}",
                                                          instance_id=instance_id))
 
+    def on_agent_chunk(self, envelope, msg):
+        """Output of a streamed command, passed on to its client as it comes (the answer stays pending)."""
+        agent = self._agent(envelope)
+        pending = self.pending.get(msg.get("id"))
+        if pending is None or pending.agent_id != agent.agent_id or pending.envelope is None:
+            return
+        data = msg.get("data")
+        if isinstance(data, bytes):
+            self.send(pending.envelope, {"v": protocol.VERSION, "type": protocol.CHUNK, "id": pending.client_id,
+                                         "data": data})
+
     # -- clients ------------------------------------------------------------------
 
     def on_ping(self, envelope, msg):
@@ -741,8 +772,36 @@ class Broker:
             "env": protocol.string_map(msg, "env"),
             "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
                                   check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
+            **stream_field(msg),
         }
         self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg["id"], timeout + ANSWER_GRACE_S)
+
+    def on_create_session(self, envelope, msg):
+        inst = self._running_instance(msg)
+        fields = {"session": session_name(msg, default=None), "shell": text(msg, "shell", default=None)}
+        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CREATE_SESSION, _present(fields),
+                      envelope, msg["id"], REQUEST_TIMEOUT_S)
+
+    def on_run_in_session(self, envelope, msg):
+        inst = self._running_instance(msg)
+        timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= MAX_SECONDS,
+                        what=f"in (0, {MAX_SECONDS:.0f}] seconds")
+        fields = {
+            "session": session_name(msg),
+            "command": text(msg, "command"),
+            "timeout": timeout,
+            "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
+                                  check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
+            **stream_field(msg),
+        }
+        # A timed-out command gets its interrupt's grace on the agent, then the answer's.
+        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.RUN_IN_SESSION, fields, envelope, msg["id"],
+                      timeout + ANSWER_GRACE_S + INTERRUPT_GRACE_S)
+
+    def on_close_session(self, envelope, msg):
+        inst = self._running_instance(msg)
+        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_SESSION, {"session": session_name(msg)},
+                      envelope, msg["id"], REQUEST_TIMEOUT_S)
 
     def on_file_request(self, envelope, msg):
         inst = self._running_instance(msg)

@@ -31,7 +31,12 @@ ANSWER_COUNTERS = {
     protocol.SNAPSHOT_INSTANCE: "arservice_snapshots_total",
     protocol.WRITE_FILE: "arservice_file_requests_total",
     protocol.READ_FILE: "arservice_file_requests_total",
+    protocol.CREATE_SESSION: "arservice_session_requests_total",
+    protocol.RUN_IN_SESSION: "arservice_session_requests_total",
+    protocol.CLOSE_SESSION: "arservice_session_requests_total",
 }
+# Counters that several request types share, labelled by the request.
+PER_REQUEST = {"arservice_file_requests_total", "arservice_session_requests_total"}
 LATENCY_HISTOGRAMS = {
     protocol.START_INSTANCE: "arservice_instance_start_duration_seconds",
     protocol.EXECUTE: "arservice_command_duration_seconds",
@@ -67,6 +72,8 @@ FAMILIES = {
                                   ("type", "outcome")),
     "arservice_file_requests_total": ("counter", "write_file and read_file requests answered, by outcome.",
                                       ("request", "type", "outcome")),
+    "arservice_session_requests_total": ("counter", ("create_session, run_in_session and close_session requests "
+                                                     "answered, by outcome."), ("request", "type", "outcome")),
     "arservice_instances_expired_total": ("counter", "Instances closed because their lease ended, by reason (ttl or idle).",
                                           ("reason",)),
     "arservice_agents_unreachable_total": ("counter", "Agents that fell silent (their instances became unreachable).", ()),
@@ -143,7 +150,7 @@ class BrokerMetrics:
             outcome = msg["error"]["code"]
             self.error(pending.kind, outcome, msg["error"]["message"], pending.instance_id, pending.agent_id)
         counter = ANSWER_COUNTERS[pending.kind]
-        self._count(counter, (pending.kind, env_type, outcome) if counter == "arservice_file_requests_total"
+        self._count(counter, (pending.kind, env_type, outcome) if counter in PER_REQUEST
                     else (env_type, outcome))
         now = time.monotonic()
         if pending.kind in LATENCY_HISTOGRAMS:

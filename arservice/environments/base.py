@@ -227,6 +227,17 @@ class Environment:
         """Stop the instance and remove everything it made. Must be safe to call twice."""
         raise NotImplementedError
 
+    def session_dir(self):
+        """Where persistent sessions keep their FIFOs and files: (host path, the same directory as
+        the instance sees it, the uid owning the instance's files or None, whether it is the
+        sessions' own to remove). Sessions run through the exec helper, so they share its directory."""
+        from .helper import MOUNT  # helper imports this module
+        helper = getattr(self, "helper", None)
+        if helper is None or not helper.alive():
+            raise ProtocolError("invalid_request", f"sessions need the exec helper, which this {self.type} instance "
+                                                   "does not run (fast_exec false, or it could not start)")
+        return helper.host_dir, MOUNT, helper.owner, False
+
 
 def parse_memory_mib(value, field="memory"):
     """'512m', '2g', '1024k' or a number of MiB -> MiB as an int; None stays None."""

@@ -68,6 +68,11 @@ class LocalEnvironment(Environment):
             env={**self.env, **env} if env else self.env,
         )
 
+    def session_dir(self):
+        """Sessions' files on the host, beside the workdir (not in it, where `ls -a` would show them)."""
+        path = tempfile.mkdtemp(prefix=f"{self.instance_id}-sessions-", dir=self.workdir_root)
+        return path, path, None, True
+
     def write_file(self, path, content, mode):
         path = resolve_path(path, self.cwd)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -144,6 +144,12 @@ class Endpoint:
                 fields[BYTES_IN[self.kind]] = base64.b64decode(fields[BYTES_IN[self.kind]], validate=True)
             except ValueError:  # binascii.Error, or a non-ASCII string
                 raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64")
+        if fields.get("stream") is True and self.kind in protocol.STREAMABLE:
+            resp.content_type = "application/x-ndjson"
+            resp.stream = stream_lines(self.broker._stream(Call(self.kind, fields, wait_for(fields))),
+                                       BYTES_OUT[self.kind], use_base64)
+            return
+        fields.pop("stream", None)
         # The fields go as a dict: one named like request()'s own parameters (a start's wait_s) is still a field.
         result = self.broker._run(Call(self.kind, fields, wait_for(fields)))
         out = BYTES_OUT.get(self.kind)
@@ -154,6 +160,25 @@ class Endpoint:
             result["status"] = "ok"
         # A NaN would make the answer invalid JSON: the broker never sends one, and this makes sure.
         resp.text = json.dumps(result, allow_nan=False)
+
+
+def stream_lines(events, out, use_base64):
+    """A streamed answer as JSON lines, sent chunked as they come: {"output": ...} for each chunk of
+    output, then {"result": ...} (or {"error": ...} if it fails on the way). When the client goes
+    away, waitress closes this generator, which closes the broker's stream."""
+    def text(data):
+        return base64.b64encode(data).decode() if use_base64 else data.decode("utf-8", errors="replace")
+    try:
+        for event in events:
+            if isinstance(event, bytes):
+                yield json.dumps({"output": text(event)}).encode() + b"\n"
+            else:
+                event[out] = text(event[out])
+                yield json.dumps({"result": event}, allow_nan=False).encode() + b"\n"
+    except (ServiceError, ProtocolError) as exc:
+        yield json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode() + b"\n"
+    finally:
+        events.close()
 
 
 def _service_error(req, resp, exc, params):

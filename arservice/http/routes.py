@@ -12,6 +12,9 @@ ROUTES = {
     "/delete_snapshot": ("POST", protocol.DELETE_SNAPSHOT),
     "/write_file": ("POST", protocol.WRITE_FILE),
     "/read_file": ("POST", protocol.READ_FILE),
+    "/create_session": ("POST", protocol.CREATE_SESSION),
+    "/run_in_session": ("POST", protocol.RUN_IN_SESSION),
+    "/close_session": ("POST", protocol.CLOSE_SESSION),
     "/get_available_resources": ("GET", protocol.RESOURCES),
     "/instances": ("GET", protocol.INSTANCES),
     "/status": ("GET", protocol.STATUS),
@@ -21,7 +24,7 @@ PATHS = {kind: path for path, (_, kind) in ROUTES.items()}
 
 # Byte fields travel as text in JSON; a request with "base64": true carries them base64-encoded instead.
 BYTES_IN = {protocol.WRITE_FILE: "content"}
-BYTES_OUT = {protocol.EXECUTE: "output", protocol.READ_FILE: "content"}
+BYTES_OUT = {protocol.EXECUTE: "output", protocol.READ_FILE: "content", protocol.RUN_IN_SESSION: "output"}
 # A GET's fields come as query parameters, all text; these are numbers.
 QUERY_INTS = {"limit"}
 
