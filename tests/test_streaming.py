@@ -118,3 +118,17 @@ def test_async_clients_stream(svc, kind):
             finally:
                 await c.close_instance(inst)
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("backend", params("docker-plain-exec"))
+def test_without_the_exec_helper_a_stream_is_the_answer_alone(svc, backend):
+    """A documented difference: commands without the exec helper (fast_exec: false) send no chunks;
+    the stream still ends with the same answer as the unstreamed call."""
+    client = svc.client
+    inst = client.start_instance(SPECS[backend])["instance_id"]
+    try:
+        chunks, answer = split(client.execute_stream(inst, "seq 1 3; echo done >&2", raw=True))
+        assert chunks == [] and answer["output"] == b"1\n2\n3\ndone\n"
+        assert same_answer(answer, client.execute(inst, "seq 1 3; echo done >&2", raw=True))
+    finally:
+        client.close_instance(inst)
