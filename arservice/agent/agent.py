@@ -20,8 +20,9 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from .. import environments, protocol
+from .. import curve, environments, protocol
 from ..environments import hostdir
 from ..environments.process import marked_processes
 from ..logs import EventLog
@@ -45,14 +46,17 @@ class AgentExit(Exception):
 
 
 class Agent:
-    def __init__(self, broker, *, instances=4, cpus=None, memory=None, env_types=None, secret=None,
+    def __init__(self, broker, *, instances=4, cpus=None, memory=None, env_types=None, secret=None, token=None,
                  agent_id=None, heartbeat_s=1.0, broker_timeout_s=15.0, workdir_root=None,
                  max_concurrent=256, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S):
         self.broker = broker
         self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.capacity = {"instances": instances, "cpus": cpus, "memory": memory}
         self.env_types = env_types or environments.available_types()
-        self.secret = secret
+        # The service's token keys the CURVE handshake and is the registration secret; a broker without
+        # a token takes a secret of its own (its runner's, or --agent-secret-file) in the registration only.
+        self.token = token
+        self.secret = secret or token
         self.heartbeat_s = heartbeat_s
         self.broker_timeout_s = broker_timeout_s
         self.workdir_root = workdir_root or workdirs.DEFAULT_ROOT
@@ -90,12 +94,19 @@ class Agent:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
+        self.handshake = None  # with a token: the monitor that says the broker refused our key
+        if self.token:
+            curve.secure_client(self.sock, self.token)
+            self.handshake = self.sock.get_monitor_socket(curve.Handshakes.EVENTS)
+            self.handshakes = curve.Handshakes(with_token=True)
         self.sock.connect(self.broker)
         outbox = self.ctx.socket(zmq.PULL)
         outbox.bind(self.outbox_address)
         self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(outbox, zmq.POLLIN)
+        if self.handshake is not None:
+            poller.register(self.handshake, zmq.POLLIN)
         log.info("agent_started", agent=self.agent_id, broker=self.broker, capacity=self.capacity, types=",".join(self.env_types))
         self.registered = False
         self.last_heard = time.monotonic()
@@ -124,6 +135,9 @@ class Agent:
                 self._send(protocol.request(protocol.DISCONNECT, self._id()))
             self.pool.shutdown(wait=False, cancel_futures=True)
             outbox.close(linger=0)
+            if self.handshake is not None:
+                self.sock.disable_monitor()
+                self.handshake.close(linger=0)
             self.sock.close()
             # term() waits for every socket: one held by a worker thread still blocked would make it wait forever.
             closing = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
@@ -138,6 +152,11 @@ class Agent:
             self._forward_answer(outbox.recv_multipart())
         elif sock is self.sock:
             self._on_broker_frame(self.sock.recv())
+        elif sock is self.handshake:
+            event = recv_monitor_message(self.handshake)
+            refusal = self.handshakes.refusal(event["event"], event["value"])
+            if refusal is not None:
+                raise AgentExit(f"broker refused registration: wrong agent secret: {refusal}")
         elif sock in self.command_fds:
             self._on_command_fd(sock)
 
@@ -169,7 +188,7 @@ class Agent:
         return f"{self.agent_id}:{self._next_id}"
 
     def _send(self, msg):
-        self.sock.send(protocol.encode(msg))
+        self.sock.send_multipart(protocol.split(protocol.encode(msg)))
 
     def _register_message(self):
         # The instances it holds, started and well: a broker that restarted (or lost this agent) adopts them.
@@ -356,7 +375,7 @@ class Agent:
         payload, drop = frames
         if drop:
             self.envs.pop(drop.decode(), None)
-        self.sock.send(payload)
+        self.sock.send_multipart(protocol.split(payload))
 
     def _close_all(self):
         """Close every instance in parallel, waiting a bounded time."""
