@@ -223,10 +223,11 @@ class KeepAlive:
 # --- ZeroMQ: what the sync and async ZMQ clients share ---
 
 def zmq_frames(kind: str, msg_id: int, fields: dict, token: str | None) -> list:
-    """A request as the frames to send (one, unless it is larger than protocol.MAX_FRAME_BYTES)."""
-    if token:
-        fields = dict(fields, token=token)
-    return protocol.split(protocol.encode(protocol.request(kind, msg_id, **fields)))
+    """A request as the frames to send: with a token, several when it is larger than the broker's frame
+    limit (protocol.MAX_FRAME_BYTES); without one, the broker takes any frame and it stays whole."""
+    if not token:
+        return [protocol.encode(protocol.request(kind, msg_id, **fields))]
+    return protocol.split(protocol.encode(protocol.request(kind, msg_id, token=token, **fields)))
 
 
 def zmq_result(answer: dict):

@@ -188,7 +188,11 @@ class Agent:
         return f"{self.agent_id}:{self._next_id}"
 
     def _send(self, msg):
-        self.sock.send_multipart(protocol.split(protocol.encode(msg)))
+        self._send_bytes(protocol.encode(msg))
+
+    def _send_bytes(self, data):
+        # A broker with a token reads frames of at most protocol.MAX_FRAME_BYTES; one without takes any.
+        self.sock.send_multipart(protocol.split(data) if self.token else [data])
 
     def _register_message(self):
         # The instances it holds, started and well: a broker that restarted (or lost this agent) adopts them.
@@ -375,7 +379,7 @@ class Agent:
         payload, drop = frames
         if drop:
             self.envs.pop(drop.decode(), None)
-        self.sock.send_multipart(protocol.split(payload))
+        self._send_bytes(payload)
 
     def _close_all(self):
         """Close every instance in parallel, waiting a bounded time."""
