@@ -57,11 +57,12 @@ def secure_client(sock: zmq.Socket, token: str) -> None:
 class Handshakes:
     """Follows a connecting socket's monitor events (EVENTS) and says when the broker refuses it.
 
-    A broker with a token whose ZAP handler refuses a key answers with an error (HANDSHAKE_FAILED_AUTH);
-    a client without a token, or with one for a broker that takes none, fails on the mechanism
-    (HANDSHAKE_FAILED_PROTOCOL). A wrong token yields a wrong broker key, whose handshake the broker
-    cannot even read: it just closes the connection (HANDSHAKE_FAILED_NO_DETAIL), as a broker dying
-    mid-handshake would, so only several of those in a row, with no success between, count."""
+    A broker with a token whose ZAP handler refuses a key answers with an error (HANDSHAKE_FAILED_AUTH).
+    A peer whose mechanism is not the broker's (a token, or none, where the broker has none, or one)
+    fails on the mechanism (HANDSHAKE_FAILED_PROTOCOL), unless the broker noticed first and closed
+    the connection. A wrong token yields a wrong broker key, whose handshake the broker cannot even
+    read: it closes the connection too. A closed connection (HANDSHAKE_FAILED_NO_DETAIL) is also
+    what a broker dying mid-handshake causes, so only several in a row, with no success between, count."""
 
     EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -79,15 +80,19 @@ class Handshakes:
             return "the broker refused this token's key: wrong token"
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-                return ("this peer has a token, but the broker takes none (it runs without --token)" if self.with_token
-                        else "the broker requires a token (it runs with --token): set ARSERVICE_TOKEN or token=")
+                return self._mismatch()
             return f"the broker refused the handshake (ZMTP protocol error {value:#x}): a wrong token?"
-        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.with_token:
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
             self.closed += 1
             if self.closed >= self.CLOSED_IN_A_ROW:
-                return (f"the broker closed the connection during the CURVE handshake {self.closed} times in a row: "
-                        "wrong token (the broker key derived from it is not the broker's)")
+                why = "wrong token, or " + self._mismatch() if self.with_token else self._mismatch()
+                return f"the broker closed the connection during the handshake {self.closed} times in a row: {why}"
         return None
+
+    def _mismatch(self) -> str:
+        if self.with_token:
+            return "this peer has a token, but the broker takes none (it runs without --token)"
+        return "the broker requires a token (it runs with --token): set ARSERVICE_TOKEN or token="
 
 
 class ZapHandler:
