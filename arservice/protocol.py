@@ -1,7 +1,7 @@
 """The arservice wire protocol, shared by broker, agents and clients.
 
-Every message is a msgpack map, sent as one ZeroMQ frame or, past MAX_FRAME_BYTES, as the
-frames of one multipart message whose bytes, joined, are the map:
+Every message is a msgpack map, sent as one ZeroMQ frame or (to a broker with a token, past
+MAX_FRAME_BYTES) as the frames of one multipart message whose bytes, joined, are the map:
 
     {"v": 1, "type": "<message type>", "id": <request id>, ...fields}
 
