@@ -14,8 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from bench_core import latencies, percentile  # noqa: E402
-from helpers import Service  # noqa: E402
+from bench_core import latencies, percentile
+from helpers import Service
 
 TOKEN = "bench-token"
 BIG = b"x" * (4 << 20)

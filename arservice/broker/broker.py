@@ -14,7 +14,7 @@ import zmq
 
 from .. import curve, environments, protocol
 from ..logs import EventLog
-from ..protocol import MAX_FRAME_BYTES, MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
+from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
 from .metrics import BrokerMetrics, waiting_by_type
 from .state import (
     ENDED_STATES,
@@ -81,7 +81,8 @@ class Broker:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # With a token, a frame past MAX_FRAME_BYTES ends its connection (larger messages come split): a
         # peer failing the handshake costs that much at most. Without one, every peer may send anyway.
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES + curve.FRAME_OVERHEAD_BYTES if token else MAX_MESSAGE_BYTES)
+        frame_limit = protocol.MAX_FRAME_BYTES + curve.FRAME_OVERHEAD_BYTES if token else MAX_MESSAGE_BYTES
+        self.sock.setsockopt(zmq.MAXMSGSIZE, frame_limit)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.sock.setsockopt(zmq.LINGER, 0)
