@@ -62,8 +62,9 @@ def send_raw_frame(port: int, mechanism: bytes) -> int:
     return sent
 
 
-def dealer(address: str, server_key: bytes | None = None) -> zmq.Socket:
-    """A DEALER without the token: no keys, or the broker's key (to reach ZAP) and a key pair of its own."""
+def dealer(address: str, server_key: bytes | None = None, events: int = 0) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A DEALER without the token (no keys, or the broker's key, to reach ZAP, and a key pair of its
+    own), and a monitor of those of its events (attached before it connects, to miss none)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, 100)  # once refused it has no connection to queue on: Again
@@ -72,8 +73,9 @@ def dealer(address: str, server_key: bytes | None = None) -> zmq.Socket:
         sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
         sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    monitor = sock.get_monitor_socket(events) if events else None
     sock.connect(address)
-    return sock
+    return sock, monitor
 
 
 def test_peers_without_the_token_pass_no_frame_and_cost_no_memory(guarded):
@@ -82,9 +84,9 @@ def test_peers_without_the_token_pass_no_frame_and_cost_no_memory(guarded):
     Before CURVE, each frame was read whole (16 MiB cost about 32 MiB); with CURVE but no frame limit,
     a 64 MiB handshake command still was (128 MiB peak)."""
     before = peak_rss_mib(guarded.proc.pid)
-    anonymous = dealer(guarded.zmq)
-    impostor = dealer(guarded.zmq, server_key=curve.keypair(TOKEN, "broker")[0])
-    refusals = impostor.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    anonymous, _ = dealer(guarded.zmq)
+    impostor, refusals = dealer(guarded.zmq, server_key=curve.keypair(TOKEN, "broker")[0],
+                                events=zmq.EVENT_HANDSHAKE_FAILED_AUTH)
     try:
         frame = protocol.encode({"v": 1, "type": "ping", "id": 1, "token": TOKEN, "pad": b"\0" * ATTACK_BYTES})
         for _ in range(3):
