@@ -169,12 +169,17 @@ def test_the_token_works_over_zmq_and_http_workers_with_messages_larger_than_a_f
         guarded.client.close_instance(inst)
 
 
-def test_an_agent_with_the_token_registers_and_one_with_a_wrong_token_exits_saying_so(guarded):
+def test_agents_with_a_wrong_token_or_none_exit_saying_so(guarded):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARSERVICE_")}
     proc = subprocess.run([sys.executable, "-m", "arservice", "agent", "--broker", guarded.zmq, "--types", "local"],
                           check=False, env=dict(env, ARSERVICE_TOKEN="wrong"), capture_output=True, text=True, timeout=30)
     assert proc.returncode == 3, proc.stderr
     assert "wrong agent secret" in proc.stderr and "token" in proc.stderr
+    tokenless = subprocess.run([sys.executable, "-m", "arservice", "agent", "--broker", guarded.zmq, "--types", "local"],
+                               check=False, env=dict(env, ARSERVICE_AGENT_SECRET="not the token"), capture_output=True,
+                               text=True, timeout=30)
+    assert tokenless.returncode == 3, tokenless.stderr
+    assert "requires a token" in tokenless.stderr
     assert len(guarded.client.available_resources()["agents"]) == 1
 
 

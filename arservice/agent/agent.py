@@ -94,19 +94,19 @@ class Agent:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.handshake = None  # with a token: the monitor that says the broker refused our key
         if self.token:
             curve.secure_client(self.sock, self.token)
-            self.handshake = self.sock.get_monitor_socket(curve.Handshakes.EVENTS)
-            self.handshakes = curve.Handshakes(with_token=True)
+        # What says that the broker refused the handshake (a wrong token, or a token where it has none or
+        # none where it has one), before any registration could be answered.
+        self.handshake = self.sock.get_monitor_socket(curve.Handshakes.EVENTS)
+        self.handshakes = curve.Handshakes(with_token=bool(self.token))
         self.sock.connect(self.broker)
         outbox = self.ctx.socket(zmq.PULL)
         outbox.bind(self.outbox_address)
         self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(outbox, zmq.POLLIN)
-        if self.handshake is not None:
-            poller.register(self.handshake, zmq.POLLIN)
+        poller.register(self.handshake, zmq.POLLIN)
         log.info("agent_started", agent=self.agent_id, broker=self.broker, capacity=self.capacity, types=",".join(self.env_types))
         self.registered = False
         self.last_heard = time.monotonic()
@@ -135,9 +135,8 @@ class Agent:
                 self._send(protocol.request(protocol.DISCONNECT, self._id()))
             self.pool.shutdown(wait=False, cancel_futures=True)
             outbox.close(linger=0)
-            if self.handshake is not None:
-                self.sock.disable_monitor()
-                self.handshake.close(linger=0)
+            self.sock.disable_monitor()
+            self.handshake.close(linger=0)
             self.sock.close()
             # term() waits for every socket: one held by a worker thread still blocked would make it wait forever.
             closing = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
