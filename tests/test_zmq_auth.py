@@ -81,8 +81,8 @@ def dealer(address: str, server_key: bytes | None = None, events: int = 0) -> tu
 def test_peers_without_the_token_pass_no_frame_and_cost_no_memory(guarded):
     """A ZMQ peer without the token sending 64 MiB frames, one that knows the broker's key but not the
     client key, and raw TCP peers sending a 64 MiB frame in the handshake: none costs the service memory.
-    Before CURVE, each frame was read whole (16 MiB cost about 32 MiB); with CURVE but no frame limit,
-    a 64 MiB handshake command still was (128 MiB peak)."""
+    Before CURVE, each frame was read whole (three 64 MiB frames: +235 MiB peak); with CURVE but no
+    frame limit, a 64 MiB handshake command still was (+128 MiB peak)."""
     before = peak_rss_mib(guarded.proc.pid)
     anonymous, _ = dealer(guarded.zmq)
     impostor, refusals = dealer(guarded.zmq, server_key=curve.keypair(TOKEN, "broker")[0],
