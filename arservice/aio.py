@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import protocol
+from . import curve, protocol
 from .client import (
     CONNECT_WAIT_S,
     DEFAULT_WAIT_S,
@@ -42,7 +42,7 @@ from .client import (
     no_answer,
     stream_methods,
     unreachable_service,
-    zmq_frame,
+    zmq_frames,
     zmq_result,
 )
 
@@ -66,11 +66,13 @@ class _Channel:
     """One DEALER socket of one event loop, the reader task that routes answers by id, and the
     watcher task that fails the waiting requests when the connection drops (their answers cannot come)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str):
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, token: str | None):
         self.loop = asyncio.get_running_loop()
         self.address = address
-        self.sock, self.monitor = broker_socket(ctx, address)
+        self.sock, self.monitor = broker_socket(ctx, address, token)
         self.connected = asyncio.Event()
+        self.handshakes = curve.Handshakes(bool(token))
+        self.refused: ServiceError | None = None  # the broker refused the handshake: no request can pass
         # Thousands of requests may be queued at once: let them all wait in ZeroMQ, not in send().
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
@@ -86,17 +88,26 @@ class _Channel:
 
     async def _watch(self):
         while True:
-            event = parse_monitor_message(await self.monitor.recv_multipart())["event"]
+            message = parse_monitor_message(await self.monitor.recv_multipart())
+            event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected.set()
             elif event == zmq.EVENT_DISCONNECTED and self.connected.is_set():
                 self.connected.clear()
-                dropped = connection_dropped(f"the broker at {self.address}")
-                for future in self.waiting.values():
-                    if not future.done():
-                        future.set_exception(dropped)
-                for queue in self.streams.values():
-                    queue.put_nowait(dropped)
+                self._fail_waiting(connection_dropped(f"the broker at {self.address}"))
+            refusal = self.handshakes.refusal(event, message["value"])
+            if refusal is not None:
+                self.refused = ServiceError("unauthorized", f"{refusal} (the broker at {self.address})")
+                self._fail_waiting(self.refused)
+                self.connected.set()  # wakes the requests waiting for a connection, to fail with the refusal
+                return
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(exc)
+        for queue in self.streams.values():
+            queue.put_nowait(exc)
 
     async def _read(self):
         try:
@@ -114,12 +125,10 @@ class _Channel:
                 if future is not None and not future.done():  # else a late answer to a request that timed out
                     future.set_result(answer)
         except Exception as exc:  # the socket broke: nobody may wait for an answer that cannot come
-            for future in self.waiting.values():
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail_waiting(exc)
             raise
 
-    async def request(self, frame: bytes, msg_id: int, wait_s: float) -> dict:
+    async def request(self, frames: list, msg_id: int, wait_s: float) -> dict:
         if not self.connected.is_set():
             try:
                 await asyncio.wait_for(self.connected.wait(), min(wait_s, CONNECT_WAIT_S))
@@ -127,21 +136,23 @@ class _Channel:
                 if wait_s <= CONNECT_WAIT_S:  # the caller's budget ran out first
                     raise asyncio.TimeoutError from None
                 raise unreachable_service(f"the broker at {self.address}") from None
+        if self.refused is not None:
+            raise self.refused
         future = self.loop.create_future()
         self.waiting[msg_id] = future
         try:
-            await self.sock.send(frame)
+            await self.sock.send_multipart(frames)
             return await asyncio.wait_for(future, wait_s)
         finally:
             self.waiting.pop(msg_id, None)
 
-    async def stream(self, frame: bytes, msg_id: int, wait_s: float):
+    async def stream(self, frames: list, msg_id: int, wait_s: float):
         """Send a streamed request; yield its chunk messages, then its answer (each within wait_s of the last)."""
         if not self.connected.is_set():
             await self.request_ready(wait_s)
         queue = self.streams[msg_id] = asyncio.Queue()
         try:
-            await self.sock.send(frame)
+            await self.sock.send_multipart(frames)
             while True:
                 answer = await asyncio.wait_for(queue.get(), wait_s)
                 if isinstance(answer, Exception):
@@ -183,11 +194,15 @@ class AsyncZMQClient(AsyncClient):
     def _channel_here(self) -> _Channel:
         # A socket belongs to the loop it was made in (asyncio.run twice makes two loops); a
         # channel whose reader ended (its socket broke) is replaced.
+        # A refused one is replaced too: its socket would retry the handshake forever.
         channel = self._channel
-        if channel is None or channel.loop is not asyncio.get_running_loop() or channel.reader.done():
+        if (channel is None or channel.loop is not asyncio.get_running_loop() or channel.reader.done()
+                or channel.refused is not None):
             if channel is not None:
+                if not channel.loop.is_closed():
+                    channel.reader.cancel()
                 close_socket(channel.sock, channel.monitor)  # its loop is gone or its reader ended: nothing reads it
-            self._channel = _Channel(self.ctx, self.address)
+            self._channel = _Channel(self.ctx, self.address, self.token)
         return self._channel
 
     async def _call(self, kind, wait_s, fields):
@@ -216,16 +231,16 @@ class AsyncZMQClient(AsyncClient):
     async def _request_once(self, kind: str, wait_s: float, fields: dict):
         msg_id = next(self._ids)
         try:
-            answer = await self._channel_here().request(zmq_frame(kind, msg_id, fields, self.token), msg_id, wait_s)
+            answer = await self._channel_here().request(zmq_frames(kind, msg_id, fields, self.token), msg_id, wait_s)
         except asyncio.TimeoutError:
             raise no_answer(f"the broker at {self.address}", wait_s) from None
         return zmq_result(answer)
 
     async def _stream(self, call: Call):
         msg_id = next(self._ids)
-        frame = zmq_frame(call.kind, msg_id, dict(call.fields, stream=True), self.token)
+        frames = zmq_frames(call.kind, msg_id, dict(call.fields, stream=True), self.token)
         try:
-            async for answer in self._channel_here().stream(frame, msg_id, call.wait_s):
+            async for answer in self._channel_here().stream(frames, msg_id, call.wait_s):
                 yield answer["data"] if answer["type"] == protocol.CHUNK else call.finish(zmq_result(answer))
         except asyncio.TimeoutError:
             raise no_answer(f"the broker at {self.address}", call.wait_s) from None

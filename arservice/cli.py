@@ -242,10 +242,31 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
 
 @main.command("broker")
 @service_options
-def broker_command(**options):
+@click.option("--agent-secret-file", default=None, type=click.Path(dir_okay=False),
+              help="Without --token: the secret agents must present (they take the same option) [required then].")
+def broker_command(agent_secret_file, **options):
     """The broker and HTTP front end alone; agents join with `arservice agent`."""
-    serve(None, **options)
+    if options["token"] and agent_secret_file:
+        raise CliError("--agent-secret-file is for a broker without --token: with --token, agents present the token")
+    if not options["token"] and not agent_secret_file:
+        raise CliError("without --token any local process could register as an agent and receive clients' commands: "
+                       "set --token (or ARSERVICE_TOKEN), or --agent-secret-file FILE and give agents the same "
+                       "--agent-secret-file FILE")
+    agent_secret = read_secret(agent_secret_file, "--agent-secret-file") if agent_secret_file else None
+    serve(None, agent_secret=agent_secret, **options)
     _exit_now(0)
+
+
+def read_secret(path: str, option: str) -> str:
+    """A secret from a file, surrounding whitespace dropped; a clear error if it cannot be read or is empty."""
+    try:
+        with open(path) as f:
+            secret = f.read().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {option}: {getattr(exc, 'strerror', None) or exc}: {path}")
+    if not secret:
+        raise CliError(f"{option} {path} is empty")
+    return secret
 
 
 @main.command("agent")
@@ -259,6 +280,10 @@ def broker_command(**options):
 @click.option("--token", envvar="ARSERVICE_TOKEN", default=None, help="Shared secret [env ARSERVICE_TOKEN].")
 @click.option("--token-file", envvar="ARSERVICE_TOKEN_FILE", default=None, type=click.Path(dir_okay=False),
               help="Read the shared secret from this file [env ARSERVICE_TOKEN_FILE].")
+@click.option("--agent-secret", envvar="ARSERVICE_AGENT_SECRET", default=None,
+              help="The agent secret of a broker without --token [env ARSERVICE_AGENT_SECRET].")
+@click.option("--agent-secret-file", envvar="ARSERVICE_AGENT_SECRET_FILE", default=None, type=click.Path(dir_okay=False),
+              help="Read the agent secret of a broker without --token from this file [env ARSERVICE_AGENT_SECRET_FILE].")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
 @click.option("--broker-grace", "--broker-timeout", "broker_timeout", default=15.0, show_default=True, type=float,
               help="Seconds of broker silence the agent keeps its instances through (a restarted broker adopts them); "
@@ -267,16 +292,16 @@ def broker_command(**options):
 @click.option("--stop-timeout", default=DEFAULT_STOP_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
               help="Seconds the agent gives its instances to close when it stops; then it exits regardless.")
 @click.option("--log-level", default="INFO", show_default=True)
-def agent_command(broker_address, instances, cpus, memory, types, token, token_file, heartbeat, broker_timeout,
-                  workdir_root, stop_timeout, log_level):
+def agent_command(broker_address, instances, cpus, memory, types, token, token_file, agent_secret, agent_secret_file,
+                  heartbeat, broker_timeout, workdir_root, stop_timeout, log_level):
     """One agent: connects to the broker, runs environments and commands until stopped."""
     logs.setup(log_level)
     if token_file is not None:
-        try:
-            with open(token_file) as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read --token-file: {exc.strerror}: {token_file}")
+        token = read_secret(token_file, "--token-file")
+    if agent_secret_file is not None:
+        agent_secret = read_secret(agent_secret_file, "--agent-secret-file")
+    if token and agent_secret:
+        raise CliError("give the service's token or an agent secret (of a broker without --token), not both")
     try:
         memory_mib = parse_memory_mib(memory)
         env_types = types.split(",") if types else None
@@ -285,8 +310,8 @@ def agent_command(broker_address, instances, cpus, memory, types, token, token_f
     except ProtocolError as exc:
         raise CliError(exc.message)
     agent = Agent(broker_address, instances=instances, cpus=cpus, memory=memory_mib, env_types=env_types,
-                  secret=token, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout, workdir_root=workdir_root,
-                  stop_timeout_s=stop_timeout)
+                  token=token, secret=agent_secret, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout,
+                  workdir_root=workdir_root, stop_timeout_s=stop_timeout)
     _on_signals(agent.stop)
     code = 0
     try:
@@ -322,7 +347,7 @@ def check_exposure(host, token):
 
 def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, token, agent_timeout, agent_grace, instance_ttl,
           idle_timeout, http_threads, http_connections, http_idle_timeout, http_workers, max_request_bytes, log_level,
-          runner_options=None, advertise_address=None, start_wait=None):
+          runner_options=None, advertise_address=None, start_wait=None, agent_secret=None):
     from .http.app import (  # here: agents (job start-up time) do not need falcon
         HTTPServer,
         create_app,
@@ -343,7 +368,6 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
     if start_wait is None:
         start_wait = runner_class.start_wait_s if runner_class else 0.0
     runner_options = dict(runner_options or {})
-    agent_secret = None
     if runner_class is LocalRunner and not token:
         # Clients need no token, but agents do: a secret of this run, given only to our own agents.
         agent_secret = runner_options["agent_secret"] = secrets.token_urlsafe(32)

@@ -29,7 +29,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from . import protocol
+from . import curve, protocol
 from .http.routes import BYTES_IN, BYTES_OUT, PATHS, ROUTES
 
 # How long a client waits beyond a command's own time limit, and for anything else.
@@ -42,7 +42,7 @@ CONNECT_WAIT_S = 3.0
 # ZMTP heartbeats: a broker that stops answering them (its process stopped, its host gone) is disconnected.
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 3000
-LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+LINK_EVENTS = zmq.EVENT_DISCONNECTED | curve.Handshakes.EVENTS
 # Requests a client may send again when their answer was lost: they change nothing, or only renew.
 IDEMPOTENT = {protocol.PING, protocol.RESOURCES, protocol.INSTANCES, protocol.STATUS, protocol.METRICS,
               protocol.READ_FILE, protocol.RENEW}
@@ -273,10 +273,12 @@ class KeepAlive:
 
 # --- ZeroMQ: what the sync and async ZMQ clients share ---
 
-def zmq_frame(kind: str, msg_id: int, fields: dict, token: str | None) -> bytes:
-    if token:
-        fields = dict(fields, token=token)
-    return protocol.encode(protocol.request(kind, msg_id, **fields))
+def zmq_frames(kind: str, msg_id: int, fields: dict, token: str | None) -> list:
+    """A request as the frames to send: with a token, several when it is larger than the broker's frame
+    limit (protocol.MAX_FRAME_BYTES); without one, the broker takes any frame and it stays whole."""
+    if not token:
+        return [protocol.encode(protocol.request(kind, msg_id, **fields))]
+    return protocol.split(protocol.encode(protocol.request(kind, msg_id, token=token, **fields)))
 
 
 def zmq_result(answer: dict):
@@ -307,13 +309,16 @@ def may_send_again(kind: str, exc: ServiceError) -> bool:
     return exc.message.startswith("no instance") or (kind in IDEMPOTENT and exc.message.startswith("the connection"))
 
 
-def broker_socket(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socket | None]:
-    """A DEALER to the broker with ZMTP heartbeats, and the monitor socket that says when it is
-    connected; no monitor in-process (inproc has no connection to lose, and no monitor events)."""
+def broker_socket(ctx: zmq.Context, address: str, token: str | None) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A DEALER to the broker with ZMTP heartbeats (and CURVE keys of the token, if any), and the
+    monitor socket that says when it is connected or refused; no monitor in-process (inproc has no
+    connection to lose, no handshake and no monitor events)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if address.startswith("inproc://"):
         return sock, None
+    if token:
+        curve.secure_client(sock, token)
     sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
     return sock, sock.get_monitor_socket(LINK_EVENTS)
@@ -322,21 +327,28 @@ def broker_socket(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, zmq.Socke
 class _Link:
     """One thread's socket to the broker, and whether it is connected (from its monitor's events)."""
 
-    def __init__(self, ctx: zmq.Context, address: str):
-        self.sock, self.monitor = broker_socket(ctx, address)
+    def __init__(self, ctx: zmq.Context, address: str, token: str | None):
+        self.address, self.token = address, token
+        self.sock, self.monitor = broker_socket(ctx, address, token)
         self.sock.connect(address)
         self.connected = self.monitor is None
         self.drops = 0  # disconnections so far: an answer due on a dropped connection never comes
         self.down_since = None if self.connected else time.monotonic()
+        self.handshakes = curve.Handshakes(bool(token))
+        self.refused: ServiceError | None = None  # the broker refused the handshake: no request can pass
 
     def update(self) -> None:
         while self.monitor is not None and self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
+            message = recv_monitor_message(self.monitor)
+            event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected, self.down_since = True, None
             elif event == zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected, self.down_since = False, time.monotonic()
                 self.drops += 1
+            refusal = self.handshakes.refusal(event, message["value"])
+            if refusal is not None:
+                self.refused = ServiceError("unauthorized", f"{refusal} (the broker at {self.address})")
 
     def close(self) -> None:
         close_socket(self.sock, self.monitor)
@@ -369,9 +381,16 @@ class ZMQClient(Client):
                 # sockets pile up to ZeroMQ's limit. No other thread uses a dead thread's socket.
                 for thread in [t for t in self._sockets if not t.is_alive()]:
                     self._sockets.pop(thread).close()
-                link = self._local.link = _Link(self.ctx, self.address)
+                link = self._local.link = _Link(self.ctx, self.address, self.token)
                 self._sockets[threading.current_thread()] = link
         return link
+
+    def _drop_link(self, link: _Link) -> None:
+        """Close a refused link (its socket would retry the handshake forever); the next request makes a new one."""
+        with self._lock:
+            self._sockets.pop(threading.current_thread(), None)
+        self._local.link = None
+        link.close()
 
     def _call(self, kind, wait_s, fields):
         return self._request(kind, wait_s, fields)
@@ -415,7 +434,7 @@ class ZMQClient(Client):
         link.update()
         drops = link.drops
         msg_id = next(self._ids)
-        link.sock.send(zmq_frame(kind, msg_id, fields, self.token))
+        link.sock.send_multipart(zmq_frames(kind, msg_id, fields, self.token))
         deadline = time.monotonic() + wait_s
         poller = zmq.Poller()
         poller.register(link.sock, zmq.POLLIN)
@@ -423,6 +442,9 @@ class ZMQClient(Client):
             poller.register(link.monitor, zmq.POLLIN)
         where = f"the broker at {self.address}"
         while True:
+            if link.refused is not None:
+                self._drop_link(link)
+                raise link.refused
             now = time.monotonic()
             if now >= deadline:
                 raise no_answer(where, wait_s)
@@ -438,7 +460,7 @@ class ZMQClient(Client):
                         return
                     deadline = time.monotonic() + wait_s
             link.update()
-            if link.drops != drops:
+            if link.drops != drops and link.refused is None:
                 raise connection_dropped(where)
 
     def close(self):

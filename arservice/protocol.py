@@ -1,6 +1,7 @@
 """The arservice wire protocol, shared by broker, agents and clients.
 
-Every message is one ZeroMQ frame holding a msgpack map:
+Every message is a msgpack map, sent as one ZeroMQ frame or (to a broker with a token, past
+MAX_FRAME_BYTES) as the frames of one multipart message whose bytes, joined, are the map:
 
     {"v": 1, "type": "<message type>", "id": <request id>, ...fields}
 
@@ -18,8 +19,12 @@ import msgpack
 
 VERSION = 1
 
-# The largest frame a peer may send (libzmq drops longer ones): an HTTP body's worth plus framing.
+# The largest message a peer may send: an HTTP body's worth plus framing.
 MAX_MESSAGE_BYTES = 256 << 20
+# The largest frame the broker reads from a TCP peer when it has a token (libzmq drops the connection
+# of a peer sending a longer one). It bounds what a peer that fails the CURVE handshake can make
+# libzmq buffer: the handshake's frames are read under the same limit. Longer messages are split.
+MAX_FRAME_BYTES = 1 << 20
 # What the envelope of a frame may hold before its sender is known to be allowed to send it.
 ENVELOPE_FIELDS = ("v", "type", "id", "token", "secret")
 MAX_FIELDS = 64
@@ -103,6 +108,32 @@ def encode(msg):
         return msgpack.packb(msg, use_bin_type=True)
     except (ValueError, OverflowError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
         raise ProtocolError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}")
+
+
+def split(data: bytes) -> list:
+    """A message's bytes as the frames of one multipart message, none over MAX_FRAME_BYTES."""
+    if len(data) <= MAX_FRAME_BYTES:
+        return [data]
+    view = memoryview(data)
+    return [view[start:start + MAX_FRAME_BYTES] for start in range(0, len(data), MAX_FRAME_BYTES)]
+
+
+def joined(frames: list) -> bytes:
+    """The message bytes of a multipart message's frames (the inverse of split()); payload_too_large
+    past MAX_MESSAGE_BYTES."""
+    if len(frames) == 1:
+        return frames[0]
+    size = sum(len(frame) for frame in frames)
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError("payload_too_large", f"a message of {size} bytes: the most is {MAX_MESSAGE_BYTES}")
+    return b"".join(frames)
+
+
+def unwrap(frames: list) -> tuple[list, list]:
+    """(envelope, message frames) of what a ROUTER received: the sender's identity, and the empty
+    delimiter a REQ socket puts first, are the envelope (a message's first frame is never empty)."""
+    cut = 2 if len(frames) > 2 and not frames[1] else 1
+    return frames[:cut], frames[cut:]
 
 
 def peek(frame):

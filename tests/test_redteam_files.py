@@ -263,8 +263,9 @@ def test_a_deep_directory_tree_does_not_stop_an_instance_from_closing_cleanly(re
     directory by the next agent on the host: so this test runs its agent under a root of its own,
     never under the shared /tmp/arservice."""
     root = reachable_dir / "root"
-    svc = Service("broker").wait_ready(agents=0)
+    svc = Service("broker", token="s3cret").wait_ready(agents=0)
     agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", svc.zmq, "--workdir-root", str(root)],
+                             env=dict(os.environ, ARSERVICE_TOKEN="s3cret"),
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: svc.client.available_resources()["agents"], timeout=30, what="the agent registered")

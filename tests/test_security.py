@@ -16,7 +16,7 @@ import zmq
 from backends import SPECS, params
 from helpers import PlayedBroker, Service, wait_for
 
-from arservice import protocol
+from arservice import curve, protocol
 from arservice.client import ServiceError, ZMQClient
 
 pytestmark = pytest.mark.timeout(90)
@@ -32,12 +32,16 @@ def http_call(port, method, path, body=None, raw=None, headers=None):
     return response.status, json.loads(payload)
 
 
-def zmq_ask(address, frame, timeout_s=30):
+def zmq_ask(address, frame, timeout_s=30, token=None):
+    """Send one raw frame and return the answer; with `token`, through the CURVE handshake it keys
+    (so that the frame reaches the broker's own checks)."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if token:
+        curve.secure_client(sock, token)
     sock.connect(address)
     try:
-        sock.send(frame)
+        sock.send_multipart(frame if isinstance(frame, list) else [frame])
         assert sock.poll(timeout_s * 1000), "no answer from the broker"
         return msgpack.unpackb(sock.recv())
     finally:
@@ -225,7 +229,7 @@ def test_non_ascii_credentials_are_401(guarded, header):
     payload = json.loads(response.read())
     conn.close()
     assert (response.status, payload["error"]["code"]) == (401, "unauthorized")
-    answer = zmq_ask(guarded.zmq, protocol.encode(protocol.request("resources", 1, token="s3crét")))
+    answer = zmq_ask(guarded.zmq, protocol.encode(protocol.request("resources", 1, token="s3crét")), token="s3cret")
     assert answer["type"] == "error" and answer["error"]["code"] == "unauthorized"
 
 
@@ -244,10 +248,10 @@ def test_unauthenticated_frames_and_bodies_are_not_parsed(guarded):
     now it costs the frame's bytes (and its copy) at most."""
     frame = msgpack.packb({"v": 1, "type": "ping", "id": 1, "pad": [{}] * (16 << 20)})
     before = peak_rss_mib(guarded.proc.pid)
-    answer = zmq_ask(guarded.zmq, frame)
+    answer = zmq_ask(guarded.zmq, protocol.split(frame), token="s3cret")
     assert answer["type"] == "error" and answer["error"]["code"] == "unauthorized"
     forged = msgpack.packb({"v": 1, "type": "reply", "id": "b1", "result": [{}] * (16 << 20)})
-    answer = zmq_ask(guarded.zmq, forged)
+    answer = zmq_ask(guarded.zmq, protocol.split(forged), token="s3cret")
     assert answer["type"] == "error" and answer["error"]["code"] == "not_registered"
     body = b'{"environment": [' + b"[]," * (8 << 20) + b"[]]}"
     status, payload = http_call(guarded.http_port, "POST", "/start_instance", raw=body)

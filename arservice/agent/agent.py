@@ -20,8 +20,9 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from .. import environments, protocol
+from .. import curve, environments, protocol
 from ..environments import session
 from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
@@ -55,14 +56,17 @@ class AgentExit(Exception):
 
 
 class Agent:
-    def __init__(self, broker, *, instances=4, cpus=None, memory=None, env_types=None, secret=None,
+    def __init__(self, broker, *, instances=4, cpus=None, memory=None, env_types=None, secret=None, token=None,
                  agent_id=None, heartbeat_s=1.0, broker_timeout_s=15.0, workdir_root=None,
                  max_concurrent=256, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S):
         self.broker = broker
         self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.capacity = {"instances": instances, "cpus": cpus, "memory": memory}
         self.env_types = env_types or environments.available_types()
-        self.secret = secret
+        # The service's token keys the CURVE handshake and is the registration secret; a broker without
+        # a token takes a secret of its own (its runner's, or --agent-secret-file) in the registration only.
+        self.token = token
+        self.secret = secret or token
         self.heartbeat_s = heartbeat_s
         self.broker_timeout_s = broker_timeout_s
         self.workdir_root = workdir_root or workdirs.DEFAULT_ROOT
@@ -104,12 +108,19 @@ class Agent:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
         self.sock.setsockopt(zmq.LINGER, 1000)
+        if self.token:
+            curve.secure_client(self.sock, self.token)
+        # What says that the broker refused the handshake (a wrong token, or a token where it has none or
+        # none where it has one), before any registration could be answered.
+        self.handshake = self.sock.get_monitor_socket(curve.Handshakes.EVENTS)
+        self.handshakes = curve.Handshakes(with_token=bool(self.token))
         self.sock.connect(self.broker)
         outbox = self.ctx.socket(zmq.PULL)
         outbox.bind(self.outbox_address)
         self.poller = poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(outbox, zmq.POLLIN)
+        poller.register(self.handshake, zmq.POLLIN)
         log.info("agent_started", agent=self.agent_id, broker=self.broker, capacity=self.capacity, types=",".join(self.env_types))
         self.registered = False
         self.last_heard = time.monotonic()
@@ -146,6 +157,8 @@ class Agent:
                 self._send(protocol.request(protocol.DISCONNECT, self._id()))
             self.pool.shutdown(wait=False, cancel_futures=True)
             outbox.close(linger=0)
+            self.sock.disable_monitor()
+            self.handshake.close(linger=0)
             self.sock.close()
             # term() waits for every socket: one held by a worker thread still blocked would make it wait forever.
             closing = threading.Thread(target=self.ctx.term, name="zmq-term", daemon=True)
@@ -159,6 +172,11 @@ class Agent:
             self._forward_answer(outbox.recv_multipart())
         elif sock is self.sock:
             self._on_broker_frame(self.sock.recv())
+        elif sock is self.handshake:
+            event = recv_monitor_message(self.handshake)
+            refusal = self.handshakes.refusal(event["event"], event["value"])
+            if refusal is not None:
+                raise AgentExit(f"broker refused registration: wrong agent secret: {refusal}")
         elif sock in self.command_fds:
             self._on_command_fd(sock)
 
@@ -202,8 +220,9 @@ class Agent:
         that lasts: an agent in a Slurm job whose broker was gone hung so, never reaching its broker
         timeout, and its job lived on. What cannot go now is dropped: registrations and heartbeats
         go again, and a broker that is gone waits for no answer."""
+        # A broker with a token reads frames of at most protocol.MAX_FRAME_BYTES; one without takes any.
         try:
-            self.sock.send(frame, zmq.NOBLOCK)
+            self.sock.send_multipart(protocol.split(frame) if self.token else [frame], zmq.NOBLOCK)
         except zmq.Again:
             log.debug("send_dropped", bytes=len(frame))
 

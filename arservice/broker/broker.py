@@ -13,7 +13,7 @@ import traceback
 
 import zmq
 
-from .. import environments, protocol
+from .. import curve, environments, protocol
 from ..environments.session import INTERRUPT_GRACE_S, check_name
 from ..logs import EventLog
 from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
@@ -103,9 +103,16 @@ class Broker:
         self._ids = itertools.count(1)
         self._stopping = False
         self._next_heartbeat = 0.0
+        # With a token, TCP peers must pass a CURVE handshake (checked by `zap`) before any frame is read.
+        self.zap = curve.ZapHandler(self.ctx, token) if token else None
         self.sock = self.ctx.socket(zmq.ROUTER)
+        if token:
+            curve.secure_server(self.sock, token)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        # With a token, a frame past MAX_FRAME_BYTES ends its connection (larger messages come split): a
+        # peer failing the handshake costs that much at most. Without one, every peer may send anyway.
+        frame_limit = protocol.MAX_FRAME_BYTES + curve.FRAME_OVERHEAD_BYTES if token else MAX_MESSAGE_BYTES
+        self.sock.setsockopt(zmq.MAXMSGSIZE, frame_limit)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -154,10 +161,15 @@ class Broker:
         log.info("broker_started", address=self.address, limits=self.pool.limits)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        if self.zap is not None:
+            poller.register(self.zap.sock, zmq.POLLIN)
         next_tick = time.monotonic()
         try:
             while not self._stopping:
-                if poller.poll(timeout=max(0.0, next_tick - time.monotonic()) * 1000):
+                ready = dict(poller.poll(timeout=max(0.0, next_tick - time.monotonic()) * 1000))
+                if self.zap is not None and self.zap.sock in ready:
+                    self.zap.answer()
+                if self.sock in ready:
                     self._drain()
                 now = time.monotonic()
                 if now >= next_tick:
@@ -166,6 +178,8 @@ class Broker:
                     next_tick = now + TICK_S
         finally:
             self.sock.close()
+            if self.zap is not None:
+                self.zap.close()
             log.info("broker_stopped")
 
     def _drain(self):
@@ -174,12 +188,13 @@ class Broker:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.handle(frames[:-1], frames[-1])
+            self.handle(*protocol.unwrap(frames))
 
-    def handle(self, envelope, payload):
+    def handle(self, envelope, frames):
         msg_id = None
         msg = {}
         try:
+            payload = protocol.joined(frames)
             head = protocol.peek(payload)
             msg_id = head.get("id")
             self._admit(envelope, head)

@@ -1,8 +1,9 @@
 """Agents as child processes of this host, restarted if they die, stopped with the service.
 
-Agents register with a secret: the service's token, or else one made for this run. It reaches
-them in their environment (readable only by this user), never on a command line, so another
-local process cannot register as an agent and receive clients' commands.
+Agents register with a secret: the service's token (which also keys their CURVE handshake), or
+else one made for this run. It reaches them in their environment (readable only by this user),
+never on a command line, so another local process cannot register as an agent and receive
+clients' commands.
 """
 
 import os
@@ -22,6 +23,8 @@ STOP_TIMEOUT_S = 30.0
 RESTART_BACKOFF_S = (0.5, 30.0)
 # An agent that ran this long was healthy: its slot's next restart starts from the shortest backoff.
 HEALTHY_S = 10.0
+# What an agent could take a secret from: only the one given here may reach it.
+SECRET_VARIABLES = ("ARSERVICE_TOKEN", "ARSERVICE_TOKEN_FILE", "ARSERVICE_AGENT_SECRET", "ARSERVICE_AGENT_SECRET_FILE")
 
 
 class LocalRunner(BaseRunner):
@@ -30,7 +33,7 @@ class LocalRunner(BaseRunner):
     def __init__(self, limits, broker_address, token=None, context=None, agents=1, agent_args=(), agent_secret=None,
                  log_level: str = "INFO"):
         super().__init__(limits, broker_address, token, context)
-        self.agent_secret = agent_secret or token
+        self.agent_secret = agent_secret  # without a token: made for this run, given only to our agents
         self.count = agents
         instances = limits.get("instances", 10)
         # Split the service's instances over the agents; the broker enforces the total anyway.
@@ -44,9 +47,11 @@ class LocalRunner(BaseRunner):
     def _spawn(self, slot):
         argv = [sys.executable, "-m", "arservice", "agent", "--broker", self.broker_address,
                 "--instances", str(self.per_agent), *self.agent_args]
-        env = {k: v for k, v in os.environ.items() if k not in ("ARSERVICE_TOKEN", "ARSERVICE_TOKEN_FILE")}
-        if self.agent_secret:
-            env["ARSERVICE_TOKEN"] = self.agent_secret
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+        if self.token:
+            env["ARSERVICE_TOKEN"] = self.token
+        elif self.agent_secret:
+            env["ARSERVICE_AGENT_SECRET"] = self.agent_secret
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
         self.procs[slot] = proc
         self.spawned_at[slot] = time.monotonic()
