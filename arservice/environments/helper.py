@@ -49,7 +49,7 @@ from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import safefs
 from .base import check_command, shell_argv
-from .process import Watched, kill_group, read_bounded, signal_name
+from .process import Watched, command_answer, command_output, kill_group, signal_name
 
 log = EventLog("helper")
 
@@ -406,24 +406,12 @@ class HelperCommand(Watched):
                     raise ProtocolError("environment_error", self._lost())
             if not self.timed_out and not self.status.strip().isdigit():
                 raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
-            try:
-                output, truncated = read_bounded(self.base + ".out", self.output_limit, self.cut)
-            except ProtocolError as exc:
-                if exc.code != "not_found":  # a symlink or a FIFO where the output should be
-                    raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.message}")
-                output, truncated = b"", False
+            output, truncated = command_output(self.base + ".out", self.output_limit, self.cut)
             # The status is the shell's: 128+N for a command killed by signal N, as bash -c reports it.
             # A command that timed out was killed (SIGKILL), whatever it managed after the deadline.
             returncode = 128 + signal.SIGKILL if self.timed_out else int(self.status)
-            return {
-                "output": output,
-                "returncode": returncode,
-                "signal": signal_name(returncode),
-                "timed_out": self.timed_out,
-                "truncated": truncated,
-                "duration_s": round(time.monotonic() - self.started, 6),
-                **({"message": message} if message else {}),
-            }
+            return command_answer(output, truncated, returncode, self.timed_out, self.started,
+                                  **({"message": message} if message else {}))
         finally:
             os.close(self.status_fd)
             os.close(self.life_fd)

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 
+from ..protocol import ProtocolError
 from . import safefs
 
 # How long output may keep flowing after a command's main process has exited
@@ -46,6 +47,23 @@ def joined(head, tail, dropped):
     if dropped <= 0:
         return head + tail, False
     return head + f"\n[... {dropped} bytes truncated ...]\n".encode() + tail, True
+
+
+def command_output(path, limit, upto=None):
+    """A helper command's output file, as read_bounded reads it: nothing if it is gone, an error if
+    the instance replaced it (a symlink or a FIFO where the output should be)."""
+    try:
+        return read_bounded(path, limit, upto)
+    except ProtocolError as exc:
+        if exc.code != "not_found":
+            raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.message}") from None
+        return b"", False
+
+
+def command_answer(output, truncated, returncode, timed_out, started, **extra):
+    """A command's answer, as every backend gives it; `started` is its monotonic start time."""
+    return {"output": output, "returncode": returncode, "signal": signal_name(returncode), "timed_out": timed_out,
+            "truncated": truncated, "duration_s": round(time.monotonic() - started, 6), **extra}
 
 
 def read_bounded(path, limit, upto=None):
@@ -272,14 +290,7 @@ class Command(Watched):
         if not group_alive(self.proc.pid):
             self.groups.discard(self.proc.pid)
         data, truncated = self.output.value()
-        return {
-            "output": data,
-            "returncode": shell_status(returncode),
-            "signal": signal_name(shell_status(returncode)),
-            "timed_out": self.timed_out,
-            "truncated": truncated,
-            "duration_s": round(time.monotonic() - self.started, 6),
-        }
+        return command_answer(data, truncated, shell_status(returncode), self.timed_out, self.started)
 
 
 def _drain(fd, output):

@@ -32,7 +32,7 @@ import time
 
 from ..protocol import ProtocolError
 from . import safefs
-from .process import Watched, read_bounded, signal_name
+from .process import Watched, command_answer, command_output
 
 # How long a timed-out command may take to be unwound before its session's bash is ended.
 INTERRUPT_GRACE_S = 5.0
@@ -306,30 +306,16 @@ class SessionStep(Watched):
             raise ProtocolError("environment_error", why)
         if self.failure is not None and not self.timed_out:
             raise ProtocolError("environment_error", self.failure)
-        try:
-            output, truncated = read_bounded(session.base + ".out", self.output_limit, self.cut)
-        except ProtocolError as exc:
-            if exc.code != "not_found":
-                raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.message}")
-            output, truncated = b"", False
+        output, truncated = command_output(session.base + ".out", self.output_limit, self.cut)
         if self.timed_out:
             returncode = 137
         elif self.status is not None:
             returncode = self.status
         else:
             returncode = self.exit_status if self.exit_status is not None else 137
-        answer = {
-            "output": output,
-            "returncode": returncode,
-            "signal": signal_name(returncode),
-            "timed_out": self.timed_out,
-            "truncated": truncated,
-            "duration_s": round(time.monotonic() - self.started, 6),
-            "session_ended": session.ended is not None,
-        }
-        if session.ended is not None:
-            answer["message"] = session.ended
-        return answer
+        return command_answer(output, truncated, returncode, self.timed_out, self.started,
+                              session_ended=session.ended is not None,
+                              **({"message": session.ended} if session.ended is not None else {}))
 
 
 class SessionTable:
