@@ -19,7 +19,7 @@ from helpers import Service
 # Modules that need a system component (daemons, Chromium) or an extra the core run leaves out
 # (minisweagent). The chaos test drives docker and bubblewrap instances and restarts dockerd.
 DAEMON_MODULES = {"test_containers.py", "test_bubblewrap.py", "test_slurm.py", "test_slurm_multinode.py",
-                  "test_status_page.py", "test_minisweagent.py", "test_chaos.py"}
+                  "test_status_page.py", "test_minisweagent.py", "test_chaos.py", "test_reaper.py"}
 BROKEN_COMMANDS = ("bwrap", "docker", "podman", "sbatch", "squeue", "scancel", "sinfo", "srun", "scontrol")
 
 

@@ -19,6 +19,16 @@ from arservice.client import ServiceError
 pytestmark = pytest.mark.timeout(60)
 
 
+# A broker without --token takes only agents that hold its agent secret.
+AGENT_SECRET = "broker-restart-test-secret"
+
+
+def secret_file(tmp_path) -> str:
+    path = tmp_path / "agent-secret"
+    path.write_text(AGENT_SECRET)
+    return str(path)
+
+
 def restart(broker: Service) -> subprocess.Popen:
     """Stop the broker and start it again on the same ports; the new process (broker.proc is the old one)."""
     broker.proc.send_signal(signal.SIGTERM)
@@ -44,8 +54,10 @@ def code_of(call, *args, **kwargs) -> str | None:
 def test_a_restarted_broker_says_unavailable_until_its_grace_ends_then_not_found(tmp_path):
     """Before, an instance whose agent had not re-registered yet was `not_found` once --agent-timeout
     had passed since the restart: a client gave up on an instance that came back a moment later."""
-    broker = Service("broker", "--agent-timeout", "1", "--agent-grace", "8").wait_ready(agents=0)
+    secret = secret_file(tmp_path)
+    broker = Service("broker", "--agent-timeout", "1", "--agent-grace", "8", "--agent-secret-file", secret).wait_ready(agents=0)
     agents = [subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", broker.zmq, "--instances", "1",
+                                "--agent-secret-file", secret,
                                 "--broker-grace", "60", "--workdir-root", str(tmp_path)], stdin=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL) for _ in range(2)]
     restarted = None
@@ -102,7 +114,7 @@ class PlayedAgent:
 
     def register(self) -> None:
         self.send(protocol.request(protocol.REGISTER, "r", agent_id=self.agent_id, capacity={"instances": 2},
-                                   env_types=["local"], hostname="played", pid=0, instances=[]))
+                                   env_types=["local"], hostname="played", pid=0, instances=[], secret=AGENT_SECRET))
         assert self.receive(lambda m: m["type"] == protocol.REPLY)["result"]["registered"]
 
     def receive(self, wanted, timeout: float = 15.0) -> dict:
@@ -121,10 +133,10 @@ class PlayedAgent:
         self.sock.close()
 
 
-def test_a_start_answered_to_a_restarted_broker_is_closed_not_leaked():
+def test_a_start_answered_to_a_restarted_broker_is_closed_not_leaked(tmp_path):
     """Before, the restarted broker dropped the answer of a start sent by the broker before it: the
     instance ran on, unknown to the broker and to every client, holding the agent's room."""
-    broker = Service("broker").wait_ready(agents=0)
+    broker = Service("broker", "--agent-secret-file", secret_file(tmp_path)).wait_ready(agents=0)
     agent = PlayedAgent(broker.zmq)
     restarted = None
     try:

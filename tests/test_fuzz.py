@@ -81,8 +81,14 @@ def harmless(fields, inst, kind):
 
 
 def remember(answer, started, inst):
-    if isinstance(answer, dict) and isinstance(answer.get("instance_id"), str) and answer["instance_id"] != inst:
-        started.append(answer["instance_id"])
+    """Note what a random start (or fork: its `instances`) happened to create, to close it afterwards."""
+    if not isinstance(answer, dict):
+        return
+    forked = "source" in answer and isinstance(answer.get("instances"), list)  # (GET /instances lists them too)
+    made = answer["instances"] if forked else [answer]
+    for item in made:
+        if isinstance(item, dict) and isinstance(item.get("instance_id"), str) and item["instance_id"] != inst:
+            started.append(item["instance_id"])
 
 
 # -- ZMQ ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 from backends import SPECS, params
-from helpers import Service, wait_for
+from helpers import wait_for
 
 from arservice.aio import AsyncHTTPClient, AsyncZMQClient
 from arservice.client import ServiceError
@@ -18,29 +18,22 @@ pytestmark = pytest.mark.timeout(120)
 BACKENDS = params("local", "docker-bookworm", "podman-bookworm", "bubblewrap")
 
 
-@pytest.fixture(scope="module")
-def svc():
-    service = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 8}').wait_ready(agents=1)
-    yield service
-    assert service.stop() == 0
-
-
 @pytest.fixture(params=["zmq", "http"])
-def client(request, svc):
-    return svc.client if request.param == "zmq" else svc.http
+def client(request, one_agent_service):
+    return one_agent_service.client if request.param == "zmq" else one_agent_service.http
 
 
 @pytest.fixture
-def open_instance(svc):
+def open_instance(one_agent_service):
     started = []
 
     def start(name="local"):
-        started.append(svc.client.start_instance(SPECS[name])["instance_id"])
+        started.append(one_agent_service.client.start_instance(SPECS[name])["instance_id"])
         return started[-1]
     yield start
     for instance_id in started:
         try:
-            svc.client.close_instance(instance_id)
+            one_agent_service.client.close_instance(instance_id)
         except ServiceError as exc:
             assert exc.code == "not_found"
 
@@ -59,8 +52,8 @@ def marked_pids(mark: str) -> list[int]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_state_persists_and_output_is_what_bash_gives(svc, open_instance, backend):
-    c = svc.client
+def test_state_persists_and_output_is_what_bash_gives(one_agent_service, open_instance, backend):
+    c = one_agent_service.client
     inst = open_instance(backend)
     assert c.create_session(inst) == {"session": "default"}
     # The session's bash starts where a command would: the same environment (SHLVL too) and cwd.
@@ -82,8 +75,8 @@ def test_state_persists_and_output_is_what_bash_gives(svc, open_instance, backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_timeout_kills_what_the_command_started_and_the_session_goes_on(svc, open_instance, backend):
-    c = svc.client
+def test_a_timeout_kills_what_the_command_started_and_the_session_goes_on(one_agent_service, open_instance, backend):
+    c = one_agent_service.client
     inst = open_instance(backend)
     mark = f"mark{uuid.uuid4().hex[:12]}"
     c.create_session(inst, "s")
@@ -99,8 +92,8 @@ def test_a_timeout_kills_what_the_command_started_and_the_session_goes_on(svc, o
     wait_for(lambda: not marked_pids(mark), 10, what="every process of the instance gone with it")
 
 
-def test_a_timeout_inside_a_shell_function_ends_the_session_and_says_so(svc, open_instance):
-    c = svc.client
+def test_a_timeout_inside_a_shell_function_ends_the_session_and_says_so(one_agent_service, open_instance):
+    c = one_agent_service.client
     inst = open_instance()
     c.create_session(inst)
     r = c.run_in_session(inst, "default", "f() { sleep 300; echo after; }; f", timeout=0.5)
@@ -111,8 +104,8 @@ def test_a_timeout_inside_a_shell_function_ends_the_session_and_says_so(svc, ope
     assert err.value.code == "conflict" and "ended" in err.value.message
 
 
-def test_exit_ends_the_session_with_its_status_and_the_name_can_be_used_again(svc, open_instance):
-    c = svc.client
+def test_exit_ends_the_session_with_its_status_and_the_name_can_be_used_again(one_agent_service, open_instance):
+    c = one_agent_service.client
     inst = open_instance()
     c.create_session(inst, "e")
     r = c.run_in_session(inst, "e", "echo bye; exit 3", raw=True)
@@ -122,8 +115,8 @@ def test_exit_ends_the_session_with_its_status_and_the_name_can_be_used_again(sv
     assert c.run_in_session(inst, "e", "echo again")["output"] == "again\n"
 
 
-def test_sessions_of_an_instance_run_in_parallel(svc, open_instance):
-    c = svc.client
+def test_sessions_of_an_instance_run_in_parallel(one_agent_service, open_instance):
+    c = one_agent_service.client
     inst = open_instance()
     c.create_session(inst, "a")
     c.create_session(inst, "b")
@@ -138,8 +131,8 @@ def test_sessions_of_an_instance_run_in_parallel(svc, open_instance):
     assert c.close_session(inst, "a") == {"session": "a", "closed": True}
 
 
-def test_closing_an_instance_ends_its_sessions_and_all_they_run(svc, open_instance):
-    c = svc.client
+def test_closing_an_instance_ends_its_sessions_and_all_they_run(one_agent_service, open_instance):
+    c = one_agent_service.client
     inst = open_instance()
     mark = f"mark{uuid.uuid4().hex[:12]}"
     c.create_session(inst)
@@ -154,7 +147,7 @@ def test_closing_an_instance_ends_its_sessions_and_all_they_run(svc, open_instan
     wait_for(lambda: not marked_pids(mark), 10, what="the session's processes gone")
 
 
-def test_bad_input_gets_a_clear_error_and_changes_nothing(svc, client, open_instance):
+def test_bad_input_gets_a_clear_error_and_changes_nothing(one_agent_service, client, open_instance):
     inst = open_instance()
     client.create_session(inst, "one")
     cases = [
@@ -177,8 +170,8 @@ def test_bad_input_gets_a_clear_error_and_changes_nothing(svc, client, open_inst
     assert err.value.code == "not_found"
 
 
-def test_a_second_command_while_one_runs_is_refused(svc, open_instance):
-    c = svc.client
+def test_a_second_command_while_one_runs_is_refused(one_agent_service, open_instance):
+    c = one_agent_service.client
     inst = open_instance()
     c.create_session(inst)
     slow = threading.Thread(target=lambda: c.run_in_session(inst, "default", "touch started; sleep 1"))
@@ -191,10 +184,11 @@ def test_a_second_command_while_one_runs_is_refused(svc, open_instance):
 
 
 @pytest.mark.parametrize("kind", ["zmq", "http"])
-def test_async_clients_run_sessions(svc, open_instance, kind):
+def test_async_clients_run_sessions(one_agent_service, open_instance, kind):
     inst = open_instance()
 
     async def scenario():
+        svc = one_agent_service
         async with (AsyncZMQClient(svc.zmq, token="") if kind == "zmq" else AsyncHTTPClient(svc.url, token="")) as c:
             await c.create_session(inst, "x")
             await c.run_in_session(inst, "x", "Z=async")
@@ -204,9 +198,9 @@ def test_async_clients_run_sessions(svc, open_instance, kind):
     asyncio.run(scenario())
 
 
-def test_what_differs_from_a_terminal(svc, open_instance):
+def test_what_differs_from_a_terminal(one_agent_service, open_instance):
     """The differences docs/design.md lists, pinned."""
-    c = svc.client
+    c = one_agent_service.client
     inst = open_instance()
     c.create_session(inst)
 
@@ -221,9 +215,9 @@ def test_what_differs_from_a_terminal(svc, open_instance):
 
 
 @pytest.mark.parametrize("backend", params("docker-busybox"))
-def test_an_image_without_bash_says_so(svc, open_instance, backend):
+def test_an_image_without_bash_says_so(one_agent_service, open_instance, backend):
     inst = open_instance(backend)
     with pytest.raises(ServiceError) as err:
-        svc.client.create_session(inst)
+        one_agent_service.client.create_session(inst)
     assert err.value.code == "environment_error" and "is bash installed" in err.value.message
-    assert svc.client.execute(inst, "echo fine")["output"] == "fine\n"  # the instance is untouched
+    assert one_agent_service.client.execute(inst, "echo fine")["output"] == "fine\n"  # the instance is untouched

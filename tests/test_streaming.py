@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 from backends import SPECS, params
-from helpers import Service, wait_for
+from helpers import wait_for
 
 from arservice.aio import AsyncHTTPClient, AsyncZMQClient
 from arservice.client import ServiceError
@@ -17,16 +17,9 @@ BIG = "seq 1 1500000"  # 10.9 MB, deterministic
 BIG_LIMIT = 16 << 20
 
 
-@pytest.fixture(scope="module")
-def svc():
-    service = Service("--runner", "local", "--agents", "1", "--max-resources", '{"instances": 8}').wait_ready(agents=1)
-    yield service
-    assert service.stop() == 0
-
-
 @pytest.fixture(params=["zmq", "http"])
-def client(request, svc):
-    return svc.client if request.param == "zmq" else svc.http
+def client(request, one_agent_service):
+    return one_agent_service.client if request.param == "zmq" else one_agent_service.http
 
 
 def split(events):
@@ -40,7 +33,7 @@ def same_answer(a, b):
 
 
 @pytest.mark.parametrize("backend", params("local", "docker-bookworm"))
-def test_ten_megabytes_arrive_in_order_and_add_up_to_the_answer(svc, client, backend):
+def test_ten_megabytes_arrive_in_order_and_add_up_to_the_answer(one_agent_service, client, backend):
     inst = client.start_instance(SPECS[backend])["instance_id"]
     try:
         chunks, answer = split(client.execute_stream(inst, BIG, output_limit=BIG_LIMIT, raw=True))
@@ -60,7 +53,7 @@ def test_ten_megabytes_arrive_in_order_and_add_up_to_the_answer(svc, client, bac
         client.close_instance(inst)
 
 
-def test_a_timed_out_stream_ends_with_the_timed_out_answer(svc, client):
+def test_a_timed_out_stream_ends_with_the_timed_out_answer(one_agent_service, client):
     inst = client.start_instance({"type": "local"})["instance_id"]
     try:
         client.create_session(inst)
@@ -71,7 +64,7 @@ def test_a_timed_out_stream_ends_with_the_timed_out_answer(svc, client):
         client.close_instance(inst)
 
 
-def test_a_client_dropping_a_stream_half_way_leaks_nothing(svc, client):
+def test_a_client_dropping_a_stream_half_way_leaks_nothing(one_agent_service, client):
     inst = client.start_instance({"type": "local"})["instance_id"]
     mark = f"done{uuid.uuid4().hex[:8]}"
     try:
@@ -102,8 +95,9 @@ def session_free(client, inst):
 
 
 @pytest.mark.parametrize("kind", ["zmq", "http"])
-def test_async_clients_stream(svc, kind):
+def test_async_clients_stream(one_agent_service, kind):
     async def scenario():
+        svc = one_agent_service
         async with (AsyncZMQClient(svc.zmq, token="") if kind == "zmq" else AsyncHTTPClient(svc.url, token="")) as c:
             inst = (await c.start_instance({"type": "local"}))["instance_id"]
             try:
@@ -121,10 +115,10 @@ def test_async_clients_stream(svc, kind):
 
 
 @pytest.mark.parametrize("backend", params("docker-plain-exec"))
-def test_without_the_exec_helper_a_stream_is_the_answer_alone(svc, backend):
+def test_without_the_exec_helper_a_stream_is_the_answer_alone(one_agent_service, backend):
     """A documented difference: commands without the exec helper (fast_exec: false) send no chunks;
     the stream still ends with the same answer as the unstreamed call."""
-    client = svc.client
+    client = one_agent_service.client
     inst = client.start_instance(SPECS[backend])["instance_id"]
     try:
         chunks, answer = split(client.execute_stream(inst, "seq 1 3; echo done >&2", raw=True))

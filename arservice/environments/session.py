@@ -15,6 +15,8 @@ bash share a directory (the helper's, at helper.MOUNT inside; a directory of its
              trap cannot unwind: bash then ends, and the session with it); `xN` when bash
              itself ended with status N (`exit N`, or killed).
     sK.ctl   FIFO, agent -> sentinel: `int T` on a timeout.
+    sK.pid, sK.jobs  the command's first pid, and the background jobs of earlier commands: the
+             sentinel tells the command's processes by them.
 
 The sentinel is a second bash, started by the session's bash and reparented away at once (so
 it is not one of its jobs, `$!` or `wait` targets). On `int T` it signals the session's bash
@@ -43,16 +45,19 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FD_IN, FD_CTL = 63, 62  # high descriptors, out of the way of what commands use
 
 # The sentinel: $1 the session's bash, $2 the file holding the first pid of the command (its
-# command substitution's). It walks /proc itself (no ps or pkill in minimal images) and makes
-# several passes, as the command may fork while it looks. Start times count in clock ticks
-# (10 ms): a process started in the command's first tick is the command's if its pid is not
-# below the command's first (a background job of the previous command may share the tick).
+# command substitution's); beside it, .jobs lists the background jobs of earlier commands (`jobs
+# -p` as the command started), which are never the command's. It walks /proc itself (no ps or
+# pkill in minimal images) and makes several passes, as the command may fork while it looks.
+# Start times count in clock ticks (10 ms): a process started in the command's first tick is the
+# command's if its pid is not below the command's first (wrong only after a pid wraparound, which
+# the job list covers for earlier background jobs).
 SENTINEL = r"""
 s=$1
 while read -r op t <&62; do
   [ "$op" = int ] || continue
   kill -USR2 "$s" 2>/dev/null
   { read -r first <"$2"; } 2>/dev/null || first=0
+  jobs_before=(); mapfile -t jobs_before <"${2%.pid}.jobs" 2>/dev/null; earlier=" ${jobs_before[*]} "
   for pass in 1 2 3 4 5; do
     declare -A kids=(); found=()
     for f in /proc/[0-9]*/stat; do
@@ -66,7 +71,7 @@ while read -r op t <&62; do
       for e in ${kids[$q]}; do
         c=${e%%:*}
         b=${e#*:}
-        if [ "$q" != "$s" ] || [ "$b" -gt "$t" ] || { [ "$b" = "$t" ] && [ "$c" -ge "$first" ]; }; then
+        if [ "$q" != "$s" ] || { [[ $earlier != *" $c "* ]] && { [ "$b" -gt "$t" ] || { [ "$b" = "$t" ] && [ "$c" -ge "$first" ]; }; }; }; then
           found+=("$c"); todo+=("$c")
         fi
       done
@@ -109,7 +114,7 @@ def loop_script(inside: str, key: str) -> str:
     # tells the sentinel which processes are the command's.
     read = (f"echo $BASHPID >{shlex.quote(base + '.pid')}; IFS= read -r -d '' c <{shlex.quote(base + '.cmd')}; "
             'printf %s "$c"')
-    run = (f'for _ in 1; do eval "$({read})"; done '
+    run = (f'jobs -p >{shlex.quote(base + ".jobs")}; for _ in 1; do eval "$({read})"; done '
            f">{shlex.quote(base + '.out')} 2>&1 </dev/null {FD_IN}<&-")
     # One line: the commands are evaluated on line 1, so $LINENO and error messages count from 1.
     return (f"{sentinel}; trap -- {shlex.quote(trap)} USR2; echo r 1<>{status}; "
@@ -201,7 +206,7 @@ class Session:
         self.fds = {}
 
     def remove_files(self) -> None:
-        for suffix in (".in", ".ctl", ".st", ".cmd", ".out", ".pid"):
+        for suffix in (".in", ".ctl", ".st", ".cmd", ".out", ".pid", ".jobs"):
             try:
                 os.unlink(self.base + suffix)
             except OSError:
