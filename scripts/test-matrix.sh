@@ -2,17 +2,17 @@
 # CI: the core suite (pytest --core: every test that needs no system daemon) on each Python from
 # 3.10 to 3.13, in a venv of its own per version (.venv-3.1x, reused).
 # The default Python (the one in .venv) is left out: scripts/test.sh runs the full suite there.
-# Usage: scripts/test-matrix.sh [--serial] [VERSION...]  Extra pytest arguments: PYTEST_ARGS.
-# --serial runs one suite at a time (CI runs the matrix beside the full suite, so two suites share
-# the 2 cores at any moment rather than four).
+# Usage: scripts/test-matrix.sh [--jobs N] [VERSION...]  Extra pytest arguments: PYTEST_ARGS.
+# --jobs N runs at most N suites at a time (default: all). CI runs the matrix beside the full
+# suite with --jobs 2: three suites share the 2 cores at any moment rather than four.
 # A version is skipped, saying so, only when no interpreter for it is found: pyenv's
 # ($PYENV_ROOT/versions/3.1x.y/bin/python, newest first), else python3.1x on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { echo "test-matrix: $*" >&2; }
-serial=false
-if [ "${1:-}" = --serial ]; then serial=true; shift; fi
+max_jobs=99
+if [ "${1:-}" = --jobs ]; then max_jobs=$2; shift 2; fi
 versions=("$@")
 [ ${#versions[@]} -gt 0 ] || versions=(3.10 3.11 3.12 3.13)
 default=$("${ARSERVICE_VENV:-$PWD/.venv}/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
@@ -29,7 +29,7 @@ interpreter() {
   return 1
 }
 
-# Set up one after the other (pip calls), then run the suites at once (unless --serial): they
+# Set up one after the other (pip calls), then run the suites at once (up to --jobs): they
 # mostly wait on the services they start, so on 2 cores three take little longer than one. Each
 # one's output is printed whole when all are done.
 failed=()
@@ -56,7 +56,7 @@ for version in "${versions[@]}"; do
    ARSERVICE_CORE_ROTATE=$started/3 "$venv/bin/python" -m pytest --core -q -p no:cacheprovider ${PYTEST_ARGS:-} \
      </dev/null >"$logs/$version" 2>&1 || status=$?
    echo $status >"$logs/$version.status") &
-  $serial && wait
+  while [ "$(jobs -rp | wc -l)" -ge "$max_jobs" ]; do wait -n || true; done
   started=$((started + 1))
   ran+=("$version")
 done
