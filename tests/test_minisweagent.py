@@ -288,7 +288,8 @@ def test_a_timeout_adds_nothing_to_the_output(service):
     finally:
         service.client.close_instance(instance_id)
     assert all(r["timed_out"] for r in outputs)
-    assert [r["output"] for r in outputs] == ["started\n"] * 40
+    # Under load a command may be killed before its echo ran (0.3 s): nothing, or what it printed, never more.
+    assert {r["output"] for r in outputs} <= {"started\n", ""} and "started\n" in {r["output"] for r in outputs}
 
 
 # --- configuration that needs no instance ---
