@@ -265,6 +265,10 @@ def _fails_as_unavailable(call, *args, **kwargs):
     return time.monotonic() - started
 
 
+# In the core suites run beside the full suite in CI, the ping to the SIGSTOPped service was
+# answered in 2 of 3 runs (never alone, never in the full suite; cause not found: a SIGCONT from a
+# stale pid is one guess). It runs in the full suite only until that is understood.
+@pytest.mark.daemon
 def test_clients_fail_fast_when_the_service_stalls_or_dies():
     svc = Service("--runner", "local").wait_ready()
     [agent] = svc.agent_pids()
