@@ -75,6 +75,9 @@ class Broker:
         if unknown:
             raise ValueError(f"warm pools of unknown presets: {', '.join(unknown)}")
         self.warm = WarmPools(pools or {}, self.pool.instances)
+        # Parsed once: refills run on the loop's tick.
+        self.pool_configs = {name: environments.backend(self.presets[name].get("type")).parse_config(self.presets[name])
+                             for name in self.warm.pools}
         self.snapshots: dict[str, Snapshot] = {}
         self.token = token
         # What an agent must present to register: the token, or a secret its runner gave it.
@@ -688,8 +691,7 @@ class Broker:
     def _refill(self, now):
         """Start what the warm pools miss, as far as the room nobody waits for allows."""
         for pool in self.warm.to_refill(now):
-            spec = self.presets[pool.preset]
-            config = environments.backend(spec.get("type")).parse_config(spec)
+            spec, config = self.presets[pool.preset], self.pool_configs[pool.preset]
             for _ in range(pool.missing()):
                 try:
                     agent = self._place(config, evict=False)
