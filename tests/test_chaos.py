@@ -116,7 +116,9 @@ def leftovers(fleet: Fleet) -> dict:
         client = docker.DockerClient(base_url=fleet.dockerd.url, timeout=20)
         try:
             # The low-level list carries the labels: no inspect of a container that may be gone by then.
-            containers = [c["Id"] for c in client.api.containers(all=True, filters={"label": f"{LABEL}=1"})
+            # Named by what tells a leak's cause: its agent, its state, and when it was made.
+            containers = [f"{c['Id'][:12]} agent={c['Labels'][f'{LABEL}.agent']} {c.get('Status')} created={c.get('Created')}"
+                          for c in client.api.containers(all=True, filters={"label": f"{LABEL}=1"})
                           if (c.get("Labels") or {}).get(f"{LABEL}.agent", "").startswith(prefixes)]
         finally:
             client.close()
@@ -332,6 +334,9 @@ def test_chaos():
         finally:
             left = leftovers(fleet)
             report["leaked"] = {k: len(v) for k, v in left.items()}
+            if any(left.values()):
+                print(f"chaos leftovers {left}; agents killed {sorted(fleet.killed_pids)}, "
+                      f"agent exits {[(a.pid, a.returncode) for a in fleet.agents]}, stopped at {time.time():.0f}")
             report["test s"] = round(time.monotonic() - began, 1)
             print(f"chaos counts {report}")
     finally:
