@@ -65,6 +65,8 @@ class Fleet:
                               "--start-wait", "5", token=TOKEN).wait_ready(agents=0)
         self.broker_proc = self.broker.proc
         self.env = dict(os.environ, ARSERVICE_TOKEN=TOKEN, **({"DOCKER_HOST": dockerd.url} if dockerd else {}))
+        # The agents' logs, one file for all (lines name their agent): what a leak is read from.
+        self.agent_log = tempfile.NamedTemporaryFile(prefix="arservice-chaos-agents-", suffix=".log")
         self.agents: list[subprocess.Popen] = []
         self.ever: list[int] = []  # pids of every agent this test started
         self.killed_pids: set[int] = set()
@@ -74,7 +76,7 @@ class Fleet:
     def start_agent(self) -> subprocess.Popen:
         agent = subprocess.Popen([sys.executable, "-m", "arservice", "agent", "--broker", self.broker.zmq,
                                   "--instances", "8", "--broker-grace", "60", "--workdir-root", self.root],
-                                 env=self.env, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 env=self.env, stdin=subprocess.DEVNULL, stderr=self.agent_log)
         self.agents.append(agent)
         self.ever.append(agent.pid)
         return agent
@@ -337,6 +339,9 @@ def test_chaos():
             if any(left.values()):
                 print(f"chaos leftovers {left}; agents killed {sorted(fleet.killed_pids)}, "
                       f"agent exits {[(a.pid, a.returncode) for a in fleet.agents]}, stopped at {time.time():.0f}")
+                with open(fleet.agent_log.name, errors="replace") as agent_log:
+                    print("chaos agents' warnings and errors:", *[line for line in agent_log
+                          if " WARNING " in line or " ERROR " in line][-60:], sep="\n")
             report["test s"] = round(time.monotonic() - began, 1)
             print(f"chaos counts {report}")
     finally:

@@ -151,6 +151,18 @@ def test_no_command_kills_its_instance(namespaced):
         assert namespaced.env.helper.alive(), command
 
 
+@pytest.mark.parametrize("name", params("docker-busybox"))
+def test_a_command_that_outlives_its_waiter_is_ended_before_the_answer(name, workdir_root):
+    """In the sh loop a command can kill the subshell that waits for it and go on: what it does next
+    (here a second `kill -1` a moment later) must not reach the commands after its answer."""
+    with Pair(name, SPECS[name], workdir_root) as pair:
+        with pytest.raises(ProtocolError, match="exit status is lost, and what still ran of it was killed"):
+            pair.env.execute("kill -TERM -1; sleep 1; kill -HUP -1; echo killed >/tmp/late", TIMEOUT_S)
+        after = pair.env.execute("sleep 2; cat /tmp/late; echo alive", TIMEOUT_S)
+        assert (after["output"], after["returncode"]) == (b"cat: can't open '/tmp/late': No such file or directory\n"
+                                                         b"alive\n", 0)
+
+
 @pytest.mark.parametrize("name", params(*NAMESPACED))
 def test_a_command_that_kills_every_process_gets_its_true_exit_code(name, workdir_root):
     with Pair(name, SPECS[name], workdir_root) as pair:

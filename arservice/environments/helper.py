@@ -393,6 +393,7 @@ class HelperCommand(Watched):
             pass  # the helper is gone, and its commands with it
 
     def result(self):
+        keep = ()
         try:
             message = None
             if not self.timed_out and not self.status.endswith(b"\n"):
@@ -403,6 +404,12 @@ class HelperCommand(Watched):
                                "process of the instance with it; the next command starts it again, or answers "
                                "instance_lost where the instance is not revived")
                 else:
+                    if self.helper.alive():
+                        # The command may still run (`kill -TERM -1; kill -HUP -1` killed its waiter with
+                        # the first kill): ended before the answer, or its next kill would hit the next
+                        # command. The helper reads the command's pid from its file, kept for it.
+                        keep = (".pid",)
+                        self.kill()
                     raise ProtocolError("environment_error", self._lost())
             if not self.timed_out and not self.status.strip().isdigit():
                 raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
@@ -415,13 +422,14 @@ class HelperCommand(Watched):
         finally:
             os.close(self.status_fd)
             os.close(self.life_fd)
-            _remove(self.base)
+            _remove(self.base, keep)
 
     def _lost(self):
         """Why a command's status never came (where it did not die with the helper)."""
         if self.helper.alive():
             return ("the process inside the instance that waited for the command was killed (by a command that "
-                    "signals every process, as `kill -9 -1` does, in an image without bash 5.1): its exit status is lost")
+                    "signals every process, as `kill -9 -1` does, in an image without bash 5.1): its exit status is "
+                    "lost, and what still ran of it was killed")
         return ("the exec helper inside the instance ended while the command ran: the command's exit status is lost; "
                 "the next command starts the helper again")
 
@@ -433,8 +441,8 @@ def revived(started):
     return started.wait()
 
 
-def _remove(base):
-    for suffix in (".cmd", ".out", ".pid", ".st"):
+def _remove(base, keep=()):
+    for suffix in {".cmd", ".out", ".pid", ".st"}.difference(keep):
         try:
             os.unlink(base + suffix)
         except OSError:
