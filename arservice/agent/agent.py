@@ -590,16 +590,22 @@ class Agent:
         self._send_frame(payload)
 
     def _close_all(self):
-        """Close every instance in parallel, waiting a bounded time."""
-        if not self.envs:
-            return
+        """Close every instance in parallel, then reap once more, all within stop_timeout_s.
+
+        The reap at start misses what a dead agent's engine made after it (a container whose create
+        was under way as its agent was SIGKILLed, or that an engine restarting kept from the reap):
+        with no later agent on the host, nothing else would remove it."""
+        deadline = time.monotonic() + self.stop_timeout_s
         envs = list(self.envs.values())
         self.envs.clear()
-        log.info("closing_instances", agent=self.agent_id, count=len(envs))
-        done, pending = wait([self.pool.submit(_close_quietly, env, started) for env, started in envs],
-                             timeout=self.stop_timeout_s)
-        if pending:
-            log.error("close_timed_out", agent=self.agent_id, count=len(pending))
+        if envs:
+            log.info("closing_instances", agent=self.agent_id, count=len(envs))
+            _, pending = wait([self.pool.submit(_close_quietly, env, started) for env, started in envs],
+                              timeout=self.stop_timeout_s)
+            if pending:
+                log.error("close_timed_out", agent=self.agent_id, count=len(pending))
+        if not wait([self.pool.submit(self._reap_leftovers)], timeout=max(0.0, deadline - time.monotonic()))[0]:
+            log.warning("reap_timed_out", agent=self.agent_id)
 
 
 def kill_orphans(host: str) -> list[int]:
