@@ -1,0 +1,130 @@
+"""The wire protocol's and the spec's pure checks (protocol.py, environments/base.py): no service."""
+
+import math
+
+import msgpack
+import pytest
+
+from arservice import protocol
+from arservice.environments.base import check_command, parse_memory_mib
+from arservice.protocol import ProtocolError
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def frame(msg):
+    return msgpack.packb(msg, use_bin_type=True)
+
+
+def code_of(call):
+    with pytest.raises(ProtocolError) as err:
+        call()
+    return err.value.code, err.value.message
+
+
+def test_a_message_round_trips_and_a_multipart_split_joins_back():
+    msg = protocol.request(protocol.EXECUTE, 7, command="true", raw=b"\0\xff")
+    assert protocol.decode(protocol.encode(msg)) == msg
+    big = b"x" * (protocol.MAX_FRAME_BYTES * 2 + 5)
+    parts = protocol.split(big)
+    assert [len(p) for p in parts] == [protocol.MAX_FRAME_BYTES, protocol.MAX_FRAME_BYTES, 5]
+    assert protocol.joined(parts) == big
+    assert protocol.split(b"small") == [b"small"]
+
+
+@pytest.mark.parametrize("raw, code, words", [
+    (b"\xc1", "invalid_request", "not msgpack"),
+    (frame([1, 2]), "invalid_request", "must be a map"),
+    (frame({"type": "ping", "id": 1}), "unsupported_version", "version None"),
+    (frame({"v": 2, "type": "ping"}), "unsupported_version", "use 1"),
+    (frame({"v": 1, "type": 5}), "invalid_request", "'type' must be a string"),
+    (frame({"v": 1}), "invalid_request", "'type' must be a string"),
+])
+def test_decode_names_what_is_wrong_with_a_frame(raw, code, words):
+    got, message = code_of(lambda: protocol.decode(raw))
+    assert got == code and words in message
+
+
+def test_peek_reads_the_envelope_and_skips_the_rest_unparsed():
+    msg = protocol.request(protocol.PING, 3, token="t", payload=[{}] * 100_000)
+    assert protocol.peek(frame(msg)) == {"v": 1, "type": "ping", "id": 3, "token": "t"}
+    # More fields than any message has is refused before any is parsed.
+    many = {f"k{i}": i for i in range(protocol.MAX_FIELDS + 1)} | {"v": 1, "type": "ping"}
+    assert code_of(lambda: protocol.peek(frame(many)))[0] == "invalid_request"
+    # An envelope field too big to be a token is refused, not built.
+    huge = {"v": 1, "type": "ping", "token": "x" * (protocol.MAX_ENVELOPE_ITEM + 1)}
+    assert code_of(lambda: protocol.peek(frame(huge)))[0] == "invalid_request"
+
+
+def test_encode_refuses_what_msgpack_cannot_carry_as_a_bad_request():
+    for value in (1 << 64, "\udc80", object()):
+        assert code_of(lambda: protocol.encode({"x": value}))[0] == "invalid_request"
+
+
+def test_joined_refuses_more_than_the_largest_message():
+    parts = [b"x" * protocol.MAX_FRAME_BYTES] * (protocol.MAX_MESSAGE_BYTES // protocol.MAX_FRAME_BYTES + 1)
+    assert code_of(lambda: protocol.joined(parts))[0] == "payload_too_large"
+
+
+@pytest.mark.parametrize("value, kind, ok", [
+    (3, float, True), (2.5, float, True), (True, float, False), (True, bool, True),
+    (math.nan, float, False), (math.inf, float, False), ("3", int, False), ([], dict, False),
+])
+def test_a_field_must_be_of_its_kind_and_finite(value, kind, ok):
+    msg = {"f": value}
+    if ok:
+        assert protocol.field(msg, "f", kind) == value
+    else:
+        code, message = code_of(lambda: protocol.field(msg, "f", kind))
+        assert code == "invalid_request" and "'f'" in message
+
+
+def test_a_field_default_check_and_absence():
+    assert protocol.field({}, "f", int, default=9) == 9
+    assert protocol.field({"f": None}, "f", int, default=9) == 9  # None counts as absent
+    assert "missing required field 'f'" in code_of(lambda: protocol.field({}, "f", int))[1]
+    message = code_of(lambda: protocol.field({"f": -1}, "f", int, check=lambda v: v >= 0, what="at least 0"))[1]
+    assert message == "field 'f' must be at least 0"
+
+
+def test_check_value_finds_a_nul_or_a_non_finite_number_at_any_depth():
+    assert protocol.check_value({"a": [1, "b", {"c": 2.5}]}, "spec") == {"a": [1, "b", {"c": 2.5}]}
+    for bad in ({"a": ["x\0"]}, {"k\0": 1}, [[math.inf]], {"a": {"b": math.nan}}):
+        code, message = code_of(lambda: protocol.check_value(bad, "spec"))
+        assert code == "invalid_request" and "'spec'" in message
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"": "x"}, "invalid variable name"), ({"A=B": "x"}, "invalid variable name"),
+    ({"A\0": "x"}, "invalid variable name"), ({"A": "x\0"}, "NUL"), ({"A": 1}, "map strings to strings"),
+])
+def test_environment_maps_hold_only_what_exec_can_pass(env, words):
+    assert words in code_of(lambda: protocol.environment_map(env, "env"))[1]
+
+
+def test_same_secret_takes_any_type_and_any_characters():
+    assert protocol.same_secret("s\udc80", "s\udc80")
+    assert not protocol.same_secret("s", "t")
+    assert not protocol.same_secret(None, "s") and not protocol.same_secret(b"s", "s")
+
+
+@pytest.mark.parametrize("value, mib", [
+    (None, None), (512, 512), ("512m", 512), ("2g", 2048), ("2GiB", 2048), ("1024k", 1), (" 1T ", 1 << 20),
+    ("1.5g", 1536), (1.9, 1),
+])
+def test_memory_sizes_parse_to_whole_mebibytes(value, mib):
+    assert parse_memory_mib(value) == mib
+
+
+@pytest.mark.parametrize("value", [0, -5, "0.5k", "1e400g", "Infinity", "nan", "12x", "", True, [512], 2 ** 70])
+def test_memory_sizes_out_of_range_or_unreadable_are_refused(value):
+    code, message = code_of(lambda: parse_memory_mib(value))
+    assert code == "invalid_request" and "memory must be like" in message
+
+
+@pytest.mark.parametrize("command, env, words", [
+    ("echo \0", {}, "NUL"), ("true", {"A": "\0"}, "NUL"), ("true", {"1A": "x"}, "'1A'"), ("true", {"A-B": "x"}, "'A-B'"),
+])
+def test_commands_and_variables_no_exec_could_pass_are_refused(command, env, words):
+    assert words in code_of(lambda: check_command(command, env))[1]
+    check_command("echo ok", {"A_1": "x"})  # and a good one passes
