@@ -52,7 +52,7 @@ def parse_max_resources(ctx, param, value):
     try:
         limits = json.loads(value)
     except ValueError as exc:
-        raise CliError(f"--max-resources is not valid JSON: {exc}")
+        raise CliError(f"--max-resources is not valid JSON: {exc}") from exc
     if not isinstance(limits, dict):
         raise CliError("--max-resources must be a JSON object, e.g. '{\"instances\": 5}'")
     unknown = sorted(set(limits) - set(LIMIT_KEYS))
@@ -62,7 +62,7 @@ def parse_max_resources(ctx, param, value):
         if "memory" in limits:
             limits["memory"] = parse_memory_mib(limits["memory"])
     except ProtocolError as exc:
-        raise CliError(f"--max-resources: {exc.message}")
+        raise CliError(f"--max-resources: {exc.message}") from exc
     for key, amount in limits.items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             raise CliError(f"--max-resources: {key} must be a non-negative number")
@@ -83,9 +83,9 @@ def load_presets(ctx, param, path) -> Presets:
         with open(path) as f:
             specs = json.load(f)
     except OSError as exc:
-        raise CliError(f"cannot read --environments file: {exc.strerror}: {path}")
+        raise CliError(f"cannot read --environments file: {exc.strerror}: {path}") from exc
     except ValueError as exc:
-        raise CliError(f"--environments file {path} is not valid JSON: {exc}")
+        raise CliError(f"--environments file {path} is not valid JSON: {exc}") from exc
     pools = specs.pop(POOLS_KEY, {}) if isinstance(specs, dict) else {}
     if not isinstance(specs, dict) or not all(isinstance(v, dict) for v in specs.values()):
         raise CliError(f"--environments file {path} must map preset names to environment objects")
@@ -93,7 +93,7 @@ def load_presets(ctx, param, path) -> Presets:
         try:
             environments.backend(spec.get("type")).parse_config(spec)
         except ProtocolError as exc:
-            raise CliError(f"preset {name!r} in {path}: {exc.message}")
+            raise CliError(f"preset {name!r} in {path}: {exc.message}") from exc
     if not isinstance(pools, dict):
         raise CliError(f"--environments file {path}: {POOLS_KEY!r} must map preset names to instance counts")
     return Presets(specs, {name: pool_size(name, count, f"{POOLS_KEY!r} in {path}") for name, count in pools.items()})
@@ -263,7 +263,7 @@ def read_secret(path: str, option: str) -> str:
         with open(path) as f:
             secret = f.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read {option}: {getattr(exc, 'strerror', None) or exc}: {path}")
+        raise CliError(f"cannot read {option}: {getattr(exc, 'strerror', None) or exc}: {path}") from exc
     if not secret:
         raise CliError(f"{option} {path} is empty")
     return secret
@@ -308,7 +308,7 @@ def agent_command(broker_address, instances, cpus, memory, types, token, token_f
         for t in env_types or ():
             environments.backend(t)
     except ProtocolError as exc:
-        raise CliError(exc.message)
+        raise CliError(exc.message) from exc
     agent = Agent(broker_address, instances=instances, cpus=cpus, memory=memory_mib, env_types=env_types,
                   token=token, secret=agent_secret, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout,
                   workdir_root=workdir_root, stop_timeout_s=stop_timeout)
@@ -385,7 +385,7 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
         else:
             http = HTTPServer(create_app(context, token, max_request_bytes), host, port, **http_settings)
     except (zmq.ZMQError, OSError) as exc:
-        raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}")
+        raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}") from exc
     stop = threading.Event()
     runner = None
 
@@ -412,7 +412,7 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
         click.echo(f"arservice ready http=http://{host}:{http.port} zmq={zmq_address}", err=True)
         stop.wait()
     except ShellError as exc:  # the runner could not reach Slurm (or SSH refused us): nothing to serve
-        raise CliError(str(exc))
+        raise CliError(str(exc)) from exc
     finally:
         click.echo("arservice: shutting down", err=True)
         if runner is not None:

@@ -585,7 +585,7 @@ class HTTPClient(Client):
                 self._local.conn = None
                 if attempt == 2:
                     raise connection_dropped(f"{self.host}:{self.port}") from None
-            except TimeoutError:
+            except TimeoutError as err:
                 conn.close()
                 self._local.conn = None
-                raise no_answer(f"{self.host}:{self.port}{request.path}", wait_s)
+                raise no_answer(f"{self.host}:{self.port}{request.path}", wait_s) from err

@@ -107,7 +107,7 @@ def encode(msg):
     try:
         return msgpack.packb(msg, use_bin_type=True)
     except (ValueError, OverflowError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
-        raise ProtocolError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}")
+        raise ProtocolError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}") from exc
 
 
 def split(data: bytes) -> list:
@@ -160,7 +160,7 @@ def peek(frame):
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 (whatever msgpack raises, the frame is malformed)
-        raise ProtocolError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})")
+        raise ProtocolError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})") from exc
     return _checked(head)
 
 
@@ -171,7 +171,7 @@ def decode(frame):
                               max_bin_len=MAX_MESSAGE_BYTES, max_array_len=MAX_CONTAINER_LEN,
                               max_map_len=MAX_CONTAINER_LEN, max_ext_len=MAX_ENVELOPE_ITEM)
     except Exception as exc:
-        raise ProtocolError("invalid_request", f"malformed frame: not msgpack ({exc.__class__.__name__})")
+        raise ProtocolError("invalid_request", f"malformed frame: not msgpack ({exc.__class__.__name__})") from exc
     if not isinstance(msg, dict):
         raise ProtocolError("invalid_request", "malformed frame: message must be a map")
     return _checked(msg)

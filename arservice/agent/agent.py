@@ -356,7 +356,7 @@ class Agent:
             try:
                 command = env.spawn(*args)
             except OSError as exc:
-                raise ProtocolError("environment_error", f"cannot start the command: {exc}")
+                raise ProtocolError("environment_error", f"cannot start the command: {exc}") from exc
             if command is not None:
                 self.commands[msg["id"]] = command
                 for fd in command.fds:

@@ -44,10 +44,10 @@ def run_tool(argv, timeout=TOOL_TIMEOUT_S, what=None):
     """Run one tool command to completion; environment_error naming it if it fails."""
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ProtocolError("timeout", f"{what or argv[0]} took longer than {timeout:.0f}s")
+    except subprocess.TimeoutExpired as err:
+        raise ProtocolError("timeout", f"{what or argv[0]} took longer than {timeout:.0f}s") from err
     except OSError as exc:
-        raise ProtocolError("environment_error", f"{what or argv[0]} could not run: {exc}")
+        raise ProtocolError("environment_error", f"{what or argv[0]} could not run: {exc}") from exc
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).decode(errors="replace").strip()[-2000:]
         raise ProtocolError("environment_error", f"{what or argv[0]} failed ({done.returncode}): {detail}")

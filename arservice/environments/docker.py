@@ -216,8 +216,8 @@ class DockerEnvironment(Environment):
             self.ends_at = time.monotonic() + config["container_timeout"]
         except Exception as exc:
             if config["disk"] and "storage-opt" in str(exc).lower():
-                raise ProtocolError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}")
-            raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}")
+                raise ProtocolError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}") from exc
+            raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}") from exc
         self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
         if fast:
             self.helper.wait_ready(self._running)
@@ -231,9 +231,9 @@ class DockerEnvironment(Environment):
             try:
                 self.docker.images.get(image)
                 return
-            except docker.errors.ImageNotFound:
+            except docker.errors.ImageNotFound as err:
                 if policy == "never":
-                    raise ProtocolError("environment_error", f"image {image} is not present and pull is 'never'")
+                    raise ProtocolError("environment_error", f"image {image} is not present and pull is 'never'") from err
         repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
         deadline = time.monotonic() + self.config["pull_timeout"]
         shown = 0.0
@@ -249,7 +249,7 @@ class DockerEnvironment(Environment):
                     log.info("image_pull_progress", image=image, status=event.get("status"), progress=event.get("progress", ""))
                     shown = now
         except docker.errors.APIError as exc:
-            raise ProtocolError("environment_error", f"pulling {image} failed: {exc.explanation or exc}")
+            raise ProtocolError("environment_error", f"pulling {image} failed: {exc.explanation or exc}") from exc
         log.info("image_pull_done", image=image)
 
     def _pick_shell(self):
@@ -295,7 +295,7 @@ class DockerEnvironment(Environment):
         try:
             self.container.restart(timeout=0)  # its filesystem is kept
         except Exception as exc:
-            raise ProtocolError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}")
+            raise ProtocolError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}") from exc
         self.helper.wait_ready(self._running)
 
     def _cwd(self, cwd):
@@ -319,8 +319,8 @@ class DockerEnvironment(Environment):
         path = resolve_path(path, self.config["cwd"] or self.workdir)
         try:
             stream, stat = self.container.get_archive(path)
-        except docker.errors.NotFound:
-            raise ProtocolError("not_found", f"no such file: {path}")
+        except docker.errors.NotFound as err:
+            raise ProtocolError("not_found", f"no such file: {path}") from err
         try:
             return {"content": self._first_file(path, stream, stat, limit)}
         finally:
@@ -351,7 +351,7 @@ class DockerEnvironment(Environment):
         try:
             image = self.container.commit(conf={"Labels": labels})
         except Exception as exc:
-            raise ProtocolError("environment_error", f"could not commit the container of {self.instance_id}: {exc}")
+            raise ProtocolError("environment_error", f"could not commit the container of {self.instance_id}: {exc}") from exc
         return {"image": image.id, "for_forks": directory is None}
 
     @classmethod

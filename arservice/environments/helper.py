@@ -279,8 +279,8 @@ class ExecHelper:
                 # command has just killed (kill -9 -1): woken by the line, it may still take one
                 # byte of it before it dies, and the loops skip leading blanks.
                 os.write(self._in, b" " + line.encode())
-            except BlockingIOError:
-                raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands")
+            except BlockingIOError as exc:
+                raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands") from exc
 
     def spawn(self, command, timeout, cwd, env, output_limit, shell):
         """Start `command` in `shell` (a name or an argv prefix); the HelperCommand to drive to its end."""

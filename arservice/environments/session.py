@@ -172,8 +172,8 @@ class Session:
     def send(self, suffix: str, line: str) -> None:
         try:
             os.write(self.fds[suffix], line.encode())
-        except (BlockingIOError, KeyError, OSError):
-            raise ProtocolError("environment_error", f"session {self.name!r} takes no more input")
+        except (BlockingIOError, KeyError, OSError) as exc:
+            raise ProtocolError("environment_error", f"session {self.name!r} takes no more input") from exc
 
     def start_command(self, command: str, timeout: float, output_limit: int) -> "SessionStep":
         """Hand `command` to the session's bash; the step to drive until it is done."""

@@ -142,8 +142,8 @@ class Endpoint:
         if self.kind in BYTES_IN and use_base64 and isinstance(fields.get(BYTES_IN[self.kind]), str):
             try:
                 fields[BYTES_IN[self.kind]] = base64.b64decode(fields[BYTES_IN[self.kind]], validate=True)
-            except ValueError:  # binascii.Error, or a non-ASCII string
-                raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64")
+            except ValueError as err:  # binascii.Error, or a non-ASCII string
+                raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64") from err
         if fields.get("stream") is True and self.kind in protocol.STREAMABLE:
             resp.content_type = "application/x-ndjson"
             resp.stream = stream_lines(self.broker._stream(Call(self.kind, fields, wait_for(fields))),

@@ -51,7 +51,7 @@ class BrokerSnapshot:
                 family = HistogramMetricFamily(name, help_text, labels=labels)
                 for values, counts in series:
                     cumulative, buckets = 0, []
-                    for bound, count in zip([*bounds, float("inf")], counts[:-1]):
+                    for bound, count in zip([*bounds, float("inf")], counts[:-1], strict=False):
                         cumulative += count
                         buckets.append((floatToGoString(bound), cumulative))
                     family.add_metric(values, buckets, counts[-1])

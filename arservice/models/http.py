@@ -80,7 +80,7 @@ def post_json(provider, url, headers, body, timeout, max_retries=4, backoff_s=1.
         except urllib.error.HTTPError as exc:
             raise ModelError(provider, exc.code, error_message(exc.read()), retryable=is_retryable(exc.code),
                              retry_after_s=retry_after_s(exc.headers)) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, (socket.timeout, TimeoutError)):
                 reason = f"timed out after {timeout:g} s"
