@@ -22,7 +22,7 @@ import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -463,7 +463,7 @@ class ZMQClient(Client):
             if answer["type"] != protocol.CHUNK:
                 return zmq_result(answer)
 
-    def _stream(self, call: Call) -> Iterator[Any]:
+    def _stream(self, call: Call) -> Generator[Any, None, None]:
         for answer in self._answers(call.kind, call.wait_s, dict(call.fields, stream=True)):
             if answer["type"] == protocol.CHUNK:
                 yield answer["data"]
@@ -582,7 +582,7 @@ class HTTPClient(Client):
         status, data = self._send(request, wait_s)
         return http_result(kind, status, data)
 
-    def _stream(self, call: Call) -> Iterator[Any]:
+    def _stream(self, call: Call) -> Generator[Any, None, None]:
         """The answer comes as JSON lines ({"output": base64} chunks, then {"result"} or {"error"}) on a
         connection of its own: a stream dropped half-read never leaves a kept-alive connection mid-answer."""
         request = http_request(call.kind, dict(call.fields, stream=True))

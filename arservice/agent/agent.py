@@ -142,7 +142,7 @@ class Agent:
                     next_beat = now + self.heartbeat_s
                 wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()]
                            + ([now + STREAM_POLL_S] if self.streams else []))
-                for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):
+                for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):  # type: ignore[arg-type]  # pyzmq takes float ms
                     self._guarded(self._on_ready, sock, outbox)
                 self._guarded(self._expire_commands)
                 self._guarded(self._pump_streams)
