@@ -65,7 +65,7 @@ class ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (memoryview)
         while not self.pending:
             self.pending = next(self.chunks, None)
             if self.pending is None:
