@@ -18,18 +18,20 @@ import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import curve, environments, protocol
 from ..environments import session
-from ..environments.base import Environment
 from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import streams, workdirs
+
+if TYPE_CHECKING:
+    from ..environments.base import Environment
 
 log = EventLog("agent")
 
@@ -79,13 +81,15 @@ class Agent:
         # joining it (see cli.agent_command).
         self.stop_timeout_s = stop_timeout_s
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="work")
-        self.envs: dict[str, tuple[Environment, Future[Any]]] = {}  # instance id -> (Environment, Future of its start); touched only by the loop
+        # instance id -> (Environment, Future of its start); touched only by the loop
+        self.envs: dict[str, tuple[Environment, Future[Any]]] = {}
         # name -> (backend class, handle, source instance id): set by a worker thread once made
         self.snapshots: dict[str, tuple[type[Environment], Any, str]] = {}
         self.commands: dict[str, Watched] = {}  # request id -> environments.process.Watched driven by the loop
         self.command_fds: dict[int, str] = {}  # fd being watched -> request id
-        self.sessions: dict[str, session.SessionTable] = {}  # instance id -> environments.session.SessionTable; touched only by the loop
-        self.streams: dict[str, streams.FileTail | streams.PipeTee] = {}  # request id -> agent.streams tail of a command whose output is streamed
+        self.sessions: dict[str, session.SessionTable] = {}  # by instance id; touched only by the loop
+        # request id -> agent.streams tail of a command whose output is streamed
+        self.streams: dict[str, streams.FileTail | streams.PipeTee] = {}
         self.stopping = threading.Event()
         self.ctx = zmq.Context()
         self.outbox_address = f"inproc://outbox-{id(self)}"
