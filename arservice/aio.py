@@ -17,6 +17,8 @@ once; the others wait their turn, which counts against their wait budget only on
 import asyncio
 import itertools
 import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import zmq
@@ -29,6 +31,7 @@ from .client import (
     DEFAULT_WAIT_S,
     RETRY_PAUSE_S,
     Call,
+    Result,
     ServiceError,
     broker_socket,
     client_methods,
@@ -52,21 +55,52 @@ from .client import (
 class AsyncClient:
     """The methods of arservice.client.Client as coroutines; subclasses provide `async _call`."""
 
-    async def _run(self, call: Call):
+    async def _run(self, call: Call) -> Any:
         return call.finish(await self._call(call.kind, call.wait_s, dict(call.fields)))
 
-    async def __aenter__(self):
+    async def __aenter__(self) -> "AsyncClient":
         return self
 
-    async def __aexit__(self, *exc_info):
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    if TYPE_CHECKING:  # what subclasses provide, and what client_methods and stream_methods add (from Calls)
+        async def _call(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any: ...
+        def _stream(self, call: Call) -> AsyncIterator[Any]: ...
+        async def aclose(self) -> None: ...
+        async def start_instance(self, environment: str | dict[str, Any], wait_s: float | None = None) -> Result: ...
+        async def renew(self, instance_id: str, ttl: float | None = None) -> Result: ...
+        async def execute(self, instance_id: str, command: str, timeout: float | None = None, cwd: str | None = None,
+                          env: dict[str, str] | None = None, output_limit: int | None = None,
+                          raw: bool = False) -> Result: ...
+        async def create_session(self, instance_id: str, session: str | None = None,
+                                 shell: str | None = None) -> Result: ...
+        async def run_in_session(self, instance_id: str, session: str, command: str, timeout: float | None = None,
+                                 output_limit: int | None = None, raw: bool = False) -> Result: ...
+        async def close_session(self, instance_id: str, session: str) -> Result: ...
+        async def write_file(self, instance_id: str, path: str, content: str | bytes, mode: int = 0o644) -> Result: ...
+        async def read_file(self, instance_id: str, path: str, limit: int | None = None) -> bytes: ...
+        async def fork_instance(self, instance_id: str, count: int = 1) -> Result: ...
+        async def snapshot_instance(self, instance_id: str, name: str) -> Result: ...
+        async def delete_snapshot(self, name: str) -> Result: ...
+        async def close_instance(self, instance_id: str) -> Result: ...
+        async def available_resources(self) -> Result: ...
+        async def instances(self, state: str | None = None, agent_id: str | None = None, env_type: str | None = None,
+                            limit: int | None = None, after: str | None = None) -> list[Result]: ...
+        async def status(self) -> Result: ...
+        async def ping(self) -> Result: ...
+        def execute_stream(self, instance_id: str, command: str, timeout: float | None = None, cwd: str | None = None,
+                           env: dict[str, str] | None = None, output_limit: int | None = None,
+                           raw: bool = False) -> AsyncIterator[Any]: ...
+        def run_in_session_stream(self, instance_id: str, session: str, command: str, timeout: float | None = None,
+                                  output_limit: int | None = None, raw: bool = False) -> AsyncIterator[Any]: ...
 
 
 class _Channel:
     """One DEALER socket of one event loop, the reader task that routes answers by id, and the
     watcher task that fails the waiting requests when the connection drops (their answers cannot come)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, token: str | None):
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, token: str | None) -> None:
         self.loop = asyncio.get_running_loop()
         self.address = address
         self.sock, self.monitor = broker_socket(ctx, address, token)
@@ -77,18 +111,20 @@ class _Channel:
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
         self.sock.connect(address)
-        self.waiting: dict[int, asyncio.Future] = {}
-        self.streams: dict[int, asyncio.Queue] = {}  # a streamed request's messages, in order
+        # By request id (an int; looked up by whatever id an answer carries).
+        self.waiting: dict[Any, asyncio.Future[Any]] = {}
+        self.streams: dict[Any, asyncio.Queue[Any]] = {}  # a streamed request's messages, in order
         self.reader = self.loop.create_task(self._read())
-        self.watcher = None
+        self.watcher: asyncio.Task[None] | None = None
         if self.monitor is None:
             self.connected.set()
         else:
             self.watcher = self.loop.create_task(self._watch())
 
-    async def _watch(self):
+    async def _watch(self) -> None:
         while True:
-            message = parse_monitor_message(await self.monitor.recv_multipart())
+            monitor = cast(zmq.asyncio.Socket, self.monitor)  # watched only with a monitor
+            message = parse_monitor_message(await monitor.recv_multipart())
             event = message["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected.set()
@@ -109,7 +145,7 @@ class _Channel:
         for queue in self.streams.values():
             queue.put_nowait(exc)
 
-    async def _read(self):
+    async def _read(self) -> None:
         try:
             while True:
                 frame = await self.sock.recv()
@@ -128,7 +164,7 @@ class _Channel:
             self._fail_waiting(exc)
             raise
 
-    async def request(self, frames: list, msg_id: int, wait_s: float) -> dict:
+    async def request(self, frames: list[bytes] | list[memoryview], msg_id: int, wait_s: float) -> Any:
         if not self.connected.is_set():
             try:
                 await asyncio.wait_for(self.connected.wait(), min(wait_s, CONNECT_WAIT_S))
@@ -146,11 +182,12 @@ class _Channel:
         finally:
             self.waiting.pop(msg_id, None)
 
-    async def stream(self, frames: list, msg_id: int, wait_s: float):
+    async def stream(self, frames: list[bytes] | list[memoryview], msg_id: int, wait_s: float) -> AsyncIterator[Any]:
         """Send a streamed request; yield its chunk messages, then its answer (each within wait_s of the last)."""
         if not self.connected.is_set():
             await self.request_ready(wait_s)
-        queue = self.streams[msg_id] = asyncio.Queue()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.streams[msg_id] = queue
         try:
             await self.sock.send_multipart(frames)
             while True:
@@ -169,7 +206,7 @@ class _Channel:
         except asyncio.TimeoutError:
             raise unreachable_service(f"the broker at {self.address}") from None
 
-    async def close(self):
+    async def close(self) -> None:
         for task in (self.reader, self.watcher):
             if task is None:
                 continue
@@ -184,7 +221,7 @@ class _Channel:
 class AsyncZMQClient(AsyncClient):
     """The low-latency path from asyncio: msgpack over one DEALER socket per event loop."""
 
-    def __init__(self, address: str, token: str | None = None, context: zmq.asyncio.Context | None = None):
+    def __init__(self, address: str, token: str | None = None, context: zmq.asyncio.Context | None = None) -> None:
         self.address = address
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
         self.ctx = context or zmq.asyncio.Context.instance()
@@ -202,17 +239,17 @@ class AsyncZMQClient(AsyncClient):
                 if not channel.loop.is_closed():
                     channel.reader.cancel()
                 close_socket(channel.sock, channel.monitor)  # its loop is gone or its reader ended: nothing reads it
-            self._channel = _Channel(self.ctx, self.address, self.token)
-        return self._channel
+            channel = self._channel = _Channel(self.ctx, self.address, self.token)
+        return channel
 
-    async def _call(self, kind, wait_s, fields):
+    async def _call(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         return await self._request(kind, wait_s, fields)
 
-    async def request(self, kind: str, wait_s: float = DEFAULT_WAIT_S, **fields):
+    async def request(self, kind: str, wait_s: float = DEFAULT_WAIT_S, **fields: Any) -> Any:
         """Send one message and wait for its answer; the result, or ServiceError."""
         return await self._request(kind, wait_s, fields)
 
-    async def _request(self, kind: str, wait_s: float, fields: dict):
+    async def _request(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         """One request, sent again while that is safe and the wait allows (as the sync client does)."""
         deadline = self._loop_time() + wait_s
         while True:
@@ -228,7 +265,7 @@ class AsyncZMQClient(AsyncClient):
     def _loop_time() -> float:
         return asyncio.get_running_loop().time()
 
-    async def _request_once(self, kind: str, wait_s: float, fields: dict):
+    async def _request_once(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         msg_id = next(self._ids)
         try:
             answer = await self._channel_here().request(zmq_frames(kind, msg_id, fields, self.token), msg_id, wait_s)
@@ -236,7 +273,7 @@ class AsyncZMQClient(AsyncClient):
             raise no_answer(f"the broker at {self.address}", wait_s) from None
         return zmq_result(answer)
 
-    async def _stream(self, call: Call):
+    async def _stream(self, call: Call) -> AsyncIterator[Any]:
         msg_id = next(self._ids)
         frames = zmq_frames(call.kind, msg_id, dict(call.fields, stream=True), self.token)
         try:
@@ -245,7 +282,7 @@ class AsyncZMQClient(AsyncClient):
         except asyncio.TimeoutError:
             raise no_answer(f"the broker at {self.address}", call.wait_s) from None
 
-    async def aclose(self):
+    async def aclose(self) -> None:
         """Close the socket; call from the loop that used it, when no request is in flight."""
         if self._channel is not None:
             await self._channel.close()
@@ -255,7 +292,7 @@ class AsyncZMQClient(AsyncClient):
 class AsyncHTTPClient(AsyncClient):
     """The same methods over the HTTP API, through one aiohttp connection pool per event loop."""
 
-    def __init__(self, url: str, token: str | None = None, max_connections: int = 64):
+    def __init__(self, url: str, token: str | None = None, max_connections: int = 64) -> None:
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
         # The service serves 64 requests at once by default (--http-threads); more connections
@@ -273,7 +310,7 @@ class AsyncHTTPClient(AsyncClient):
             self._session_loop = loop
         return self._session
 
-    async def _call(self, kind, wait_s, fields):
+    async def _call(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         request = http_request(kind, fields)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(wait_s, CONNECT_WAIT_S), sock_read=wait_s)
         for attempt in (1, 2):  # a kept-alive connection the server closed gets one fresh retry
@@ -289,7 +326,7 @@ class AsyncHTTPClient(AsyncClient):
             except asyncio.TimeoutError:
                 raise no_answer(f"{self.url}{request.path}", wait_s) from None
 
-    async def _stream(self, call: Call):
+    async def _stream(self, call: Call) -> AsyncIterator[Any]:
         request = http_request(call.kind, dict(call.fields, stream=True))
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(call.wait_s, CONNECT_WAIT_S), sock_read=call.wait_s)
         try:
@@ -311,7 +348,7 @@ class AsyncHTTPClient(AsyncClient):
         except asyncio.TimeoutError:
             raise no_answer(f"{self.url}{request.path}", call.wait_s) from None
 
-    async def aclose(self):
+    async def aclose(self) -> None:
         """Close the connections; call from the loop that used them, when no request is in flight."""
         if self._session is not None and self._session_loop is asyncio.get_running_loop():
             await self._session.close()

@@ -16,6 +16,8 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 import zmq
@@ -28,6 +30,7 @@ from .environments.base import parse_memory_mib
 from .http.routes import DEFAULT_MAX_BODY_BYTES
 from .protocol import ProtocolError
 from .runners import RUNNERS
+from .runners.base import BaseRunner
 from .runners.local import LocalRunner
 from .runners.shell import ShellError
 from .runners.slurm import JOB_PREFIX, SlurmOptions, slurm_seconds
@@ -38,21 +41,23 @@ READY_TIMEOUT_S = 60.0
 POOLS_KEY = "pools"  # in an --environments file: preset name -> warm pool size (so no preset may be called so)
 MAX_POOL = 10_000
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
 
 class CliError(click.ClickException):
     """A one-line error and exit code 2, for bad options."""
 
     exit_code = 2
 
-    def show(self, file=None):
+    def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"arservice: error: {self.message}", err=True)
 
 
-def parse_max_resources(ctx, param, value):
+def parse_max_resources(ctx: click.Context, param: click.Parameter, value: str) -> dict[str, Any]:
     try:
         limits = json.loads(value)
     except ValueError as exc:
-        raise CliError(f"--max-resources is not valid JSON: {exc}")
+        raise CliError(f"--max-resources is not valid JSON: {exc}") from exc
     if not isinstance(limits, dict):
         raise CliError("--max-resources must be a JSON object, e.g. '{\"instances\": 5}'")
     unknown = sorted(set(limits) - set(LIMIT_KEYS))
@@ -62,7 +67,7 @@ def parse_max_resources(ctx, param, value):
         if "memory" in limits:
             limits["memory"] = parse_memory_mib(limits["memory"])
     except ProtocolError as exc:
-        raise CliError(f"--max-resources: {exc.message}")
+        raise CliError(f"--max-resources: {exc.message}") from exc
     for key, amount in limits.items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
             raise CliError(f"--max-resources: {key} must be a non-negative number")
@@ -76,16 +81,16 @@ class Presets:
     pools: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def load_presets(ctx, param, path) -> Presets:
+def load_presets(ctx: click.Context, param: click.Parameter, path: str | None) -> Presets:
     if path is None:
         return Presets()
     try:
         with open(path) as f:
             specs = json.load(f)
     except OSError as exc:
-        raise CliError(f"cannot read --environments file: {exc.strerror}: {path}")
+        raise CliError(f"cannot read --environments file: {exc.strerror}: {path}") from exc
     except ValueError as exc:
-        raise CliError(f"--environments file {path} is not valid JSON: {exc}")
+        raise CliError(f"--environments file {path} is not valid JSON: {exc}") from exc
     pools = specs.pop(POOLS_KEY, {}) if isinstance(specs, dict) else {}
     if not isinstance(specs, dict) or not all(isinstance(v, dict) for v in specs.values()):
         raise CliError(f"--environments file {path} must map preset names to environment objects")
@@ -93,14 +98,14 @@ def load_presets(ctx, param, path) -> Presets:
         try:
             environments.backend(spec.get("type")).parse_config(spec)
         except ProtocolError as exc:
-            raise CliError(f"preset {name!r} in {path}: {exc.message}")
+            raise CliError(f"preset {name!r} in {path}: {exc.message}") from exc
     if not isinstance(pools, dict):
         raise CliError(f"--environments file {path}: {POOLS_KEY!r} must map preset names to instance counts")
     return Presets(specs, {name: pool_size(name, count, f"{POOLS_KEY!r} in {path}") for name, count in pools.items()})
 
 
-def parse_pools(ctx, param, values) -> dict[str, int]:
-    pools = {}
+def parse_pools(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> dict[str, int]:
+    pools: dict[str, int] = {}
     for value in values:
         name, eq, count = value.partition("=")
         if not eq or not count.strip().isdigit():
@@ -109,13 +114,13 @@ def parse_pools(ctx, param, values) -> dict[str, int]:
     return pools
 
 
-def pool_size(name, count, where) -> int:
+def pool_size(name: str, count: object, where: str) -> int:
     if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_POOL:
         raise CliError(f"{where}: the pool of {name!r} must be a whole number of instances from 0 to {MAX_POOL}")
     return count
 
 
-def check_slurm_env(ctx, param, values):
+def check_slurm_env(ctx: click.Context, param: click.Parameter, values: Sequence[str]) -> Sequence[str]:
     for value in values:
         name, eq, _ = value.partition("=")
         if not eq or not name.isidentifier():
@@ -123,13 +128,13 @@ def check_slurm_env(ctx, param, values):
     return values
 
 
-def check_runner(ctx, param, value):
+def check_runner(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None and value not in RUNNERS:
         raise CliError(f"unknown runner {value!r}; choose one of: {', '.join(RUNNERS)}")
     return value
 
 
-def service_options(fn):
+def service_options(fn: _F) -> _F:
     for option in reversed([
         click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP API and the ZMQ socket bind to."),
         click.option("--port", default=8000, show_default=True, type=int, help="HTTP API port (0: any free port)."),
@@ -172,7 +177,7 @@ def service_options(fn):
     return fn
 
 
-def slurm_options(fn):
+def slurm_options(fn: _F) -> _F:
     for option in reversed([
         click.option("--slurm-instances", default=4, show_default=True, type=click.IntRange(1), help="Instances per agent."),
         click.option("--slurm-agents-per-job", default=1, show_default=True, type=click.IntRange(1),
@@ -209,7 +214,8 @@ def slurm_options(fn):
 @service_options
 @slurm_options
 @click.pass_context
-def main(ctx, runner, agents, advertise_address, start_wait, **options):
+def main(ctx: click.Context, runner: str | None, agents: int, advertise_address: str | None,
+         start_wait: float | None, **options: Any) -> None:
     """Agent Rollout Service: environment instances and shell commands, over HTTP and ZeroMQ."""
     slurm = {k: options.pop(k) for k in list(options) if k.startswith("slurm_")}
     if ctx.invoked_subcommand is not None:
@@ -217,7 +223,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
     if runner is None:
         raise CliError("--runner is required (local or slurm), or use a subcommand: broker, agent")
     if runner == "local":
-        runner_options = {"agents": agents, "log_level": options["log_level"]}
+        runner_options: dict[str, Any] = {"agents": agents, "log_level": options["log_level"]}
     else:
         if slurm["slurm_min_jobs"] > options["max_resources"].get("jobs", 1):
             raise CliError("--slurm-min-jobs is more than the jobs in --max-resources")
@@ -244,7 +250,7 @@ def main(ctx, runner, agents, advertise_address, start_wait, **options):
 @service_options
 @click.option("--agent-secret-file", default=None, type=click.Path(dir_okay=False),
               help="Without --token: the secret agents must present (they take the same option) [required then].")
-def broker_command(agent_secret_file, **options):
+def broker_command(agent_secret_file: str | None, **options: Any) -> None:
     """The broker and HTTP front end alone; agents join with `arservice agent`."""
     if options["token"] and agent_secret_file:
         raise CliError("--agent-secret-file is for a broker without --token: with --token, agents present the token")
@@ -263,7 +269,7 @@ def read_secret(path: str, option: str) -> str:
         with open(path) as f:
             secret = f.read().strip()
     except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read {option}: {getattr(exc, 'strerror', None) or exc}: {path}")
+        raise CliError(f"cannot read {option}: {getattr(exc, 'strerror', None) or exc}: {path}") from exc
     if not secret:
         raise CliError(f"{option} {path} is empty")
     return secret
@@ -292,8 +298,10 @@ def read_secret(path: str, option: str) -> str:
 @click.option("--stop-timeout", default=DEFAULT_STOP_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
               help="Seconds the agent gives its instances to close when it stops; then it exits regardless.")
 @click.option("--log-level", default="INFO", show_default=True)
-def agent_command(broker_address, instances, cpus, memory, types, token, token_file, agent_secret, agent_secret_file,
-                  heartbeat, broker_timeout, workdir_root, stop_timeout, log_level):
+def agent_command(broker_address: str, instances: int, cpus: float | None, memory: str | None, types: str | None,
+                  token: str | None, token_file: str | None, agent_secret: str | None, agent_secret_file: str | None,
+                  heartbeat: float, broker_timeout: float, workdir_root: str | None, stop_timeout: float,
+                  log_level: str) -> None:
     """One agent: connects to the broker, runs environments and commands until stopped."""
     logs.setup(log_level)
     if token_file is not None:
@@ -308,7 +316,7 @@ def agent_command(broker_address, instances, cpus, memory, types, token, token_f
         for t in env_types or ():
             environments.backend(t)
     except ProtocolError as exc:
-        raise CliError(exc.message)
+        raise CliError(exc.message) from exc
     agent = Agent(broker_address, instances=instances, cpus=cpus, memory=memory_mib, env_types=env_types,
                   token=token, secret=agent_secret, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout,
                   workdir_root=workdir_root, stop_timeout_s=stop_timeout)
@@ -322,7 +330,7 @@ def agent_command(broker_address, instances, cpus, memory, types, token, token_f
     _exit_now(code)
 
 
-def _exit_now(code):
+def _exit_now(code: int) -> NoReturn:
     """End the process without joining its threads: a worker blocked for good (a hung container
     engine, a read that never returns) must not keep a stopped agent or service alive, and
     Python joins ThreadPoolExecutor threads at exit."""
@@ -332,7 +340,7 @@ def _exit_now(code):
     os._exit(code)
 
 
-def check_exposure(host, token):
+def check_exposure(host: str, token: str | None) -> None:
     """Without a token anyone who can reach the ports runs commands: only loopback may go without one."""
     if token:
         return
@@ -345,9 +353,11 @@ def check_exposure(host, token):
                        "or bind to 127.0.0.1")
 
 
-def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, token, agent_timeout, agent_grace, instance_ttl,
-          idle_timeout, http_threads, http_connections, http_idle_timeout, http_workers, max_request_bytes, log_level,
-          runner_options=None, advertise_address=None, start_wait=None, agent_secret=None):
+def serve(runner_name: str | None, host: str, port: int, zmq_port: int, max_resources: dict[str, Any], presets: Presets,
+          pools: dict[str, int], token: str | None, agent_timeout: float, agent_grace: float, instance_ttl: float | None,
+          idle_timeout: float, http_threads: int, http_connections: int, http_idle_timeout: float, http_workers: int,
+          max_request_bytes: int, log_level: str, runner_options: dict[str, Any] | None = None,
+          advertise_address: str | None = None, start_wait: float | None = None, agent_secret: str | None = None) -> None:
     from .http.app import (  # here: agents (job start-up time) do not need falcon
         HTTPServer,
         create_app,
@@ -361,10 +371,10 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
         raise CliError(f"warm pool of {', '.join(map(repr, unknown))}: no such preset (--environments names them)")
     logs.setup(log_level)
     raise_file_limit()  # every HTTP connection and thread's inproc socket is a descriptor
-    context = zmq.Context.instance()
+    context: zmq.Context = zmq.Context.instance()
     # One inproc socket per HTTP thread, plus the broker's and the runner's.
     context.set(zmq.MAX_SOCKETS, http_threads + 1024)
-    runner_class = RUNNERS.get(runner_name)
+    runner_class = RUNNERS.get(runner_name)  # type: ignore[arg-type]  # None (the broker command): no runner
     if start_wait is None:
         start_wait = runner_class.start_wait_s if runner_class else 0.0
     runner_options = dict(runner_options or {})
@@ -377,19 +387,20 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
                         start_wait_s=start_wait, instance_ttl_s=instance_ttl, idle_timeout_s=idle_timeout or None,
                         # The local runner's agents are this process's children: none outlives it to rejoin.
                         rejoin_s=0.0 if runner_class is LocalRunner else agent_timeout + agent_grace)
-        http_settings = {"threads": http_threads, "max_body": max_request_bytes, "connections": http_connections,
+        http_settings: dict[str, Any] = {"threads": http_threads, "max_body": max_request_bytes, "connections": http_connections,
                          "idle_timeout_s": http_idle_timeout}
+        http: WorkerPool | HTTPServer
         if http_workers:
             http = WorkerPool(http_workers, host, port, broker.address.replace("0.0.0.0", "127.0.0.1"), token,
                               log_level=log_level, **http_settings)
         else:
             http = HTTPServer(create_app(context, token, max_request_bytes), host, port, **http_settings)
     except (zmq.ZMQError, OSError) as exc:
-        raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}")
+        raise CliError(f"cannot listen on {host} (http {port}, zmq {zmq_port}): {exc}") from exc
     stop = threading.Event()
-    runner = None
+    runner: BaseRunner | None = None
 
-    def on_signal():  # the first asks for a clean stop; a second one while stopping forces it
+    def on_signal() -> None:  # the first asks for a clean stop; a second one while stopping forces it
         if stop.is_set() and runner is not None:
             runner.abort.set()
         stop.set()
@@ -398,7 +409,7 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
     broker_thread.start()
     http.start()
     zmq_address = broker.address.replace("0.0.0.0", "127.0.0.1")
-    left = []
+    left: list[str] = []
     try:
         if runner_class is not None:
             # Agents on other hosts cannot dial 127.0.0.1: name this host when bound to every address.
@@ -412,7 +423,7 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
         click.echo(f"arservice ready http=http://{host}:{http.port} zmq={zmq_address}", err=True)
         stop.wait()
     except ShellError as exc:  # the runner could not reach Slurm (or SSH refused us): nothing to serve
-        raise CliError(str(exc))
+        raise CliError(str(exc)) from exc
     finally:
         click.echo("arservice: shutting down", err=True)
         if runner is not None:
@@ -422,11 +433,11 @@ def serve(runner_name, host, port, zmq_port, max_resources, presets, pools, toke
         broker_thread.join()
     if left:
         click.echo(f"arservice: error: could not confirm that Slurm job(s) {' '.join(left)} ended; "
-                   f"end them with: {runner.cancel_command(left)}", err=True)
+                   f"end them with: {runner.cancel_command(left)}", err=True)  # type: ignore[union-attr]  # the Slurm runner's
         sys.exit(1)
 
 
-def _on_signals(handler):
+def _on_signals(handler: Callable[[], None]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: handler())
 

@@ -22,15 +22,19 @@ import os
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import curve, protocol
 from .http.routes import BYTES_IN, BYTES_OUT, PATHS, ROUTES
+from .protocol import Message
+
+# An answer's result, as decoded (msgpack or JSON).
+Result = dict[str, Any]
 
 # How long a client waits beyond a command's own time limit, and for anything else.
 EXECUTE_MARGIN_S = 30.0
@@ -52,13 +56,13 @@ RETRY_PAUSE_S = 0.2
 class ServiceError(Exception):
     """An error answer from the service, with its stable code."""
 
-    def __init__(self, code, message):
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
 
 
-def _as_is(result):
+def _as_is(result: Any) -> Any:
     return result
 
 
@@ -68,16 +72,16 @@ class Call:
     answer, and what to make of the result."""
 
     kind: str
-    fields: dict
+    fields: dict[str, Any]
     wait_s: float = DEFAULT_WAIT_S
-    finish: Callable[[dict], Any] = _as_is
+    finish: Callable[[Any], Any] = _as_is
 
 
-def _present(fields):
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _decode_output(result):
+def _decode_output(result: Result) -> Result:
     result["output"] = result["output"].decode("utf-8", errors="replace")
     return result
 
@@ -86,19 +90,20 @@ class Calls:
     """Every client method, declared once; `client_methods` turns them into sync or async methods."""
 
     @staticmethod
-    def start_instance(environment, wait_s=None) -> Call:
+    def start_instance(environment: str | dict[str, Any], wait_s: float | None = None) -> Call:
         """environment: a preset name or a spec such as {"type": "local"}; wait_s: how long the start may
         wait for room (first come, first served) before it fails with no_capacity (default: the service's)."""
         return Call(protocol.START_INSTANCE, _present({"environment": environment, "wait_s": wait_s}),
                     DEFAULT_WAIT_S + (wait_s or 0))
 
     @staticmethod
-    def renew(instance_id, ttl=None) -> Call:
+    def renew(instance_id: str, ttl: float | None = None) -> Call:
         """Keep an instance: its idle clock starts again; ttl: its hard lifetime becomes that many seconds from now."""
         return Call(protocol.RENEW, _present({"instance_id": instance_id, "ttl": ttl}))
 
     @staticmethod
-    def execute(instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False) -> Call:
+    def execute(instance_id: str, command: str, timeout: float | None = None, cwd: str | None = None,
+                env: dict[str, str] | None = None, output_limit: int | None = None, raw: bool = False) -> Call:
         """Run a shell command; `output` is text, or bytes with raw=True."""
         fields = {"instance_id": instance_id, "command": command, "timeout": timeout, "cwd": cwd,
                   "env": env, "output_limit": output_limit}
@@ -106,13 +111,14 @@ class Calls:
                     _as_is if raw else _decode_output)
 
     @staticmethod
-    def create_session(instance_id, session=None, shell=None) -> Call:
+    def create_session(instance_id: str, session: str | None = None, shell: str | None = None) -> Call:
         """Start a persistent bash in the instance (cwd, variables, functions persist between its
         commands); session: its name ("default"); shell: the bash to run ("bash")."""
         return Call(protocol.CREATE_SESSION, _present({"instance_id": instance_id, "session": session, "shell": shell}))
 
     @staticmethod
-    def run_in_session(instance_id, session, command, timeout=None, output_limit=None, raw=False) -> Call:
+    def run_in_session(instance_id: str, session: str, command: str, timeout: float | None = None,
+                       output_limit: int | None = None, raw: bool = False) -> Call:
         """Run a command in a session's bash; `output` is text, or bytes with raw=True. A timeout
         interrupts the command (and what it started) and the session stays usable."""
         fields = {"instance_id": instance_id, "session": session, "command": command, "timeout": timeout,
@@ -121,38 +127,38 @@ class Calls:
                     _as_is if raw else _decode_output)
 
     @staticmethod
-    def close_session(instance_id, session) -> Call:
+    def close_session(instance_id: str, session: str) -> Call:
         return Call(protocol.CLOSE_SESSION, {"instance_id": instance_id, "session": session})
 
     @staticmethod
-    def write_file(instance_id, path, content, mode=0o644) -> Call:
+    def write_file(instance_id: str, path: str, content: str | bytes, mode: int = 0o644) -> Call:
         content = content.encode() if isinstance(content, str) else content
         return Call(protocol.WRITE_FILE, {"instance_id": instance_id, "path": path, "content": content, "mode": mode})
 
     @staticmethod
-    def read_file(instance_id, path, limit=None) -> Call:
+    def read_file(instance_id: str, path: str, limit: int | None = None) -> Call:
         """The file's bytes."""
         return Call(protocol.READ_FILE, _present({"instance_id": instance_id, "path": path, "limit": limit}),
                     finish=lambda result: result["content"])
 
     @staticmethod
-    def fork_instance(instance_id, count=1) -> Call:
+    def fork_instance(instance_id: str, count: int = 1) -> Call:
         """`count` new instances on the same agent whose files are copies of this one's now; the
         answer's `instances` are as start_instance's answers."""
         return Call(protocol.FORK_INSTANCE, {"instance_id": instance_id, "count": count}, DEFAULT_WAIT_S * 2)
 
     @staticmethod
-    def snapshot_instance(instance_id, name) -> Call:
+    def snapshot_instance(instance_id: str, name: str) -> Call:
         """Keep a copy of the instance's files as they are now, under `name`: a spec with
         "snapshot": name starts from it (on the same agent), until delete_snapshot."""
         return Call(protocol.SNAPSHOT_INSTANCE, {"instance_id": instance_id, "name": name})
 
     @staticmethod
-    def delete_snapshot(name) -> Call:
+    def delete_snapshot(name: str) -> Call:
         return Call(protocol.DELETE_SNAPSHOT, {"name": name})
 
     @staticmethod
-    def close_instance(instance_id) -> Call:
+    def close_instance(instance_id: str) -> Call:
         return Call(protocol.CLOSE_INSTANCE, {"instance_id": instance_id})
 
     @staticmethod
@@ -160,7 +166,8 @@ class Calls:
         return Call(protocol.RESOURCES, {})
 
     @staticmethod
-    def instances(state=None, agent_id=None, env_type=None, limit=None, after=None) -> Call:
+    def instances(state: str | None = None, agent_id: str | None = None, env_type: str | None = None,
+                  limit: int | None = None, after: str | None = None) -> Call:
         """The instances matching every filter given, in instance id order; with `limit`, one page of
         them: pass the last one's instance_id as `after` for the next page."""
         fields = {"state": state, "agent_id": agent_id, "env_type": env_type, "limit": limit, "after": after}
@@ -179,37 +186,42 @@ class Calls:
 METHODS = [name for name in vars(Calls) if not name.startswith("_")]
 
 
-def client_methods(cls):
+_C = TypeVar("_C", bound=type[Any])
+
+
+def client_methods(cls: _C) -> _C:
     """Class decorator: give `cls` one method per entry of `Calls`, each running its Call through
     `cls._run` (a plain method, or a coroutine function for asyncio clients)."""
     is_async = inspect.iscoroutinefunction(cls._run)
     for name in METHODS:
         build = getattr(Calls, name)
         if is_async:
-            async def method(self, *args, _build=build, **kwargs):
+            async def method(self: Any, *args: Any, _build: Callable[..., Call] = build, **kwargs: Any) -> Any:
                 return await self._run(_build(*args, **kwargs))
         else:
-            def method(self, *args, _build=build, **kwargs):
+            def method(self: Any, *args: Any, _build: Callable[..., Call] = build, **kwargs: Any) -> Any:  # type: ignore[misc]  # the sync variant of the same method
                 return self._run(_build(*args, **kwargs))
         method = functools.wraps(build)(method)
         method.__qualname__ = f"{cls.__name__}.{name}"
         # The signature users see: the declaration's parameters after self, and no `-> Call`.
         declared = inspect.signature(build)
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        method.__signature__ = declared.replace(parameters=[self_param, *declared.parameters.values()],
-                                                return_annotation=inspect.Signature.empty)
+        method.__signature__ = declared.replace(  # type: ignore[attr-defined]  # inspect.signature reads it
+            parameters=[self_param, *declared.parameters.values()], return_annotation=inspect.Signature.empty)
         setattr(cls, name, method)
     return cls
 
 
-def stream_methods(cls):
+def stream_methods(cls: _C) -> _C:
     """Class decorator: execute_stream and run_in_session_stream, each `cls._stream(call)` (an iterator,
     or an async iterator for asyncio clients) of bytes chunks and then the answer."""
-    def execute_stream(self, instance_id, command, timeout=None, cwd=None, env=None, output_limit=None, raw=False):
+    def execute_stream(self: Any, instance_id: str, command: str, timeout: float | None = None, cwd: str | None = None,
+                       env: dict[str, str] | None = None, output_limit: int | None = None, raw: bool = False) -> Any:
         """execute, with the output as it comes: yields bytes chunks, then the answer execute gives."""
         return self._stream(Calls.execute(instance_id, command, timeout, cwd, env, output_limit, raw))
 
-    def run_in_session_stream(self, instance_id, session, command, timeout=None, output_limit=None, raw=False):
+    def run_in_session_stream(self: Any, instance_id: str, session: str, command: str, timeout: float | None = None,
+                              output_limit: int | None = None, raw: bool = False) -> Any:
         """run_in_session, with the output as it comes: yields bytes chunks, then its answer."""
         return self._stream(Calls.run_in_session(instance_id, session, command, timeout, output_limit, raw))
     cls.execute_stream = execute_stream
@@ -222,8 +234,36 @@ def stream_methods(cls):
 class Client:
     """The methods both transports share; subclasses provide `_call(kind, wait_s, fields)`."""
 
-    def _run(self, call: Call):
+    def _run(self, call: Call) -> Any:
         return call.finish(self._call(call.kind, call.wait_s, dict(call.fields)))
+
+    if TYPE_CHECKING:  # what subclasses provide, and what client_methods and stream_methods add (from Calls)
+        def _call(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any: ...
+        def _stream(self, call: Call) -> Iterator[Any]: ...
+        def start_instance(self, environment: str | dict[str, Any], wait_s: float | None = None) -> Result: ...
+        def renew(self, instance_id: str, ttl: float | None = None) -> Result: ...
+        def execute(self, instance_id: str, command: str, timeout: float | None = None, cwd: str | None = None,
+                    env: dict[str, str] | None = None, output_limit: int | None = None, raw: bool = False) -> Result: ...
+        def create_session(self, instance_id: str, session: str | None = None, shell: str | None = None) -> Result: ...
+        def run_in_session(self, instance_id: str, session: str, command: str, timeout: float | None = None,
+                           output_limit: int | None = None, raw: bool = False) -> Result: ...
+        def close_session(self, instance_id: str, session: str) -> Result: ...
+        def write_file(self, instance_id: str, path: str, content: str | bytes, mode: int = 0o644) -> Result: ...
+        def read_file(self, instance_id: str, path: str, limit: int | None = None) -> bytes: ...
+        def fork_instance(self, instance_id: str, count: int = 1) -> Result: ...
+        def snapshot_instance(self, instance_id: str, name: str) -> Result: ...
+        def delete_snapshot(self, name: str) -> Result: ...
+        def close_instance(self, instance_id: str) -> Result: ...
+        def available_resources(self) -> Result: ...
+        def instances(self, state: str | None = None, agent_id: str | None = None, env_type: str | None = None,
+                      limit: int | None = None, after: str | None = None) -> list[Result]: ...
+        def status(self) -> Result: ...
+        def ping(self) -> Result: ...
+        def execute_stream(self, instance_id: str, command: str, timeout: float | None = None, cwd: str | None = None,
+                           env: dict[str, str] | None = None, output_limit: int | None = None,
+                           raw: bool = False) -> Iterator[Any]: ...
+        def run_in_session_stream(self, instance_id: str, session: str, command: str, timeout: float | None = None,
+                                  output_limit: int | None = None, raw: bool = False) -> Iterator[Any]: ...
 
     def keep_alive(self, *instance_ids: str, every_s: float = KEEP_ALIVE_S) -> "KeepAlive":
         """Renew these instances from a background thread until stopped (use it as a context manager),
@@ -234,7 +274,7 @@ class Client:
 class KeepAlive:
     """A daemon thread renewing a set of instances; add() and discard() change the set."""
 
-    def __init__(self, client: Client, instance_ids, every_s: float):
+    def __init__(self, client: Client, instance_ids: Iterable[str], every_s: float) -> None:
         self.client = client
         self.instance_ids = set(instance_ids)
         self.every_s = every_s
@@ -264,16 +304,16 @@ class KeepAlive:
         self._stop.set()
         self._thread.join()
 
-    def __enter__(self):
+    def __enter__(self) -> "KeepAlive":
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
 
 # --- ZeroMQ: what the sync and async ZMQ clients share ---
 
-def zmq_frames(kind: str, msg_id: int, fields: dict, token: str | None) -> list:
+def zmq_frames(kind: str, msg_id: int, fields: dict[str, Any], token: str | None) -> list[bytes] | list[memoryview]:
     """A request as the frames to send: with a token, several when it is larger than the broker's frame
     limit (protocol.MAX_FRAME_BYTES); without one, the broker takes any frame and it stays whole."""
     if not token:
@@ -281,7 +321,7 @@ def zmq_frames(kind: str, msg_id: int, fields: dict, token: str | None) -> list:
     return protocol.split(protocol.encode(protocol.request(kind, msg_id, token=token, **fields)))
 
 
-def zmq_result(answer: dict):
+def zmq_result(answer: Message) -> Any:
     """The result of a decoded answer, or its error raised as ServiceError."""
     if answer["type"] == protocol.ERROR:
         raise ServiceError(answer["error"]["code"], answer["error"]["message"])
@@ -309,7 +349,10 @@ def may_send_again(kind: str, exc: ServiceError) -> bool:
     return exc.message.startswith("no instance") or (kind in IDEMPOTENT and exc.message.startswith("the connection"))
 
 
-def broker_socket(ctx: zmq.Context, address: str, token: str | None) -> tuple[zmq.Socket, zmq.Socket | None]:
+_S = TypeVar("_S", bound=zmq.Socket)
+
+
+def broker_socket(ctx: "zmq.Context[_S]", address: str, token: str | None) -> tuple[_S, _S | None]:
     """A DEALER to the broker with ZMTP heartbeats (and CURVE keys of the token, if any), and the
     monitor socket that says when it is connected or refused; no monitor in-process (inproc has no
     connection to lose, no handshake and no monitor events)."""
@@ -327,13 +370,13 @@ def broker_socket(ctx: zmq.Context, address: str, token: str | None) -> tuple[zm
 class _Link:
     """One thread's socket to the broker, and whether it is connected (from its monitor's events)."""
 
-    def __init__(self, ctx: zmq.Context, address: str, token: str | None):
+    def __init__(self, ctx: zmq.Context, address: str, token: str | None) -> None:
         self.address, self.token = address, token
         self.sock, self.monitor = broker_socket(ctx, address, token)
         self.sock.connect(address)
         self.connected = self.monitor is None
         self.drops = 0  # disconnections so far: an answer due on a dropped connection never comes
-        self.down_since = None if self.connected else time.monotonic()
+        self.down_since: float | None = None if self.connected else time.monotonic()
         self.handshakes = curve.Handshakes(bool(token))
         self.refused: ServiceError | None = None  # the broker refused the handshake: no request can pass
 
@@ -364,12 +407,12 @@ def close_socket(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
 class ZMQClient(Client):
     """The low-latency path: msgpack over a DEALER socket straight to the broker."""
 
-    def __init__(self, address, token=None, context=None):
+    def __init__(self, address: str, token: str | None = None, context: zmq.Context | None = None) -> None:
         self.address = address
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
         self.ctx = context or zmq.Context.instance()
         self._local = threading.local()
-        self._sockets = {}  # thread -> its socket
+        self._sockets: dict[threading.Thread, _Link] = {}  # thread -> its socket
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -392,14 +435,14 @@ class ZMQClient(Client):
         self._local.link = None
         link.close()
 
-    def _call(self, kind, wait_s, fields):
+    def _call(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         return self._request(kind, wait_s, fields)
 
-    def request(self, kind, wait_s=DEFAULT_WAIT_S, **fields):
+    def request(self, kind: str, wait_s: float = DEFAULT_WAIT_S, **fields: Any) -> Any:
         """Send one message and wait for its answer; the result, or ServiceError."""
         return self._request(kind, wait_s, fields)
 
-    def _request(self, kind: str, wait_s: float, fields: dict):
+    def _request(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         """Send one message and wait for its answer, sending it again while that is safe and the wait
         allows: a request that never reached an agent (`unavailable` from a broker that just restarted),
         or one that changes nothing (IDEMPOTENT) whose connection dropped."""
@@ -413,21 +456,21 @@ class ZMQClient(Client):
                     raise
                 time.sleep(RETRY_PAUSE_S)
 
-    def _request_once(self, kind: str, wait_s: float, fields: dict):
+    def _request_once(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         """Send one message and wait for its answer; the result, or ServiceError (`unavailable` within
         CONNECT_WAIT_S when there is no connection to the broker, or it drops)."""
         for answer in self._answers(kind, wait_s, fields):
             if answer["type"] != protocol.CHUNK:
                 return zmq_result(answer)
 
-    def _stream(self, call: Call):
+    def _stream(self, call: Call) -> Generator[Any, None, None]:
         for answer in self._answers(call.kind, call.wait_s, dict(call.fields, stream=True)):
             if answer["type"] == protocol.CHUNK:
                 yield answer["data"]
             else:
                 yield call.finish(zmq_result(answer))
 
-    def _answers(self, kind: str, wait_s: float, fields: dict):
+    def _answers(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Iterator[Message]:
         """Send one message and yield what comes back for it: chunks (a streamed command's), then its
         answer. The wait is for the first of them, then between any two."""
         link = self._link()
@@ -451,7 +494,7 @@ class ZMQClient(Client):
             if link.down_since is not None and now - link.down_since >= CONNECT_WAIT_S:
                 raise unreachable_service(where)
             wake = deadline if link.down_since is None else min(deadline, link.down_since + CONNECT_WAIT_S)
-            ready = dict(poller.poll(max(0.0, wake - now) * 1000))
+            ready = dict(poller.poll(max(0.0, wake - now) * 1000))  # type: ignore[arg-type]  # pyzmq takes float ms
             if link.sock in ready:
                 answer = protocol.decode(link.sock.recv())
                 if answer.get("id") == msg_id:  # else a late answer to an earlier request that timed out
@@ -463,7 +506,7 @@ class ZMQClient(Client):
             if link.drops != drops and link.refused is None:
                 raise connection_dropped(where)
 
-    def close(self):
+    def close(self) -> None:
         """Close every socket; call when no request is in flight."""
         with self._lock:
             for link in self._sockets.values():
@@ -480,7 +523,7 @@ class HTTPRequest:
     body: bytes | None
 
 
-def http_request(kind: str, fields: dict) -> HTTPRequest:
+def http_request(kind: str, fields: dict[str, Any]) -> HTTPRequest:
     """The HTTP request for a call; byte fields travel base64-encoded, exactly."""
     path = PATHS[kind]
     method = ROUTES[path][0]
@@ -495,14 +538,14 @@ def http_request(kind: str, fields: dict) -> HTTPRequest:
     return HTTPRequest(method, path, body)
 
 
-def http_headers(token: str | None) -> dict:
+def http_headers(token: str | None) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     return headers
 
 
-def http_result(kind: str, status: int, data: bytes):
+def http_result(kind: str, status: int, data: bytes) -> Any:
     """The result of an HTTP answer, or its error raised as ServiceError."""
     answer = json.loads(data) if data else {}
     if status >= 400:
@@ -513,7 +556,7 @@ def http_result(kind: str, status: int, data: bytes):
     return answer
 
 
-def http_stream_event(call: Call, line: bytes):
+def http_stream_event(call: Call, line: bytes) -> Any:
     """One JSON line of a streamed HTTP answer: a chunk's bytes, or the answer's result (finished as
     the call finishes it); an error line raises ServiceError."""
     event = json.loads(line)
@@ -527,18 +570,19 @@ def http_stream_event(call: Call, line: bytes):
 class HTTPClient(Client):
     """The same methods over the HTTP API, with one keep-alive connection per thread."""
 
-    def __init__(self, url, token=None):
+    def __init__(self, url: str, token: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
-        self.host, self.port = parsed.hostname, parsed.port or 80
+        # A URL without a host fails at the first request, as http.client has it.
+        self.host, self.port = cast(str, parsed.hostname), parsed.port or 80
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
         self._local = threading.local()
 
-    def _call(self, kind, wait_s, fields):
+    def _call(self, kind: str, wait_s: float, fields: dict[str, Any]) -> Any:
         request = http_request(kind, fields)
         status, data = self._send(request, wait_s)
         return http_result(kind, status, data)
 
-    def _stream(self, call: Call):
+    def _stream(self, call: Call) -> Generator[Any, None, None]:
         """The answer comes as JSON lines ({"output": base64} chunks, then {"result"} or {"error"}) on a
         connection of its own: a stream dropped half-read never leaves a kept-alive connection mid-answer."""
         request = http_request(call.kind, dict(call.fields, stream=True))
@@ -564,7 +608,7 @@ class HTTPClient(Client):
         finally:
             conn.close()
 
-    def _send(self, request, wait_s):
+    def _send(self, request: HTTPRequest, wait_s: float) -> tuple[int, bytes]:  # type: ignore[return]  # the last attempt returns or raises
         headers = http_headers(self.token)
         for attempt in (1, 2):  # a kept-alive connection the server closed gets one fresh retry
             conn = getattr(self._local, "conn", None)
@@ -585,7 +629,7 @@ class HTTPClient(Client):
                 self._local.conn = None
                 if attempt == 2:
                     raise connection_dropped(f"{self.host}:{self.port}") from None
-            except TimeoutError:
+            except TimeoutError as err:
                 conn.close()
                 self._local.conn = None
-                raise no_answer(f"{self.host}:{self.port}{request.path}", wait_s)
+                raise no_answer(f"{self.host}:{self.port}{request.path}", wait_s) from err

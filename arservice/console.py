@@ -13,6 +13,8 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import click
 
@@ -37,17 +39,17 @@ OTHER_SERVICE_ERROR = 70  # e.g. an HTTP error from a proxy in front of the serv
 RECENT_ERRORS_SHOWN = 5
 
 
-def fail(exit_code: int, message: str):
+def fail(exit_code: int, message: str) -> NoReturn:
     click.echo(f"arservice: error: {message}", err=True)
     sys.exit(exit_code)
 
 
-def talks_to_service(fn):
+def talks_to_service(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Adds --url and turns the service's errors, and an unreachable service, into exit codes."""
     @click.option("--url", envvar="ARSERVICE_URL", default=DEFAULT_URL, show_default=True,
                   help="The service's HTTP address [env ARSERVICE_URL]; the token comes from ARSERVICE_TOKEN.")
     @functools.wraps(fn)
-    def wrapper(url: str, **kwargs):
+    def wrapper(url: str, **kwargs: Any) -> Any:
         try:
             return fn(HTTPClient(url), **kwargs)
         except ServiceError as exc:
@@ -59,7 +61,7 @@ def talks_to_service(fn):
     return wrapper
 
 
-def as_json(result) -> str:
+def as_json(result: Any) -> str:
     return json.dumps(result, indent=2, sort_keys=True)
 
 
@@ -67,7 +69,7 @@ def table(headers: list, rows: list) -> str:
     """Columns padded to their widest cell; no library for this much."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells)
 
 
 def ago(seconds: float | None) -> str:
@@ -81,7 +83,7 @@ def ago(seconds: float | None) -> str:
     return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
 
 
-def amount(used, capacity) -> str:
+def amount(used: object, capacity: object) -> str:
     return str(used) if capacity is None else f"{used}/{capacity}"
 
 
@@ -115,7 +117,7 @@ def render_status(s: dict) -> str:
 @click.command("status")
 @click.option("--json", "json_out", is_flag=True, help="Print the service's answer as JSON.")
 @talks_to_service
-def status(client: HTTPClient, json_out: bool):
+def status(client: HTTPClient, json_out: bool) -> None:
     """Agents, instances, Slurm jobs and recent errors of a running service."""
     result = client.status()
     click.echo(as_json(result) if json_out else render_status(result))
@@ -125,9 +127,9 @@ def status(client: HTTPClient, json_out: bool):
 @click.argument("spec")
 @click.option("--json", "json_out", is_flag=True, help="Print the whole answer as JSON, not just the instance id.")
 @talks_to_service
-def start(client: HTTPClient, spec: str, json_out: bool):
+def start(client: HTTPClient, spec: str, json_out: bool) -> None:
     """Start an instance of SPEC (a preset name, or a JSON spec such as '{"type": "local"}'); print its id."""
-    environment = spec
+    environment: str | dict[str, Any] = spec
     if spec.lstrip().startswith("{"):
         try:
             environment = json.loads(spec)
@@ -146,12 +148,13 @@ def start(client: HTTPClient, spec: str, json_out: bool):
 @click.option("--cwd", default=None, help="Working directory, relative to the instance's.")
 @click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE", help="Environment variable (repeatable).")
 @talks_to_service
-def exec_command(client: HTTPClient, instance: str, command: tuple, timeout, cwd, env_pairs):
+def exec_command(client: HTTPClient, instance: str, command: tuple[str, ...], timeout: float | None, cwd: str | None,
+                 env_pairs: tuple[str, ...]) -> None:
     """Run COMMAND (its words joined by spaces, run by bash -c, as ssh does) in INSTANCE.
 
     The output (stdout and stderr merged) goes to stdout; the exit code is the command's, 128+N if
     signal N ended it, 124 if it hit its time limit."""
-    env = {}
+    env: dict[str, str] = {}
     for pair in env_pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
@@ -171,7 +174,7 @@ def exec_command(client: HTTPClient, instance: str, command: tuple, timeout, cwd
 @click.command("close")
 @click.argument("instance")
 @talks_to_service
-def close(client: HTTPClient, instance: str):
+def close(client: HTTPClient, instance: str) -> None:
     """Close INSTANCE: its processes end and its files go."""
     client.close_instance(instance)
     click.echo(f"closed {instance}")

@@ -68,7 +68,7 @@ class Handshakes:
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
     CLOSED_IN_A_ROW = 3
 
-    def __init__(self, with_token: bool):
+    def __init__(self, with_token: bool) -> None:
         self.with_token = with_token
         self.closed = 0
 
@@ -100,7 +100,7 @@ class ZapHandler:
 
     It accepts a CURVE handshake only from the client key of the token; everything else gets 400."""
 
-    def __init__(self, ctx: zmq.Context, token: str):
+    def __init__(self, ctx: zmq.Context, token: str) -> None:
         self.client_key = z85.decode(keypair(token, "client")[0])
         self.refused = 0
         self._logged_at = -LOG_EVERY_S

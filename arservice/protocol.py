@@ -14,8 +14,13 @@ docs/protocol.md describes every message type and its fields.
 
 import hmac
 import math
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
+
+# A decoded message: a msgpack map with string keys (see the module docstring).
+Message = dict[str, Any]
 
 VERSION = 1
 
@@ -95,22 +100,23 @@ ERROR_CODES = {
 class ProtocolError(Exception):
     """An error that travels back to the requester as an error message."""
 
-    def __init__(self, code, message):
+    def __init__(self, code: str, message: str) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
         self.code = code
         self.message = message
 
 
-def encode(msg):
+def encode(msg: Message) -> bytes:
     """One frame; invalid_request for what msgpack cannot carry (an int past 64 bits, a lone surrogate)."""
     try:
-        return msgpack.packb(msg, use_bin_type=True)
+        frame: bytes = msgpack.packb(msg, use_bin_type=True)
+        return frame
     except (ValueError, OverflowError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
-        raise ProtocolError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}")
+        raise ProtocolError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}") from exc
 
 
-def split(data: bytes) -> list:
+def split(data: bytes) -> list[bytes] | list[memoryview]:
     """A message's bytes as the frames of one multipart message, none over MAX_FRAME_BYTES."""
     if len(data) <= MAX_FRAME_BYTES:
         return [data]
@@ -118,7 +124,7 @@ def split(data: bytes) -> list:
     return [view[start:start + MAX_FRAME_BYTES] for start in range(0, len(data), MAX_FRAME_BYTES)]
 
 
-def joined(frames: list) -> bytes:
+def joined(frames: list[bytes]) -> bytes:
     """The message bytes of a multipart message's frames (the inverse of split()); payload_too_large
     past MAX_MESSAGE_BYTES."""
     if len(frames) == 1:
@@ -129,14 +135,14 @@ def joined(frames: list) -> bytes:
     return b"".join(frames)
 
 
-def unwrap(frames: list) -> tuple[list, list]:
+def unwrap(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     """(envelope, message frames) of what a ROUTER received: the sender's identity, and the empty
     delimiter a REQ socket puts first, are the envelope (a message's first frame is never empty)."""
     cut = 2 if len(frames) > 2 and not frames[1] else 1
     return frames[:cut], frames[cut:]
 
 
-def peek(frame):
+def peek(frame: bytes) -> Message:
     """The envelope fields of a frame (ENVELOPE_FIELDS), building nothing else.
 
     Everything but those few small fields is skipped unparsed, so a peer that is not allowed
@@ -146,7 +152,7 @@ def peek(frame):
                                 max_str_len=MAX_ENVELOPE_ITEM, max_bin_len=MAX_ENVELOPE_ITEM,
                                 max_array_len=MAX_FIELDS, max_map_len=MAX_FIELDS, max_ext_len=MAX_ENVELOPE_ITEM)
     unpacker.feed(frame)
-    head = {}
+    head: Message = {}
     try:
         count = unpacker.read_map_header()
         if count > MAX_FIELDS:
@@ -160,24 +166,24 @@ def peek(frame):
     except ProtocolError:
         raise
     except Exception as exc:  # noqa: BLE001 (whatever msgpack raises, the frame is malformed)
-        raise ProtocolError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})")
+        raise ProtocolError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})") from exc
     return _checked(head)
 
 
-def decode(frame):
+def decode(frame: bytes) -> Message:
     """Parse one frame; raise ProtocolError for anything that is not a valid message."""
     try:
         msg = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_str_len=MAX_MESSAGE_BYTES,
                               max_bin_len=MAX_MESSAGE_BYTES, max_array_len=MAX_CONTAINER_LEN,
                               max_map_len=MAX_CONTAINER_LEN, max_ext_len=MAX_ENVELOPE_ITEM)
     except Exception as exc:
-        raise ProtocolError("invalid_request", f"malformed frame: not msgpack ({exc.__class__.__name__})")
+        raise ProtocolError("invalid_request", f"malformed frame: not msgpack ({exc.__class__.__name__})") from exc
     if not isinstance(msg, dict):
         raise ProtocolError("invalid_request", "malformed frame: message must be a map")
     return _checked(msg)
 
 
-def _checked(msg):
+def _checked(msg: Message) -> Message:
     if msg.get("v") != VERSION:
         raise ProtocolError("unsupported_version", f"protocol version {msg.get('v')!r} is not supported, use {VERSION}")
     if not isinstance(msg.get("type"), str):
@@ -185,26 +191,27 @@ def _checked(msg):
     return msg
 
 
-def same_secret(presented, expected):
+def same_secret(presented: object, expected: str) -> bool:
     """Constant-time comparison of a presented token or secret (any type, any characters) with ours."""
     if not isinstance(presented, str):
         return False
     return hmac.compare_digest(presented.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
-def request(type_, id_, **fields):
+def request(type_: str, id_: object, **fields: Any) -> Message:
     return {"v": VERSION, "type": type_, "id": id_, **fields}
 
 
-def reply(id_, result):
+def reply(id_: object, result: Any) -> Message:
     return {"v": VERSION, "type": REPLY, "id": id_, "result": result}
 
 
-def error(id_, code, message):
+def error(id_: object, code: str, message: str) -> Message:
     return {"v": VERSION, "type": ERROR, "id": id_, "error": {"code": code, "message": message}}
 
 
-def field(msg, name, kind, default=..., check=None, what=None):
+def field(msg: Message, name: str, kind: type | tuple[type, ...], default: Any = ...,
+          check: Callable[[Any], Any] | None = None, what: str | None = None) -> Any:
     """Read msg[name], requiring it to be of `kind`; raise invalid_request naming the field otherwise.
 
     `default` makes the field optional (None counts as absent); `check` is a predicate
@@ -226,7 +233,7 @@ def field(msg, name, kind, default=..., check=None, what=None):
     return value
 
 
-def check_value(value, name, what="field"):
+def check_value(value: Any, name: str, what: str = "field") -> Any:
     """Every string (key or value, at any depth) without NUL, every number finite: what may reach an
     argv, a path, an environment, or a JSON answer."""
     if isinstance(value, str) and "\0" in value:
@@ -243,7 +250,7 @@ def check_value(value, name, what="field"):
     return value
 
 
-def text(msg, name, default=...):
+def text(msg: Message, name: str, default: Any = ...) -> Any:
     """A string field that reaches an argv, a path or an environment: no NUL byte (exec and open refuse it)."""
     value = field(msg, name, str, default=default)
     if isinstance(value, str) and "\0" in value:
@@ -251,7 +258,7 @@ def text(msg, name, default=...):
     return value
 
 
-def environment_map(value, name):
+def environment_map(value: Any, name: str) -> dict[str, str]:
     """Check {name: value} environment variables as exec needs them; return the map."""
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ProtocolError("invalid_request", f"field '{name}' must map strings to strings")
@@ -264,6 +271,6 @@ def environment_map(value, name):
     return value
 
 
-def string_map(msg, name):
+def string_map(msg: Message, name: str) -> dict[str, str]:
     """An optional field of environment variables."""
     return environment_map(field(msg, name, dict, default={}), name)

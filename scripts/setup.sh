@@ -35,9 +35,10 @@ fi
 scripts/venv.sh "$venv"
 
 # The full setup (the tests') also installs the optional litellm and mini-swe-agent extras, so their
-# integrations are tested; the core suite (scripts/test-matrix.sh) runs without them.
-extras=test
-[ "$system" = yes ] && extras=test,litellm,minisweagent
+# integrations are tested; the core suite (scripts/test-matrix.sh) runs without them. The lint
+# extra (ruff, mypy: scripts/lint.sh) goes in either way.
+extras=test,lint
+[ "$system" = yes ] && extras=test,lint,litellm,minisweagent
 # pip runs only when something is missing: pyproject.toml changed since the last install, or an
 # extra asked for now was not installed then. The package is editable, so code edits need none.
 stamp="$venv/.arservice-setup"  # line 1: checksum of pyproject.toml; line 2: the extras installed

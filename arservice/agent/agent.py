@@ -17,7 +17,8 @@ import socket
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -28,6 +29,9 @@ from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import streams, workdirs
+
+if TYPE_CHECKING:
+    from ..environments.base import Environment
 
 log = EventLog("agent")
 
@@ -56,12 +60,14 @@ class AgentExit(Exception):
 
 
 class Agent:
-    def __init__(self, broker, *, instances=4, cpus=None, memory=None, env_types=None, secret=None, token=None,
-                 agent_id=None, heartbeat_s=1.0, broker_timeout_s=15.0, workdir_root=None,
-                 max_concurrent=256, stop_timeout_s=DEFAULT_STOP_TIMEOUT_S):
+    def __init__(self, broker: str, *, instances: int | None = 4, cpus: float | None = None, memory: int | None = None,
+                 env_types: list[str] | None = None, secret: str | None = None, token: str | None = None,
+                 agent_id: str | None = None, heartbeat_s: float = 1.0, broker_timeout_s: float = 15.0,
+                 workdir_root: str | None = None, max_concurrent: int = 256,
+                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         self.broker = broker
         self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.capacity = {"instances": instances, "cpus": cpus, "memory": memory}
+        self.capacity: dict[str, Any] = {"instances": instances, "cpus": cpus, "memory": memory}
         self.env_types = env_types or environments.available_types()
         # The service's token keys the CURVE handshake and is the registration secret; a broker without
         # a token takes a secret of its own (its runner's, or --agent-secret-file) in the registration only.
@@ -75,26 +81,28 @@ class Agent:
         # joining it (see cli.agent_command).
         self.stop_timeout_s = stop_timeout_s
         self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="work")
-        self.envs = {}  # instance id -> (Environment, Future of its start); touched only by the loop
+        # instance id -> (Environment, Future of its start); touched only by the loop
+        self.envs: dict[str, tuple[Environment, Future[Any]]] = {}
         # name -> (backend class, handle, source instance id): set by a worker thread once made
-        self.snapshots = {}
-        self.commands = {}  # request id -> environments.process.Watched driven by the loop
-        self.command_fds = {}  # fd being watched -> request id
-        self.sessions = {}  # instance id -> environments.session.SessionTable; touched only by the loop
-        self.streams = {}  # request id -> agent.streams tail of a command whose output is streamed
+        self.snapshots: dict[str, tuple[type[Environment], Any, str]] = {}
+        self.commands: dict[str, Watched] = {}  # request id -> environments.process.Watched driven by the loop
+        self.command_fds: dict[int, str] = {}  # fd being watched -> request id
+        self.sessions: dict[str, session.SessionTable] = {}  # by instance id; touched only by the loop
+        # request id -> agent.streams tail of a command whose output is streamed
+        self.streams: dict[str, streams.FileTail | streams.PipeTee] = {}
         self.stopping = threading.Event()
         self.ctx = zmq.Context()
         self.outbox_address = f"inproc://outbox-{id(self)}"
         self._outbox_sockets = threading.local()
         self._next_id = 0
 
-    def stop(self):
+    def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
         self.stopping.set()
 
     # -- the loop ---------------------------------------------------------------
 
-    def run(self):
+    def run(self) -> None:
         """Serve until stop() or until the broker is gone; clean up every instance however it ends.
 
         Returns within stop_timeout_s (plus a moment) of stop(), whatever the worker threads are
@@ -138,7 +146,7 @@ class Agent:
                     next_beat = now + self.heartbeat_s
                 wake = min([next_beat, now + 0.5] + [c.deadline for c in self.commands.values()]
                            + ([now + STREAM_POLL_S] if self.streams else []))
-                for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):
+                for sock, _ in poller.poll(timeout=max(0, wake - time.monotonic()) * 1000):  # type: ignore[arg-type]  # pyzmq takes float ms
                     self._guarded(self._on_ready, sock, outbox)
                 self._guarded(self._expire_commands)
                 self._guarded(self._pump_streams)
@@ -356,7 +364,7 @@ class Agent:
             try:
                 command = env.spawn(*args)
             except OSError as exc:
-                raise ProtocolError("environment_error", f"cannot start the command: {exc}")
+                raise ProtocolError("environment_error", f"cannot start the command: {exc}") from exc
             if command is not None:
                 self.commands[msg["id"]] = command
                 for fd in command.fds:
@@ -625,7 +633,7 @@ def kill_orphans(host: str) -> list[int]:
     return killed
 
 
-def raise_file_limit():
+def raise_file_limit() -> None:
     """Soft RLIMIT_NOFILE up to the hard limit: every command and container costs descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:

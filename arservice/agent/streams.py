@@ -7,6 +7,8 @@ through a pipe the command object reads: a tee keeps what came since the last lo
 """
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 from ..environments import safefs
 from ..protocol import ProtocolError
@@ -18,10 +20,10 @@ PUMP_BYTES = 4 << 20  # the most one stream sends per turn of the loop, so other
 class FileTail:
     """New bytes of the output file at `path`, up to the command's `cut` once it has one."""
 
-    def __init__(self, command, path: str):
+    def __init__(self, command: Any, path: str) -> None:
         self.command = command
         self.path = path
-        self.fd = None
+        self.fd: int | None = None
         self.offset = 0
 
     def take(self, limit: int = PUMP_BYTES) -> bytes:
@@ -46,7 +48,7 @@ class FileTail:
 class PipeTee:
     """Stands in for a host command's BoundedOutput: feeds it, and keeps a copy until taken."""
 
-    def __init__(self, command):
+    def __init__(self, command: Any) -> None:
         self.inner = command.output
         self.pending = bytearray()
         command.output = self
@@ -55,7 +57,7 @@ class PipeTee:
         self.inner.feed(chunk)
         self.pending += chunk
 
-    def value(self):
+    def value(self) -> Any:
         return self.inner.value()
 
     def take(self, limit: int = PUMP_BYTES) -> bytes:
@@ -67,7 +69,7 @@ class PipeTee:
         self.pending.clear()
 
 
-def tail_of(command):
+def tail_of(command: Any) -> "FileTail | PipeTee | None":
     """The stream of a running command (environments.process.Watched), or None if its output
     cannot be followed (then only its answer comes)."""
     if hasattr(command, "output") and hasattr(command.output, "feed"):
@@ -81,6 +83,6 @@ def tail_of(command):
     return None
 
 
-def chunks(data: bytes):
+def chunks(data: bytes) -> Iterator[bytes]:
     for start in range(0, len(data), CHUNK_BYTES):
         yield data[start:start + CHUNK_BYTES]

@@ -27,7 +27,7 @@ OWNER_FILE = "owner"
 AGENT_ID = re.compile(r"(?P<host>.+)-(?P<pid>[0-9]+)-[0-9a-f]{4}")
 
 
-def claim(root, agent_id):
+def claim(root: str, agent_id: str) -> str:
     """Reap leftovers under root, then create and mark this agent's directory."""
     os.makedirs(root, exist_ok=True)
     reap(root)
@@ -38,7 +38,7 @@ def claim(root, agent_id):
     return path
 
 
-def reap(root):
+def reap(root: str) -> list[str]:
     """Remove the directories of dead agents of this host; return their paths."""
     host = socket.gethostname()
     reaped = []
@@ -98,7 +98,7 @@ def agent_owner(agent_id: str) -> tuple[str, int] | None:
     return (named["host"], int(named["pid"])) if named else None
 
 
-def alive(pid):
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

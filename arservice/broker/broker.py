@@ -10,13 +10,15 @@ import re
 import secrets
 import time
 import traceback
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import zmq
 
 from .. import curve, environments, protocol
 from ..environments.session import INTERRUPT_GRACE_S, check_name
 from ..logs import EventLog
-from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, ProtocolError, field, text
+from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, Message, ProtocolError, field, text
 from .metrics import BrokerMetrics, waiting_by_type
 from .pools import WarmPools
 from .state import (
@@ -31,20 +33,25 @@ from .state import (
     to_units,
 )
 
+if TYPE_CHECKING:
+    import arservice.environments.base  # noqa: F401 (loaded with the backends; read as environments.base)
+
 log = EventLog("broker")
+# A peer's ROUTER envelope: its identity (and a REQ socket's empty delimiter).
+Envelope = list[bytes]
 
 
-def session_name(msg, default=...):
+def session_name(msg: Message, default: Any = ...) -> str | None:
     name = field(msg, "session", str, default=default)
     return name if name is None else check_name(name)
 
 
-def stream_field(msg):
+def stream_field(msg: Message) -> dict[str, bool]:
     """`stream: true` asks for the output as chunk messages before the answer."""
     return {"stream": True} if field(msg, "stream", bool, default=False) else {}
 
 
-def _present(fields):
+def _present(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 INPROC_ADDRESS = "inproc://arservice-broker"
@@ -65,9 +72,12 @@ AGENT_TYPES = (protocol.HEARTBEAT, protocol.DISCONNECT, protocol.REPLY, protocol
 
 
 class Broker:
-    def __init__(self, bind, *, context=None, limits=None, presets=None, token=None, agent_secret=None,
-                 heartbeat_s=1.0, agent_timeout_s=5.0, agent_grace_s=60.0, start_wait_s=0.0,
-                 instance_ttl_s=None, idle_timeout_s=None, rejoin_s=0.0, pools=None):
+    def __init__(self, bind: str, *, context: zmq.Context | None = None, limits: dict[str, Any] | None = None,
+                 presets: dict[str, dict[str, Any]] | None = None, token: str | None = None,
+                 agent_secret: str | None = None, heartbeat_s: float = 1.0, agent_timeout_s: float = 5.0,
+                 agent_grace_s: float = 60.0, start_wait_s: float = 0.0, instance_ttl_s: float | None = None,
+                 idle_timeout_s: float | None = None, rejoin_s: float = 0.0,
+                 pools: dict[str, Any] | None = None) -> None:
         self.ctx = context or zmq.Context.instance()
         self.pool = Pool(limits or {})
         self.presets = presets or {}
@@ -89,12 +99,12 @@ class Broker:
         # The lease of an instance whose spec sets none (None: no limit).
         self.instance_ttl_s = instance_ttl_s
         self.idle_timeout_s = idle_timeout_s
-        self.pending = {}  # broker request id -> Pending
+        self.pending: dict[Any, Pending] = {}  # by broker request id (a str; looked up by what agents send)
         # How long a start may wait for an agent with room (a runner may be starting one); 0: refuse at once.
         self.start_wait_s = start_wait_s
-        self.waiting = []  # WaitingStart, oldest first
-        self.runner_status = None  # what the runner last reported, shown in resources
-        self.lost_agents = set()  # agent ids this broker declared lost: it adopts nothing from them
+        self.waiting: list[WaitingStart] = []  # oldest first
+        self.runner_status: dict[str, Any] | None = None  # what the runner last reported, shown in resources
+        self.lost_agents: set[str] = set()  # agent ids this broker declared lost: it adopts nothing from them
         # Where agents outlive a broker (rejoin_s: --agent-timeout + --agent-grace, as long as the old
         # broker would have waited for a silent agent), an id this broker never knew may, for that long
         # after its start, be one an agent has not brought back yet: requests on it are `unavailable`
@@ -122,7 +132,7 @@ class Broker:
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock.bind(INPROC_ADDRESS)
-        self.handlers = {
+        self.handlers: dict[str, Callable[[Envelope, Message], None]] = {
             protocol.REGISTER: self.on_register,
             protocol.HEARTBEAT: self.on_heartbeat,
             protocol.DISCONNECT: self.on_disconnect,
@@ -156,11 +166,11 @@ class Broker:
                              protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT, protocol.CREATE_SESSION,
                              protocol.RUN_IN_SESSION, protocol.CLOSE_SESSION}
 
-    def stop(self):
+    def stop(self) -> None:
         """Ask the loop to end within one tick; safe from any thread."""
         self._stopping = True
 
-    def run(self):
+    def run(self) -> None:
         log.info("broker_started", address=self.address, limits=self.pool.limits)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -169,7 +179,7 @@ class Broker:
         next_tick = time.monotonic()
         try:
             while not self._stopping:
-                ready = dict(poller.poll(timeout=max(0.0, next_tick - time.monotonic()) * 1000))
+                ready = dict(poller.poll(timeout=max(0.0, next_tick - time.monotonic()) * 1000))  # type: ignore[arg-type]  # pyzmq takes float ms
                 if self.zap is not None and self.zap.sock in ready:
                     self.zap.answer()
                 if self.sock in ready:
@@ -185,7 +195,7 @@ class Broker:
                 self.zap.close()
             log.info("broker_stopped")
 
-    def _drain(self):
+    def _drain(self) -> None:
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -193,7 +203,7 @@ class Broker:
                 return
             self.handle(*protocol.unwrap(frames))
 
-    def handle(self, envelope, frames):
+    def handle(self, envelope: Envelope, frames: list[bytes]) -> None:
         msg_id = None
         msg = {}
         try:
@@ -211,7 +221,7 @@ class Broker:
             self.metrics.error(msg.get("type"), "internal", repr(exc), msg.get("instance_id"))
             self.send(envelope, protocol.error(msg_id, "internal", f"internal error: {exc!r}"))
 
-    def send(self, envelope, msg):
+    def send(self, envelope: Sequence[bytes], msg: Message) -> bool:
         """Send to a peer; False if it is gone (its messages are then dropped)."""
         try:
             self.sock.send_multipart([*envelope, protocol.encode(msg)])
@@ -220,7 +230,7 @@ class Broker:
             log.debug("peer_unreachable", peer=envelope[0].hex() if envelope else "", error=exc.strerror)
             return False
 
-    def _admit(self, envelope, head):
+    def _admit(self, envelope: Envelope, head: Message) -> None:
         """Refuse a frame whose sender may not send it, from its envelope alone (before it is parsed)."""
         kind = head["type"]
         if kind not in self.handlers:
@@ -239,7 +249,7 @@ class Broker:
 
     # -- time ---------------------------------------------------------------------
 
-    def tick(self, now):
+    def tick(self, now: float) -> None:
         beat = now >= self._next_heartbeat
         if beat:
             self._next_heartbeat = now + self.heartbeat_s
@@ -264,13 +274,13 @@ class Broker:
         if beat:
             self._end_leases(now)
 
-    def _end_leases(self, now):
+    def _end_leases(self, now: float) -> None:
         """Close the instances whose lease ended; forget ended ones after a while."""
         wall = time.time()
         busy = None
         for inst in list(self.pool.instances.values()):
             if inst.state in ENDED_STATES:
-                if wall - inst.ended_at > LOST_INSTANCE_KEEP_S:
+                if wall - cast(float, inst.ended_at) > LOST_INSTANCE_KEEP_S:  # set as it ended
                     del self.pool.instances[inst.instance_id]
                 continue
             why = inst.state == "running" and inst.lease_over(now)
@@ -283,10 +293,10 @@ class Broker:
             inst.state, inst.ended_at = "expired", wall
             self.metrics.instance_expired(why)
             log.warning("instance_expired", instance=inst.instance_id, agent=inst.agent_id, reason=why)
-            self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
+            self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
                           REQUEST_TIMEOUT_S)
 
-    def _expire(self, pending):
+    def _expire(self, pending: Pending) -> None:
         inst = self.pool.instances.get(pending.instance_id)
         what = f"{pending.kind} on instance {pending.instance_id}"
         log.warning("request_timed_out", kind=pending.kind, instance=pending.instance_id, agent=pending.agent_id)
@@ -305,14 +315,14 @@ class Broker:
                 self._forward(agent, inst, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
         self._answer_client(pending, protocol.error(pending.client_id, "timeout", f"agent {pending.agent_id} did not answer {what} in time"))
 
-    def _answer_client(self, pending, msg):
+    def _answer_client(self, pending: Pending, msg: Message) -> None:
         if pending.envelope is not None:  # first: whatever goes wrong after, the client has its answer
             self.send(pending.envelope, {**msg, "id": pending.client_id})
         self.metrics.answered(pending, msg)
 
     # -- agents -------------------------------------------------------------------
 
-    def on_register(self, envelope, msg):
+    def on_register(self, envelope: Envelope, msg: Message) -> None:
         identity = envelope[0]
         agent_id = field(msg, "agent_id", str)
         if agent_id.encode() != identity:
@@ -345,7 +355,7 @@ class Broker:
         if self.waiting:
             self._place_waiting(now)
 
-    def _adopt(self, agent, item):
+    def _adopt(self, agent: Agent, item: Any) -> str | None:
         """Take on an instance an agent held through a broker restart, with its id, spec and info;
         return its id if the agent must close it instead (this broker ended it, or cannot read it)."""
         instance_id = item.get("instance_id") if isinstance(item, dict) else None
@@ -372,7 +382,7 @@ class Broker:
         log.info("instance_adopted", instance=instance_id, agent=agent.agent_id, type=config["type"])
         return None
 
-    def _agent(self, envelope):
+    def _agent(self, envelope: Envelope) -> Agent:
         agent = self.pool.agents.get(envelope[0]) if envelope else None
         if agent is None:
             raise ProtocolError("not_registered", "this agent is not registered (lost or unknown); register again")
@@ -381,7 +391,7 @@ class Broker:
             self._agent_back(agent)
         return agent
 
-    def _lose_instance(self, inst, agent, reason):
+    def _lose_instance(self, inst: Instance, agent: Agent, reason: str) -> None:
         """The agent found the instance's environment gone (its container ended, dockerd lost it):
         it is lost, its capacity is free, and the agent removes what is left of it."""
         log.warning("instance_lost", instance=inst.instance_id, agent=agent.agent_id, reason=reason)
@@ -389,7 +399,7 @@ class Broker:
         self.pool.release(inst)
         self._forward(agent, inst, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
 
-    def _agent_unreachable(self, agent, now):
+    def _agent_unreachable(self, agent: Agent, now: float) -> None:
         """A silent agent may be stopped or cut off, not dead: its instances wait for it, for the grace."""
         agent.unreachable_since = now
         self.metrics.agent_unreachable()
@@ -400,8 +410,8 @@ class Broker:
             if inst.state == "running":
                 inst.state = "unreachable"
 
-    def _agent_back(self, agent):
-        log.info("agent_back", agent=agent.agent_id, after_s=round(agent.last_seen - agent.unreachable_since, 1))
+    def _agent_back(self, agent: Agent) -> None:
+        log.info("agent_back", agent=agent.agent_id, after_s=round(agent.last_seen - cast(float, agent.unreachable_since), 1))
         agent.unreachable_since = None
         for instance_id in agent.instance_ids:
             inst = self.pool.instances[instance_id]
@@ -409,15 +419,15 @@ class Broker:
                 inst.state = "running"
                 inst.last_used = agent.last_seen  # its owner could not use it meanwhile
 
-    def on_heartbeat(self, envelope, msg):
+    def on_heartbeat(self, envelope: Envelope, msg: Message) -> None:
         self._agent(envelope)
 
-    def on_disconnect(self, envelope, msg):
+    def on_disconnect(self, envelope: Envelope, msg: Message) -> None:
         agent = self.pool.agents.get(envelope[0])
         if agent is not None:
             self._lose_agent(agent, "disconnected")
 
-    def _lose_agent(self, agent, reason):
+    def _lose_agent(self, agent: Agent, reason: str) -> None:
         """Forget an agent: its instances become lost and its capacity leaves the pool."""
         # A released (draining) agent going away is what its runner asked for.
         (log.info if agent.draining else log.warning)("agent_lost", agent=agent.agent_id, reason=reason,
@@ -432,7 +442,7 @@ class Broker:
                 del self.pending[request_id]
                 self._answer_client(pending, protocol.error(None, "agent_lost", f"agent {agent.agent_id} was lost: {reason}"))
 
-    def on_agent_answer(self, envelope, msg):
+    def on_agent_answer(self, envelope: Envelope, msg: Message) -> None:
         agent = self._agent(envelope)
         pending = self.pending.get(msg.get("id"))
         if pending is None or pending.agent_id != agent.agent_id:
@@ -441,7 +451,7 @@ class Broker:
         del self.pending[msg["id"]]
         inst = self.pool.instances.get(pending.instance_id)
         ok = msg["type"] == protocol.REPLY
-        result = msg.get("result") if ok else None
+        result: Any = msg.get("result") if ok else None
         if pending.kind == protocol.START_INSTANCE and inst is not None:
             if ok:
                 inst.state = "pooled" if inst.pooled_for else "running"
@@ -466,12 +476,12 @@ class Broker:
             self._answer_client(pending, protocol.reply(None, result))
         else:
             error = msg.get("error") or {}
-            code = error.get("code") if error.get("code") in protocol.ERROR_CODES else "environment_error"
+            code = error["code"] if error.get("code") in protocol.ERROR_CODES else "environment_error"
             if code == "instance_lost" and inst is not None and inst.state == "running":
                 self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
 
-    def _forked(self, pending, result):
+    def _forked(self, pending: Pending, result: dict[str, Any] | None) -> dict[str, Any] | None:
         """A fork's answer: its instances run with the info the agent gave each, or (result None) go."""
         infos = {}
         if result is not None:
@@ -487,7 +497,7 @@ class Broker:
             log.info("instance_forked", instance=fork.instance_id, source=pending.instance_id, agent=fork.agent_id)
         return None if result is None else {"source": pending.instance_id, "instances": [self._started(f) for f in forks]}
 
-    def _snapshotted(self, pending, result):
+    def _snapshotted(self, pending: Pending, result: dict[str, Any] | None) -> dict[str, Any] | None:
         """A snapshot's answer: it is ready, or (result None) its name is free again."""
         name = pending.forks[0]
         snapshot = self.snapshots.get(name)
@@ -501,11 +511,11 @@ class Broker:
         return {"name": name, **snapshot.describe()}
 
     @staticmethod
-    def _started(inst):
+    def _started(inst: Instance) -> dict[str, Any]:
         """What a client is told of an instance that started for it."""
         return {"instance_id": inst.instance_id, "agent_id": inst.agent_id, "environment": inst.spec, "info": inst.info}
 
-    def _close_unclaimed_start(self, agent, msg) -> None:
+    def _close_unclaimed_start(self, agent: Agent, msg: Message) -> None:
         """A start's answer that no request here waits for, naming an instance this broker does not
         hold: the start was sent by a broker gone since, so no client has the id. The agent closes
         it, rather than hold it unknown to every broker for as long as it lives."""
@@ -516,7 +526,7 @@ class Broker:
             self.send([agent.identity], protocol.request(protocol.CLOSE_INSTANCE, f"b{next(self._ids)}",
                                                          instance_id=instance_id))
 
-    def on_agent_chunk(self, envelope, msg):
+    def on_agent_chunk(self, envelope: Envelope, msg: Message) -> None:
         """Output of a streamed command, passed on to its client as it comes (the answer stays pending)."""
         agent = self._agent(envelope)
         pending = self.pending.get(msg.get("id"))
@@ -529,10 +539,10 @@ class Broker:
 
     # -- clients ------------------------------------------------------------------
 
-    def on_ping(self, envelope, msg):
+    def on_ping(self, envelope: Envelope, msg: Message) -> None:
         self.send(envelope, protocol.reply(msg["id"], {"pong": True, "agents": len(self.pool.agents)}))
 
-    def on_resources(self, envelope, msg):
+    def on_resources(self, envelope: Envelope, msg: Message) -> None:
         result = self.pool.describe(time.monotonic())
         result["waiting"] = {"starts": len(self.waiting), "by_type": waiting_by_type(self.waiting)}
         if self.warm.pools:
@@ -543,17 +553,17 @@ class Broker:
             result["runner"] = self.runner_status
         self.send(envelope, protocol.reply(msg["id"], result))
 
-    def on_metrics(self, envelope, msg):
+    def on_metrics(self, envelope: Envelope, msg: Message) -> None:
         self.send(envelope, protocol.reply(msg["id"], {"families": self.metrics.families()}))
 
-    def on_status(self, envelope, msg):
+    def on_status(self, envelope: Envelope, msg: Message) -> None:
         self.send(envelope, protocol.reply(msg["id"], self.metrics.status()))
 
-    def on_runner_status(self, envelope, msg):
+    def on_runner_status(self, envelope: Envelope, msg: Message) -> None:
         self.runner_status = protocol.check_value(field(msg, "status", dict), "status")
         self.send(envelope, protocol.reply(msg["id"], {}))
 
-    def on_release_agent(self, envelope, msg):
+    def on_release_agent(self, envelope: Envelope, msg: Message) -> None:
         """A runner wants to stop an agent: allowed only while it holds nothing; it then takes nothing new.
         With drain (its job nears its end) it takes nothing new even while it still holds instances."""
         agent_id = field(msg, "agent_id", str)
@@ -567,7 +577,7 @@ class Broker:
         log.info("agent_released", agent=agent_id)
         self.send(envelope, protocol.reply(msg["id"], {"agent_id": agent_id, "released": True}))
 
-    def on_instances(self, envelope, msg):
+    def on_instances(self, envelope: Envelope, msg: Message) -> None:
         """The instances that match every filter given (env_type: the message's own `type` is taken), in
         instance id order, from after the cursor on.
 
@@ -588,7 +598,7 @@ class Broker:
         self.send(envelope, protocol.reply(msg["id"], {"instances": [i.describe() for i in page],
                                                        "next": page[-1].instance_id if more else None}))
 
-    def on_renew(self, envelope, msg):
+    def on_renew(self, envelope: Envelope, msg: Message) -> None:
         """Keep an instance: its idle clock starts again; a ttl gives it that many seconds from now."""
         inst = self._instance(msg)
         ttl = field(msg, "ttl", float, default=None, check=lambda t: 0 < t <= MAX_SECONDS,
@@ -600,7 +610,7 @@ class Broker:
             inst.expires_at = now + ttl
         self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, **inst.lease(now)}))
 
-    def on_start_instance(self, envelope, msg):
+    def on_start_instance(self, envelope: Envelope, msg: Message) -> None:
         spec = msg.get("environment")
         preset = None
         if isinstance(spec, str):
@@ -630,7 +640,8 @@ class Broker:
             return
         self._start_on(agent, spec, config, envelope, msg["id"])
 
-    def _start_on(self, agent, spec, config, envelope, client_id, pooled_for=None):
+    def _start_on(self, agent: Agent, spec: dict[str, Any], config: dict[str, Any], envelope: Envelope | None,
+                  client_id: object, pooled_for: str | None = None) -> Instance:
         inst = Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, spec, config,
                         ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s,
                         pooled_for=pooled_for)
@@ -639,12 +650,12 @@ class Broker:
         self._forward(agent, inst, protocol.START_INSTANCE, {"environment": spec}, envelope, client_id, config["start_timeout"])
         return inst
 
-    def _place(self, config, sparing=None, evict=True):
+    def _place(self, config: dict[str, Any], sparing: str | None = None, evict: bool = True) -> Agent:
         """The agent for a new instance. Where there is no room, warm pools give up ready instances
         (not of `sparing`, the preset asked for) as long as that may make some, if `evict`."""
         cost = cost_of(config)
 
-        def make_room(may_go):
+        def make_room(may_go: Callable[[Instance], bool]) -> bool:
             return evict and self._evict(self.warm.victim(sparing, may_go))
 
         while True:
@@ -669,7 +680,7 @@ class Broker:
                 if not make_room(lambda inst: inst.agent_id in able):
                     raise
 
-    def _evict(self, inst):
+    def _evict(self, inst: Instance | None) -> bool:
         """Close a warm pool's ready instance to make room for a client's; False if there is none.
         Its room is free at once: its agent closes it meanwhile."""
         if inst is None:
@@ -677,18 +688,18 @@ class Broker:
         log.info("pooled_instance_evicted", instance=inst.instance_id, agent=inst.agent_id, pool=inst.pooled_for)
         inst.state = "closing"
         self.pool.release(inst)
-        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
                       REQUEST_TIMEOUT_S)
         return True
 
-    def _hand_out(self, inst, envelope, client_id):
+    def _hand_out(self, inst: Instance, envelope: Envelope, client_id: object) -> None:
         """A warm pool's instance becomes a client's: its lease starts now."""
         log.info("instance_handed_out", instance=inst.instance_id, agent=inst.agent_id, pool=inst.pooled_for)
         inst.state, inst.pooled_for = "running", None
         inst.start_lease(inst.config["ttl"] or self.instance_ttl_s, inst.config["idle_timeout"] or self.idle_timeout_s)
         self.send(envelope, protocol.reply(client_id, self._started(inst)))
 
-    def _refill(self, now):
+    def _refill(self, now: float) -> None:
         """Start what the warm pools miss, as far as the room nobody waits for allows."""
         for pool in self.warm.to_refill(now):
             spec, config = self.presets[pool.preset], self.pool_configs[pool.preset]
@@ -699,7 +710,7 @@ class Broker:
                     break
                 pool.starting.add(self._start_on(agent, spec, config, None, None, pooled_for=pool.preset).instance_id)
 
-    def _place_waiting(self, now):
+    def _place_waiting(self, now: float) -> None:
         """Start the waiting starts that fit now, oldest first; refuse the ones that waited too long."""
         still = []
         for waiting in self.waiting:
@@ -717,11 +728,11 @@ class Broker:
             self._start_on(agent, waiting.spec, waiting.config, waiting.envelope, waiting.client_id)
         self.waiting = still
 
-    def on_fork_instance(self, envelope, msg):
+    def on_fork_instance(self, envelope: Envelope, msg: Message) -> None:
         """New instances whose files are copies of a running one's, on its agent (where the files are)."""
         source = self._running_instance(msg)
         count = field(msg, "count", int, default=1, check=lambda n: 0 < n <= MAX_FORKS, what=f"from 1 to {MAX_FORKS}")
-        agent = self.pool.agent_by_id(source.agent_id)
+        agent = self._agent_of(source.agent_id)
         cost = {name: amount * count for name, amount in source.cost.items()}
         self.pool.check_limits(cost)
         if short := agent.shortfall(cost):
@@ -737,7 +748,7 @@ class Broker:
         self._forward(agent, source, protocol.FORK_INSTANCE, {"new_ids": ids}, envelope, msg["id"],
                       source.config["start_timeout"], forks=ids)
 
-    def on_snapshot_instance(self, envelope, msg):
+    def on_snapshot_instance(self, envelope: Envelope, msg: Message) -> None:
         """Keep a copy of a running instance's files under a name, on its agent, for later starts."""
         source = self._running_instance(msg)
         name = text(msg, "name")
@@ -749,10 +760,10 @@ class Broker:
         if not environments.backend(source.config["type"]).can_fork:
             raise ProtocolError("invalid_request", f"{source.config['type']} instances cannot be snapshotted")
         self.snapshots[name] = Snapshot(name, source.agent_id, source.config["type"], source.instance_id)
-        self._forward(self.pool.agent_by_id(source.agent_id), source, protocol.SNAPSHOT_INSTANCE, {"name": name},
+        self._forward(self._agent_of(source.agent_id), source, protocol.SNAPSHOT_INSTANCE, {"name": name},
                       envelope, msg["id"], source.config["start_timeout"], forks=(name,))
 
-    def on_delete_snapshot(self, envelope, msg):
+    def on_delete_snapshot(self, envelope: Envelope, msg: Message) -> None:
         name = text(msg, "name")
         snapshot = self.snapshots.get(name)
         if snapshot is None or not snapshot.ready:
@@ -762,13 +773,13 @@ class Broker:
         if users:
             raise ProtocolError("conflict", f"snapshot {name!r} is in use by {len(users)} instance(s): {', '.join(users[:5])}")
         del self.snapshots[name]
-        agent = self.pool.agent_by_id(snapshot.agent_id)
+        agent = self._agent_of(snapshot.agent_id)
         # Nobody waits for the agent's answer: the name is gone at once, the files soon.
         self.send([agent.identity], protocol.request(protocol.DELETE_SNAPSHOT, f"b{next(self._ids)}", name=name))
         log.info("snapshot_deleted", name=name, agent=snapshot.agent_id)
         self.send(envelope, protocol.reply(msg["id"], {"name": name, "deleted": True}))
 
-    def _snapshot_agent(self, config):
+    def _snapshot_agent(self, config: dict[str, Any]) -> Agent:
         """The agent that holds the snapshot a spec starts from (starts from it go there)."""
         snapshot = self.snapshots.get(config["snapshot"])
         if snapshot is None or not snapshot.ready:
@@ -776,9 +787,9 @@ class Broker:
         if snapshot.type != config["type"]:
             raise ProtocolError("invalid_request", f"snapshot {snapshot.name!r} is of a {snapshot.type} instance, "
                                                    f"not {config['type']}")
-        return self.pool.agent_by_id(snapshot.agent_id)
+        return self._agent_of(snapshot.agent_id)
 
-    def on_execute(self, envelope, msg):
+    def on_execute(self, envelope: Envelope, msg: Message) -> None:
         inst = self._running_instance(msg)
         timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= MAX_SECONDS,
                         what=f"in (0, {MAX_SECONDS:.0f}] seconds")
@@ -791,15 +802,15 @@ class Broker:
                                   check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
             **stream_field(msg),
         }
-        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg["id"], timeout + ANSWER_GRACE_S)
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg["id"], timeout + ANSWER_GRACE_S)
 
-    def on_create_session(self, envelope, msg):
+    def on_create_session(self, envelope: Envelope, msg: Message) -> None:
         inst = self._running_instance(msg)
         fields = {"session": session_name(msg, default=None), "shell": text(msg, "shell", default=None)}
-        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CREATE_SESSION, _present(fields),
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.CREATE_SESSION, _present(fields),
                       envelope, msg["id"], REQUEST_TIMEOUT_S)
 
-    def on_run_in_session(self, envelope, msg):
+    def on_run_in_session(self, envelope: Envelope, msg: Message) -> None:
         inst = self._running_instance(msg)
         timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= MAX_SECONDS,
                         what=f"in (0, {MAX_SECONDS:.0f}] seconds")
@@ -812,15 +823,15 @@ class Broker:
             **stream_field(msg),
         }
         # A timed-out command gets its interrupt's grace on the agent, then the answer's.
-        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.RUN_IN_SESSION, fields, envelope, msg["id"],
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.RUN_IN_SESSION, fields, envelope, msg["id"],
                       timeout + ANSWER_GRACE_S + INTERRUPT_GRACE_S)
 
-    def on_close_session(self, envelope, msg):
+    def on_close_session(self, envelope: Envelope, msg: Message) -> None:
         inst = self._running_instance(msg)
-        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_SESSION, {"session": session_name(msg)},
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_SESSION, {"session": session_name(msg)},
                       envelope, msg["id"], REQUEST_TIMEOUT_S)
 
-    def on_file_request(self, envelope, msg):
+    def on_file_request(self, envelope: Envelope, msg: Message) -> None:
         inst = self._running_instance(msg)
         fields = {"path": text(msg, "path")}
         if msg["type"] == protocol.WRITE_FILE:
@@ -829,9 +840,9 @@ class Broker:
         else:
             fields["limit"] = field(msg, "limit", int, default=environments.base.MAX_OUTPUT_LIMIT,
                                     check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB")
-        self._forward(self.pool.agent_by_id(inst.agent_id), inst, msg["type"], fields, envelope, msg["id"], REQUEST_TIMEOUT_S)
+        self._forward(self._agent_of(inst.agent_id), inst, msg["type"], fields, envelope, msg["id"], REQUEST_TIMEOUT_S)
 
-    def on_close_instance(self, envelope, msg):
+    def on_close_instance(self, envelope: Envelope, msg: Message) -> None:
         inst = self._instance(msg)
         if inst.state in ENDED_STATES:
             if inst.state == "lost":  # an expired one is forgotten once its agent confirms the close
@@ -841,9 +852,14 @@ class Broker:
             return
         self._check_usable(inst, ("running",))
         inst.state = "closing"
-        self._forward(self.pool.agent_by_id(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, envelope, msg["id"], REQUEST_TIMEOUT_S)
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, envelope, msg["id"], REQUEST_TIMEOUT_S)
 
-    def _instance(self, msg):
+    def _agent_of(self, agent_id: str) -> Agent:
+        """The agent of an instance or snapshot this broker holds: one it has not lost (losing an agent
+        ends its instances and drops its snapshots)."""
+        return cast(Agent, self.pool.agent_by_id(agent_id))
+
+    def _instance(self, msg: Message) -> Instance:
         instance_id = field(msg, "instance_id", str)
         inst = self.pool.instances.get(instance_id)
         if inst is None:
@@ -862,13 +878,13 @@ class Broker:
         if self._rejoining():
             self.known_ids.add(instance_id)
 
-    def _running_instance(self, msg):
+    def _running_instance(self, msg: Message) -> Instance:
         inst = self._instance(msg)
         self._check_usable(inst, ("running",))
         inst.last_used = time.monotonic()
         return inst
 
-    def _check_usable(self, inst, states):
+    def _check_usable(self, inst: Instance, states: tuple[str, ...]) -> None:
         """Raise the error that says why a request cannot go to this instance in its state."""
         if inst.state in states:
             return
@@ -884,7 +900,8 @@ class Broker:
                                                f"answering; it is lost after {self.agent_grace_s:g}s more of silence")
         raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
 
-    def _forward(self, agent, inst, kind, fields, envelope, client_id, timeout_s, forks=()):
+    def _forward(self, agent: Agent, inst: Instance, kind: str, fields: dict[str, Any], envelope: Envelope | None,
+                 client_id: object, timeout_s: float, forks: tuple[str, ...] | list[str] = ()) -> None:
         request_id = f"b{next(self._ids)}"
         self.pending[request_id] = Pending(kind, envelope, client_id, agent.agent_id, inst.instance_id,
                                            time.monotonic() + timeout_s, env_type=inst.config["type"], forks=forks)

@@ -10,9 +10,14 @@ and nothing imports prometheus_client: agents import this package too.
 import bisect
 import collections
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
-from .state import RESOURCES
+from .state import RESOURCES, Agent, Pending, WaitingStart
+
+if TYPE_CHECKING:
+    from .broker import Broker
 
 # Histogram bucket upper bounds, in seconds.
 COMMAND_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
@@ -45,7 +50,7 @@ LATENCY_HISTOGRAMS = {
 RESOURCE_UNITS = {"instances": ("instances", 1), "cpus": ("cpus", 1), "memory": ("memory_bytes", 1 << 20)}
 
 
-def _resource_families():
+def _resource_families() -> Iterator[tuple[str, str, tuple[str, ...]]]:
     """arservice_{pool,agent}_{capacity,used}_{instances,cpus,memory_bytes}: the pool's size and use."""
     for resource, (unit, _) in RESOURCE_UNITS.items():
         what = {"instances": "Instances", "cpus": "CPUs", "memory": "Memory in bytes"}[resource]
@@ -110,7 +115,7 @@ HISTOGRAM_BUCKETS = {
 class Histogram:
     """Per label tuple: a count for each bucket (the last one is +Inf), then the sum."""
 
-    def __init__(self, bounds: tuple):
+    def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.series: dict[tuple, list] = {}
 
@@ -125,11 +130,11 @@ class Histogram:
 class BrokerMetrics:
     """Counters, histograms and recent errors of one broker; read the rest from the broker when asked."""
 
-    def __init__(self, broker):
+    def __init__(self, broker: "Broker") -> None:
         self.broker = broker
         self.counters: dict[str, dict[tuple, float]] = collections.defaultdict(dict)
         self.histograms = {name: Histogram(bounds) for name, bounds in HISTOGRAM_BUCKETS.items()}
-        self.errors = collections.deque(maxlen=RECENT_ERRORS)
+        self.errors: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_ERRORS)
         self.last_loop_lag_s = 0.0
 
     def _count(self, name: str, labels: tuple = ()) -> None:
@@ -138,7 +143,7 @@ class BrokerMetrics:
 
     # -- hooks the broker calls ---------------------------------------------------
 
-    def answered(self, pending, msg: dict) -> None:
+    def answered(self, pending: Pending, msg: dict[str, Any]) -> None:
         """An agent's answer (or a timeout, or agent_lost) to a forwarded request is going out."""
         ok = msg["type"] == protocol.REPLY
         env_type = pending.env_type
@@ -161,7 +166,8 @@ class BrokerMetrics:
                 inst.last_command = time.time()
                 inst.commands += 1
 
-    def error(self, request, code: str, message: str, instance_id=None, agent_id=None) -> None:
+    def error(self, request: object, code: str, message: str, instance_id: object = None,
+              agent_id: str | None = None) -> None:
         """An error answer is going out (to a client, or to an agent the broker refuses)."""
         # Only the broker's own message types become labels: a peer inventing types must not grow the series.
         request = request if request in self.broker.handlers else "unknown"
@@ -174,7 +180,7 @@ class BrokerMetrics:
     def agent_registered(self) -> None:
         self._count("arservice_agents_registered_total")
 
-    def agent_lost(self, agent) -> None:
+    def agent_lost(self, agent: Agent) -> None:
         self._count("arservice_agents_lost_total", ("true" if agent.draining else "false",))
 
     def instance_expired(self, reason: str) -> None:
@@ -189,11 +195,11 @@ class BrokerMetrics:
 
     # -- snapshots ----------------------------------------------------------------
 
-    def families(self) -> list:
+    def families(self) -> list[list[Any]]:
         """Every metric as [name, type, help, label names, samples]; a histogram's samples carry its
         bucket bounds first. Samples are [label values, value] or, for histograms, [label values, counts]."""
         gauges = self._gauges()
-        out = []
+        out: list[list[Any]] = []
         for name, (kind, help_text, labels) in FAMILIES.items():
             if kind == "histogram":
                 histogram = self.histograms[name]
@@ -207,7 +213,7 @@ class BrokerMetrics:
     def _gauges(self) -> dict[str, dict[tuple, float]]:
         broker = self.broker
         pool = broker.pool
-        gauges = collections.defaultdict(dict)
+        gauges: dict[str, dict[tuple, float]] = collections.defaultdict(dict)
         instances = gauges["arservice_instances"]
         for inst in pool.instances.values():
             key = (inst.state, inst.config["type"], inst.agent_id)
@@ -237,14 +243,14 @@ class BrokerMetrics:
             in_flight[(pending.kind,)] = in_flight.get((pending.kind,), 0) + 1
         runner = broker.runner_status or {}
         if runner.get("runner") == "slurm":  # a report is a client's message: take only the numbers from it
-            jobs = runner.get("jobs") if isinstance(runner.get("jobs"), dict) else {}
+            jobs: dict[Any, Any] = runner["jobs"] if isinstance(runner.get("jobs"), dict) else {}
             gauges["arservice_slurm_jobs"] = {(str(state),): n for state, n in jobs.items() if _number(n)}
             for what in ("submitted", "lost", "released"):
                 if _number(runner.get(what)):
                     gauges[f"arservice_slurm_jobs_{what}_total"] = {(): runner[what]}
         return gauges
 
-    def status(self) -> dict:
+    def status(self) -> dict[str, Any]:
         """What the status page and `arservice status` show: GET /get_available_resources, every
         instance, the runner's report and the recent errors."""
         broker = self.broker
@@ -260,12 +266,12 @@ class BrokerMetrics:
         return result
 
 
-def _number(value) -> bool:
+def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def waiting_by_type(waiting: list) -> dict[str, int]:
-    by_type = {}
+def waiting_by_type(waiting: list[WaitingStart]) -> dict[str, int]:
+    by_type: dict[str, int] = {}
     for start in waiting:
         by_type[start.config["type"]] = by_type.get(start.config["type"], 0) + 1
     return by_type

@@ -9,6 +9,7 @@ capacity nobody asked for, they never take it from anybody.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, overload
 
 from .state import Instance
 
@@ -30,7 +31,7 @@ class WarmPool:
     def missing(self) -> int:
         return self.target - len(self.ready) - len(self.starting)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, int]:
         return {"target": self.target, "ready": len(self.ready), "starting": len(self.starting),
                 "handed_out": self.handed_out}
 
@@ -40,7 +41,7 @@ class WarmPools:
     (instance id -> Instance): a pool's instance that left it (lost with its agent, a start that
     timed out) is dropped when the pool is next looked at."""
 
-    def __init__(self, targets: dict[str, int], instances: dict[str, Instance]):
+    def __init__(self, targets: dict[str, int], instances: dict[str, Instance]) -> None:
         self.pools = {preset: WarmPool(preset, count) for preset, count in targets.items() if count > 0}
         self.instances = instances
 
@@ -79,8 +80,15 @@ class WarmPools:
         pool.ready.remove(inst)
         return inst
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {preset: self._pruned(pool).describe() for preset, pool in self.pools.items()}
+
+    @overload
+    def _pruned(self, pool: WarmPool) -> WarmPool: ...
+    @overload
+    def _pruned(self, pool: None) -> None: ...
+    @overload
+    def _pruned(self, pool: WarmPool | None) -> WarmPool | None: ...
 
     def _pruned(self, pool: WarmPool | None) -> WarmPool | None:
         if pool is not None:

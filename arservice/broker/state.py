@@ -5,6 +5,7 @@ Plain objects, owned by the broker loop alone, so nothing here needs a lock.
 
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from ..protocol import ProtocolError
 
@@ -19,25 +20,28 @@ ENDED_STATES = ("expired", "lost")
 # CPUs are counted in integer thousandths, so that fractions add up and give back exactly
 # (0.1 + 0.2 - 0.1 - 0.2 is not 0 in floats); everything the broker shows is in whole CPUs.
 MILLI = 1000
+# Resource name -> amount (None: not limited), as users give them or in the broker's units.
+Amounts = dict[str, Any]
 
 
-def to_units(amounts):
+def to_units(amounts: Amounts) -> Amounts:
     """Resource amounts as users give them (cpus may be fractional) -> the broker's integer units."""
     return {name: amount if name != "cpus" or amount is None else round(amount * MILLI) for name, amount in amounts.items()}
 
 
-def from_units(amounts):
+def from_units(amounts: Amounts) -> Amounts:
     """The broker's units -> what users read (cpus as a number of CPUs)."""
     return {name: amount if name != "cpus" or amount is None else amount / MILLI for name, amount in amounts.items()}
 
 
-def cost_of(config):
+def cost_of(config: dict[str, Any]) -> Amounts:
     """What one instance of this parsed environment config takes from the pool, in the broker's units."""
     return to_units({"instances": 1, "cpus": config["cpus"] or 0, "memory": config["memory"] or 0})
 
 
 class Agent:
-    def __init__(self, identity, agent_id, capacity, env_types, hostname, pid, slurm_job_id, now):
+    def __init__(self, identity: bytes, agent_id: str, capacity: Amounts, env_types: list[str], hostname: str | None,
+                 pid: int | None, slurm_job_id: str | None, now: float) -> None:
         self.identity = identity
         self.agent_id = agent_id
         self.capacity = capacity  # resource -> amount; None means "not limited by this agent"
@@ -48,11 +52,11 @@ class Agent:
         self.registered_at = now
         self.last_seen = now
         self.used = dict.fromkeys(RESOURCES, 0)
-        self.instance_ids = set()
+        self.instance_ids: set[str] = set()
         self.draining = False  # released by its runner: takes no new instances
-        self.unreachable_since = None  # monotonic time it fell silent; None while it answers
+        self.unreachable_since: float | None = None  # monotonic time it fell silent; None while it answers
 
-    def shortfall(self, cost):
+    def shortfall(self, cost: Amounts) -> str | None:
         """The first resource this agent lacks for `cost`, or None if it fits."""
         for name in RESOURCES:
             cap = self.capacity.get(name)
@@ -60,7 +64,7 @@ class Agent:
                 return name
         return None
 
-    def describe(self, now):
+    def describe(self, now: float) -> dict[str, Any]:
         return {
             "agent_id": self.agent_id, "hostname": self.hostname, "pid": self.pid,
             "slurm_job_id": self.slurm_job_id, "env_types": self.env_types,
@@ -71,7 +75,8 @@ class Agent:
 
 
 class Instance:
-    def __init__(self, instance_id, agent_id, spec, config, ttl_s=None, idle_s=None, pooled_for=None):
+    def __init__(self, instance_id: str, agent_id: str, spec: dict[str, Any], config: dict[str, Any],
+                 ttl_s: float | None = None, idle_s: float | None = None, pooled_for: str | None = None) -> None:
         self.instance_id = instance_id
         self.agent_id = agent_id
         self.spec = spec      # as the user gave it (preset resolved): what the agent builds from
@@ -79,13 +84,13 @@ class Instance:
         self.cost = cost_of(config)
         self.state = "starting"
         self.pooled_for = pooled_for  # the preset whose warm pool it waits in, until handed out
-        self.ended_at = None  # wall time it became lost or expired
+        self.ended_at: float | None = None  # wall time it became lost or expired
         self.start_lease(ttl_s, idle_s)
-        self.info = {}
-        self.last_command = None  # wall time of the last command's answer
+        self.info: dict[str, Any] = {}
+        self.last_command: float | None = None  # wall time of the last command's answer
         self.commands = 0
 
-    def start_lease(self, ttl_s, idle_s):
+    def start_lease(self, ttl_s: float | None, idle_s: float | None) -> None:
         """Its life starts now (at its start, or when a warm pool hands it out): a hard end (ttl,
         None: none) and how long it may go without a request, in monotonic time."""
         self.created = time.time()
@@ -94,19 +99,19 @@ class Instance:
         self.idle_s = idle_s
         self.last_used = now
 
-    def describe(self):
+    def describe(self) -> dict[str, Any]:
         return {
             "instance_id": self.instance_id, "agent_id": self.agent_id, "type": self.config["type"],
             "state": self.state, "created": self.created, "info": self.info,
             "last_command": self.last_command, "commands": self.commands, **self.lease(time.monotonic()),
         }
 
-    def lease(self, now):
+    def lease(self, now: float) -> dict[str, Any]:
         """Seconds left before the instance expires (None: never), for users to read."""
         left = [end - now for end in (self.expires_at, self.idle_s and self.last_used + self.idle_s) if end]
         return {"expires_in_s": round(max(0.0, min(left)), 3) if left else None, "idle_timeout": self.idle_s}
 
-    def lease_over(self, now):
+    def lease_over(self, now: float) -> str | None:
         """Why the lease ended, or None while it holds."""
         if self.expires_at is not None and now >= self.expires_at:
             return "ttl"
@@ -118,7 +123,9 @@ class Instance:
 class Pending:
     """A request forwarded to an agent, waiting for the agent's answer."""
 
-    def __init__(self, kind, envelope, client_id, agent_id, instance_id, deadline, env_type=None, forks=()):
+    def __init__(self, kind: str, envelope: list[bytes] | None, client_id: object, agent_id: str,
+                 instance_id: str, deadline: float, env_type: str | None = None,
+                 forks: tuple[str, ...] | list[str] = ()) -> None:
         self.kind = kind
         self.env_type = env_type  # the instance's backend, for metrics (the instance may be gone by the answer)
         self.sent = time.monotonic()
@@ -138,14 +145,15 @@ class Snapshot:
     source: str  # the instance it was taken from
     ready: bool = False  # the agent said it is made
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"agent_id": self.agent_id, "type": self.type, "source": self.source, "ready": self.ready}
 
 
 class WaitingStart:
     """A start that found no agent with room, waiting for one (a runner may be bringing it)."""
 
-    def __init__(self, envelope, client_id, spec, config, wait_s):
+    def __init__(self, envelope: list[bytes], client_id: object, spec: dict[str, Any], config: dict[str, Any],
+                 wait_s: float) -> None:
         self.envelope = envelope
         self.client_id = client_id
         self.spec = spec
@@ -158,20 +166,20 @@ class WaitingStart:
 class Pool:
     """Agents and instances, with the accounting that ties them to the service-wide limits."""
 
-    def __init__(self, limits):
+    def __init__(self, limits: Amounts) -> None:
         self.limits = to_units({name: limits[name] for name in RESOURCES if limits.get(name) is not None})
-        self.agents = {}     # identity -> Agent
-        self.instances = {}  # instance id -> Instance
+        self.agents: dict[bytes, Agent] = {}
+        self.instances: dict[str, Instance] = {}
         self.used = dict.fromkeys(RESOURCES, 0)
 
-    def check_limits(self, cost):
+    def check_limits(self, cost: Amounts) -> None:
         """Raise no_capacity if `cost` would take the service past --max-resources."""
         for name, cap in self.limits.items():
             if self.used[name] + cost[name] > cap:
                 used, limit = from_units({name: self.used[name]})[name], from_units({name: cap})[name]
                 raise ProtocolError("no_capacity", f"service limit reached: {name} ({used:g} of {limit:g} in use)")
 
-    def place(self, env_type, cost):
+    def place(self, env_type: str, cost: Amounts) -> Agent:
         """Pick the agent for a new instance, or raise no_capacity naming what ran out."""
         able = [a for a in self.agents.values()
                 if env_type in a.env_types and not a.draining and a.unreachable_since is None]
@@ -179,16 +187,16 @@ class Pool:
             raise ProtocolError("no_capacity", f"no registered agent runs {env_type!r} environments")
         fitting = [a for a in able if a.shortfall(cost) is None]
         if not fitting:
-            short = sorted({a.shortfall(cost) for a in able})
+            short = sorted({cast(str, a.shortfall(cost)) for a in able})  # none fits: each lacks one
             raise ProtocolError("no_capacity", f"every agent that runs {env_type!r} is out of {', '.join(short)}")
         return min(fitting, key=lambda a: (a.used["instances"] / (a.capacity.get("instances") or 1), a.registered_at))
 
-    def admit(self, instance, agent):
+    def admit(self, instance: Instance, agent: Agent) -> None:
         agent.instance_ids.add(instance.instance_id)
         self.instances[instance.instance_id] = instance
         self._charge(agent, instance.cost, +1)
 
-    def release(self, instance):
+    def release(self, instance: Instance) -> None:
         """Give an instance's resources back; the record stays only if it ended (lost or expired)."""
         agent = self.agent_by_id(instance.agent_id)
         if agent is not None and instance.instance_id in agent.instance_ids:
@@ -197,7 +205,7 @@ class Pool:
         if instance.state not in ENDED_STATES:
             self.instances.pop(instance.instance_id, None)
 
-    def drop_agent(self, agent):
+    def drop_agent(self, agent: Agent) -> None:
         """Forget an agent: its instances become lost and its capacity leaves the pool."""
         del self.agents[agent.identity]
         wall = time.time()
@@ -209,25 +217,25 @@ class Pool:
         for name in RESOURCES:
             self.used[name] -= agent.used[name]
 
-    def agent_by_id(self, agent_id):
+    def agent_by_id(self, agent_id: str) -> Agent | None:
         return self.agents.get(agent_id.encode())
 
-    def _charge(self, agent, cost, sign):
+    def _charge(self, agent: Agent, cost: Amounts, sign: int) -> None:
         for name in RESOURCES:
             agent.used[name] += sign * cost[name]
             self.used[name] += sign * cost[name]
 
-    def capacity(self):
+    def capacity(self) -> Amounts:
         """Service-wide capacity: the agents' sum, capped by the limits."""
-        total = {}
+        total: Amounts = {}
         for name in RESOURCES:
-            caps = [a.capacity.get(name) for a in self.agents.values()]
+            caps: list[Any] = [a.capacity.get(name) for a in self.agents.values()]
             agents_sum = None if any(c is None for c in caps) else sum(caps)
             limit = self.limits.get(name)
             total[name] = limit if agents_sum is None else agents_sum if limit is None else min(limit, agents_sum)
         return total
 
-    def describe(self, now):
+    def describe(self, now: float) -> dict[str, Any]:
         total = self.capacity()
         states = dict.fromkeys(INSTANCE_STATES, 0)
         for inst in self.instances.values():

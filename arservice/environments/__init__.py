@@ -5,8 +5,12 @@ Modules are imported on first use, so a backend's own imports cost nothing until
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..protocol import ProtocolError
+
+if TYPE_CHECKING:
+    from .base import Environment
 
 BACKENDS = {
     "local": "arservice.environments.local:LocalEnvironment",
@@ -19,15 +23,16 @@ BACKENDS = {
 }
 
 
-def backend(type_):
+def backend(type_: object) -> "type[Environment]":
     """The Environment class for a type name; invalid_request if there is none."""
     path = BACKENDS.get(type_) if isinstance(type_, str) else None
     if path is None:
         raise ProtocolError("invalid_request", f"unknown environment type {type_!r}; known: {', '.join(sorted(BACKENDS))}")
     module, name = path.split(":")
-    return getattr(importlib.import_module(module), name)
+    cls: type[Environment] = getattr(importlib.import_module(module), name)
+    return cls
 
 
-def available_types():
+def available_types() -> list[str]:
     """The backends this host can run."""
     return sorted(name for name in BACKENDS if backend(name).available())

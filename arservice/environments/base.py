@@ -9,10 +9,18 @@ before any agent sees it.
 
 import os
 import re
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import MAX_SECONDS, ProtocolError, check_value, environment_map
 from . import hostdir
+
+if TYPE_CHECKING:
+    from .process import Watched
+
+# A spec field: (python type or types, default (... : required), check or None).
+Option = tuple[Any, Any, Callable[[Any], Any] | None]
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_OUTPUT_LIMIT = 1 << 20
@@ -25,30 +33,30 @@ MAX_AMOUNT = 1e9
 MAX_MEMORY_MIB = 1 << 40
 
 
-def _positive(value):
+def _positive(value: float) -> bool:
     return 0 < value <= MAX_AMOUNT
 
 
-def _seconds(value):
+def _seconds(value: float) -> bool:
     return 0 < value <= MAX_SECONDS
 
 
 LIMITS = ("cpus", "memory", "pids", "network", "disk")
 
 
-def _shell(value):
+def _shell(value: str | list[str]) -> bool:
     if isinstance(value, str):
         return bool(value)
     return bool(value) and all(isinstance(arg, str) for arg in value) and bool(value[0])
 
 
-def shell_option(default):
+def shell_option(default: str | list[str] | None) -> Option:
     """The `shell` spec field: a shell's name, run as `NAME -c COMMAND`, or an argv prefix the
     command is appended to as the last argument (`["bash", "-lc"]`: a login shell per command)."""
     return ((str, list), default, _shell)
 
 
-def check_command(command, env):
+def check_command(command: str, env: dict[str, str]) -> None:
     """Refuse what no exec could pass: a NUL byte in the command or a variable, a bad variable name."""
     bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
     if bad:
@@ -57,23 +65,23 @@ def check_command(command, env):
         raise ProtocolError("invalid_request", "a command or variable cannot hold a NUL byte (no exec can pass one)")
 
 
-def shell_argv(shell, command):
+def shell_argv(shell: str | Sequence[str], command: str) -> list[str]:
     """The argv that runs `command` in `shell` (a name or an argv prefix, as shell_option takes)."""
     return [shell, "-c", command] if isinstance(shell, str) else [*shell, command]
 
 
 class Environment:
-    type = None  # the name users put in "type"; set by each backend
+    type: str = None  # type: ignore[assignment]  # the name users put in "type"; set by each backend
     can_fork = False  # whether its files can be copied for forks and snapshots
     # Whether start() may run on a short-lived thread: not where it starts host processes that die
     # with the thread that made them (bwrap --die-with-parent is PR_SET_PDEATHSIG, a thread's death).
     starts_in_threads = False
-    seed = None  # a snapshot's handle (snapshot()) that start() begins from, or None: the image as it is
+    seed: dict[str, Any] | None = None  # a snapshot's handle (snapshot()) that start() begins from, or None: the image as it is
     # Which of LIMITS this backend can enforce; asking for another one is an error.
-    enforces = set()
+    enforces: set[str] = set()
 
     # Spec fields: name -> (python type, default, check or None). Backends extend this.
-    options = {
+    options: dict[str, Option] = {
         "type": (str, ..., None),
         "cwd": (str, None, None),
         "env": (dict, {}, None),
@@ -93,14 +101,14 @@ class Environment:
     }
 
     @classmethod
-    def parse_config(cls, spec):
+    def parse_config(cls, spec: dict[str, Any]) -> dict[str, Any]:
         """Validate a spec dict and return it complete with defaults."""
         unknown = sorted(set(spec) - set(cls.options))
         if unknown:
             raise ProtocolError("invalid_request", f"unknown field(s) for a {cls.type} environment: {', '.join(unknown)}")
         for name, value in spec.items():
             check_value(value, name, "environment field")
-        config = {}
+        config: dict[str, Any] = {}
         for name, (kind, default, check) in cls.options.items():
             value = spec.get(name)
             if value is None:
@@ -127,26 +135,27 @@ class Environment:
         return config
 
     @classmethod
-    def available(cls):
+    def available(cls) -> bool:
         """Whether this host can run the backend (its tools are installed)."""
         return True
 
     @classmethod
-    def reap(cls, host, alive):
+    def reap(cls, host: str, alive: Callable[[int], bool]) -> list[str]:
         """Remove what dead agents of `host` left behind (alive(pid) tells); return what was removed."""
         return []
 
-    def __init__(self, instance_id, config, agent_id, workdir_root):
+    def __init__(self, instance_id: str, config: dict[str, Any], agent_id: str, workdir_root: str) -> None:
         self.instance_id = instance_id
         self.config = config
         self.agent_id = agent_id
         self.workdir_root = workdir_root
 
-    def start(self):
+    def start(self) -> dict[str, Any]:
         """Bring the instance up; return a dict of facts worth telling the user (may be empty)."""
         raise NotImplementedError
 
-    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+              output_limit: int | None = None) -> "Watched | None":
         """Start a shell command and return it as a process.Watched, or None.
 
         Backends that can hand over a command as file descriptors to watch (a host process, a
@@ -156,7 +165,8 @@ class Environment:
         """
         return None
 
-    def execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+                output_limit: int | None = None) -> dict[str, Any]:
         """Run a shell command on this thread; return {output: bytes, returncode, timed_out,
         truncated, duration_s}."""
         started = self.spawn(command, timeout, cwd, env, output_limit)
@@ -164,26 +174,27 @@ class Environment:
             return self.plain_execute(command, timeout, cwd, env, output_limit)
         return started.wait()
 
-    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+                      output_limit: int | None = None) -> dict[str, Any]:
         """`execute` where spawn() returns None: one exec through the backend's tool (docker exec, say)."""
         raise NotImplementedError
 
-    def write_file(self, path, content, mode):
+    def write_file(self, path: str, content: bytes, mode: int) -> dict[str, Any]:
         """Write bytes to path (relative to the instance's cwd); return {path, written}."""
         raise NotImplementedError
 
-    def read_file(self, path, limit):
+    def read_file(self, path: str, limit: int) -> dict[str, Any]:
         """Return {content: bytes} of at most `limit` bytes; raise ProtocolError("payload_too_large") past it."""
         raise NotImplementedError
 
     # -- forks and snapshots: an instance's files, for other instances to start from ----------
 
-    def host_dirs(self):
+    def host_dirs(self) -> dict[str, str]:
         """The host directories that hold the instance's files, by role ("work", "tmp"): what
         snapshots copy, where a backend keeps no files of its own (a container engine does)."""
         return {}
 
-    def snapshot(self, directory=None):
+    def snapshot(self, directory: str | None = None) -> dict[str, Any]:
         """The instance's files now, as a handle a start can begin from (`seed`): copies in
         `directory` (they outlive the instance: drop_snapshot removes them), or without one, the
         live directories themselves, which each fork's start copies (fork)."""
@@ -192,7 +203,7 @@ class Environment:
         dirs = self.host_dirs()
         if directory is None:
             return {"dirs": dirs}
-        copies = {}
+        copies: dict[str, str] = {}
         for role, path in dirs.items():
             copies[role] = os.path.join(directory, role)
             os.makedirs(copies[role], mode=0o755)
@@ -200,18 +211,18 @@ class Environment:
         return {"dirs": copies, "directory": directory}
 
     @classmethod
-    def drop_snapshot(cls, handle):
+    def drop_snapshot(cls, handle: dict[str, Any]) -> None:
         """Remove a named snapshot's copies."""
         hostdir.remove_tree(handle["directory"])
 
-    def plant_seed(self):
+    def plant_seed(self) -> None:
         """In start(), once the instance's directories exist: copy the seed's files into them."""
         for role, path in (self.seed or {}).get("dirs", {}).items():
             target = self.host_dirs().get(role)
             if target:
                 hostdir.copy_tree(path, target, self.config["start_timeout"])
 
-    def fork(self, forks):
+    def fork(self, forks: list["Environment"]) -> list[dict[str, Any]]:
         """Start `forks` (new, unstarted instances of this backend with this config) from this
         instance's files as they are now; return each one's start info. Processes are not copied."""
         seed = self.snapshot()
@@ -223,11 +234,11 @@ class Environment:
             starts = [threads.submit(fork.start) for fork in forks]
         return [start.result() for start in starts]
 
-    def close(self):
+    def close(self) -> None:
         """Stop the instance and remove everything it made. Must be safe to call twice."""
         raise NotImplementedError
 
-    def session_dir(self):
+    def session_dir(self) -> tuple[str, str, int | None, bool]:
         """Where persistent sessions keep their FIFOs and files: (host path, the same directory as
         the instance sees it, the uid owning the instance's files or None, whether it is the
         sessions' own to remove). Sessions run through the exec helper, so they share its directory."""
@@ -239,11 +250,11 @@ class Environment:
         return helper.host_dir, MOUNT, helper.owner, False
 
 
-def parse_memory_mib(value, field="memory"):
+def parse_memory_mib(value: object, field: str = "memory") -> int | None:
     """'512m', '2g', '1024k' or a number of MiB -> MiB as an int; None stays None."""
     if value is None:
         return None
-    mib = 0
+    mib: object = 0
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         mib = value
     elif isinstance(value, str):
@@ -259,5 +270,5 @@ def parse_memory_mib(value, field="memory"):
     raise ProtocolError("invalid_request", f"{field} must be like '512m' or '2g' or MiB as a number (1 MiB to 1 EiB), not {value!r}")
 
 
-def resolve_path(path, cwd):
+def resolve_path(path: str, cwd: str) -> str:
     return path if os.path.isabs(path) else os.path.join(cwd, path)

@@ -19,12 +19,15 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
 from . import hostdir, process, safefs
 from .base import Environment, resolve_path, shell_argv, shell_option
 from .helper import MOUNT, ExecHelper, helper_argv, plain_exec_argv, plain_result, revived, script_for, start_process
+from .process import Watched
 
 log = EventLog("cli_container")
 
@@ -32,22 +35,22 @@ IMAGE_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 TOOL_TIMEOUT_S = 120.0
 
 
-def _positive(value):
+def _positive(value: float) -> bool:
     return value > 0
 
 
-def short_host():
+def short_host() -> str:
     return socket.gethostname().split(".")[0]
 
 
-def run_tool(argv, timeout=TOOL_TIMEOUT_S, what=None):
+def run_tool(argv: list[str], timeout: float = TOOL_TIMEOUT_S, what: str | None = None) -> str:
     """Run one tool command to completion; environment_error naming it if it fails."""
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ProtocolError("timeout", f"{what or argv[0]} took longer than {timeout:.0f}s")
+    except subprocess.TimeoutExpired as err:
+        raise ProtocolError("timeout", f"{what or argv[0]} took longer than {timeout:.0f}s") from err
     except OSError as exc:
-        raise ProtocolError("environment_error", f"{what or argv[0]} could not run: {exc}")
+        raise ProtocolError("environment_error", f"{what or argv[0]} could not run: {exc}") from exc
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).decode(errors="replace").strip()[-2000:]
         raise ProtocolError("environment_error", f"{what or argv[0]} failed ({done.returncode}): {detail}")
@@ -55,7 +58,7 @@ def run_tool(argv, timeout=TOOL_TIMEOUT_S, what=None):
 
 
 class CLIContainerEnvironment(Environment):
-    image_suffix = None  # file name suffix of a converted image in the cache (".sif", ".sqsh")
+    image_suffix: str = None  # type: ignore[assignment]  # each backend sets it; file name suffix of a converted image in the cache (".sif", ".sqsh")
     options = {
         **Environment.options,
         "image": (str, ..., None),
@@ -66,40 +69,41 @@ class CLIContainerEnvironment(Environment):
         "shell": shell_option(None),  # default: bash where the image has it, else sh
         "fast_exec": (bool, True, None),
     }
-    executables = ()  # tool names to look for, preferred first
-    helper = None
-    helper_proc = None
-    host_dir = None
-    name = None
+    executables: tuple[str, ...] = ()  # tool names to look for, preferred first
+    helper: ExecHelper | None = None
+    helper_proc: subprocess.Popen[bytes] | None = None
+    host_dir: str = None  # type: ignore[assignment]  # made by start(), before any use but close()'s
+    name: str = None  # type: ignore[assignment]  # start() names the container; None again once closed
+    tool: str  # the tool's path, found by start()
 
     # --- what a subclass provides -------------------------------------------------------
-    def build_argv(self, image, dest):
+    def build_argv(self, image: str, dest: str) -> list[str]:
         """Command that converts `image` (a URI) into the local file dest."""
         raise NotImplementedError
 
-    def start_argv(self, image_path):
+    def start_argv(self, image_path: str) -> list[list[str]]:
         """Commands (a list of argvs) that bring the container self.name up."""
         raise NotImplementedError
 
-    def enter_argv(self, argv):
+    def enter_argv(self, argv: list[str]) -> list[str]:
         """Command that runs argv inside the running container."""
         raise NotImplementedError
 
-    def stop_argv(self):
+    def stop_argv(self) -> list[str]:
         raise NotImplementedError
 
     @classmethod
-    def list_names(cls, tool):
+    def list_names(cls, tool: str) -> list[str]:
         """Names of the containers that exist on this host."""
         raise NotImplementedError
 
     @classmethod
-    def remove_argv(cls, tool, name):
+    def remove_argv(cls, tool: str, name: str) -> list[str]:
         raise NotImplementedError
 
     # --- the shared part ----------------------------------------------------------------
     @classmethod
-    def find_tool(cls, preferred=None):
+    def find_tool(cls, preferred: str | None = None) -> str | None:
         for name in ([preferred] if preferred else cls.executables):
             path = shutil.which(name)
             if path:
@@ -107,11 +111,11 @@ class CLIContainerEnvironment(Environment):
         return None
 
     @classmethod
-    def available(cls):
+    def available(cls) -> bool:
         return cls.find_tool() is not None
 
     @classmethod
-    def reap(cls, host, alive):
+    def reap(cls, host: str, alive: Callable[[int], bool]) -> list[str]:
         tool = cls.find_tool()
         if tool is None:
             return []
@@ -123,8 +127,8 @@ class CLIContainerEnvironment(Environment):
                 reaped.append(name)
         return reaped
 
-    def start(self):
-        self.tool = self.find_tool(self.config["executable"])
+    def start(self) -> dict[str, Any]:
+        self.tool = self.find_tool(self.config["executable"])  # type: ignore[assignment]  # None is refused below
         if self.tool is None:
             wanted = self.config["executable"] or " or ".join(self.executables)
             raise ProtocolError("environment_error", f"{wanted} is not installed on this agent")
@@ -145,13 +149,13 @@ class CLIContainerEnvironment(Environment):
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else "sh")
         return {"container": self.name, "image": image_path, "shell": self.shell, "fast_exec": self.helper is not None}
 
-    def cache_path(self, image):
+    def cache_path(self, image: str) -> str:
         root = self.config["cache_dir"] or os.path.join(
             os.environ.get("ARSERVICE_CACHE", os.path.expanduser("~/.cache/arservice")), self.type)
         key = hashlib.sha256(image.encode()).hexdigest()[:24]
         return os.path.join(root, key + self.image_suffix)
 
-    def local_image(self):
+    def local_image(self) -> str:
         """A file or directory the tool can start from: the image itself, or its cached conversion."""
         image = self.config["image"]
         if not IMAGE_URI.match(image):
@@ -189,7 +193,8 @@ class CLIContainerEnvironment(Environment):
                     raise
                 time.sleep(min(60, 2 ** attempt))
 
-    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+              output_limit: int | None = None) -> Watched | None:
         if self.helper is None or not self.helper.alive():
             return None
         return self.helper.spawn(command, timeout, resolve_path(cwd, self.cwd or "/") if cwd else self.cwd,
@@ -201,7 +206,8 @@ class CLIContainerEnvironment(Environment):
         self.helper_proc.wait()
         self.helper_proc = start_process(self.enter_argv(helper_argv()), self.helper)
 
-    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+                      output_limit: int | None = None) -> dict[str, Any]:
         """Where there is no helper (fast_exec false, or it could not start): one exec per command.
         Where it died, it is started again, and the command runs through it."""
         if self.helper is not None:
@@ -216,7 +222,7 @@ class CLIContainerEnvironment(Environment):
         return plain_result(process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait(),
                             timeout)
 
-    def write_file(self, path, content, mode):
+    def write_file(self, path: str, content: bytes, mode: int) -> dict[str, Any]:
         path = resolve_path(path, self.cwd or "/")
         staged = f"file-{uuid.uuid4().hex}"
         # The instance can write to host_dir: never follow a symlink there (it would lead to the host's files).
@@ -231,7 +237,7 @@ class CLIContainerEnvironment(Environment):
             raise ProtocolError("environment_error", f"could not write {path}: {result['output'].decode(errors='replace')}")
         return {"path": path, "written": len(content)}
 
-    def read_file(self, path, limit):
+    def read_file(self, path: str, limit: int) -> dict[str, Any]:
         path = resolve_path(path, self.cwd or "/")
         staged = f"file-{uuid.uuid4().hex}"
         result = self.execute('[ -f "$P" ] || exit 44; [ "$(wc -c < "$P")" -le "$L" ] || exit 45; cp "$P" "$S"', 60,
@@ -250,7 +256,7 @@ class CLIContainerEnvironment(Environment):
             if os.path.exists(os.path.join(self.host_dir, staged)):
                 os.unlink(os.path.join(self.host_dir, staged))
 
-    def close(self):
+    def close(self) -> None:
         if self.helper_proc is not None:
             process.kill_group(self.helper_proc.pid)
             self.helper_proc.wait()
@@ -262,6 +268,6 @@ class CLIContainerEnvironment(Environment):
                 run_tool(self.stop_argv(), what=f"stopping {self.name}")
             except ProtocolError as exc:
                 log.warning("stop_failed", name=self.name, error=exc.message)
-            self.name = None
+            self.name = None  # type: ignore[assignment]  # closed: nothing to stop
         if self.host_dir:
             hostdir.remove(self.host_dir)

@@ -14,6 +14,8 @@ import os
 import socket
 import tarfile
 import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
@@ -28,7 +30,11 @@ from .helper import (
     plain_result,
     revived,
 )
-from .process import BoundedOutput
+from .process import BoundedOutput, Watched
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
 
 log = EventLog("docker")
 
@@ -37,10 +43,10 @@ PULL_PROGRESS_EVERY_S = 5.0
 # How long a close keeps trying to remove a container while the engine fails (dockerd restarting), and how often.
 ENGINE_WAIT_S = 20.0
 ENGINE_RETRY_S = 0.5
-_clients = {}  # engine URL -> DockerClient, shared by every instance's thread (requests pools connections)
+_clients: dict[str, "docker.DockerClient"] = {}  # engine URL -> DockerClient, shared by every instance's thread (requests pools connections)
 
 
-def _positive(value):
+def _positive(value: float) -> bool:
     return value > 0
 
 
@@ -52,14 +58,14 @@ GO_MODE_TYPE = (1 << 31) | (1 << 27) | (1 << 25) | (1 << 24) | (1 << 26) | (1 <<
 class ChunkReader(io.RawIOBase):
     """A file-like view of an iterator of byte chunks (the engine's archive stream), read on demand."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks: Iterable[bytes]) -> None:
         self.chunks = iter(chunks)
-        self.pending = b""
+        self.pending: bytes | None = b""
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:  # a writable buffer (memoryview)
         while not self.pending:
             self.pending = next(self.chunks, None)
             if self.pending is None:
@@ -101,23 +107,23 @@ class DockerEnvironment(Environment):
         "fast_exec": (bool, True, None),
     }
     helper_prelude = ""  # shell code the helper runs first, to make its environment what an exec's would be
-    helper = None
+    helper: ExecHelper | None = None
     create_sent = False  # the engine may hold a container of this instance, made or being made
-    container = None
-    host_dir = None
-    fork_image = None  # the image committed from the instance this one is a fork of
+    container: "Container" = None  # type: ignore[assignment]  # start() creates it, before any use but close()'s
+    host_dir: str | None = None
+    fork_image: str | None = None  # the image committed from the instance this one is a fork of
 
     @classmethod
-    def url(cls):
+    def url(cls) -> str:
         return os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
 
     @classmethod
-    def available(cls):
+    def available(cls) -> bool:
         url = cls.url()
         return not url.startswith("unix://") or os.path.exists(url[len("unix://"):])
 
     @classmethod
-    def client(cls):
+    def client(cls) -> "docker.DockerClient":
         """One client per engine and agent: asking the engine its API version costs a round trip."""
         url = cls.url()
         if url not in _clients:
@@ -126,7 +132,7 @@ class DockerEnvironment(Environment):
         return _clients[url]
 
     @classmethod
-    def reap(cls, host, alive):
+    def reap(cls, host: str, alive: Callable[[int], bool]) -> list[str]:
         """Remove the labelled containers that provably have no live owner on this host; return their ids.
 
         The owner is the pid in the labels (or in the agent id, which names it, where the pid label is
@@ -167,7 +173,7 @@ class DockerEnvironment(Environment):
                 log.warning("commit_kept", image=image.id, reason=str(exc))
         return reaped
 
-    def start(self):
+    def start(self) -> dict[str, Any]:
         if self.seed is not None:
             self.config = {**self.config, "image": self.seed["image"], "pull": "never"}
             self.fork_image = self.seed["image"] if self.seed["for_forks"] else None
@@ -180,7 +186,7 @@ class DockerEnvironment(Environment):
         network = config["network"]
         lifetime = str(int(config["container_timeout"]))
         fast = config["fast_exec"]
-        options = dict(
+        options: dict[str, Any] = dict(
             # The helper is the main process, PID 1, which no command can signal: no exec session
             # to pay for, and it reaps orphans itself. It ends when the agent dies (its FIFO
             # closes), and so does the container; the backstop ends it after container_timeout
@@ -216,11 +222,11 @@ class DockerEnvironment(Environment):
             self.ends_at = time.monotonic() + config["container_timeout"]
         except Exception as exc:
             if config["disk"] and "storage-opt" in str(exc).lower():
-                raise ProtocolError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}")
-            raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}")
+                raise ProtocolError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}") from exc
+            raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}") from exc
         self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
         if fast:
-            self.helper.wait_ready(self._running)
+            self.helper.wait_ready(self._running)  # type: ignore[union-attr]  # made above when fast
         self.shell = config["shell"] or (self.helper.best_shell if self.helper else self._pick_shell())
         return {"container_id": self.container.id, "shell": self.shell, "fast_exec": self.helper is not None}
 
@@ -231,9 +237,9 @@ class DockerEnvironment(Environment):
             try:
                 self.docker.images.get(image)
                 return
-            except docker.errors.ImageNotFound:
+            except docker.errors.ImageNotFound as err:
                 if policy == "never":
-                    raise ProtocolError("environment_error", f"image {image} is not present and pull is 'never'")
+                    raise ProtocolError("environment_error", f"image {image} is not present and pull is 'never'") from err
         repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
         deadline = time.monotonic() + self.config["pull_timeout"]
         shown = 0.0
@@ -249,7 +255,7 @@ class DockerEnvironment(Environment):
                     log.info("image_pull_progress", image=image, status=event.get("status"), progress=event.get("progress", ""))
                     shown = now
         except docker.errors.APIError as exc:
-            raise ProtocolError("environment_error", f"pulling {image} failed: {exc.explanation or exc}")
+            raise ProtocolError("environment_error", f"pulling {image} failed: {exc.explanation or exc}") from exc
         log.info("image_pull_done", image=image)
 
     def _pick_shell(self):
@@ -263,13 +269,15 @@ class DockerEnvironment(Environment):
         self.container.reload()
         return self.container.status == "running"
 
-    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+              output_limit: int | None = None) -> Watched | None:
         if self.helper is None or not self.helper.alive():
             return None
         return self.helper.spawn(command, timeout, self._cwd(cwd), env or {},
                                  output_limit or self.config["output_limit"], self.shell)
 
-    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+                      output_limit: int | None = None) -> dict[str, Any]:
         """Where there is no helper (fast_exec false): one exec session per command, output
         streamed into a bounded buffer. Where the helper died, the container (whose main process
         it was) is started again with a new one, and the command runs through it."""
@@ -295,13 +303,13 @@ class DockerEnvironment(Environment):
         try:
             self.container.restart(timeout=0)  # its filesystem is kept
         except Exception as exc:
-            raise ProtocolError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}")
+            raise ProtocolError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}") from exc
         self.helper.wait_ready(self._running)
 
     def _cwd(self, cwd):
         return resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None
 
-    def write_file(self, path, content, mode):
+    def write_file(self, path: str, content: bytes, mode: int) -> dict[str, Any]:
         path = resolve_path(path, self.config["cwd"] or self.workdir)
         archive = io.BytesIO()
         with tarfile.open(fileobj=archive, mode="w") as tar:
@@ -314,17 +322,17 @@ class DockerEnvironment(Environment):
             raise ProtocolError("environment_error", f"could not write {path}")
         return {"path": path, "written": len(content)}
 
-    def read_file(self, path, limit):
+    def read_file(self, path: str, limit: int) -> dict[str, Any]:
         import docker.errors
         path = resolve_path(path, self.config["cwd"] or self.workdir)
         try:
             stream, stat = self.container.get_archive(path)
-        except docker.errors.NotFound:
-            raise ProtocolError("not_found", f"no such file: {path}")
+        except docker.errors.NotFound as err:
+            raise ProtocolError("not_found", f"no such file: {path}") from err
         try:
             return {"content": self._first_file(path, stream, stat, limit)}
         finally:
-            stream.close()  # the rest of the archive is never fetched
+            stream.close()  # type: ignore[attr-defined]  # a generator: the rest of the archive is never fetched
 
     @staticmethod
     def _first_file(path, stream, stat, limit):
@@ -342,7 +350,7 @@ class DockerEnvironment(Environment):
                 raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             return tar.extractfile(member).read()
 
-    def snapshot(self, directory=None):
+    def snapshot(self, directory: str | None = None) -> dict[str, Any]:
         """An image committed from the container (paused meanwhile): its files as they are now, not
         its processes, nor what is in its mounts. A fork's image (no `directory`: nothing outlives
         the forks) goes with the last container made from it; a named snapshot's with drop_snapshot."""
@@ -351,14 +359,14 @@ class DockerEnvironment(Environment):
         try:
             image = self.container.commit(conf={"Labels": labels})
         except Exception as exc:
-            raise ProtocolError("environment_error", f"could not commit the container of {self.instance_id}: {exc}")
+            raise ProtocolError("environment_error", f"could not commit the container of {self.instance_id}: {exc}") from exc
         return {"image": image.id, "for_forks": directory is None}
 
     @classmethod
-    def drop_snapshot(cls, handle):
+    def drop_snapshot(cls, handle: dict[str, Any]) -> None:
         cls._remove_image(cls.client(), handle["image"])
 
-    def close(self):
+    def close(self) -> None:
         try:
             if self.create_sent:
                 self._remove_container()
@@ -393,7 +401,7 @@ class DockerEnvironment(Environment):
                 for container_id in ([self.container.id] if self.container is not None else [
                         c["Id"] for c in self.docker.api.containers(
                             all=True, filters={"label": f"{LABEL}.instance={self.instance_id}"})]):
-                    self.docker.api.remove_container(container_id, force=True)
+                    self.docker.api.remove_container(container_id, force=True)  # type: ignore[arg-type]  # made: it has an id
                 return
             except Exception as exc:  # the SDK's and requests' errors: only "No such container" means done
                 if "No such container" in str(exc):

@@ -20,23 +20,23 @@ class EnrootEnvironment(CLIContainerEnvironment):
         "mounts": (list, [], lambda items: all(isinstance(i, str) for i in items)),  # "src:dst[:opts]"
     }
 
-    def build_argv(self, image, dest):
+    def build_argv(self, image: str, dest: str) -> list[str]:
         return [self.tool, "import", "--output", dest, image]
 
-    def start_argv(self, image_path):
+    def start_argv(self, image_path: str) -> list[list[str]]:
         return [[self.tool, "create", "--name", self.name, image_path]]
 
-    def enter_argv(self, argv):
+    def enter_argv(self, argv: list[str]) -> list[str]:
         mounts = [arg for mount in [f"{self.host_dir}:{MOUNT}", *self.config["mounts"]] for arg in ("--mount", mount)]
         return [self.tool, "start", "--rw", *(["--root"] if self.config["root"] else []), *mounts, self.name, *argv]
 
-    def stop_argv(self):
+    def stop_argv(self) -> list[str]:
         return [self.tool, "remove", "--force", self.name]
 
     @classmethod
-    def list_names(cls, tool):
+    def list_names(cls, tool: str) -> list[str]:
         return run_tool([tool, "list"]).split()
 
     @classmethod
-    def remove_argv(cls, tool, name):
+    def remove_argv(cls, tool: str, name: str) -> list[str]:
         return [tool, "remove", "--force", name]

@@ -44,6 +44,8 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 from ..logs import EventLog
 from ..protocol import ProtocolError
@@ -139,7 +141,7 @@ while :; do wait -n; ended; done
 """.replace("MOUNT", MOUNT, 1)
 
 
-def helper_argv(before=""):
+def helper_argv(before: str = "") -> list[str]:
     """The argv that starts the helper inside an instance: the bash loop where the image has bash,
     else the sh loop. `before` is shell code to run first (a lifetime backstop, say).
 
@@ -152,7 +154,7 @@ def helper_argv(before=""):
     return ["sh", "-c", before + boot, SH_LOOP, BASH_LOOP]
 
 
-def backstop(seconds):
+def backstop(seconds: str | float) -> str:
     """Code for helper_argv's `before` that ends the helper after `seconds` whatever happens to the
     agent: a signal would not do, as the helper is PID 1 and has no handler for one."""
     return f"(sleep {int(seconds)}; echo quit 0 >{MOUNT}/in) >/dev/null 2>&1 & "
@@ -178,12 +180,12 @@ exec "$@" </dev/null 2>&1  # one pipe keeps stdout and stderr in order
 """
 
 
-def plain_exec_argv(argv, timeout):
+def plain_exec_argv(argv: list[str], timeout: float) -> list[str]:
     """The argv, to run inside the instance, that runs argv through PLAIN_EXEC."""
     return ["sh", "-c", PLAIN_EXEC, f"{timeout:.3f}", *argv]
 
 
-def plain_result(result, timeout):
+def plain_result(result: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Complete a PLAIN_EXEC result: name the signal in its status, and since the watchdog kills
     with SIGKILL (137), say whether it timed out."""
     result["signal"] = signal_name(result["returncode"])
@@ -191,7 +193,7 @@ def plain_result(result, timeout):
     return result
 
 
-def script_for(argv, cwd, env):
+def script_for(argv: list[str], cwd: str | None, env: dict[str, str]) -> bytes:
     """The command file: change directory, export the variables, then exec argv (the user's shell
     with the command). OLDPWD is the one variable the `cd` sets that `docker exec -w` does not."""
     check_command(argv[-1], env)
@@ -205,7 +207,7 @@ class ExecHelper:
     """The agent's end of one helper: make it before the helper starts (it creates the FIFOs the
     helper opens), then wait_ready() once the helper runs, then spawn() commands from any thread."""
 
-    def __init__(self, host_dir, pid_one=False, owner=None):
+    def __init__(self, host_dir: str, pid_one: bool = False, owner: int | None = None) -> None:
         """`owner`: the host uid (and gid) the instance runs as, where it is not the agent's: the
         FIFOs it opens are made its own."""
         self.host_dir = host_dir
@@ -215,9 +217,10 @@ class ExecHelper:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # close() must not free a FIFO's fd under send() or alive()
         self._revive_lock = threading.Lock()  # one restart at a time
-        self._in = self._life = None
+        self._in: int | None = None
+        self._life: int | None = None
         self._make_fifos()
-        self.best_shell = None
+        self.best_shell: str = None  # type: ignore[assignment]  # wait_ready() reads it from the helper
 
     def _make_fifos(self):
         with self._lock:
@@ -233,7 +236,7 @@ class ExecHelper:
             for fd in (self._in, self._life):
                 self._own(fd)
 
-    def revive(self, launch):
+    def revive(self, launch: Callable[[], object]) -> None:
         """Start the helper again if it has died (OOM, a bug): launch() starts it over new FIFOs
         and waits until it is ready. Called from a worker thread, never the agent's loop."""
         with self._revive_lock:
@@ -244,24 +247,24 @@ class ExecHelper:
             self._make_fifos()
             launch()
 
-    def wait_ready(self, running, timeout=READY_TIMEOUT_S):
+    def wait_ready(self, running: Callable[[], bool], timeout: float = READY_TIMEOUT_S) -> None:
         """Wait for the helper's `ready` line; running() says whether what hosts it still runs."""
         deadline = time.monotonic() + timeout
         line = b""
         with selectors.DefaultSelector() as sel:  # not select(): an agent's fds may be past 1023
-            sel.register(self._life, selectors.EVENT_READ)
+            sel.register(self._life, selectors.EVENT_READ)  # type: ignore[arg-type]  # open until close()
             while not line.endswith(b"\n"):
                 if time.monotonic() > deadline or not running():
                     raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
                 if sel.select(0.2):
-                    chunk = os.read(self._life, 256)
+                    chunk = os.read(self._life, 256)  # type: ignore[arg-type]  # open until close()
                     if not chunk:
                         raise ProtocolError("environment_error", "the exec helper exited as it started")
                     line += chunk
         parts = line.split(b"\n")[0].decode(errors="replace").split()
         self.best_shell = parts[1] if len(parts) > 1 else "sh"  # bash where the image has it
 
-    def alive(self):
+    def alive(self) -> bool:
         """Whether the helper still runs: its end of `life` is still open."""
         with self._lock:
             if self._life is None:
@@ -270,7 +273,7 @@ class ExecHelper:
             poller.register(self._life, select.POLLIN)
             return not any(event & (select.POLLHUP | select.POLLERR) for _, event in poller.poll(0))
 
-    def send(self, line):
+    def send(self, line: str) -> None:
         with self._lock:
             if self._in is None:
                 raise ProtocolError("environment_error", "the instance is closed")
@@ -279,10 +282,11 @@ class ExecHelper:
                 # command has just killed (kill -9 -1): woken by the line, it may still take one
                 # byte of it before it dies, and the loops skip leading blanks.
                 os.write(self._in, b" " + line.encode())
-            except BlockingIOError:
-                raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands")
+            except BlockingIOError as exc:
+                raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands") from exc
 
-    def spawn(self, command, timeout, cwd, env, output_limit, shell):
+    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str], output_limit: int,
+              shell: str | list[str]) -> "HelperCommand":
         """Start `command` in `shell` (a name or an argv prefix); the HelperCommand to drive to its end."""
         if not self.alive():
             raise ProtocolError("environment_error", "the exec helper inside the instance has exited")
@@ -320,7 +324,7 @@ class ExecHelper:
         if self.owner is not None:
             os.fchown(fd, self.owner, self.owner)  # the descriptor: what was checked, whatever the name is now
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             for fd in (self._in, self._life):
                 if fd is not None:
@@ -333,7 +337,8 @@ class HelperCommand(Watched):
     and its own copy of the helper's `life` FIFO, whose end of file says the helper died (the
     status FIFO then never sees a writer, so it would say nothing)."""
 
-    def __init__(self, helper, base, status_fd, life_fd, timeout, output_limit):
+    def __init__(self, helper: ExecHelper, base: str, status_fd: int, life_fd: int, timeout: float,
+                 output_limit: int) -> None:
         self.started = time.monotonic()
         self.helper = helper
         self.base = base
@@ -342,11 +347,12 @@ class HelperCommand(Watched):
         self.fds = (status_fd, life_fd)
         self.output_limit = output_limit
         self.deadline = self.started + timeout
-        self.give_up = self.cut = None
+        self.give_up: float | None = None
+        self.cut: int | None = None
         self.status = b""
         self.done = self.timed_out = False
 
-    def on_readable(self, fd):
+    def on_readable(self, fd: int) -> bool:
         if fd == self.life_fd:
             try:
                 gone = not os.read(fd, 256)  # anything else is a command writing into the FIFO
@@ -366,7 +372,7 @@ class HelperCommand(Watched):
         self.done = not chunk or self.status.endswith(b"\n") or len(self.status) > 16
         return self.done
 
-    def on_deadline(self):
+    def on_deadline(self) -> None:
         """Kill the command, and again every KILL_RETRY_S until it is reported done: the sh loop
         learns a command's pid from its waiter, which may not have written it yet."""
         now = time.monotonic()
@@ -386,14 +392,14 @@ class HelperCommand(Watched):
         self.kill()
         self.deadline = min(now + KILL_RETRY_S, self.give_up)
 
-    def kill(self):
+    def kill(self) -> None:
         try:
             self.helper.send(f"kill {os.path.basename(self.base)}\n")
         except ProtocolError:
             pass  # the helper is gone, and its commands with it
 
-    def result(self):
-        keep = ()
+    def result(self) -> dict[str, Any]:
+        keep: tuple[str, ...] = ()
         try:
             message = None
             if not self.timed_out and not self.status.endswith(b"\n"):
@@ -434,7 +440,7 @@ class HelperCommand(Watched):
                 "the next command starts the helper again")
 
 
-def revived(started):
+def revived(started: Watched | None) -> dict[str, Any]:
     """Drive a command spawned right after the helper was started again; an error if it died again."""
     if started is None:
         raise ProtocolError("environment_error", "the exec helper inside the instance died again as it restarted")
@@ -449,7 +455,7 @@ def _remove(base, keep=()):
             pass  # gone, or a directory the instance put there: close() removes it
 
 
-def start_process(argv, helper):
+def start_process(argv: list[str], helper: ExecHelper) -> subprocess.Popen[bytes]:
     """Start a helper as a host process (`argv` ends in helper_argv()) and wait until it is ready.
 
     Returns the Popen; the process is in its own session, so killing its group ends it and

@@ -40,7 +40,7 @@ MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 2, 4, 32, 4096
 INODE_BYTES = 4096  # one inode (file) per this much of a tmpfs's size
 MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
-_warned = []
+_warned: list[str] = []
 
 
 def helper_dir_mib(config: dict) -> int:

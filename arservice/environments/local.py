@@ -10,10 +10,12 @@ import os
 import shutil
 import signal
 import tempfile
+from typing import Any
 
 from ..protocol import ProtocolError
 from . import hostdir, process, safefs
 from .base import Environment, check_command, resolve_path, shell_argv, shell_option
+from .process import Watched
 
 TAG = "ARSERVICE_INSTANCE"
 KILL_PASSES = 10  # a process may fork as the scan passes it: scan again until none is left
@@ -38,10 +40,10 @@ class LocalEnvironment(Environment):
     type = "local"
     can_fork = True
     options = {**Environment.options, "shell": shell_option("bash")}
-    workdir = None
-    groups = ()
+    workdir: str | None = None
+    groups: set[int] = ()  # type: ignore[assignment]  # a set from start() on; empty for a close() before it
 
-    def start(self):
+    def start(self) -> dict[str, Any]:
         self.shell = self.config["shell"]
         self.env = {**os.environ, **self.config["env"], TAG: self.instance_id}
         # Started by name, as `bash -c` in a terminal is: $0 and $BASH are then what they would be.
@@ -57,7 +59,8 @@ class LocalEnvironment(Environment):
         self.plant_seed()
         return {"workdir": self.workdir}
 
-    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+              output_limit: int | None = None) -> Watched | None:
         check_command(command, env or {})
         return process.Command(
             shell_argv(self.shell, command),
@@ -68,27 +71,27 @@ class LocalEnvironment(Environment):
             env={**self.env, **env} if env else self.env,
         )
 
-    def session_dir(self):
+    def session_dir(self) -> tuple[str, str, int | None, bool]:
         """Sessions' files on the host, beside the workdir (not in it, where `ls -a` would show them)."""
         path = tempfile.mkdtemp(prefix=f"{self.instance_id}-sessions-", dir=self.workdir_root)
         return path, path, None, True
 
-    def write_file(self, path, content, mode):
+    def write_file(self, path: str, content: bytes, mode: int) -> dict[str, Any]:
         path = resolve_path(path, self.cwd)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # No isolation to keep, so links are followed; a FIFO or a device is refused, never waited on.
         safefs.write_all(safefs.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode, follow=True), content, mode)
         return {"path": path, "written": len(content)}
 
-    def read_file(self, path, limit):
+    def read_file(self, path: str, limit: int) -> dict[str, Any]:
         fd = safefs.open_file(resolve_path(path, self.cwd), os.O_RDONLY, follow=True)
         return {"content": safefs.read_limited(fd, limit, path)}
 
-    def host_dirs(self):
+    def host_dirs(self) -> dict[str, str]:
         # Its own directory only: a cwd elsewhere on the host is shared by every instance, as it is.
         return {"work": self.workdir} if self.workdir else {}
 
-    def close(self):
+    def close(self) -> None:
         for pgid in list(self.groups):
             process.kill_group(pgid)
         if self.workdir:

@@ -18,5 +18,5 @@ class PodmanEnvironment(DockerEnvironment):
     helper_prelude = "unset HOSTNAME; "
 
     @classmethod
-    def url(cls):
+    def url(cls) -> str:
         return os.environ.get("CONTAINER_HOST", "unix:///run/podman/podman.sock")

@@ -6,6 +6,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import ProtocolError
 from . import safefs
@@ -18,14 +20,14 @@ AFTER_EXIT_GRACE_S = 0.2
 class BoundedOutput:
     """Keeps the first and the last bytes of a stream up to `limit` in all, and counts the rest."""
 
-    def __init__(self, limit):
+    def __init__(self, limit: int) -> None:
         self.head_limit = limit // 2
         self.tail_limit = limit - self.head_limit
         self.head = bytearray()
         self.tail = bytearray()
         self.total = 0
 
-    def feed(self, chunk):
+    def feed(self, chunk: bytes) -> None:
         self.total += len(chunk)
         room = self.head_limit - len(self.head)
         if room > 0:
@@ -36,20 +38,20 @@ class BoundedOutput:
             if len(self.tail) > 2 * self.tail_limit:  # trim in batches, not on every chunk
                 del self.tail[: len(self.tail) - self.tail_limit]
 
-    def value(self):
+    def value(self) -> tuple[bytes, bool]:
         """(output bytes, truncated)."""
         tail = self.tail[-self.tail_limit:] if self.tail_limit else b""
         return joined(bytes(self.head), bytes(tail), self.total - len(self.head) - len(tail))
 
 
-def joined(head, tail, dropped):
+def joined(head: bytes, tail: bytes, dropped: int) -> tuple[bytes, bool]:
     """(output, truncated): head and tail with a marker where `dropped` bytes were left out."""
     if dropped <= 0:
         return head + tail, False
     return head + f"\n[... {dropped} bytes truncated ...]\n".encode() + tail, True
 
 
-def command_output(path, limit, upto=None):
+def command_output(path: str, limit: int, upto: int | None = None) -> tuple[bytes, bool]:
     """A helper command's output file, as read_bounded reads it: nothing if it is gone, an error if
     the instance replaced it (a symlink or a FIFO where the output should be)."""
     try:
@@ -60,13 +62,14 @@ def command_output(path, limit, upto=None):
         return b"", False
 
 
-def command_answer(output, truncated, returncode, timed_out, started, **extra):
+def command_answer(output: bytes, truncated: bool, returncode: int, timed_out: bool, started: float,
+                   **extra: Any) -> dict[str, Any]:
     """A command's answer, as every backend gives it; `started` is its monotonic start time."""
     return {"output": output, "returncode": returncode, "signal": signal_name(returncode), "timed_out": timed_out,
             "truncated": truncated, "duration_s": round(time.monotonic() - started, 6), **extra}
 
 
-def read_bounded(path, limit, upto=None):
+def read_bounded(path: str, limit: int, upto: int | None = None) -> tuple[bytes, bool]:
     """A file's first and last bytes up to `limit` in all, as BoundedOutput keeps a stream's; only
     its first `upto` bytes where that is given (what a command wrote by its deadline).
 
@@ -91,10 +94,10 @@ def read_bounded(path, limit, upto=None):
 
 
 _table_lock = threading.Lock()
-_table = (-1.0, {})  # (when it was read, parent pid -> child pids): one read serves many kills
+_table: tuple[float, dict[int, list[int]]] = (-1.0, {})  # (when it was read, parent pid -> child pids): one read serves many kills
 
 
-def _process_table(newer_than):
+def _process_table(newer_than: float) -> dict[int, list[int]]:
     """parent pid -> child pids of every process, read from /proc after `newer_than` (monotonic
     time). A busy host has thousands of processes (tens of milliseconds to read): commands that
     time out together share one read."""
@@ -116,7 +119,7 @@ def _process_table(newer_than):
         return table
 
 
-def descendants(pid, newer_than=None):
+def descendants(pid: int, newer_than: float | None = None) -> list[int]:
     """Every live descendant of pid, from a look at /proc taken after `newer_than` (now if None)."""
     table = _process_table(time.monotonic() if newer_than is None else newer_than)
     found, todo = [], [pid]
@@ -127,13 +130,13 @@ def descendants(pid, newer_than=None):
     return found
 
 
-def stop_group(pgid):
+def stop_group(pgid: int) -> float:
     """Freeze a process group (SIGSTOP): nothing of it runs on, and nobody's parent changes."""
     _signal(os.killpg, pgid, signal.SIGSTOP)
     return time.monotonic()
 
 
-def kill_tree(pid, stopped_at=None):
+def kill_tree(pid: int, stopped_at: float | None = None) -> None:
     """SIGKILL pid's process group and every descendant, including ones that left the group.
 
     The group must be stopped first (stop_group, whose time is `stopped_at`): a shell killed
@@ -147,7 +150,7 @@ def kill_tree(pid, stopped_at=None):
         _signal(os.kill, target)
 
 
-def signal_name(returncode):
+def signal_name(returncode: int) -> str | None:
     """The signal a shell's exit status 128+N names ("SIGKILL" for 137), or None. Every backend
     reads it off the status as a shell reads $?: inside an instance only the status is known, and
     bash itself cannot tell `exit 137` from SIGKILL."""
@@ -157,12 +160,12 @@ def signal_name(returncode):
         return None
 
 
-def shell_status(returncode):
+def shell_status(returncode: int) -> int:
     """A Popen returncode as a shell reports it: -N (killed by signal N) becomes 128+N."""
     return 128 - returncode if returncode < 0 else returncode
 
 
-def marked_processes(prefix: bytes):
+def marked_processes(prefix: bytes) -> Iterator[tuple[int, bytes]]:
     """(pid, entry) of every other process whose initial environment has an entry starting with
     `prefix` (NAME=...): how processes that left every group and parent are still found."""
     for entry in os.listdir("/proc"):
@@ -178,11 +181,11 @@ def marked_processes(prefix: bytes):
             yield int(entry), mark
 
 
-def kill_group(pgid):
+def kill_group(pgid: int) -> None:
     _signal(os.killpg, pgid)
 
 
-def group_alive(pgid):
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
         return True
@@ -190,7 +193,7 @@ def group_alive(pgid):
         return False
 
 
-def _signal(send, target, signum=signal.SIGKILL):
+def _signal(send: Callable[[int, int], None], target: int, signum: int = signal.SIGKILL) -> None:
     try:
         send(target, signum)
     except OSError:
@@ -208,7 +211,17 @@ class Watched:
         kill()           end it now (the agent is shutting down)
     """
 
-    def wait(self):
+    if TYPE_CHECKING:  # what a subclass has
+        fds: Sequence[int]
+        deadline: float
+        done: bool
+
+        def on_readable(self, fd: int) -> bool: ...
+        def on_deadline(self) -> None: ...
+        def result(self) -> dict[str, Any]: ...
+        def kill(self) -> None: ...
+
+    def wait(self) -> dict[str, Any]:
         with selectors.DefaultSelector() as sel:
             for fd in self.fds:
                 sel.register(fd, selectors.EVENT_READ)
@@ -230,7 +243,8 @@ class Command(Watched):
     so the caller can kill it on close.
     """
 
-    def __init__(self, argv, *, timeout, output_limit, groups, cwd=None, env=None):
+    def __init__(self, argv: list[str], *, timeout: float, output_limit: int, groups: set[int], cwd: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -239,18 +253,18 @@ class Command(Watched):
         self.groups = groups
         groups.add(self.proc.pid)
         self.output = BoundedOutput(output_limit)
-        self.pipe = self.proc.stdout.fileno()
+        self.pipe = self.proc.stdout.fileno()  # type: ignore[union-attr]  # stdout=PIPE
         os.set_blocking(self.pipe, False)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.deadline = self.started + timeout
         self.exited = self.eof = self.timed_out = self.done = False
-        self.stopped_at = None
+        self.stopped_at: float | None = None
 
     @property
-    def fds(self):
+    def fds(self) -> tuple[int, int]:  # type: ignore[override]  # read-only here, as Watched.wait needs
         return (self.pipe, self.pidfd)
 
-    def on_readable(self, fd):
+    def on_readable(self, fd: int) -> bool:
         if fd == self.pidfd:
             self.exited = True
             self.deadline = min(self.deadline, time.monotonic() + AFTER_EXIT_GRACE_S)
@@ -265,7 +279,7 @@ class Command(Watched):
         self.done = self.exited and self.eof
         return finished
 
-    def on_deadline(self):
+    def on_deadline(self) -> None:
         if self.exited:  # only background children still hold the pipe
             kill_group(self.proc.pid)
         elif self.stopped_at is None:
@@ -278,14 +292,14 @@ class Command(Watched):
             kill_tree(self.proc.pid, self.stopped_at)
         self.done = True
 
-    def kill(self):
+    def kill(self) -> None:
         kill_tree(self.proc.pid)
 
-    def result(self):
+    def result(self) -> dict[str, Any]:
         if not self.eof:  # what is already in the pipe belongs to the command
             _drain(self.pipe, self.output)
         os.close(self.pidfd)
-        self.proc.stdout.close()
+        self.proc.stdout.close()  # type: ignore[union-attr]  # stdout=PIPE
         returncode = self.proc.wait()
         if not group_alive(self.proc.pid):
             self.groups.discard(self.proc.pid)
@@ -293,7 +307,7 @@ class Command(Watched):
         return command_answer(data, truncated, shell_status(returncode), self.timed_out, self.started)
 
 
-def _drain(fd, output):
+def _drain(fd: int, output: BoundedOutput) -> None:
     """Read what is in the pipe now, without waiting for more."""
     while True:
         try:

@@ -17,6 +17,7 @@ expected).
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 from ..protocol import ProtocolError
 
@@ -50,7 +51,7 @@ def open_beneath(root: str, path: str, flags: int, mode: int = 0o644, make_paren
 
 
 def open_file(path: str, flags: int, mode: int = 0o644, dir_fd: int | None = None, follow: bool = False,
-              kind=stat.S_ISREG, shown: str | None = None) -> int:
+              kind: Callable[[int], bool] = stat.S_ISREG, shown: str | None = None) -> int:
     """Open without waiting (O_NONBLOCK) and, unless `follow`, without following a final symlink;
     refuse anything that is not of `kind` (stat.S_ISREG, a regular file, by default)."""
     shown = shown or path

@@ -31,10 +31,14 @@ import re
 import shlex
 import stat
 import time
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import ProtocolError
 from . import safefs
 from .process import Watched, command_answer, command_output
+
+if TYPE_CHECKING:
+    from .base import Environment
 
 # How long a timed-out command may take to be unwound before its session's bash is ended.
 INTERRUPT_GRACE_S = 5.0
@@ -135,16 +139,16 @@ class Session:
     """The agent's end of one session: its FIFOs, the bash's own command (`shell_watch`, driven
     by the agent like any command) and the command running now, if any."""
 
-    def __init__(self, name: str, key: str, host_dir: str, inside_dir: str, owner: int | None):
+    def __init__(self, name: str, key: str, host_dir: str, inside_dir: str, owner: int | None) -> None:
         self.name = name
         self.key = key
         self.base = os.path.join(host_dir, key)
         self.inside_dir = inside_dir
         self.owner = owner
-        self.shell_watch = None
-        self.running = None  # the SessionStep in flight
-        self.ended = None  # why the session is over, once it is
-        self.fds = {}
+        self.shell_watch: Watched | None = None
+        self.running: SessionStep | None = None  # the SessionStep in flight
+        self.ended: str | None = None  # why the session is over, once it is
+        self.fds: dict[str, int] = {}
         try:
             for suffix in (".in", ".ctl", ".st"):
                 path = self.base + suffix
@@ -172,8 +176,8 @@ class Session:
     def send(self, suffix: str, line: str) -> None:
         try:
             os.write(self.fds[suffix], line.encode())
-        except (BlockingIOError, KeyError, OSError):
-            raise ProtocolError("environment_error", f"session {self.name!r} takes no more input")
+        except (BlockingIOError, KeyError, OSError) as exc:
+            raise ProtocolError("environment_error", f"session {self.name!r} takes no more input") from exc
 
     def start_command(self, command: str, timeout: float, output_limit: int) -> "SessionStep":
         """Hand `command` to the session's bash; the step to drive until it is done."""
@@ -224,7 +228,7 @@ class SessionStep(Watched):
     It reads status lines from the session's status FIFO; the session's end (`x`) ends it too."""
 
     def __init__(self, session: Session, timeout: float, output_limit: int | None = None, started_tick: int = 0,
-                 starting: bool = False):
+                 starting: bool = False) -> None:
         self.session = session
         self.started = time.monotonic()
         self.deadline = self.started + timeout
@@ -233,12 +237,13 @@ class SessionStep(Watched):
         self.starting = starting
         self.fds = (session.status_fd,)
         self.buffer = b""
-        self.status = None  # the command's $?
-        self.exit_status = None  # bash's own, where it ended
-        self.interrupted = None  # `i` or `f`
-        self.give_up = self.cut = None
+        self.status: int | None = None  # the command's $?
+        self.exit_status: int | None = None  # bash's own, where it ended
+        self.interrupted: str | None = None  # `i` or `f`
+        self.give_up: float | None = None
+        self.cut: int | None = None
         self.done = self.timed_out = False
-        self.failure = None
+        self.failure: str | None = None
 
     def on_readable(self, fd: int) -> bool:
         try:
@@ -296,7 +301,7 @@ class SessionStep(Watched):
         self.failure = self.failure or why
         self.done = True
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, Any]:
         session = self.session
         session.running = None
         if self.exit_status is not None or self.interrupted == "f":
@@ -311,7 +316,7 @@ class SessionStep(Watched):
             raise ProtocolError("environment_error", why)
         if self.failure is not None and not self.timed_out:
             raise ProtocolError("environment_error", self.failure)
-        output, truncated = command_output(session.base + ".out", self.output_limit, self.cut)
+        output, truncated = command_output(session.base + ".out", self.output_limit, self.cut)  # type: ignore[arg-type]  # a command's step has its limit
         if self.timed_out:
             returncode = 137
         elif self.status is not None:
@@ -326,7 +331,7 @@ class SessionStep(Watched):
 class SessionTable:
     """The sessions of one instance, by name, and the directory their files are in."""
 
-    def __init__(self, env):
+    def __init__(self, env: "Environment") -> None:
         self.env = env
         self.host_dir, self.inside_dir, self.owner, self.own_dir = env.session_dir()
         self.sessions: dict[str, Session] = {}
@@ -352,7 +357,7 @@ class SessionTable:
 
     def close_all(self) -> list[Session]:
         """End every session (their bash and all it runs); the ones with a command in flight."""
-        busy = []
+        busy: list[Session] = []
         for session in list(self.sessions.values()):
             end(session, "the session was closed")
             if session.running is not None:

@@ -25,10 +25,10 @@ class SingularityEnvironment(CLIContainerEnvironment):
         "instance_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
     }
 
-    def build_argv(self, image, dest):
+    def build_argv(self, image: str, dest: str) -> list[str]:
         return [self.tool, "build", "--force", dest, image]
 
-    def start_argv(self, image_path):
+    def start_argv(self, image_path: str) -> list[list[str]]:
         config = self.config
         argv = [self.tool, "instance", "start", "--contain", "--cleanenv",
                 "--writable" if config["writable"] else "--writable-tmpfs",
@@ -48,19 +48,19 @@ class SingularityEnvironment(CLIContainerEnvironment):
             argv += ["--pids-limit", str(config["pids"])]
         return [[*argv, *config["instance_options"], image_path, self.name]]
 
-    def enter_argv(self, argv):
+    def enter_argv(self, argv: list[str]) -> list[str]:
         return [self.tool, "exec", "--cleanenv", f"instance://{self.name}", *argv]
 
-    def stop_argv(self):
+    def stop_argv(self) -> list[str]:
         return [self.tool, "instance", "stop", self.name]
 
     @classmethod
-    def list_names(cls, tool):
+    def list_names(cls, tool: str) -> list[str]:
         listing = json.loads(run_tool([tool, "instance", "list", "--json"]) or "{}")
         return [entry["instance"] for entry in listing.get("instances") or []]
 
     @classmethod
-    def remove_argv(cls, tool, name):
+    def remove_argv(cls, tool: str, name: str) -> list[str]:
         return [tool, "instance", "stop", "--force", name]
 
 

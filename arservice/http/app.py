@@ -13,9 +13,12 @@ import base64
 import json
 import math
 import threading
+from collections.abc import Generator, Iterator, Mapping
+from typing import Any, NoReturn
 
 import falcon
 import waitress
+import zmq
 
 from .. import protocol
 from ..broker import INPROC_ADDRESS
@@ -46,42 +49,42 @@ UNGUARDED_PATHS = {PATHS[protocol.PING], "/"}
 UNGUARDED_PREFIX = "/static/"
 
 
-def error_body(code, message):
+def error_body(code: str, message: str) -> str:
     return json.dumps({"error": {"code": code, "message": message}})
 
 
 class Authorization:
     """Falcon middleware: the bearer token is checked before anything reads the request body."""
 
-    def __init__(self, token):
+    def __init__(self, token: str | None) -> None:
         self.token = token
 
-    def process_request(self, req, resp):
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self.token and req.path not in UNGUARDED_PATHS and not req.path.startswith(UNGUARDED_PREFIX):
             presented = (req.get_header("Authorization") or "").removeprefix("Bearer ").strip()
             if not protocol.same_secret(presented, self.token):
                 raise ServiceError("unauthorized", "missing or wrong bearer token")
 
 
-def _bad_constant(name):
+def _bad_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a number JSON allows here")
 
 
-def _finite_float(text):
+def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"number {text} is out of range")
     return value
 
 
-def _bounded_int(text):
+def _bounded_int(text: str) -> int:
     value = int(text)
     if not -MAX_INT <= value <= MAX_INT:
         raise ValueError(f"integer {text[:40]} does not fit in 64 bits")
     return value
 
 
-def parse_body(raw):
+def parse_body(raw: bytes) -> dict[str, Any]:
     """A JSON object with only finite numbers that fit in 64 bits; invalid_request otherwise."""
     try:
         body = json.loads(raw or b"{}", parse_constant=_bad_constant, parse_float=_finite_float, parse_int=_bounded_int)
@@ -94,7 +97,7 @@ def parse_body(raw):
     return body
 
 
-def query_fields(params: dict) -> dict:
+def query_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     """A GET's query parameters as message fields: text, but the QUERY_INTS as integers (the broker
     checks every field as it does a ZMQ client's)."""
     fields = dict(params)
@@ -106,7 +109,7 @@ def query_fields(params: dict) -> dict:
     return fields
 
 
-def wait_for(fields):
+def wait_for(fields: dict[str, Any]) -> float:
     """How long to wait for the broker: a command's own time limit and a margin, where it is a sane one
     (the broker refuses the others, at once)."""
     timeout = fields.get("timeout")
@@ -118,16 +121,16 @@ def wait_for(fields):
 class Endpoint:
     """One route; Falcon finds its one responder, so other methods get 405."""
 
-    def __init__(self, method, kind, broker, max_body):
+    def __init__(self, method: str, kind: str, broker: ZMQClient, max_body: int) -> None:
         self.kind = kind
         self.broker = broker
         self.max_body = max_body
         setattr(self, f"on_{method.lower()}", self._get if method == "GET" else self._post)
 
-    def _get(self, req, resp):
+    def _get(self, req: falcon.Request, resp: falcon.Response) -> None:
         self._serve(req, resp, query_fields(req.params))
 
-    def _post(self, req, resp):
+    def _post(self, req: falcon.Request, resp: falcon.Response) -> None:
         too_large = ServiceError("payload_too_large", f"request body is larger than {self.max_body} bytes")
         if req.content_length is not None and req.content_length > self.max_body:
             raise too_large
@@ -136,14 +139,14 @@ class Endpoint:
             raise too_large
         self._serve(req, resp, parse_body(raw))
 
-    def _serve(self, req, resp, body):
+    def _serve(self, req: falcon.Request, resp: falcon.Response, body: dict[str, Any]) -> None:
         use_base64 = body.pop("base64", False) is True
         fields = {k: v for k, v in body.items() if k not in ("v", "type", "id", "token")}
         if self.kind in BYTES_IN and use_base64 and isinstance(fields.get(BYTES_IN[self.kind]), str):
             try:
                 fields[BYTES_IN[self.kind]] = base64.b64decode(fields[BYTES_IN[self.kind]], validate=True)
-            except ValueError:  # binascii.Error, or a non-ASCII string
-                raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64")
+            except ValueError as err:  # binascii.Error, or a non-ASCII string
+                raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64") from err
         if fields.get("stream") is True and self.kind in protocol.STREAMABLE:
             resp.content_type = "application/x-ndjson"
             resp.stream = stream_lines(self.broker._stream(Call(self.kind, fields, wait_for(fields))),
@@ -162,11 +165,11 @@ class Endpoint:
         resp.text = json.dumps(result, allow_nan=False)
 
 
-def stream_lines(events, out, use_base64):
+def stream_lines(events: Generator[Any, None, None], out: str, use_base64: bool) -> Iterator[bytes]:
     """A streamed answer as JSON lines, sent chunked as they come: {"output": ...} for each chunk of
     output, then {"result": ...} (or {"error": ...} if it fails on the way). When the client goes
     away, waitress closes this generator, which closes the broker's stream."""
-    def text(data):
+    def text(data: bytes) -> str:
         return base64.b64encode(data).decode() if use_base64 else data.decode("utf-8", errors="replace")
     try:
         for event in events:
@@ -181,20 +184,22 @@ def stream_lines(events, out, use_base64):
         events.close()
 
 
-def _service_error(req, resp, exc, params):
+def _service_error(req: falcon.Request, resp: falcon.Response, exc: ServiceError | ProtocolError,
+                   params: dict[str, Any]) -> None:
     resp.status = falcon.code_to_http_status(protocol.ERROR_CODES.get(exc.code, 500))
     resp.content_type = falcon.MEDIA_JSON
     resp.text = error_body(exc.code, exc.message)
 
 
-def _http_error(req, resp, exc, params):
+def _http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError, params: dict[str, Any]) -> None:
     status = falcon.http_status_to_code(exc.status)
     resp.status = exc.status
     resp.content_type = falcon.MEDIA_JSON
     resp.text = error_body(STATUS_CODES.get(status, "invalid_request"), exc.title + (f": {exc.description}" if exc.description else ""))
 
 
-def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES, broker_address=INPROC_ADDRESS):
+def create_app(context: zmq.Context, token: str | None = None, max_body: int = DEFAULT_MAX_BODY_BYTES,
+               broker_address: str = INPROC_ADDRESS) -> falcon.App:
     """The app, a client of the broker: over inproc in the broker's process, over loopback in a worker."""
     broker = ZMQClient(broker_address, token=token or "", context=context)
     app = falcon.App(middleware=[Authorization(token)])
@@ -210,13 +215,14 @@ def create_app(context, token=None, max_body=DEFAULT_MAX_BODY_BYTES, broker_addr
 class HTTPServer:
     """waitress serving the app on its own threads, stoppable from another thread."""
 
-    def __init__(self, app, host=None, port=None, threads=DEFAULT_THREADS, max_body=DEFAULT_MAX_BODY_BYTES,
-                 connections=DEFAULT_CONNECTIONS, idle_timeout_s=DEFAULT_IDLE_TIMEOUT_S, sockets=None):
+    def __init__(self, app: falcon.App, host: str | None = None, port: int | None = None, threads: int = DEFAULT_THREADS,
+                 max_body: int = DEFAULT_MAX_BODY_BYTES, connections: int = DEFAULT_CONNECTIONS,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S, sockets: list[Any] | None = None) -> None:
         # On host and port, or on listening sockets made elsewhere (a worker's, inherited).
         where = {"sockets": sockets} if sockets is not None else {"host": host, "port": port}
         # waitress's own limit is a backstop for chunked bodies; the app answers 413 in JSON first.
         # poll(), not select(): past 1023 descriptors select() fails.
-        self.server = waitress.create_server(
+        self.server = waitress.create_server(  # type: ignore[attr-defined]  # waitress exports it; its stubs miss it
             app, **where, threads=threads, max_request_body_size=2 * max_body,
             connection_limit=connections, channel_timeout=idle_timeout_s, asyncore_use_poll=True,
             ident="arservice",
@@ -224,10 +230,10 @@ class HTTPServer:
         self.port = self.server.effective_port
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
 
-    def start(self):
+    def start(self) -> None:
         self.thread.start()
         log.info("http_started", host=self.server.effective_host, port=self.port)
 
-    def stop(self):
+    def stop(self) -> None:
         self.server.close()
         self.server.task_dispatcher.shutdown(timeout=5)

@@ -7,6 +7,8 @@ format's cost falls on an HTTP thread, not on the loop.
 """
 
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import falcon
 from prometheus_client import CollectorRegistry, exposition
@@ -16,6 +18,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
@@ -41,17 +44,17 @@ GCCollector(registry=PROCESS_REGISTRY)
 class BrokerSnapshot:
     """One scrape: the families the broker handed out (see broker/metrics.py), then this process's own."""
 
-    def __init__(self, families: list):
+    def __init__(self, families: list[Any]) -> None:
         self.families = families
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for name, kind, help_text, labels, samples in self.families:
             if kind == "histogram":
                 bounds, series = samples
                 family = HistogramMetricFamily(name, help_text, labels=labels)
                 for values, counts in series:
                     cumulative, buckets = 0, []
-                    for bound, count in zip([*bounds, float("inf")], counts[:-1]):
+                    for bound, count in zip([*bounds, float("inf")], counts[:-1], strict=False):
                         cumulative += count
                         buckets.append((floatToGoString(bound), cumulative))
                     family.add_metric(values, buckets, counts[-1])
@@ -64,12 +67,12 @@ class BrokerSnapshot:
 
 
 class MetricsResource:
-    def __init__(self, broker: ZMQClient):
+    def __init__(self, broker: ZMQClient) -> None:
         self.broker = broker
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         families = self.broker.request(protocol.METRICS, DEFAULT_WAIT_S)["families"]
-        encode, resp.content_type = exposition.choose_encoder(req.get_header("Accept"))
+        encode, resp.content_type = exposition.choose_encoder(req.get_header("Accept"))  # type: ignore[arg-type]  # it takes None as ''
         resp.data = encode(BrokerSnapshot(families))
 
 

@@ -50,7 +50,7 @@ class WorkerPool:
     """N worker processes serving one listening socket; started and stopped by the service."""
 
     def __init__(self, count: int, host: str, port: int, broker_address: str, token: str | None,
-                 threads: int, connections: int, idle_timeout_s: float, max_body: int, log_level: str = "INFO"):
+                 threads: int, connections: int, idle_timeout_s: float, max_body: int, log_level: str = "INFO") -> None:
         self.sock = listen(host, port)
         self.port = self.sock.getsockname()[1]
         self.count = count
@@ -96,7 +96,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(os.environ[ENV_FD]))
     threads, connections, idle_timeout_s, max_body = os.environ[ENV_SETTINGS].split(",")
     token = os.environ.get(ENV_TOKEN) or None
-    context = zmq.Context.instance()
+    context: zmq.Context = zmq.Context.instance()
     context.set(zmq.MAX_SOCKETS, int(threads) + 1024)
     app = create_app(context, token, int(max_body), broker_address=os.environ[ENV_BROKER])
     server = HTTPServer(app, threads=int(threads), max_body=int(max_body), connections=int(connections),

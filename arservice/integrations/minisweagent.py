@@ -96,7 +96,7 @@ def sleep_seconds(duration: str) -> float:
 
 
 class ArserviceEnvironment:
-    def __init__(self, *, config_class: type = ArserviceEnvironmentConfig, **kwargs):
+    def __init__(self, *, config_class: type = ArserviceEnvironmentConfig, **kwargs: Any) -> None:
         """Start one arservice instance; see `ArserviceEnvironmentConfig` for the keyword arguments."""
         self.instance_id: str | None = None
         self.config = config_class(**kwargs)
@@ -104,7 +104,7 @@ class ArserviceEnvironment:
             raise ValueError(f"run_args {self.config.run_args} are docker CLI arguments: put run options in "
                              "spec.run_options (keyword arguments of the docker SDK's containers.run)")
         self.client = client_for(self.config.address, self.config.token)
-        self._command_env = None  # with a preset, env and forward_env travel with each command
+        self._command_env: dict[str, str] | None = None  # with a preset, env and forward_env travel with each command
         self.instance_id = self._start(self._environment())["instance_id"]
 
     def _forwarded_env(self) -> dict[str, str]:
@@ -188,7 +188,7 @@ class ArserviceEnvironment:
     get_template_vars = DockerEnvironment.get_template_vars
     serialize = DockerEnvironment.serialize
 
-    def cleanup(self):
+    def cleanup(self) -> None:
         """Close the instance (the service removes its container, processes and files)."""
         instance_id, self.instance_id = getattr(self, "instance_id", None), None
         if instance_id is not None:
@@ -198,7 +198,7 @@ class ArserviceEnvironment:
                 if exc.code != "not_found":
                     raise
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.cleanup()
         except Exception:  # noqa: BLE001, S110 - at interpreter exit the client may be gone already;

@@ -24,7 +24,7 @@ import asyncio
 import logging
 import os
 import shlex
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swerex.deployment.abstract import AbstractDeployment
 from swerex.deployment.hooks.abstract import CombinedDeploymentHook, DeploymentHook
@@ -55,6 +55,9 @@ from swerex.runtime.abstract import (
     WriteFileResponse,
 )
 
+if TYPE_CHECKING:
+    from swerex.runtime.abstract import CloseBashSessionRequest
+
 from ..aio import AsyncClient, AsyncHTTPClient, AsyncZMQClient
 from ..client import ServiceError
 
@@ -80,7 +83,7 @@ def _text(data: bytes) -> str:
 class ArserviceRuntime(AbstractRuntime):
     """SWE-ReX's runtime interface over one arservice instance."""
 
-    def __init__(self, client: AsyncClient, instance_id: str, logger: logging.Logger | None = None):
+    def __init__(self, client: AsyncClient, instance_id: str, logger: logging.Logger | None = None) -> None:
         self.client = client
         self.instance_id = instance_id
         self.logger = logger or logging.getLogger("arservice.swerex")
@@ -129,7 +132,7 @@ class ArserviceRuntime(AbstractRuntime):
         return BashObservation(output=output, exit_code=exit_code,
                                failure_reason=answer.get("message", "") if answer.get("session_ended") else "")
 
-    async def close_session(self, request) -> CloseBashSessionResponse:
+    async def close_session(self, request: "CloseBashSessionRequest") -> CloseBashSessionResponse:
         try:
             await self.client.close_session(self.instance_id, request.session)
         except ServiceError as exc:
@@ -187,7 +190,7 @@ class ArserviceDeployment(AbstractDeployment):
     """Starts an arservice instance (a spec, or a preset's name) and gives its ArserviceRuntime."""
 
     def __init__(self, *, environment: dict | str, address: str | None = None, token: str | None = None,
-                 start_wait: float | None = None, logger: logging.Logger | None = None, **_: Any):
+                 start_wait: float | None = None, logger: logging.Logger | None = None, **_: Any) -> None:
         self.environment = environment
         self.address = address or os.environ.get("ARSERVICE_ADDRESS", DEFAULT_ADDRESS)
         self.token = token
@@ -203,16 +206,16 @@ class ArserviceDeployment(AbstractDeployment):
     async def is_alive(self, *, timeout: float | None = None) -> IsAliveResponse:
         return await self.runtime.is_alive(timeout=timeout)
 
-    async def start(self, *args, **kwargs) -> None:
+    async def start(self, *args: Any, **kwargs: Any) -> None:
         self._hooks.on_custom_step("Starting an arservice instance")
         self._client = connect(self.address, self.token)
         started = await self._client.start_instance(self.environment, wait_s=self.start_wait)
         self._runtime = ArserviceRuntime(self._client, started["instance_id"], self.logger)
 
-    async def stop(self, *args, **kwargs) -> None:
+    async def stop(self, *args: Any, **kwargs: Any) -> None:
         if self._runtime is not None:
             try:
-                await self._client.close_instance(self._runtime.instance_id)
+                await self._client.close_instance(self._runtime.instance_id)  # type: ignore[union-attr]  # made with the runtime
             except ServiceError as exc:
                 if exc.code != "not_found":
                     raise

@@ -9,9 +9,13 @@ Nothing here needs a third-party package; litellm is imported only by its own cl
 """
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 from .cost import GLOBAL, CostLimitExceeded, CostTracker, PriceTable
 from .http import ModelError
+
+if TYPE_CHECKING:
+    from .base import Model
 
 # model_class -> "module:Class", imported on use (so litellm is never imported unless asked for).
 MODEL_CLASSES = {
@@ -22,7 +26,7 @@ MODEL_CLASSES = {
 }
 
 
-def get_model(config):
+def get_model(config: dict[str, Any]) -> "Model":
     """A model from `{"model_class", "model_name", "model_kwargs"?, ...}`; other keys go to the class."""
     config = dict(config)
     name = config.pop("model_class", None)
@@ -32,7 +36,8 @@ def get_model(config):
     module, cls = path.split(":")
     if "model_name" not in config:
         raise ValueError("a model config needs 'model_name'")
-    return getattr(importlib.import_module(module), cls)(**config)
+    model: Model = getattr(importlib.import_module(module), cls)(**config)
+    return model
 
 
 __all__ = ["get_model", "MODEL_CLASSES", "ModelError", "CostLimitExceeded", "CostTracker", "PriceTable", "GLOBAL"]

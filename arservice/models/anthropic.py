@@ -7,6 +7,8 @@ cache and writes the newest turn to it (the pattern Anthropic documents for mult
 at most 4 markers are allowed, this uses 3).
 """
 
+from typing import Any
+
 from .base import Model
 from .http import ModelError
 
@@ -15,11 +17,11 @@ DEFAULT_MAX_TOKENS = 4096
 CACHED_USER_TURNS = 2
 
 
-def _blocks(content):
+def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else [dict(b) for b in content]
 
 
-def _mark(blocks):
+def _mark(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     blocks[-1] = {**blocks[-1], "cache_control": {"type": "ephemeral"}}
     return blocks
 
@@ -28,14 +30,14 @@ class AnthropicModel(Model):
     provider = "anthropic"
     key_env = "ANTHROPIC_API_KEY"
 
-    def __init__(self, model_name, prompt_caching=False, **kwargs):
+    def __init__(self, model_name: str, prompt_caching: bool = False, **kwargs: Any) -> None:
         super().__init__(model_name, **kwargs)
         self.prompt_caching = prompt_caching
 
-    def default_base_url(self):
+    def default_base_url(self) -> str:
         return "https://api.anthropic.com"
 
-    def request_body(self, messages, kwargs):
+    def request_body(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
         system = [b for m in messages if m["role"] == "system" for b in _blocks(m["content"])]
         turns = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]
         if self.prompt_caching:

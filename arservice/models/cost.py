@@ -9,6 +9,8 @@ extend or override the table from a JSON file of the same shape: `{"model": {"in
 import json
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 # As the providers published them in 2025; override from JSON when they change.
 DEFAULT_PRICES = {
@@ -27,15 +29,15 @@ class CostLimitExceeded(RuntimeError):
 
 
 class PriceTable:
-    def __init__(self, prices=None):
-        self.prices = {}
+    def __init__(self, prices: dict[str, dict[str, float]] | None = None) -> None:
+        self.prices: dict[str, dict[str, float]] = {}
         self.update(DEFAULT_PRICES)
         self.update(prices or {})
         path = os.environ.get("ARSERVICE_MODEL_PRICES")
         if path:
             self.load(path)
 
-    def update(self, prices):
+    def update(self, prices: dict[str, Any]) -> None:
         for model, price in prices.items():
             if not isinstance(price, dict) or not set(price) <= set(PRICE_FIELDS) or not {"input", "output"} <= set(price) \
                     or not all(isinstance(v, (int, float)) and v >= 0 for v in price.values()):
@@ -43,7 +45,7 @@ class PriceTable:
                                  f" per million tokens, not {price!r}")
             self.prices[model] = dict(price)
 
-    def load(self, path):
+    def load(self, path: str) -> None:
         try:
             with open(path) as f:
                 prices = json.load(f)
@@ -53,10 +55,10 @@ class PriceTable:
             raise ValueError(f"{path}: prices must be a JSON object of model -> price")
         self.update(prices)
 
-    def __contains__(self, model):
+    def __contains__(self, model: object) -> bool:
         return model in self.prices
 
-    def cost(self, model, usage):
+    def cost(self, model: str, usage: dict[str, int]) -> float:
         """Dollars for `usage` (input_tokens counts every prompt token, cached ones included)."""
         price = self.prices[model]
         cached = usage.get("cached_tokens", 0)
@@ -68,7 +70,10 @@ class PriceTable:
                 + usage.get("output_tokens", 0) * price["output"]) / 1e6
 
 
-def _limit_from_env(name, kind):
+_N = TypeVar("_N", int, float)
+
+
+def _limit_from_env(name: str, kind: Callable[[str], _N]) -> _N | None:
     value = os.environ.get(name)
     return kind(value) if value else None
 
@@ -77,14 +82,14 @@ class CostTracker:
     """Calls, tokens and dollars so far. `begin_call` checks the limits and counts the call in one
     step under the lock, so N threads racing against a call limit of K make exactly K calls."""
 
-    def __init__(self, cost_limit=None, call_limit=None):
+    def __init__(self, cost_limit: float | None = None, call_limit: int | None = None) -> None:
         self._lock = threading.Lock()
         self.cost_limit, self.call_limit = cost_limit, call_limit
         self.calls = 0
         self.cost = 0.0
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
 
-    def begin_call(self):
+    def begin_call(self) -> None:
         with self._lock:
             if self.call_limit is not None and self.calls >= self.call_limit:
                 raise CostLimitExceeded(f"model call limit reached: {self.calls} of {self.call_limit} calls made")
@@ -92,14 +97,14 @@ class CostTracker:
                 raise CostLimitExceeded(f"model cost limit reached: ${self.cost:.4f} spent of ${self.cost_limit:g}")
             self.calls += 1
 
-    def add(self, cost, usage):
+    def add(self, cost: float, usage: dict[str, int]) -> None:
         with self._lock:
             self.cost += cost
             self.input_tokens += usage.get("input_tokens", 0)
             self.output_tokens += usage.get("output_tokens", 0)
             self.cached_tokens += usage.get("cached_tokens", 0)
 
-    def snapshot(self):
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"calls": self.calls, "cost": self.cost, "input_tokens": self.input_tokens,
                     "output_tokens": self.output_tokens, "cached_tokens": self.cached_tokens,

@@ -12,6 +12,8 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..logs import EventLog
 
@@ -21,17 +23,18 @@ log = EventLog("models")
 class ModelError(RuntimeError):
     """A provider call that failed: names the provider, the HTTP status (None if no answer) and why."""
 
-    def __init__(self, provider, status, message, retryable=False, retry_after_s=None):
+    def __init__(self, provider: str, status: int | None, message: str, retryable: bool = False,
+                 retry_after_s: float | None = None) -> None:
         self.provider, self.status, self.message = provider, status, message
         self.retryable, self.retry_after_s = retryable, retry_after_s
         super().__init__(f"{provider}: {'HTTP ' + str(status) if status else 'no answer'}: {message}")
 
 
-def is_retryable(status):
+def is_retryable(status: int) -> bool:
     return status in (408, 429) or status >= 500
 
 
-def error_message(body):
+def error_message(body: bytes) -> str:
     """The provider's own words from an error body (OpenAI and Anthropic both use {"error": {"message"}})."""
     try:
         error = json.loads(body).get("error")
@@ -43,14 +46,15 @@ def error_message(body):
     return str(error)
 
 
-def retry_after_s(headers):
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
     try:
-        return max(float(headers.get("Retry-After")), 0.0)
+        return max(float(headers.get("Retry-After")), 0.0)  # type: ignore[arg-type]  # None: the TypeError below
     except (TypeError, ValueError):
         return None  # absent, or an HTTP date: fall back to our own backoff
 
 
-def with_retries(provider, attempt_once, max_retries=4, backoff_s=1.0, max_backoff_s=60.0):
+def with_retries(provider: str, attempt_once: Callable[[], Any], max_retries: int = 4, backoff_s: float = 1.0,
+                 max_backoff_s: float = 60.0) -> Any:
     """Call `attempt_once()` until it returns, retrying the ModelErrors marked retryable."""
     for attempt in range(max_retries + 1):
         try:
@@ -68,7 +72,8 @@ def with_retries(provider, attempt_once, max_retries=4, backoff_s=1.0, max_backo
             time.sleep(wait)
 
 
-def post_json(provider, url, headers, body, timeout, max_retries=4, backoff_s=1.0, max_backoff_s=60.0):
+def post_json(provider: str, url: str, headers: dict[str, str], body: dict[str, Any], timeout: float,
+              max_retries: int = 4, backoff_s: float = 1.0, max_backoff_s: float = 60.0) -> Any:
     """POST `body` as JSON and return the decoded JSON answer; raise ModelError when it fails for good."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json", **headers})
@@ -80,7 +85,7 @@ def post_json(provider, url, headers, body, timeout, max_retries=4, backoff_s=1.
         except urllib.error.HTTPError as exc:
             raise ModelError(provider, exc.code, error_message(exc.read()), retryable=is_retryable(exc.code),
                              retry_after_s=retry_after_s(exc.headers)) from None
-        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, (socket.timeout, TimeoutError)):
                 reason = f"timed out after {timeout:g} s"

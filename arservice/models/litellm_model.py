@@ -5,6 +5,8 @@ by the same policy as the other clients. Its cost calculator is used when it kno
 otherwise our price table.
 """
 
+from typing import Any
+
 from .base import Model
 from .http import ModelError, is_retryable
 
@@ -13,7 +15,7 @@ class LitellmModel(Model):
     provider = "litellm"
     reports_cost = True  # litellm computes it for the models in its own price map
 
-    def __init__(self, model_name, **kwargs):
+    def __init__(self, model_name: str, **kwargs: Any) -> None:
         try:
             import litellm
         except ImportError:

@@ -4,6 +4,8 @@ One client for OpenAI, vLLM, SGLang and litellm's proxy (by `base_url`), and Ope
 answers carry the call's cost in `usage.cost`.
 """
 
+from typing import Any
+
 from .base import Model
 from .http import ModelError, is_retryable
 
@@ -12,10 +14,10 @@ class OpenAIModel(Model):
     provider = "openai"
     key_env = "OPENAI_API_KEY"
 
-    def default_base_url(self):
+    def default_base_url(self) -> str:
         return "https://api.openai.com/v1"
 
-    def request_body(self, messages, kwargs):
+    def request_body(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.model_name, "messages": messages, **kwargs}
 
     def _query(self, messages, kwargs):
@@ -49,10 +51,10 @@ class OpenRouterModel(OpenAIModel):
     key_env = "OPENROUTER_API_KEY"
     reports_cost = True
 
-    def default_base_url(self):
+    def default_base_url(self) -> str:
         return "https://openrouter.ai/api/v1"
 
-    def request_body(self, messages, kwargs):
+    def request_body(self, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> dict[str, Any]:
         # Ask for usage accounting, so the answer's usage carries the cost.
         return {**super().request_body(messages, kwargs), "usage": {"include": True}}
 

@@ -12,6 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
 
 from ..agent import workdirs
 from ..logs import EventLog
@@ -30,8 +34,9 @@ SECRET_VARIABLES = ("ARSERVICE_TOKEN", "ARSERVICE_TOKEN_FILE", "ARSERVICE_AGENT_
 class LocalRunner(BaseRunner):
     name = "local"
 
-    def __init__(self, limits, broker_address, token=None, context=None, agents=1, agent_args=(), agent_secret=None,
-                 log_level: str = "INFO"):
+    def __init__(self, limits: dict[str, Any], broker_address: str, token: str | None = None,
+                 context: zmq.Context | None = None, agents: int = 1, agent_args: Sequence[str] = (),
+                 agent_secret: str | None = None, log_level: str = "INFO") -> None:
         super().__init__(limits, broker_address, token, context)
         self.agent_secret = agent_secret  # without a token: made for this run, given only to our agents
         self.count = agents
@@ -39,7 +44,7 @@ class LocalRunner(BaseRunner):
         # Split the service's instances over the agents; the broker enforces the total anyway.
         self.per_agent = max(1, -(-instances // agents))
         self.agent_args = ["--log-level", log_level, *agent_args]
-        self.procs = [None] * agents
+        self.procs: list[subprocess.Popen[bytes] | None] = [None] * agents
         self.spawned_at = [0.0] * agents
         self.backoff = [RESTART_BACKOFF_S[0]] * agents
         self.thread = threading.Thread(target=self._watch, name="runner", daemon=True)
@@ -57,7 +62,7 @@ class LocalRunner(BaseRunner):
         self.spawned_at[slot] = time.monotonic()
         log.info("agent_spawned", slot=slot, pid=proc.pid)
 
-    def start(self):
+    def start(self) -> None:
         for slot in range(self.count):
             self._spawn(slot)
         self.requested = self.count
@@ -76,7 +81,7 @@ class LocalRunner(BaseRunner):
                     self._spawn(slot)
                     self.backoff[slot] = min(backoff * 2, RESTART_BACKOFF_S[1])
 
-    def stop(self):
+    def stop(self) -> None:
         """SIGTERM every agent (they close their instances), SIGKILL what is left after a while."""
         self.stopping.set()
         if self.thread.is_alive():

@@ -15,8 +15,12 @@ import subprocess
 import threading
 import time
 from collections import namedtuple
+from typing import TYPE_CHECKING, Any
 
 from ..logs import EventLog
+
+if TYPE_CHECKING:
+    import paramiko
 
 log = EventLog("runner.shell")
 
@@ -33,7 +37,7 @@ class ShellError(RuntimeError):
 class LocalShell:
     description = "this host"
 
-    def __init__(self, timeout_s: float = COMMAND_TIMEOUT_S):
+    def __init__(self, timeout_s: float = COMMAND_TIMEOUT_S) -> None:
         self.timeout_s = timeout_s
         self.abort = threading.Event()
 
@@ -75,7 +79,7 @@ class SSHShell:
     waited for with a deadline; past it the connection is closed, which ends the helper too."""
 
     def __init__(self, target: str, port: int = 22, key_file: str | None = None, connect_timeout_s: float = 10.0,
-                 timeout_s: float = COMMAND_TIMEOUT_S):
+                 timeout_s: float = COMMAND_TIMEOUT_S) -> None:
         user, _, host = target.rpartition("@")
         self.user, self.host, self.port = user or None, host, port
         self.key_file = key_file
@@ -83,12 +87,12 @@ class SSHShell:
         self.timeout_s = timeout_s
         self.description = f"{target}:{port}"
         self.abort = threading.Event()
-        self._client = None
+        self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()  # one connection, opened once even when two threads need it
-        self._sh = None  # the RemoteSh on that connection
+        self._sh: RemoteSh | None = None  # the RemoteSh on that connection
         self._sh_lock = threading.Lock()  # one command at a time through it
 
-    def connect(self, timeout: float | None = None):
+    def connect(self, timeout: float | None = None) -> "paramiko.SSHClient":
         import paramiko
         timeout = min(self.connect_timeout_s, timeout or self.connect_timeout_s)
         client = paramiko.SSHClient()
@@ -129,6 +133,7 @@ class SSHShell:
         attempt = 0
         while True:
             attempt += 1
+            box: dict[str, Any]
             box, done = {}, threading.Event()
             threading.Thread(target=self._call, args=(action, deadline, box, done), name=f"ssh-{what}", daemon=True).start()
             while not done.wait(WAIT_SLICE_S):
@@ -185,10 +190,10 @@ class RemoteSh:
     pays them once per connection. Each command's stdin is /dev/null, so it cannot eat the ones
     after it; its stdout, exit status and stderr come back framed by a marker it cannot guess."""
 
-    def __init__(self, client, timeout: float):
+    def __init__(self, client: "paramiko.SSHClient", timeout: float) -> None:
         self.client = client
         self.marker = f"__arservice_{secrets.token_hex(8)}__".encode()
-        self.channel = client.get_transport().open_session(timeout=timeout)
+        self.channel = client.get_transport().open_session(timeout=timeout)  # type: ignore[union-attr]  # connected
         self.channel.exec_command("exec /bin/sh")
         self.buffer = b""
         self.run("true")  # whatever the start-up files printed goes with this one

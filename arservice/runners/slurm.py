@@ -35,6 +35,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
 
 from ..client import ServiceError
 from ..logs import EventLog
@@ -57,19 +60,19 @@ class SlurmOptions:
     agents_per_job: int = 1
     min_jobs: int = 0
     idle_timeout_s: float = 300.0
-    partition: str = None
-    account: str = None
-    time_limit: str = None
+    partition: str | None = None
+    account: str | None = None
+    time_limit: str | None = None
     time_margin_s: float = 120.0  # an agent takes nothing new this long before its job's time limit
-    cpus_per_agent: int = None
-    memory_per_agent: str = None
+    cpus_per_agent: int | None = None
+    memory_per_agent: str | None = None
     sbatch_args: tuple = ()
     env: tuple = ()  # NAME=VALUE pairs added to the jobs' environment
     job_prefix: str = "arservice"
-    python: str = None  # the Python that runs agents; default: this one here, python3 over SSH
-    ssh: str = None     # user@host of a login node
+    python: str | None = None  # the Python that runs agents; default: this one here, python3 over SSH
+    ssh: str | None = None     # user@host of a login node
     ssh_port: int = 22
-    ssh_key: str = None
+    ssh_key: str | None = None
     stop_timeout_s: float = 30.0
     command_timeout_s: float = 30.0  # any one sbatch, squeue, scancel, scontrol (and SSH connection)
     agent_args: tuple = field(default_factory=tuple)
@@ -92,23 +95,23 @@ def slurm_seconds(text: str) -> int | None:
 
 
 class Job:
-    def __init__(self, job_id: str, now: float):
+    def __init__(self, job_id: str, now: float) -> None:
         self.job_id = job_id     # as squeue prints it: 41, or 40_3 for an element of an array
         # What its agents report (SLURM_JOB_ID): the same, except for an array element, which gets
         # its own id only when it starts (squeue %A then).
         self.slurm_id = None if "_" in job_id else job_id
         self.state = "PENDING"
         self.node = ""           # where Slurm runs it (squeue %N), once running
-        self.ends_at = None      # monotonic time of its time limit, once running with one
+        self.ends_at: float | None = None      # monotonic time of its time limit, once running with one
         self.submitted = now
         self.cancelled = False   # by us: its end is expected
         self.cancel_failed = False  # scancel did not go through: retried while squeue lists it
         self.lost = False
         self.ran = False         # started: seen running, or an agent seen; never pending again unasked
         self.draining = False    # near its time limit: its agents take nothing new
-        self.agents = []         # the broker's descriptions of its registered agents
-        self.seen = set()        # ids of every agent it ever registered
-        self.idle_since = None
+        self.agents: list[dict[str, Any]] = []         # the broker's descriptions of its registered agents
+        self.seen: set[str] = set()        # ids of every agent it ever registered
+        self.idle_since: float | None = None
 
     def instances(self) -> int:
         return sum(a["instances"] for a in self.agents)
@@ -119,7 +122,8 @@ class SlurmRunner(BaseRunner):
     start_wait_s = 600.0  # a start may wait this long for a job to start and its agent to register
     agents_elsewhere = True
 
-    def __init__(self, limits, broker_address, token=None, context=None, options=None):
+    def __init__(self, limits: dict[str, Any], broker_address: str, token: str | None = None,
+                 context: zmq.Context | None = None, options: SlurmOptions | None = None) -> None:
         super().__init__(limits, broker_address, token, context)
         self.opts = options or SlurmOptions()
         self.max_jobs = int(limits.get("jobs", 1))
@@ -136,9 +140,9 @@ class SlurmRunner(BaseRunner):
         self.workdir = f"{base}/{self.job_name}"
         self.python = self.opts.python or ("python3" if self.opts.ssh else sys.executable)
         self.per_job = self.opts.instances_per_agent * self.opts.agents_per_job
-        self.jobs = {}  # job id -> Job
-        self.excluded = {}  # node -> monotonic time until which no job goes there
-        self.token_path = None  # where the secret was written, to remove it on stop
+        self.jobs: dict[str, Job] = {}  # job id -> Job
+        self.excluded: dict[str, float] = {}  # node -> monotonic time until which no job goes there
+        self.token_path: str | None = None  # where the secret was written, to remove it on stop
         self.counts = {"submitted": 0, "lost": 0, "released": 0, "drained": 0}
         self._owed = 0  # replacements for jobs lost or near their end
         self._replace_backoff = REPLACE_BACKOFF_S[0]
@@ -150,7 +154,7 @@ class SlurmRunner(BaseRunner):
 
     # -- life -----------------------------------------------------------------
 
-    def start(self):
+    def start(self) -> None:
         """Check Slurm answers (and SSH works), copy the job script, submit min_jobs; raise ShellError if not."""
         self._check(self.shell.run(["squeue", "--version"]), "squeue")
         with open(SCRIPT, "rb") as f:

@@ -22,11 +22,14 @@ agent puts there (write_file, the helper's FIFOs) are made that uid's too.
 import os
 import shutil
 import stat
+import subprocess
+from typing import Any
 
 from ...protocol import ProtocolError
 from .. import hostdir, process, safefs
 from ..base import Environment, check_command, resolve_path, shell_argv, shell_option
 from ..helper import MOUNT, ExecHelper, helper_argv, revived, start_process
+from ..process import Watched
 
 WORK = "/work"
 HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
@@ -37,7 +40,7 @@ OWN_DIRS = ("proc", "dev", "tmp", WORK.strip("/"), MOUNT.strip("/"))
 SANDBOX_UID = int(os.environ.get("ARSERVICE_SANDBOX_UID", "65533"))
 
 
-def read_only_binds(root, names):
+def read_only_binds(root: str, names: list[str] | tuple[str, ...]) -> list[str]:
     """bwrap arguments that show root/NAME read-only at /NAME (symlinks stay symlinks)."""
     args = []
     for name in names:
@@ -82,26 +85,26 @@ class BubblewrapEnvironment(Environment):
         # A sandbox killed from outside: a new one over the same /work (true), or the instance is lost.
         "revive": (bool, False, None),
     }
-    workdir = None
-    tmp_dir = None
-    host_dir = None
-    helper = None
-    helper_proc = None
-    owner = None
-    groups = ()
+    workdir: str = None  # type: ignore[assignment]  # made by start(), before any use but close()'s
+    tmp_dir: str | None = None
+    host_dir: str | None = None
+    helper: ExecHelper | None = None
+    helper_proc: subprocess.Popen[bytes] | None = None
+    owner: int | None = None
+    groups: set[int] = ()  # type: ignore[assignment]  # a set from start() on; empty for a close() before it
 
     @classmethod
-    def parse_config(cls, spec):
+    def parse_config(cls, spec: dict[str, Any]) -> dict[str, Any]:
         config = super().parse_config(spec)
         if isinstance(config["network"], str):
             raise ProtocolError("invalid_request", "bubblewrap environments cannot join a named network: network is true or false")
         return config
 
     @classmethod
-    def available(cls):
+    def available(cls) -> bool:
         return shutil.which("bwrap") is not None
 
-    def start(self):
+    def start(self) -> dict[str, Any]:
         root = self.config["root"]
         if root is not None and not os.path.isdir(root):
             raise ProtocolError("invalid_request", f"root {root!r} is not a directory on this agent")
@@ -162,7 +165,8 @@ class BubblewrapEnvironment(Environment):
             [*self.prefix, "--as-pid-1", "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()],
             self.helper)
 
-    def plain_execute(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+                      output_limit: int | None = None) -> dict[str, Any]:
         """Only where the helper died (spawn returned None). It is the sandbox's PID 1, which nothing
         inside can signal: the sandbox was killed from outside, and its processes and /tmp went with
         it. The instance is lost (a command answered from a new sandbox would describe another
@@ -171,10 +175,11 @@ class BubblewrapEnvironment(Environment):
         if not self.config["revive"]:
             raise ProtocolError("instance_lost", "the instance's sandbox was killed from outside: its processes and "
                                                  "/tmp are gone (`revive: true` in a spec starts a new sandbox instead)")
-        self.helper.revive(self._launch_helper)
+        self.helper.revive(self._launch_helper)  # type: ignore[union-attr]  # spawn() returned None: it has one
         return revived(self.spawn(command, timeout, cwd, env, output_limit))
 
-    def spawn(self, command, timeout, cwd=None, env=None, output_limit=None):
+    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
+              output_limit: int | None = None) -> Watched | None:
         if self.helper is not None and not self.helper.alive():
             return None
         cwd = resolve_path(cwd, self.cwd) if cwd else self.cwd
@@ -189,7 +194,7 @@ class BubblewrapEnvironment(Environment):
         return process.Command([*argv, *shell_argv(self.shell, command)], timeout=timeout, output_limit=output_limit,
                                groups=self.groups)
 
-    def host_dirs(self):
+    def host_dirs(self) -> dict[str, str]:
         # /tmp only where it is a host directory (with `disk`): bwrap's own tmpfs is not seen from the host.
         return {name: path for name, path in (("work", self.workdir), ("tmp", self.tmp_dir)) if path}
 
@@ -201,17 +206,17 @@ class BubblewrapEnvironment(Environment):
             raise ProtocolError("invalid_request", f"bubblewrap instances exchange files under {WORK} only, not {path}")
         return os.path.relpath(inside, WORK)
 
-    def write_file(self, path, content, mode):
+    def write_file(self, path: str, content: bytes, mode: int) -> dict[str, Any]:
         fd = safefs.open_beneath(self.workdir, self._beneath_work(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                                  mode, make_parents=True, shown=path, owner=self.owner)
         safefs.write_all(fd, content, mode)
         return {"path": path, "written": len(content)}
 
-    def read_file(self, path, limit):
+    def read_file(self, path: str, limit: int) -> dict[str, Any]:
         fd = safefs.open_beneath(self.workdir, self._beneath_work(path), os.O_RDONLY, shown=path)
         return {"content": safefs.read_limited(fd, limit, path)}
 
-    def close(self):
+    def close(self) -> None:
         if self.helper_proc is not None:
             process.kill_group(self.helper_proc.pid)
             self.helper_proc.wait()
