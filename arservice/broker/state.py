@@ -160,7 +160,6 @@ class WaitingStart:
         self.config = config
         self.wait_s = wait_s
         self.deadline = time.monotonic() + wait_s
-        self.reason = ""
 
 
 class Pool:

@@ -1,4 +1,4 @@
-"""What every runner shares: the resource limits, and agents asked for versus agents registered.
+"""What every runner shares: agents asked for versus agents registered, and the broker it talks to.
 
 A runner decides where agents come from. It runs on its own thread and sees the broker
 only as a client does (over inproc ZMQ), so the broker's state keeps a single owner.
@@ -26,7 +26,8 @@ class BaseRunner:
 
     def __init__(self, limits: dict[str, Any], broker_address: str, token: str | None = None,
                  context: zmq.Context | None = None) -> None:
-        self.limits = limits
+        # `limits` (--max-resources) is part of every runner's constructor: each sizes its agents or
+        # jobs by it in its own way, and the broker, not the runner, enforces it.
         self.broker_address = broker_address  # what agents dial
         self.token = token
         self.broker = ZMQClient(INPROC_ADDRESS, token=token or "", context=context)

@@ -95,7 +95,7 @@ def slurm_seconds(text: str) -> int | None:
 
 
 class Job:
-    def __init__(self, job_id: str, now: float) -> None:
+    def __init__(self, job_id: str) -> None:
         self.job_id = job_id     # as squeue prints it: 41, or 40_3 for an element of an array
         # What its agents report (SLURM_JOB_ID): the same, except for an array element, which gets
         # its own id only when it starts (squeue %A then).
@@ -103,7 +103,6 @@ class Job:
         self.state = "PENDING"
         self.node = ""           # where Slurm runs it (squeue %N), once running
         self.ends_at: float | None = None      # monotonic time of its time limit, once running with one
-        self.submitted = now
         self.cancelled = False   # by us: its end is expected
         self.cancel_failed = False  # scancel did not go through: retried while squeue lists it
         self.lost = False
@@ -262,7 +261,7 @@ class SlurmRunner(BaseRunner):
             job = self.jobs.get(job_id)
             if job is None:  # ours (by name) but unknown: an sbatch whose answer was lost
                 log.warning("job_adopted", job=job_id)
-                job = self.jobs[job_id] = Job(job_id, now)
+                job = self.jobs[job_id] = Job(job_id)
             job.state, job.node = state, node or job.node
             if state != "PENDING":  # (a pending array element shows the array's id)
                 job.slurm_id = slurm_id
@@ -418,7 +417,7 @@ class SlurmRunner(BaseRunner):
             raise ShellError(f"sbatch answered {result.stdout.strip()!r}, not a job id")
         job_ids = [f"{job_id}_{i}" for i in range(count)] if count > 1 else [job_id]
         for job_id in job_ids:
-            self.jobs[job_id] = Job(job_id, now)
+            self.jobs[job_id] = Job(job_id)
         self.counts["submitted"] += count
         log.info("job_submitted", jobs=" ".join(job_ids), submit_on=self.shell.description,
                  excluded=",".join(sorted(self.excluded)))
