@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +28,7 @@ from .. import curve, environments, protocol
 from ..environments import session
 from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
-from ..protocol import ProtocolError
+from ..protocol import Message, ProtocolError
 from . import streams, workdirs
 
 if TYPE_CHECKING:
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
 
 log = EventLog("agent")
 
-INSTANCE_REQUESTS = (protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
-                     protocol.WRITE_FILE, protocol.READ_FILE, protocol.FORK_INSTANCE,
-                     protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT, protocol.CREATE_SESSION,
-                     protocol.RUN_IN_SESSION, protocol.CLOSE_SESSION)
 SNAPSHOTS_DIR = "snapshots"  # in the agent's directory: the files of its named snapshots
 DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
@@ -95,6 +92,20 @@ class Agent:
         self.outbox_address = f"inproc://outbox-{id(self)}"
         self._outbox_sockets = threading.local()
         self._next_id = 0
+        # The requests the broker passes on to agents, each with its one handler.
+        self.handlers: dict[str, Callable[[Message], None]] = {
+            protocol.START_INSTANCE: self._on_start_instance,
+            protocol.EXECUTE: self._on_execute,
+            protocol.CLOSE_INSTANCE: self._on_close_instance,
+            protocol.WRITE_FILE: self._on_write_file,
+            protocol.READ_FILE: self._on_read_file,
+            protocol.FORK_INSTANCE: self._on_fork_instance,
+            protocol.SNAPSHOT_INSTANCE: self._on_snapshot_instance,
+            protocol.DELETE_SNAPSHOT: self._on_delete_snapshot,
+            protocol.CREATE_SESSION: self._on_create_session,
+            protocol.RUN_IN_SESSION: self._on_run_in_session,
+            protocol.CLOSE_SESSION: self._on_close_session,
+        }
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
@@ -264,9 +275,9 @@ class Agent:
                     self.pool.submit(_close_quietly, self.envs.pop(instance_id)[0])
         elif kind == protocol.ERROR:
             self._on_broker_error(msg.get("error") or {})
-        elif kind in INSTANCE_REQUESTS:
+        elif kind in self.handlers:
             try:
-                getattr(self, f"_on_{kind}")(msg)
+                self.handlers[kind](msg)
             except ProtocolError as exc:
                 self._send(protocol.error(msg.get("id"), exc.code, exc.message))
             except Exception as exc:  # noqa: BLE001 (a backend's surprise costs this request only)
