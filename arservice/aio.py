@@ -43,6 +43,7 @@ from .client import (
     http_stream_event,
     may_send_again,
     no_answer,
+    service_url,
     stream_methods,
     unreachable_service,
     zmq_frames,
@@ -293,6 +294,7 @@ class AsyncHTTPClient(AsyncClient):
     """The same methods over the HTTP API, through one aiohttp connection pool per event loop."""
 
     def __init__(self, url: str, token: str | None = None, max_connections: int = 64) -> None:
+        service_url(url, schemes=("http", "https"))  # aiohttp speaks TLS too
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
         # The service serves 64 requests at once by default (--http-threads); more connections

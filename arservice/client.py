@@ -567,12 +567,25 @@ def http_stream_event(call: Call, line: bytes) -> Any:
     return call.finish(http_result(call.kind, 200, json.dumps(event["result"]).encode()))
 
 
+def service_url(url: str, schemes: tuple[str, ...] = ("http",)) -> urllib.parse.SplitResult:
+    """The parts of an HTTP service address; ValueError at once for one that names no host or another
+    scheme ('localhost:8000' would otherwise fail only at the first request, in http.client's words)."""
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed.port  # noqa: B018 (parsing it is the check: ValueError for a port that is not a number)
+    except ValueError as exc:
+        raise ValueError(f"not a service URL: {url!r}: {exc}") from None
+    if parsed.scheme not in schemes or not parsed.hostname:
+        raise ValueError(f"not a service URL: {url!r}: give it as {' or '.join(schemes)}://HOST[:PORT], "
+                         "e.g. http://127.0.0.1:8000")
+    return parsed
+
+
 class HTTPClient(Client):
     """The same methods over the HTTP API, with one keep-alive connection per thread."""
 
     def __init__(self, url: str, token: str | None = None) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        # A URL without a host fails at the first request, as http.client has it.
+        parsed = service_url(url)
         self.host, self.port = cast(str, parsed.hostname), parsed.port or 80
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
         self._local = threading.local()

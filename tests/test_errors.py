@@ -8,6 +8,8 @@ import pytest
 import zmq
 
 from arservice import protocol
+from arservice.aio import AsyncHTTPClient
+from arservice.client import HTTPClient
 from conftest import MAX_REQUEST_BYTES
 
 pytestmark = pytest.mark.timeout(60)
@@ -147,3 +149,16 @@ def test_bad_zmq_frames_get_error_replies(service, unchanged, raw_socket, frame,
 def test_extra_frames_are_tolerated(service, unchanged, raw_socket):
     answer = ask(raw_socket, b"", protocol.encode(protocol.request("ping", "with-delimiter")))
     assert answer["type"] == "reply" and answer["id"] == "with-delimiter"
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "127.0.0.1:8000", "http://:8000", "tcp://127.0.0.1:5555",
+                                 "http://host:port", "https://127.0.0.1:8000"])
+def test_an_http_client_refuses_an_address_it_cannot_use_when_made(url):
+    with pytest.raises(ValueError, match="not a service URL"):
+        HTTPClient(url)
+
+
+def test_the_async_http_client_takes_https_and_refuses_what_is_no_url():
+    AsyncHTTPClient("https://example.invalid:8443")
+    with pytest.raises(ValueError, match=r"http or https://HOST\[:PORT\]"):
+        AsyncHTTPClient("localhost:8000")
