@@ -159,6 +159,12 @@ def test_retries_give_up_after_max_retries(server):
     assert len(server.requests) == 3 and err.value.retryable
 
 
+def test_a_negative_retry_count_is_refused_not_a_silent_none(server):
+    with pytest.raises(ValueError, match="max_retries must be 0 or more, not -1"):
+        openai_model(server, max_retries=-1).query(HELLO)
+    assert server.requests == []
+
+
 def test_timeouts_are_retried_then_reported(server):
     server.script((200, openai_reply(), {}, 30.0))
     with pytest.raises(ModelError, match="timed out after 0.3 s") as err:

@@ -107,7 +107,7 @@ class ArserviceRuntime(AbstractRuntime):
             answer = await self.client.run_in_session(self.instance_id, request.session, f"source {shlex.quote(path)}",
                                                       timeout=max(request.startup_timeout, 1.0), raw=True)
             output += answer["output"]
-        return CreateBashSessionResponse(output=_text(output), session=request.session)
+        return CreateBashSessionResponse(output=_text(output))
 
     async def run_in_session(self, action: BashAction | BashInterruptAction) -> BashObservation:
         if isinstance(action, BashInterruptAction) or action.is_interactive_command or action.is_interactive_quit \

@@ -56,6 +56,8 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 def with_retries(provider: str, attempt_once: Callable[[], Any], max_retries: int = 4, backoff_s: float = 1.0,
                  max_backoff_s: float = 60.0) -> Any:
     """Call `attempt_once()` until it returns, retrying the ModelErrors marked retryable."""
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be 0 or more, not {max_retries}")
     for attempt in range(max_retries + 1):
         try:
             return attempt_once()
