@@ -159,3 +159,23 @@ def test_a_start_answered_to_a_restarted_broker_is_closed_not_leaked(tmp_path):
     finally:
         agent.close()
         stop_restarted(broker, restarted)
+
+
+@pytest.mark.parametrize("result", [None, [], "started"])
+def test_an_agent_answer_without_a_result_map_fails_its_request_not_the_broker(tmp_path, result):
+    """Before, a start's reply without a result map raised inside the broker's handler: the client got
+    `internal`, and the instance stayed `starting`, holding the agent's room."""
+    broker = Service("broker", "--agent-secret-file", secret_file(tmp_path)).wait_ready(agents=0)
+    agent = PlayedAgent(broker.zmq)
+    try:
+        agent.register()
+        with ThreadPoolExecutor(1) as pool:
+            start = pool.submit(code_of, broker.client.start_instance, {"type": "local"})
+            forwarded = agent.receive(lambda m: m["type"] == protocol.START_INSTANCE)
+            agent.send({**protocol.reply(forwarded["id"], {}), "result": result})
+            assert start.result(timeout=20) == "environment_error"
+        assert broker.client.instances() == []
+        assert broker.client.available_resources()["used"]["instances"] == 0
+    finally:
+        agent.close()
+        broker.stop()

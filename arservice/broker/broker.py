@@ -452,6 +452,9 @@ class Broker:
         inst = self.pool.instances.get(pending.instance_id)
         ok = msg["type"] == protocol.REPLY
         result: Any = msg.get("result") if ok else None
+        if ok and not isinstance(result, dict):  # a broken agent's answer fails its request, not the broker
+            ok, result = False, None
+            msg = protocol.error(None, "environment_error", f"agent {agent.agent_id} answered {pending.kind} without a result map")
         if pending.kind == protocol.START_INSTANCE and inst is not None:
             if ok:
                 inst.state = "pooled" if inst.pooled_for else "running"
