@@ -247,8 +247,8 @@ def test_metrics_and_status_need_the_token(service, token):
 
 
 def test_every_request_an_agent_answers_has_its_counter():
-    from arservice.agent.agent import INSTANCE_REQUESTS
+    from arservice.agent.agent import REQUEST_HANDLERS
     from arservice.broker.metrics import ANSWER_COUNTERS, FAMILIES
     # delete_snapshot is answered by the broker itself (the agent's answer goes to nobody).
-    assert set(INSTANCE_REQUESTS) - {protocol.DELETE_SNAPSHOT} <= set(ANSWER_COUNTERS)
+    assert set(REQUEST_HANDLERS) - {protocol.DELETE_SNAPSHOT} <= set(ANSWER_COUNTERS)
     assert set(ANSWER_COUNTERS.values()) <= set(FAMILIES)

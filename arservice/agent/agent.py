@@ -92,20 +92,6 @@ class Agent:
         self.outbox_address = f"inproc://outbox-{id(self)}"
         self._outbox_sockets = threading.local()
         self._next_id = 0
-        # The requests the broker passes on to agents, each with its one handler.
-        self.handlers: dict[str, Callable[[Message], None]] = {
-            protocol.START_INSTANCE: self._on_start_instance,
-            protocol.EXECUTE: self._on_execute,
-            protocol.CLOSE_INSTANCE: self._on_close_instance,
-            protocol.WRITE_FILE: self._on_write_file,
-            protocol.READ_FILE: self._on_read_file,
-            protocol.FORK_INSTANCE: self._on_fork_instance,
-            protocol.SNAPSHOT_INSTANCE: self._on_snapshot_instance,
-            protocol.DELETE_SNAPSHOT: self._on_delete_snapshot,
-            protocol.CREATE_SESSION: self._on_create_session,
-            protocol.RUN_IN_SESSION: self._on_run_in_session,
-            protocol.CLOSE_SESSION: self._on_close_session,
-        }
 
     def stop(self) -> None:
         """Ask the loop to finish; safe from signal handlers and other threads."""
@@ -275,9 +261,9 @@ class Agent:
                     self.pool.submit(_close_quietly, self.envs.pop(instance_id)[0])
         elif kind == protocol.ERROR:
             self._on_broker_error(msg.get("error") or {})
-        elif kind in self.handlers:
+        elif kind in REQUEST_HANDLERS:
             try:
-                self.handlers[kind](msg)
+                REQUEST_HANDLERS[kind](self, msg)
             except ProtocolError as exc:
                 self._send(protocol.error(msg.get("id"), exc.code, exc.message))
             except Exception as exc:  # noqa: BLE001 (a backend's surprise costs this request only)
@@ -625,6 +611,22 @@ class Agent:
                 log.error("close_timed_out", agent=self.agent_id, count=len(pending))
         if not wait([self.pool.submit(self._reap_leftovers)], timeout=max(0.0, deadline - time.monotonic()))[0]:
             log.warning("reap_timed_out", agent=self.agent_id)
+
+
+# The requests the broker passes on to agents, each with its one handler.
+REQUEST_HANDLERS: dict[str, Callable[[Agent, Message], None]] = {
+    protocol.START_INSTANCE: Agent._on_start_instance,
+    protocol.EXECUTE: Agent._on_execute,
+    protocol.CLOSE_INSTANCE: Agent._on_close_instance,
+    protocol.WRITE_FILE: Agent._on_write_file,
+    protocol.READ_FILE: Agent._on_read_file,
+    protocol.FORK_INSTANCE: Agent._on_fork_instance,
+    protocol.SNAPSHOT_INSTANCE: Agent._on_snapshot_instance,
+    protocol.DELETE_SNAPSHOT: Agent._on_delete_snapshot,
+    protocol.CREATE_SESSION: Agent._on_create_session,
+    protocol.RUN_IN_SESSION: Agent._on_run_in_session,
+    protocol.CLOSE_SESSION: Agent._on_close_session,
+}
 
 
 def kill_orphans(host: str) -> list[int]:
