@@ -152,7 +152,7 @@ class _Channel:
                 frame = await self.sock.recv()
                 try:
                     answer = protocol.decode(frame)
-                except protocol.ProtocolError:
+                except protocol.ServiceError:
                     continue  # not an answer of ours: nobody waits for it
                 queue = self.streams.get(answer.get("id"))
                 if queue is not None:

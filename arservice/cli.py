@@ -28,7 +28,7 @@ from .agent.agent import DEFAULT_STOP_TIMEOUT_S, raise_file_limit
 from .broker import Broker
 from .environments.base import parse_memory_mib
 from .http.routes import DEFAULT_MAX_BODY_BYTES
-from .protocol import ProtocolError
+from .protocol import ServiceError
 from .runners import RUNNERS
 from .runners.base import BaseRunner
 from .runners.local import LocalRunner
@@ -66,7 +66,7 @@ def parse_max_resources(ctx: click.Context, param: click.Parameter, value: str) 
     try:
         if "memory" in limits:
             limits["memory"] = parse_memory_mib(limits["memory"])
-    except ProtocolError as exc:
+    except ServiceError as exc:
         raise CliError(f"--max-resources: {exc.message}") from exc
     for key, amount in limits.items():
         if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
@@ -97,7 +97,7 @@ def load_presets(ctx: click.Context, param: click.Parameter, path: str | None) -
     for name, spec in specs.items():
         try:
             environments.backend(spec.get("type")).parse_config(spec)
-        except ProtocolError as exc:
+        except ServiceError as exc:
             raise CliError(f"preset {name!r} in {path}: {exc.message}") from exc
     if not isinstance(pools, dict):
         raise CliError(f"--environments file {path}: {POOLS_KEY!r} must map preset names to instance counts")
@@ -315,7 +315,7 @@ def agent_command(broker_address: str, instances: int, cpus: float | None, memor
         env_types = types.split(",") if types else None
         for t in env_types or ():
             environments.backend(t)
-    except ProtocolError as exc:
+    except ServiceError as exc:
         raise CliError(exc.message) from exc
     agent = Agent(broker_address, instances=instances, cpus=cpus, memory=memory_mib, env_types=env_types,
                   token=token, secret=agent_secret, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout,

@@ -31,7 +31,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from . import curve, protocol
 from .http.routes import BYTES_IN, BYTES_OUT, PATHS, ROUTES
-from .protocol import Message
+from .protocol import Message, ServiceError
 
 # An answer's result, as decoded (msgpack or JSON).
 Result = dict[str, Any]
@@ -51,15 +51,6 @@ LINK_EVENTS = zmq.EVENT_DISCONNECTED | curve.Handshakes.EVENTS
 IDEMPOTENT = {protocol.PING, protocol.RESOURCES, protocol.INSTANCES, protocol.STATUS, protocol.METRICS,
               protocol.READ_FILE, protocol.RENEW}
 RETRY_PAUSE_S = 0.2
-
-
-class ServiceError(Exception):
-    """An error answer from the service, with its stable code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 def _as_is(result: Any) -> Any:

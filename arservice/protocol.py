@@ -97,12 +97,12 @@ ERROR_CODES = {
 }
 
 
-class ProtocolError(Exception):
-    """An error that travels back to the requester as an error message."""
+class ServiceError(Exception):
+    """An error answer, with its stable code (ERROR_CODES): raised where the service refuses a
+    request, carried back as an error message, and raised again by the clients that receive it."""
 
     def __init__(self, code: str, message: str) -> None:
-        assert code in ERROR_CODES, code
-        super().__init__(message)
+        super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
 
@@ -113,7 +113,7 @@ def encode(msg: Message) -> bytes:
         frame: bytes = msgpack.packb(msg, use_bin_type=True)
         return frame
     except (ValueError, OverflowError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
-        raise ProtocolError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}") from exc
+        raise ServiceError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}") from exc
 
 
 def split(data: bytes) -> list[bytes] | list[memoryview]:
@@ -131,7 +131,7 @@ def joined(frames: list[bytes]) -> bytes:
         return frames[0]
     size = sum(len(frame) for frame in frames)
     if size > MAX_MESSAGE_BYTES:
-        raise ProtocolError("payload_too_large", f"a message of {size} bytes: the most is {MAX_MESSAGE_BYTES}")
+        raise ServiceError("payload_too_large", f"a message of {size} bytes: the most is {MAX_MESSAGE_BYTES}")
     return b"".join(frames)
 
 
@@ -156,38 +156,38 @@ def peek(frame: bytes) -> Message:
     try:
         count = unpacker.read_map_header()
         if count > MAX_FIELDS:
-            raise ProtocolError("invalid_request", f"malformed frame: more than {MAX_FIELDS} fields")
+            raise ServiceError("invalid_request", f"malformed frame: more than {MAX_FIELDS} fields")
         for _ in range(count):
             key = unpacker.unpack()
             if isinstance(key, str) and key in ENVELOPE_FIELDS:
                 head[key] = unpacker.unpack()
             else:
                 unpacker.skip()
-    except ProtocolError:
+    except ServiceError:
         raise
     except Exception as exc:  # noqa: BLE001 (whatever msgpack raises, the frame is malformed)
-        raise ProtocolError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})") from exc
+        raise ServiceError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})") from exc
     return _checked(head)
 
 
 def decode(frame: bytes) -> Message:
-    """Parse one frame; raise ProtocolError for anything that is not a valid message."""
+    """Parse one frame; raise ServiceError for anything that is not a valid message."""
     try:
         msg = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_str_len=MAX_MESSAGE_BYTES,
                               max_bin_len=MAX_MESSAGE_BYTES, max_array_len=MAX_CONTAINER_LEN,
                               max_map_len=MAX_CONTAINER_LEN, max_ext_len=MAX_ENVELOPE_ITEM)
     except Exception as exc:
-        raise ProtocolError("invalid_request", f"malformed frame: not msgpack ({exc.__class__.__name__})") from exc
+        raise ServiceError("invalid_request", f"malformed frame: not msgpack ({exc.__class__.__name__})") from exc
     if not isinstance(msg, dict):
-        raise ProtocolError("invalid_request", "malformed frame: message must be a map")
+        raise ServiceError("invalid_request", "malformed frame: message must be a map")
     return _checked(msg)
 
 
 def _checked(msg: Message) -> Message:
     if msg.get("v") != VERSION:
-        raise ProtocolError("unsupported_version", f"protocol version {msg.get('v')!r} is not supported, use {VERSION}")
+        raise ServiceError("unsupported_version", f"protocol version {msg.get('v')!r} is not supported, use {VERSION}")
     if not isinstance(msg.get("type"), str):
-        raise ProtocolError("invalid_request", "field 'type' must be a string")
+        raise ServiceError("invalid_request", "field 'type' must be a string")
     return msg
 
 
@@ -220,16 +220,16 @@ def field(msg: Message, name: str, kind: type | tuple[type, ...], default: Any =
     value = msg.get(name)
     if value is None:
         if default is ...:
-            raise ProtocolError("invalid_request", f"missing required field '{name}'")
+            raise ServiceError("invalid_request", f"missing required field '{name}'")
         return default
     if kind is float:
         kind = (int, float)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ProtocolError("invalid_request", f"field '{name}' has the wrong type: {type(value).__name__}")
+        raise ServiceError("invalid_request", f"field '{name}' has the wrong type: {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError("invalid_request", f"field '{name}' must be a finite number, not {value!r}")
+        raise ServiceError("invalid_request", f"field '{name}' must be a finite number, not {value!r}")
     if check is not None and not check(value):
-        raise ProtocolError("invalid_request", f"field '{name}' must be {what}")
+        raise ServiceError("invalid_request", f"field '{name}' must be {what}")
     return value
 
 
@@ -237,9 +237,9 @@ def check_value(value: Any, name: str, what: str = "field") -> Any:
     """Every string (key or value, at any depth) without NUL, every number finite: what may reach an
     argv, a path, an environment, or a JSON answer."""
     if isinstance(value, str) and "\0" in value:
-        raise ProtocolError("invalid_request", f"{what} '{name}' must not contain a NUL byte")
+        raise ServiceError("invalid_request", f"{what} '{name}' must not contain a NUL byte")
     if isinstance(value, float) and not math.isfinite(value):
-        raise ProtocolError("invalid_request", f"{what} '{name}' must be a finite number, not {value!r}")
+        raise ServiceError("invalid_request", f"{what} '{name}' must be a finite number, not {value!r}")
     if isinstance(value, dict):
         for key, item in value.items():
             check_value(key, name, what)
@@ -254,20 +254,20 @@ def text(msg: Message, name: str, default: Any = ...) -> Any:
     """A string field that reaches an argv, a path or an environment: no NUL byte (exec and open refuse it)."""
     value = field(msg, name, str, default=default)
     if isinstance(value, str) and "\0" in value:
-        raise ProtocolError("invalid_request", f"field '{name}' must not contain a NUL byte")
+        raise ServiceError("invalid_request", f"field '{name}' must not contain a NUL byte")
     return value
 
 
 def environment_map(value: Any, name: str) -> dict[str, str]:
     """Check {name: value} environment variables as exec needs them; return the map."""
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-        raise ProtocolError("invalid_request", f"field '{name}' must map strings to strings")
+        raise ServiceError("invalid_request", f"field '{name}' must map strings to strings")
     for key, item in value.items():
         if not key or "=" in key or "\0" in key:
-            raise ProtocolError("invalid_request", f"field '{name}' has an invalid variable name {key!r}: "
+            raise ServiceError("invalid_request", f"field '{name}' has an invalid variable name {key!r}: "
                                                    "names are non-empty, without '=' or NUL")
         if "\0" in item:
-            raise ProtocolError("invalid_request", f"field '{name}': variable {key!r} must not contain a NUL byte")
+            raise ServiceError("invalid_request", f"field '{name}': variable {key!r} must not contain a NUL byte")
     return value
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from arservice.client import ServiceError
 from arservice.environments import backend
-from arservice.protocol import ProtocolError
 
 from helpers import Service
 
@@ -56,7 +55,7 @@ def test_enroot_command_lines(tmp_path):
 
 def test_enroot_refuses_limits_it_cannot_enforce():
     for limit in ({"cpus": 1}, {"memory": 512}, {"pids": 5}, {"network": False}):
-        with pytest.raises(ProtocolError) as err:
+        with pytest.raises(ServiceError) as err:
             backend("enroot").parse_config({"type": "enroot", "image": "docker://x", **limit})
         assert err.value.code == "invalid_request" and "cannot enforce" in err.value.message
 
@@ -77,7 +76,7 @@ def test_failed_builds_are_retried_then_reported_and_leave_nothing(tmp_path):
     cache = tmp_path / "cache"
     env = make("enroot", tmp_path, image="docker://never:1", cache_dir=str(cache), build_retries=1)
     env.tool = "false"  # a build command that fails, so the retry path runs for real
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ServiceError) as err:
         env.local_image()
     assert err.value.code == "environment_error" and "docker://never:1" in err.value.message
     assert sorted(p.suffix for p in cache.iterdir()) == [".lock"]
@@ -85,7 +84,7 @@ def test_failed_builds_are_retried_then_reported_and_leave_nothing(tmp_path):
 
 def test_missing_image_path_is_a_clear_error(tmp_path):
     env = make("apptainer", tmp_path, image="/no/such/image.sif")
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ServiceError) as err:
         env.local_image()
     assert err.value.code == "invalid_request" and "/no/such/image.sif" in err.value.message
 

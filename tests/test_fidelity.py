@@ -23,7 +23,7 @@ from helpers import wait_for
 from arservice.environments import backend
 from arservice.environments.base import shell_argv
 from arservice.environments.process import shell_status
-from arservice.protocol import ProtocolError
+from arservice.protocol import ServiceError
 
 TIMEOUT_S = 20.0
 BASH_SPECS = ("local", "docker-bookworm", "podman-bookworm", "bubblewrap", "bubblewrap-rootfs",
@@ -141,7 +141,7 @@ def test_no_command_kills_its_instance(namespaced):
     for command in KILLERS:
         try:
             result = namespaced.env.execute(command, TIMEOUT_S)
-        except ProtocolError as exc:
+        except ServiceError as exc:
             # The sh loop's waiter for the command can be among what the command kills.
             assert namespaced.shell == "sh" and "exit status is lost" in exc.message, (command, exc.message)
         else:
@@ -156,7 +156,7 @@ def test_a_command_that_outlives_its_waiter_is_ended_before_the_answer(name, wor
     """In the sh loop a command can kill the subshell that waits for it and go on: what it does next
     (here a second `kill -1` a moment later) must not reach the commands after its answer."""
     with Pair(name, SPECS[name], workdir_root) as pair:
-        with pytest.raises(ProtocolError, match="exit status is lost, and what still ran of it was killed"):
+        with pytest.raises(ServiceError, match="exit status is lost, and what still ran of it was killed"):
             pair.env.execute("kill -TERM -1; sleep 1; kill -HUP -1; echo killed >/tmp/late", TIMEOUT_S)
         after = pair.env.execute("sleep 2; cat /tmp/late; echo alive", TIMEOUT_S)
         assert (after["output"], after["returncode"]) == (b"cat: can't open '/tmp/late': No such file or directory\n"
@@ -208,7 +208,7 @@ def test_a_helper_killed_from_outside_comes_back_within_the_next_request(name, w
             assert (interrupted["returncode"], interrupted["signal"]) == (137, "SIGKILL")
             assert "killed from outside" in interrupted["message"]
         else:
-            with pytest.raises(ProtocolError, match="the exec helper inside the instance ended while the command ran"):
+            with pytest.raises(ServiceError, match="the exec helper inside the instance ended while the command ran"):
                 running.wait()
         result = env.execute("cat /root/kept 2>/dev/null || cat /work/kept; echo $$", 30)
         assert result["returncode"] == 0 and result["output"].startswith(b"kept\n")
@@ -239,7 +239,7 @@ def test_bash_env_applies_per_command(workdir_root, tmp_path):
 def test_shell_must_be_a_name_or_an_argv_prefix():
     cls = backend("docker")
     for bad in ([], [""], "", ["bash", 3], 7):
-        with pytest.raises(ProtocolError, match="shell"):
+        with pytest.raises(ServiceError, match="shell"):
             cls.parse_config({"type": "docker", "image": "x", "shell": bad})
     assert cls.parse_config({"type": "docker", "image": "x", "shell": ["bash", "-lc"]})["shell"] == ["bash", "-lc"]
 
@@ -274,7 +274,7 @@ def test_known_difference_the_parent_of_a_command_is_the_helper(name, workdir_ro
 @pytest.mark.parametrize("name", params("docker-busybox"))
 def test_known_difference_sh_images_lose_the_status_of_a_command_that_kills_every_process(name, workdir_root):
     with Pair(name, SPECS[name], workdir_root) as pair:
-        with pytest.raises(ProtocolError, match="exit status is lost"):
+        with pytest.raises(ServiceError, match="exit status is lost"):
             pair.env.execute("kill -9 -1; echo $?", TIMEOUT_S)
         assert pair.ours("echo alive") == (b"alive\n", 0)
 

@@ -9,7 +9,6 @@ from helpers import Service, wait_for
 
 from arservice.client import ServiceError
 from arservice.environments import backend
-from arservice.protocol import ProtocolError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -98,7 +97,7 @@ def test_bad_forks_are_refused_and_change_nothing(service):
 def test_a_backend_that_cannot_fork_says_so(tmp_path):
     cls = backend("apptainer")
     env = cls("i-0123456789ab", cls.parse_config({"type": "apptainer", "image": "docker://x:1"}), "agent", str(tmp_path))
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ServiceError) as err:
         env.fork([])
     assert err.value.code == "invalid_request" and "cannot be forked" in err.value.message
 

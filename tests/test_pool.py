@@ -3,7 +3,7 @@
 import pytest
 
 from arservice.broker.state import Agent, Instance, Pool
-from arservice.protocol import ProtocolError
+from arservice.protocol import ServiceError
 
 
 def config(type_="local", cpus=None, memory=None):
@@ -27,7 +27,7 @@ def start(pool, name, cfg):
 
 
 def no_capacity(call, *args):
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ServiceError) as err:
         call(*args)
     assert err.value.code == "no_capacity"
     return err.value.message

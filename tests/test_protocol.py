@@ -7,7 +7,7 @@ import pytest
 
 from arservice import protocol
 from arservice.environments.base import check_command, parse_memory_mib
-from arservice.protocol import ProtocolError
+from arservice.protocol import ServiceError
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -17,7 +17,7 @@ def frame(msg):
 
 
 def code_of(call):
-    with pytest.raises(ProtocolError) as err:
+    with pytest.raises(ServiceError) as err:
         call()
     return err.value.code, err.value.message
 

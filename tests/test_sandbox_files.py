@@ -240,14 +240,14 @@ def test_a_dead_agents_mounts_are_detached_by_the_next_agent(tmp_path):
 WITHOUT_MOUNT = r"""
 import os, sys, tempfile
 from arservice.environments import backend
-from arservice.protocol import ProtocolError
+from arservice.protocol import ServiceError
 cls = backend("bubblewrap")
 root = tempfile.mkdtemp(dir=".")  # the test's own directory, which the sandbox's uid can reach
 os.chmod(root, 0o755)
 try:
     cls("i-bounded", cls.parse_config({"type": "bubblewrap", "disk": "8m"}), "a", root).start()
     sys.exit("disk was not refused")
-except ProtocolError as exc:
+except ServiceError as exc:
     assert exc.code == "invalid_request" and "cannot enforce disk" in exc.message, exc
 env = cls("i-plain", cls.parse_config({"type": "bubblewrap"}), "a", root)
 env.start()

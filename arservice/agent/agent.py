@@ -28,7 +28,7 @@ from .. import curve, environments, protocol
 from ..environments import session
 from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
-from ..protocol import Message, ProtocolError
+from ..protocol import Message, ServiceError
 from . import streams, workdirs
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class Agent:
         self.last_heard = time.monotonic()
         try:
             msg = protocol.decode(frame)
-        except ProtocolError as exc:
+        except ServiceError as exc:
             log.warning("bad_frame_from_broker", error=exc.message)
             return
         kind = msg["type"]
@@ -264,7 +264,7 @@ class Agent:
         elif kind in REQUEST_HANDLERS:
             try:
                 REQUEST_HANDLERS[kind](self, msg)
-            except ProtocolError as exc:
+            except ServiceError as exc:
                 self._send(protocol.error(msg.get("id"), exc.code, exc.message))
             except Exception as exc:  # noqa: BLE001 (a backend's surprise costs this request only)
                 log.error("request_failed", request=msg.get("id"), error=repr(exc))
@@ -291,14 +291,14 @@ class Agent:
     def _on_start_instance(self, msg):
         instance_id = protocol.field(msg, "instance_id", str)
         if instance_id in self.envs:
-            raise ProtocolError("conflict", f"instance {instance_id} exists already")
+            raise ServiceError("conflict", f"instance {instance_id} exists already")
         spec = protocol.field(msg, "environment", dict)
         cls = environments.backend(spec.get("type"))
         env = cls(instance_id, cls.parse_config(spec), self.agent_id, self.workdir)
         env.spec, env.info = spec, {}  # what a broker needs to adopt the instance
         if env.config["snapshot"] is not None:
             if env.config["snapshot"] not in self.snapshots:
-                raise ProtocolError("not_found", f"no snapshot {env.config['snapshot']!r} on agent {self.agent_id}")
+                raise ServiceError("not_found", f"no snapshot {env.config['snapshot']!r} on agent {self.agent_id}")
             env.seed = self.snapshots[env.config["snapshot"]][1]
         started = self.pool.submit(self._start, msg["id"], env)
         self.envs[instance_id] = (env, started)
@@ -308,7 +308,7 @@ class Agent:
         new_ids = protocol.field(msg, "new_ids", list)
         if not new_ids or not all(isinstance(i, str) and i not in self.envs for i in new_ids) \
                 or len(set(new_ids)) != len(new_ids):
-            raise ProtocolError("invalid_request", "new_ids must be new, distinct instance ids")
+            raise ServiceError("invalid_request", "new_ids must be new, distinct instance ids")
         cls = type(source)
         forks = [cls(new_id, source.config, self.agent_id, self.workdir) for new_id in new_ids]
         for fork in forks:
@@ -336,7 +336,7 @@ class Agent:
         env, started = self._instance(msg)
         name = protocol.field(msg, "name", str)
         if name in self.snapshots or not name or "/" in name or name.startswith("."):
-            raise ProtocolError("conflict", f"snapshot {name!r} exists or is no name")
+            raise ServiceError("conflict", f"snapshot {name!r} exists or is no name")
         directory = os.path.join(self.workdir, SNAPSHOTS_DIR, name)
 
         def snapshot():
@@ -347,7 +347,7 @@ class Agent:
     def _on_delete_snapshot(self, msg):
         name = protocol.field(msg, "name", str)
         if name not in self.snapshots:
-            raise ProtocolError("not_found", f"no snapshot {name!r} on agent {self.agent_id}")
+            raise ServiceError("not_found", f"no snapshot {name!r} on agent {self.agent_id}")
         cls, handle, _ = self.snapshots.pop(name)
         self.pool.submit(self._answer, msg["id"], lambda: cls.drop_snapshot(handle))
 
@@ -361,7 +361,7 @@ class Agent:
             try:
                 command = env.spawn(*args)
             except OSError as exc:
-                raise ProtocolError("environment_error", f"cannot start the command: {exc}") from exc
+                raise ServiceError("environment_error", f"cannot start the command: {exc}") from exc
             if command is not None:
                 self.commands[msg["id"]] = command
                 for fd in command.fds:
@@ -405,7 +405,7 @@ class Agent:
             return
         try:
             msg = protocol.reply(request_id, command.result())
-        except ProtocolError as exc:
+        except ServiceError as exc:
             msg = protocol.error(request_id, exc.code, exc.message)
         except OSError as exc:
             msg = protocol.error(request_id, "environment_error", f"command failed: {exc}")
@@ -464,7 +464,7 @@ class Agent:
         # The start's answer goes out just before its future is marked done: a client may be that quick.
         wait([started], timeout=START_SETTLE_S)
         if not started.done() or started.exception() is not None:
-            raise ProtocolError("conflict", f"instance {env.instance_id} has not started")
+            raise ServiceError("conflict", f"instance {env.instance_id} has not started")
         table = self.sessions.get(env.instance_id)
         if table is None:
             table = self.sessions[env.instance_id] = session.SessionTable(env)
@@ -482,7 +482,7 @@ class Agent:
         if not isinstance(watch, Watched):
             new.close_fds()
             table.remove(new)
-            raise ProtocolError("environment_error", f"cannot start the session's bash: {watch or 'no exec helper'}")
+            raise ServiceError("environment_error", f"cannot start the session's bash: {watch or 'no exec helper'}")
         new.shell_watch = watch
         self._watch(("session", new), watch)
         step = new.running = session.SessionStep(new, session.START_TIMEOUT_S, starting=True)
@@ -492,9 +492,9 @@ class Agent:
         env, table = self._session_table(msg)
         found = table.get(protocol.field(msg, "session", str))
         if found.ended is not None:
-            raise ProtocolError("conflict", f"session {found.name!r} has ended: {found.ended}")
+            raise ServiceError("conflict", f"session {found.name!r} has ended: {found.ended}")
         if found.running is not None:
-            raise ProtocolError("conflict", f"session {found.name!r} is running a command (one at a time)")
+            raise ServiceError("conflict", f"session {found.name!r} is running a command (one at a time)")
         step = found.start_command(protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
                                    protocol.field(msg, "output_limit", int, default=env.config["output_limit"]))
         self._watch(msg["id"], step)
@@ -528,7 +528,7 @@ class Agent:
         """A session's bash ended: it says so to the command in flight, and its files go."""
         try:
             watch.result()
-        except (ProtocolError, OSError):
+        except (ServiceError, OSError):
             pass  # its instance is gone: its output says nothing the session does not
         if found.running is not None:  # bash's last words (`x` after `exit N`) may not have been read yet
             found.running.on_readable(found.status_fd)
@@ -543,7 +543,7 @@ class Agent:
     def _instance(self, msg):
         instance_id = protocol.field(msg, "instance_id", str)
         if instance_id not in self.envs:
-            raise ProtocolError("not_found", f"no instance {instance_id} on agent {self.agent_id}")
+            raise ServiceError("not_found", f"no instance {instance_id} on agent {self.agent_id}")
         return self.envs[instance_id]
 
     def _submit(self, request_id, started, fn, *args):
@@ -570,7 +570,7 @@ class Agent:
         try:
             result = job()
             msg = protocol.reply(request_id, {} if result is None else result)
-        except ProtocolError as exc:
+        except ServiceError as exc:
             msg = protocol.error(request_id, exc.code, exc.message)
         except FileNotFoundError as exc:
             msg = protocol.error(request_id, "not_found", f"no such file: {exc.filename}")

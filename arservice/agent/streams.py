@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..environments import safefs
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 
 CHUNK_BYTES = 1 << 20  # the most one chunk message carries
 PUMP_BYTES = 4 << 20  # the most one stream sends per turn of the loop, so others get their turn too
@@ -30,7 +30,7 @@ class FileTail:
         if self.fd is None:
             try:
                 self.fd = safefs.open_file(self.path, os.O_RDONLY, shown="the command's output")
-            except ProtocolError:  # not there yet (or not a regular file: never read)
+            except ServiceError:  # not there yet (or not a regular file: never read)
                 return b""
         cut = getattr(self.command, "cut", None)
         if cut is not None:

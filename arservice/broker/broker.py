@@ -18,7 +18,7 @@ import zmq
 from .. import curve, environments, protocol
 from ..environments.session import INTERRUPT_GRACE_S, check_name
 from ..logs import EventLog
-from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, Message, ProtocolError, field, text
+from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, Message, ServiceError, field, text
 from .metrics import BrokerMetrics, waiting_by_type
 from .pools import WarmPools
 from .state import (
@@ -213,7 +213,7 @@ class Broker:
             self._admit(envelope, head)
             msg = protocol.decode(payload)
             self.handlers[msg["type"]](envelope, msg)
-        except ProtocolError as exc:
+        except ServiceError as exc:
             self.metrics.error(msg.get("type"), exc.code, exc.message, msg.get("instance_id"))
             self.send(envelope, protocol.error(msg_id, exc.code, exc.message))
         except Exception as exc:  # a bug must cost one request, never the broker
@@ -234,18 +234,18 @@ class Broker:
         """Refuse a frame whose sender may not send it, from its envelope alone (before it is parsed)."""
         kind = head["type"]
         if kind not in self.handlers:
-            raise ProtocolError("invalid_request", f"unknown message type {kind!r}")
+            raise ServiceError("invalid_request", f"unknown message type {kind!r}")
         if kind in self.client_types:
             if self.token and not protocol.same_secret(head.get("token"), self.token):
-                raise ProtocolError("unauthorized", "missing or wrong token")
+                raise ServiceError("unauthorized", "missing or wrong token")
             if "id" not in head:
-                raise ProtocolError("invalid_request", "missing required field 'id'")
+                raise ServiceError("invalid_request", "missing required field 'id'")
         elif kind == protocol.REGISTER:
             if self.agent_secret and not protocol.same_secret(head.get("secret"), self.agent_secret):
                 log.warning("agent_refused", reason="wrong secret")
-                raise ProtocolError("unauthorized", "wrong agent secret")
+                raise ServiceError("unauthorized", "wrong agent secret")
         elif not envelope or envelope[0] not in self.pool.agents:
-            raise ProtocolError("not_registered", "this agent is not registered (lost or unknown); register again")
+            raise ServiceError("not_registered", "this agent is not registered (lost or unknown); register again")
 
     # -- time ---------------------------------------------------------------------
 
@@ -326,7 +326,7 @@ class Broker:
         identity = envelope[0]
         agent_id = field(msg, "agent_id", str)
         if agent_id.encode() != identity:
-            raise ProtocolError("invalid_request", "agent_id must be the agent socket's identity")
+            raise ServiceError("invalid_request", "agent_id must be the agent socket's identity")
         capacity = field(msg, "capacity", dict)
         capacity = {name: field(capacity, name, float, default=None, check=lambda n: 0 <= n <= protocol.MAX_INT,
                                 what="a non-negative number") for name in ("instances", "cpus", "memory")}
@@ -370,7 +370,7 @@ class Broker:
         try:
             spec = protocol.check_value(field(item, "environment", dict), "environment")
             config = environments.backend(spec.get("type")).parse_config(spec)
-        except ProtocolError as exc:
+        except ServiceError as exc:
             log.warning("adoption_refused", agent=agent.agent_id, instance=instance_id, error=exc.message)
             return instance_id
         inst = Instance(instance_id, agent.agent_id, spec, config, ttl_s=config["ttl"] or self.instance_ttl_s,
@@ -385,7 +385,7 @@ class Broker:
     def _agent(self, envelope: Envelope) -> Agent:
         agent = self.pool.agents.get(envelope[0]) if envelope else None
         if agent is None:
-            raise ProtocolError("not_registered", "this agent is not registered (lost or unknown); register again")
+            raise ServiceError("not_registered", "this agent is not registered (lost or unknown); register again")
         agent.last_seen = time.monotonic()
         if agent.unreachable_since is not None:
             self._agent_back(agent)
@@ -572,10 +572,10 @@ class Broker:
         agent_id = field(msg, "agent_id", str)
         agent = self.pool.agent_by_id(agent_id)
         if agent is None:
-            raise ProtocolError("not_found", f"no agent {agent_id!r}")
+            raise ServiceError("not_found", f"no agent {agent_id!r}")
         busy = len(agent.instance_ids) + sum(p.agent_id == agent_id for p in self.pending.values())
         if busy and not field(msg, "drain", bool, default=False):
-            raise ProtocolError("conflict", f"agent {agent_id} is busy ({busy} instances or requests)")
+            raise ServiceError("conflict", f"agent {agent_id} is busy ({busy} instances or requests)")
         agent.draining = True
         log.info("agent_released", agent=agent_id)
         self.send(envelope, protocol.reply(msg["id"], {"agent_id": agent_id, "released": True}))
@@ -618,10 +618,10 @@ class Broker:
         preset = None
         if isinstance(spec, str):
             if spec not in self.presets:
-                raise ProtocolError("not_found", f"no environment preset named {spec!r}; known: {', '.join(sorted(self.presets)) or 'none'}")
+                raise ServiceError("not_found", f"no environment preset named {spec!r}; known: {', '.join(sorted(self.presets)) or 'none'}")
             preset, spec = spec, self.presets[spec]
         elif not isinstance(spec, dict):
-            raise ProtocolError("invalid_request", "field 'environment' must be a preset name or an environment spec object")
+            raise ServiceError("invalid_request", "field 'environment' must be a preset name or an environment spec object")
         config = environments.backend(spec.get("type")).parse_config(spec)
         wait_s = field(msg, "wait_s", float, default=self.start_wait_s, check=lambda t: 0 <= t <= MAX_START_WAIT_S,
                        what=f"in [0, {MAX_START_WAIT_S:.0f}] seconds")
@@ -633,9 +633,9 @@ class Broker:
         queued = any(w.config["type"] == config["type"] for w in self.waiting)
         try:
             if queued and wait_s:
-                raise ProtocolError("no_capacity", f"starts of type {config['type']!r} are waiting for room")
+                raise ServiceError("no_capacity", f"starts of type {config['type']!r} are waiting for room")
             agent = self._place(config, sparing=preset)
-        except ProtocolError as exc:
+        except ServiceError as exc:
             if not wait_s:
                 raise
             self.waiting.append(WaitingStart(envelope, msg["id"], spec, config, wait_s))
@@ -665,21 +665,21 @@ class Broker:
             try:
                 self.pool.check_limits(cost)
                 break
-            except ProtocolError:
+            except ServiceError:
                 if not make_room(lambda inst: True):
                     raise
         if config["snapshot"] is not None:  # where its files are, or nowhere
             agent = self._snapshot_agent(config)
             while short := agent.shortfall(cost):
                 if not make_room(lambda inst: inst.agent_id == agent.agent_id):
-                    raise ProtocolError("no_capacity", f"agent {agent.agent_id}, which holds snapshot "
+                    raise ServiceError("no_capacity", f"agent {agent.agent_id}, which holds snapshot "
                                                        f"{config['snapshot']!r}, is out of {short}")
             return agent
         able = {a.agent_id for a in self.pool.agents.values() if config["type"] in a.env_types}
         while True:
             try:
                 return self.pool.place(config["type"], cost)
-            except ProtocolError:
+            except ServiceError:
                 if not make_room(lambda inst: inst.agent_id in able):
                     raise
 
@@ -709,7 +709,7 @@ class Broker:
             for _ in range(pool.missing()):
                 try:
                     agent = self._place(config, evict=False)
-                except ProtocolError:
+                except ServiceError:
                     break
                 pool.starting.add(self._start_on(agent, spec, config, None, None, pooled_for=pool.preset).instance_id)
 
@@ -719,7 +719,7 @@ class Broker:
         for waiting in self.waiting:
             try:
                 agent = self._place(waiting.config)
-            except ProtocolError as exc:
+            except ServiceError as exc:
                 if now < waiting.deadline:
                     still.append(waiting)
                 else:
@@ -739,7 +739,7 @@ class Broker:
         cost = {name: amount * count for name, amount in source.cost.items()}
         self.pool.check_limits(cost)
         if short := agent.shortfall(cost):
-            raise ProtocolError("no_capacity", f"agent {agent.agent_id} of instance {source.instance_id} is out of "
+            raise ServiceError("no_capacity", f"agent {agent.agent_id} of instance {source.instance_id} is out of "
                                                f"{short} for {count} fork(s) (forks go where the files are)")
         ttl, idle = source.config["ttl"] or self.instance_ttl_s, source.config["idle_timeout"] or self.idle_timeout_s
         forks = [Instance(f"i-{secrets.token_hex(6)}", agent.agent_id, source.spec, source.config, ttl_s=ttl, idle_s=idle)
@@ -756,12 +756,12 @@ class Broker:
         source = self._running_instance(msg)
         name = text(msg, "name")
         if not SNAPSHOT_NAME.fullmatch(name):
-            raise ProtocolError("invalid_request", "a snapshot's name is 1 to 64 letters, digits, '_', '.' or '-', "
+            raise ServiceError("invalid_request", "a snapshot's name is 1 to 64 letters, digits, '_', '.' or '-', "
                                                    "starting with a letter or digit")
         if name in self.snapshots:
-            raise ProtocolError("conflict", f"a snapshot named {name!r} exists already")
+            raise ServiceError("conflict", f"a snapshot named {name!r} exists already")
         if not environments.backend(source.config["type"]).can_fork:
-            raise ProtocolError("invalid_request", f"{source.config['type']} instances cannot be snapshotted")
+            raise ServiceError("invalid_request", f"{source.config['type']} instances cannot be snapshotted")
         self.snapshots[name] = Snapshot(name, source.agent_id, source.config["type"], source.instance_id)
         self._forward(self._agent_of(source.agent_id), source, protocol.SNAPSHOT_INSTANCE, {"name": name},
                       envelope, msg["id"], source.config["start_timeout"], forks=(name,))
@@ -770,11 +770,11 @@ class Broker:
         name = text(msg, "name")
         snapshot = self.snapshots.get(name)
         if snapshot is None or not snapshot.ready:
-            raise ProtocolError("not_found", f"no snapshot named {name!r}")
+            raise ServiceError("not_found", f"no snapshot named {name!r}")
         users = [i.instance_id for i in self.pool.instances.values()
                  if i.config.get("snapshot") == name and i.state not in ENDED_STATES]
         if users:
-            raise ProtocolError("conflict", f"snapshot {name!r} is in use by {len(users)} instance(s): {', '.join(users[:5])}")
+            raise ServiceError("conflict", f"snapshot {name!r} is in use by {len(users)} instance(s): {', '.join(users[:5])}")
         del self.snapshots[name]
         agent = self._agent_of(snapshot.agent_id)
         # Nobody waits for the agent's answer: the name is gone at once, the files soon.
@@ -786,9 +786,9 @@ class Broker:
         """The agent that holds the snapshot a spec starts from (starts from it go there)."""
         snapshot = self.snapshots.get(config["snapshot"])
         if snapshot is None or not snapshot.ready:
-            raise ProtocolError("not_found", f"no snapshot named {config['snapshot']!r}")
+            raise ServiceError("not_found", f"no snapshot named {config['snapshot']!r}")
         if snapshot.type != config["type"]:
-            raise ProtocolError("invalid_request", f"snapshot {snapshot.name!r} is of a {snapshot.type} instance, "
+            raise ServiceError("invalid_request", f"snapshot {snapshot.name!r} is of a {snapshot.type} instance, "
                                                    f"not {config['type']}")
         return self._agent_of(snapshot.agent_id)
 
@@ -867,9 +867,9 @@ class Broker:
         inst = self.pool.instances.get(instance_id)
         if inst is None:
             if self._rejoining() and instance_id not in self.known_ids:
-                raise ProtocolError("unavailable", f"no instance {instance_id!r} yet: the broker restarted lately, "
+                raise ServiceError("unavailable", f"no instance {instance_id!r} yet: the broker restarted lately, "
                                                    "and agents are bringing back the instances they hold")
-            raise ProtocolError("not_found", f"no instance {instance_id!r}")
+            raise ServiceError("not_found", f"no instance {instance_id!r}")
         return inst
 
     def _rejoining(self) -> bool:
@@ -892,16 +892,16 @@ class Broker:
         if inst.state in states:
             return
         if inst.state == "pooled" or inst.pooled_for:  # no client was given its id
-            raise ProtocolError("not_found", f"no instance {inst.instance_id!r}")
+            raise ServiceError("not_found", f"no instance {inst.instance_id!r}")
         if inst.state == "lost":
-            raise ProtocolError("agent_lost", f"instance {inst.instance_id} was lost (its agent {inst.agent_id} or its "
+            raise ServiceError("agent_lost", f"instance {inst.instance_id} was lost (its agent {inst.agent_id} or its "
                                               "environment went away)")
         if inst.state == "expired":
-            raise ProtocolError("expired", f"instance {inst.instance_id} expired: its lease ended")
+            raise ServiceError("expired", f"instance {inst.instance_id} expired: its lease ended")
         if inst.state == "unreachable":
-            raise ProtocolError("unreachable", f"agent {inst.agent_id} of instance {inst.instance_id} is not "
+            raise ServiceError("unreachable", f"agent {inst.agent_id} of instance {inst.instance_id} is not "
                                                f"answering; it is lost after {self.agent_grace_s:g}s more of silence")
-        raise ProtocolError("conflict", f"instance {inst.instance_id} is {inst.state}")
+        raise ServiceError("conflict", f"instance {inst.instance_id} is {inst.state}")
 
     def _forward(self, agent: Agent, inst: Instance, kind: str, fields: dict[str, Any], envelope: Envelope | None,
                  client_id: object, timeout_s: float, forks: tuple[str, ...] | list[str] = ()) -> None:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 
 RESOURCES = ("instances", "cpus", "memory")
 # unreachable: its agent is silent (stopped, partitioned) but within --agent-grace; it comes back
@@ -176,18 +176,18 @@ class Pool:
         for name, cap in self.limits.items():
             if self.used[name] + cost[name] > cap:
                 used, limit = from_units({name: self.used[name]})[name], from_units({name: cap})[name]
-                raise ProtocolError("no_capacity", f"service limit reached: {name} ({used:g} of {limit:g} in use)")
+                raise ServiceError("no_capacity", f"service limit reached: {name} ({used:g} of {limit:g} in use)")
 
     def place(self, env_type: str, cost: Amounts) -> Agent:
         """Pick the agent for a new instance, or raise no_capacity naming what ran out."""
         able = [a for a in self.agents.values()
                 if env_type in a.env_types and not a.draining and a.unreachable_since is None]
         if not able:
-            raise ProtocolError("no_capacity", f"no registered agent runs {env_type!r} environments")
+            raise ServiceError("no_capacity", f"no registered agent runs {env_type!r} environments")
         fitting = [a for a in able if a.shortfall(cost) is None]
         if not fitting:
             short = sorted({cast(str, a.shortfall(cost)) for a in able})  # none fits: each lacks one
-            raise ProtocolError("no_capacity", f"every agent that runs {env_type!r} is out of {', '.join(short)}")
+            raise ServiceError("no_capacity", f"every agent that runs {env_type!r} is out of {', '.join(short)}")
         return min(fitting, key=lambda a: (a.used["instances"] / (a.capacity.get("instances") or 1), a.registered_at))
 
     def admit(self, instance: Instance, agent: Agent) -> None:

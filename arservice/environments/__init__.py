@@ -7,7 +7,7 @@ Modules are imported on first use, so a backend's own imports cost nothing until
 import importlib
 from typing import TYPE_CHECKING
 
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 
 if TYPE_CHECKING:
     from .base import Environment
@@ -27,7 +27,7 @@ def backend(type_: object) -> "type[Environment]":
     """The Environment class for a type name; invalid_request if there is none."""
     path = BACKENDS.get(type_) if isinstance(type_, str) else None
     if path is None:
-        raise ProtocolError("invalid_request", f"unknown environment type {type_!r}; known: {', '.join(sorted(BACKENDS))}")
+        raise ServiceError("invalid_request", f"unknown environment type {type_!r}; known: {', '.join(sorted(BACKENDS))}")
     module, name = path.split(":")
     cls: type[Environment] = getattr(importlib.import_module(module), name)
     return cls

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import MAX_SECONDS, ProtocolError, check_value, environment_map
+from ..protocol import MAX_SECONDS, ServiceError, check_value, environment_map
 from . import hostdir
 
 if TYPE_CHECKING:
@@ -60,9 +60,9 @@ def check_command(command: str, env: dict[str, str]) -> None:
     """Refuse what no exec could pass: a NUL byte in the command or a variable, a bad variable name."""
     bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
     if bad:
-        raise ProtocolError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
+        raise ServiceError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
     if "\0" in command or any("\0" in value for value in env.values()):
-        raise ProtocolError("invalid_request", "a command or variable cannot hold a NUL byte (no exec can pass one)")
+        raise ServiceError("invalid_request", "a command or variable cannot hold a NUL byte (no exec can pass one)")
 
 
 def shell_argv(shell: str | Sequence[str], command: str) -> list[str]:
@@ -105,7 +105,7 @@ class Environment:
         """Validate a spec dict and return it complete with defaults."""
         unknown = sorted(set(spec) - set(cls.options))
         if unknown:
-            raise ProtocolError("invalid_request", f"unknown field(s) for a {cls.type} environment: {', '.join(unknown)}")
+            raise ServiceError("invalid_request", f"unknown field(s) for a {cls.type} environment: {', '.join(unknown)}")
         for name, value in spec.items():
             check_value(value, name, "environment field")
         config: dict[str, Any] = {}
@@ -113,25 +113,25 @@ class Environment:
             value = spec.get(name)
             if value is None:
                 if default is ...:
-                    raise ProtocolError("invalid_request", f"{cls.type} environment needs '{name}'")
+                    raise ServiceError("invalid_request", f"{cls.type} environment needs '{name}'")
                 config[name] = default
                 continue
             kinds = kind if isinstance(kind, tuple) else (kind,)
             if float in kinds:
                 kinds += (int,)
             if kind is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-                raise ProtocolError("invalid_request", f"environment field '{name}' has the wrong type: {type(value).__name__}")
+                raise ServiceError("invalid_request", f"environment field '{name}' has the wrong type: {type(value).__name__}")
             if check is not None and not check(value):
-                raise ProtocolError("invalid_request", f"environment field '{name}' is out of range: {value!r}")
+                raise ServiceError("invalid_request", f"environment field '{name}' is out of range: {value!r}")
             config[name] = value
         environment_map(config["env"], "env")
         config["memory"] = parse_memory_mib(config["memory"])
         config["disk"] = parse_memory_mib(config["disk"], "disk")
         asked = [name for name in LIMITS if config[name] is not None and name not in cls.enforces]
         if asked:
-            raise ProtocolError("invalid_request", f"{cls.type} environments cannot enforce {', '.join(asked)}")
+            raise ServiceError("invalid_request", f"{cls.type} environments cannot enforce {', '.join(asked)}")
         if config["snapshot"] is not None and not cls.can_fork:
-            raise ProtocolError("invalid_request", f"{cls.type} environments cannot start from a snapshot")
+            raise ServiceError("invalid_request", f"{cls.type} environments cannot start from a snapshot")
         return config
 
     @classmethod
@@ -184,7 +184,7 @@ class Environment:
         raise NotImplementedError
 
     def read_file(self, path: str, limit: int) -> dict[str, Any]:
-        """Return {content: bytes} of at most `limit` bytes; raise ProtocolError("payload_too_large") past it."""
+        """Return {content: bytes} of at most `limit` bytes; raise ServiceError("payload_too_large") past it."""
         raise NotImplementedError
 
     # -- forks and snapshots: an instance's files, for other instances to start from ----------
@@ -199,7 +199,7 @@ class Environment:
         `directory` (they outlive the instance: drop_snapshot removes them), or without one, the
         live directories themselves, which each fork's start copies (fork)."""
         if not self.can_fork:
-            raise ProtocolError("invalid_request", f"{self.type} instances cannot be forked or snapshotted")
+            raise ServiceError("invalid_request", f"{self.type} instances cannot be forked or snapshotted")
         dirs = self.host_dirs()
         if directory is None:
             return {"dirs": dirs}
@@ -245,7 +245,7 @@ class Environment:
         from .helper import MOUNT  # helper imports this module
         helper = getattr(self, "helper", None)
         if helper is None or not helper.alive():
-            raise ProtocolError("invalid_request", f"sessions need the exec helper, which this {self.type} instance "
+            raise ServiceError("invalid_request", f"sessions need the exec helper, which this {self.type} instance "
                                                    "does not run (fast_exec false, or it could not start)")
         return helper.host_dir, MOUNT, helper.owner, False
 
@@ -267,7 +267,7 @@ def parse_memory_mib(value: object, field: str = "memory") -> int | None:
             pass
     if isinstance(mib, (int, float)) and 1 <= mib <= MAX_MEMORY_MIB:  # NaN fails both
         return int(mib)
-    raise ProtocolError("invalid_request", f"{field} must be like '512m' or '2g' or MiB as a number (1 MiB to 1 EiB), not {value!r}")
+    raise ServiceError("invalid_request", f"{field} must be like '512m' or '2g' or MiB as a number (1 MiB to 1 EiB), not {value!r}")
 
 
 def resolve_path(path: str, cwd: str) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..logs import EventLog
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 from . import hostdir, process, safefs
 from .base import Environment, resolve_path, shell_argv, shell_option
 from .helper import MOUNT, ExecHelper, helper_argv, plain_exec_argv, plain_result, revived, script_for, start_process
@@ -48,12 +48,12 @@ def run_tool(argv: list[str], timeout: float = TOOL_TIMEOUT_S, what: str | None 
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
-        raise ProtocolError("timeout", f"{what or argv[0]} took longer than {timeout:.0f}s") from err
+        raise ServiceError("timeout", f"{what or argv[0]} took longer than {timeout:.0f}s") from err
     except OSError as exc:
-        raise ProtocolError("environment_error", f"{what or argv[0]} could not run: {exc}") from exc
+        raise ServiceError("environment_error", f"{what or argv[0]} could not run: {exc}") from exc
     if done.returncode != 0:
         detail = (done.stderr or done.stdout).decode(errors="replace").strip()[-2000:]
-        raise ProtocolError("environment_error", f"{what or argv[0]} failed ({done.returncode}): {detail}")
+        raise ServiceError("environment_error", f"{what or argv[0]} failed ({done.returncode}): {detail}")
     return done.stdout.decode(errors="replace")
 
 
@@ -131,7 +131,7 @@ class CLIContainerEnvironment(Environment):
         self.tool = self.find_tool(self.config["executable"])  # type: ignore[assignment]  # None is refused below
         if self.tool is None:
             wanted = self.config["executable"] or " or ".join(self.executables)
-            raise ProtocolError("environment_error", f"{wanted} is not installed on this agent")
+            raise ServiceError("environment_error", f"{wanted} is not installed on this agent")
         self.name = f"ars-{os.getpid()}-{short_host()}-{self.instance_id}"
         self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-", hostdir.helper_dir_mib(self.config))
         image_path = self.local_image()
@@ -143,7 +143,7 @@ class CLIContainerEnvironment(Environment):
             try:
                 self.helper_proc = start_process(self.enter_argv(helper_argv()), helper)
                 self.helper = helper
-            except (ProtocolError, OSError) as exc:
+            except (ServiceError, OSError) as exc:
                 helper.close()
                 log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else "sh")
@@ -160,7 +160,7 @@ class CLIContainerEnvironment(Environment):
         image = self.config["image"]
         if not IMAGE_URI.match(image):
             if not os.path.exists(image):
-                raise ProtocolError("invalid_request", f"image {image!r} is neither a URI nor a path on this agent")
+                raise ServiceError("invalid_request", f"image {image!r} is neither a URI nor a path on this agent")
             return image
         dest = self.cache_path(image)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -183,7 +183,7 @@ class CLIContainerEnvironment(Environment):
                 os.replace(partial, dest)
                 log.info("image_build_done", image=image, seconds=round(time.monotonic() - started, 1))
                 return
-            except ProtocolError as exc:
+            except ServiceError as exc:
                 log.warning("image_build_failed", image=image, attempt=attempt, error=exc.message)
                 if os.path.isdir(partial):  # apptainer sandboxes are directories
                     shutil.rmtree(partial, ignore_errors=True)
@@ -234,7 +234,7 @@ class CLIContainerEnvironment(Environment):
         finally:
             os.unlink(os.path.join(self.host_dir, staged))
         if result["returncode"] != 0:
-            raise ProtocolError("environment_error", f"could not write {path}: {result['output'].decode(errors='replace')}")
+            raise ServiceError("environment_error", f"could not write {path}: {result['output'].decode(errors='replace')}")
         return {"path": path, "written": len(content)}
 
     def read_file(self, path: str, limit: int) -> dict[str, Any]:
@@ -244,11 +244,11 @@ class CLIContainerEnvironment(Environment):
                               env={"P": path, "L": str(limit), "S": f"{MOUNT}/{staged}"})
         try:
             if result["returncode"] == 44:
-                raise ProtocolError("not_found", f"no such file: {path}")
+                raise ServiceError("not_found", f"no such file: {path}")
             if result["returncode"] == 45:
-                raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+                raise ServiceError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             if result["returncode"] != 0:
-                raise ProtocolError("environment_error", f"could not read {path}: {result['output'].decode(errors='replace')}")
+                raise ServiceError("environment_error", f"could not read {path}: {result['output'].decode(errors='replace')}")
             # The instance may have swapped the copy for a link or a FIFO, or grown it past the limit.
             fd = safefs.open_file(os.path.join(self.host_dir, staged), os.O_RDONLY, shown=path)
             return {"content": safefs.read_limited(fd, limit, path)}
@@ -266,7 +266,7 @@ class CLIContainerEnvironment(Environment):
         if self.name is not None:
             try:
                 run_tool(self.stop_argv(), what=f"stopping {self.name}")
-            except ProtocolError as exc:
+            except ServiceError as exc:
                 log.warning("stop_failed", name=self.name, error=exc.message)
             self.name = None  # type: ignore[assignment]  # closed: nothing to stop
         if self.host_dir:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..logs import EventLog
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 from . import hostdir
 from .base import Environment, check_command, resolve_path, shell_argv, shell_option
 from .helper import (
@@ -222,8 +222,8 @@ class DockerEnvironment(Environment):
             self.ends_at = time.monotonic() + config["container_timeout"]
         except Exception as exc:
             if config["disk"] and "storage-opt" in str(exc).lower():
-                raise ProtocolError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}") from exc
-            raise ProtocolError("environment_error", f"{self.type} could not start {config['image']}: {exc}") from exc
+                raise ServiceError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}") from exc
+            raise ServiceError("environment_error", f"{self.type} could not start {config['image']}: {exc}") from exc
         self.workdir = self.container.attrs["Config"].get("WorkingDir") or "/"
         if fast:
             self.helper.wait_ready(self._running)  # type: ignore[union-attr]  # made above when fast
@@ -239,7 +239,7 @@ class DockerEnvironment(Environment):
                 return
             except docker.errors.ImageNotFound as err:
                 if policy == "never":
-                    raise ProtocolError("environment_error", f"image {image} is not present and pull is 'never'") from err
+                    raise ServiceError("environment_error", f"image {image} is not present and pull is 'never'") from err
         repository, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
         deadline = time.monotonic() + self.config["pull_timeout"]
         shown = 0.0
@@ -248,21 +248,21 @@ class DockerEnvironment(Environment):
             for event in self.docker.api.pull(repository, tag=tag, stream=True, decode=True):
                 now = time.monotonic()
                 if now > deadline:
-                    raise ProtocolError("timeout", f"pulling {image} took longer than {self.config['pull_timeout']}s")
+                    raise ServiceError("timeout", f"pulling {image} took longer than {self.config['pull_timeout']}s")
                 if "error" in event:
-                    raise ProtocolError("environment_error", f"pulling {image} failed: {event['error']}")
+                    raise ServiceError("environment_error", f"pulling {image} failed: {event['error']}")
                 if now - shown >= PULL_PROGRESS_EVERY_S:
                     log.info("image_pull_progress", image=image, status=event.get("status"), progress=event.get("progress", ""))
                     shown = now
         except docker.errors.APIError as exc:
-            raise ProtocolError("environment_error", f"pulling {image} failed: {exc.explanation or exc}") from exc
+            raise ServiceError("environment_error", f"pulling {image} failed: {exc.explanation or exc}") from exc
         log.info("image_pull_done", image=image)
 
     def _pick_shell(self):
         result = self.container.exec_run(["sh", "-c", "command -v bash || command -v sh"])
         found = result.output.decode(errors="replace").strip().splitlines()
         if result.exit_code != 0 or not found:
-            raise ProtocolError("environment_error", f"image {self.config['image']} has no POSIX shell")
+            raise ServiceError("environment_error", f"image {self.config['image']} has no POSIX shell")
         return os.path.basename(found[0])  # by name, as `docker exec C bash -c` starts it: $0 is the same
 
     def _running(self):
@@ -298,12 +298,12 @@ class DockerEnvironment(Environment):
 
     def _restart(self):
         if time.monotonic() >= self.ends_at:  # the backstop ended it, as container_timeout asks: no revival
-            raise ProtocolError("instance_lost", f"the container ended: its container_timeout of "
+            raise ServiceError("instance_lost", f"the container ended: its container_timeout of "
                                 f"{self.config['container_timeout']:g}s has passed")
         try:
             self.container.restart(timeout=0)  # its filesystem is kept
         except Exception as exc:
-            raise ProtocolError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}") from exc
+            raise ServiceError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}") from exc
         self.helper.wait_ready(self._running)
 
     def _cwd(self, cwd):
@@ -319,7 +319,7 @@ class DockerEnvironment(Environment):
         parent = os.path.dirname(path)
         self.container.exec_run(["mkdir", "-p", parent])
         if not self.container.put_archive(parent, archive.getvalue()):
-            raise ProtocolError("environment_error", f"could not write {path}")
+            raise ServiceError("environment_error", f"could not write {path}")
         return {"path": path, "written": len(content)}
 
     def read_file(self, path: str, limit: int) -> dict[str, Any]:
@@ -328,7 +328,7 @@ class DockerEnvironment(Environment):
         try:
             stream, stat = self.container.get_archive(path)
         except docker.errors.NotFound as err:
-            raise ProtocolError("not_found", f"no such file: {path}") from err
+            raise ServiceError("not_found", f"no such file: {path}") from err
         try:
             return {"content": self._first_file(path, stream, stat, limit)}
         finally:
@@ -338,16 +338,16 @@ class DockerEnvironment(Environment):
     def _first_file(path, stream, stat, limit):
         # Before fetching anything: a directory's archive is everything under it, whatever "size" says.
         if stat["mode"] & GO_MODE_TYPE:
-            raise ProtocolError("invalid_request", f"{path} is not a regular file")
+            raise ServiceError("invalid_request", f"{path} is not a regular file")
         if stat["size"] > limit:
-            raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+            raise ServiceError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
         # Streamed, one member only: the file may have grown since the stat (it is the instance's).
         with tarfile.open(fileobj=ChunkReader(stream), mode="r|") as tar:
             member = tar.next()
             if member is None or not member.isfile():
-                raise ProtocolError("invalid_request", f"{path} is not a regular file")
+                raise ServiceError("invalid_request", f"{path} is not a regular file")
             if member.size > limit:
-                raise ProtocolError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
+                raise ServiceError("payload_too_large", f"{path} is larger than the read limit of {limit} bytes")
             return tar.extractfile(member).read()
 
     def snapshot(self, directory: str | None = None) -> dict[str, Any]:
@@ -359,7 +359,7 @@ class DockerEnvironment(Environment):
         try:
             image = self.container.commit(conf={"Labels": labels})
         except Exception as exc:
-            raise ProtocolError("environment_error", f"could not commit the container of {self.instance_id}: {exc}") from exc
+            raise ServiceError("environment_error", f"could not commit the container of {self.instance_id}: {exc}") from exc
         return {"image": image.id, "for_forks": directory is None}
 
     @classmethod

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..logs import EventLog
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 from . import safefs
 from .base import check_command, shell_argv
 from .process import Watched, command_answer, command_output, kill_group, signal_name
@@ -255,11 +255,11 @@ class ExecHelper:
             sel.register(self._life, selectors.EVENT_READ)  # type: ignore[arg-type]  # open until close()
             while not line.endswith(b"\n"):
                 if time.monotonic() > deadline or not running():
-                    raise ProtocolError("environment_error", "the exec helper did not start inside the instance")
+                    raise ServiceError("environment_error", "the exec helper did not start inside the instance")
                 if sel.select(0.2):
                     chunk = os.read(self._life, 256)  # type: ignore[arg-type]  # open until close()
                     if not chunk:
-                        raise ProtocolError("environment_error", "the exec helper exited as it started")
+                        raise ServiceError("environment_error", "the exec helper exited as it started")
                     line += chunk
         parts = line.split(b"\n")[0].decode(errors="replace").split()
         self.best_shell = parts[1] if len(parts) > 1 else "sh"  # bash where the image has it
@@ -276,20 +276,20 @@ class ExecHelper:
     def send(self, line: str) -> None:
         with self._lock:
             if self._in is None:
-                raise ProtocolError("environment_error", "the instance is closed")
+                raise ServiceError("environment_error", "the instance is closed")
             try:
                 # A short line goes in whole or not at all. The leading space is for a reader a
                 # command has just killed (kill -9 -1): woken by the line, it may still take one
                 # byte of it before it dies, and the loops skip leading blanks.
                 os.write(self._in, b" " + line.encode())
             except BlockingIOError as exc:
-                raise ProtocolError("environment_error", "the exec helper inside the instance takes no more commands") from exc
+                raise ServiceError("environment_error", "the exec helper inside the instance takes no more commands") from exc
 
     def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str], output_limit: int,
               shell: str | list[str]) -> "HelperCommand":
         """Start `command` in `shell` (a name or an argv prefix); the HelperCommand to drive to its end."""
         if not self.alive():
-            raise ProtocolError("environment_error", "the exec helper inside the instance has exited")
+            raise ServiceError("environment_error", "the exec helper inside the instance has exited")
         base = os.path.join(self.host_dir, str(next(self._ids)))
         # The instance can write to this directory: never follow or reuse what it may have put there.
         with open(os.open(base + ".cmd", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb") as f:
@@ -299,21 +299,21 @@ class ExecHelper:
             # Not followed if swapped for a link meanwhile, and not a host file: a FIFO in this directory.
             status = safefs.open_file(base + ".st", os.O_RDONLY, kind=stat.S_ISFIFO, shown="the status FIFO")
             self._own(status)
-        except (OSError, ProtocolError):
+        except (OSError, ServiceError):
             _remove(base)
             raise
         try:
             with self._lock:
                 if self._life is None:
-                    raise ProtocolError("environment_error", "the instance is closed")
+                    raise ServiceError("environment_error", "the instance is closed")
                 life = os.dup(self._life)
-        except (ProtocolError, OSError):
+        except (ServiceError, OSError):
             os.close(status)
             _remove(base)
             raise
         try:
             self.send(f"run {os.path.basename(base)}\n")
-        except ProtocolError:
+        except ServiceError:
             os.close(status)
             os.close(life)
             _remove(base)
@@ -395,7 +395,7 @@ class HelperCommand(Watched):
     def kill(self) -> None:
         try:
             self.helper.send(f"kill {os.path.basename(self.base)}\n")
-        except ProtocolError:
+        except ServiceError:
             pass  # the helper is gone, and its commands with it
 
     def result(self) -> dict[str, Any]:
@@ -416,9 +416,9 @@ class HelperCommand(Watched):
                         # command. The helper reads the command's pid from its file, kept for it.
                         keep = (".pid",)
                         self.kill()
-                    raise ProtocolError("environment_error", self._lost())
+                    raise ServiceError("environment_error", self._lost())
             if not self.timed_out and not self.status.strip().isdigit():
-                raise ProtocolError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
+                raise ServiceError("environment_error", f"the command's exit status is garbled: {self.status[:16]!r}")
             output, truncated = command_output(self.base + ".out", self.output_limit, self.cut)
             # The status is the shell's: 128+N for a command killed by signal N, as bash -c reports it.
             # A command that timed out was killed (SIGKILL), whatever it managed after the deadline.
@@ -443,7 +443,7 @@ class HelperCommand(Watched):
 def revived(started: Watched | None) -> dict[str, Any]:
     """Drive a command spawned right after the helper was started again; an error if it died again."""
     if started is None:
-        raise ProtocolError("environment_error", "the exec helper inside the instance died again as it restarted")
+        raise ServiceError("environment_error", "the exec helper inside the instance died again as it restarted")
     return started.wait()
 
 
@@ -465,7 +465,7 @@ def start_process(argv: list[str], helper: ExecHelper) -> subprocess.Popen[bytes
                             start_new_session=True)
     try:
         helper.wait_ready(lambda: proc.poll() is None)
-    except ProtocolError:
+    except ServiceError:
         kill_group(proc.pid)
         proc.wait()
         raise

@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 
 from ..logs import EventLog
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 
 log = EventLog("hostdir")
 
@@ -69,7 +69,7 @@ def make(parent: str, prefix: str, size_mib: int | None, required: bool = False,
     reason = os.strerror(ctypes.get_errno())
     if required:
         remove(path)
-        raise ProtocolError("invalid_request", f"this agent cannot enforce disk: mounting a tmpfs failed ({reason}; "
+        raise ServiceError("invalid_request", f"this agent cannot enforce disk: mounting a tmpfs failed ({reason}; "
                                                "it needs an agent running as root)")
     if not _warned:
         _warned.append(reason)
@@ -102,10 +102,10 @@ def copy_tree(source: str, target: str, timeout_s: float) -> None:
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
-        raise ProtocolError("timeout", f"copying the instance's files took longer than {timeout_s:g}s") from None
+        raise ServiceError("timeout", f"copying the instance's files took longer than {timeout_s:g}s") from None
     if done.returncode != 0:
         error = done.stderr.decode(errors="replace").strip().splitlines()
-        raise ProtocolError("environment_error", f"copying the instance's files failed: {error[-1] if error else done.returncode}")
+        raise ServiceError("environment_error", f"copying the instance's files failed: {error[-1] if error else done.returncode}")
 
 
 def mounts_under(root: str) -> list[str]:

@@ -12,7 +12,7 @@ import signal
 import tempfile
 from typing import Any
 
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 from . import hostdir, process, safefs
 from .base import Environment, check_command, resolve_path, shell_argv, shell_option
 from .process import Watched
@@ -49,12 +49,12 @@ class LocalEnvironment(Environment):
         # Started by name, as `bash -c` in a terminal is: $0 and $BASH are then what they would be.
         name = shell_argv(self.shell, "")[0]
         if shutil.which(name, path=self.env.get("PATH")) is None:
-            raise ProtocolError("environment_error", f"shell {name!r} is not installed on this agent")
+            raise ServiceError("environment_error", f"shell {name!r} is not installed on this agent")
         self.workdir = tempfile.mkdtemp(prefix=f"{self.instance_id}-", dir=self.workdir_root)
         self.cwd = self.config["cwd"] or self.workdir
         if not os.path.isdir(self.cwd):
             hostdir.remove_tree(self.workdir)
-            raise ProtocolError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
+            raise ServiceError("invalid_request", f"cwd {self.cwd!r} is not a directory on this agent")
         self.groups = set()
         self.plant_seed()
         return {"workdir": self.workdir}

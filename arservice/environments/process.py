@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 from . import safefs
 
 # How long output may keep flowing after a command's main process has exited
@@ -56,9 +56,9 @@ def command_output(path: str, limit: int, upto: int | None = None) -> tuple[byte
     the instance replaced it (a symlink or a FIFO where the output should be)."""
     try:
         return read_bounded(path, limit, upto)
-    except ProtocolError as exc:
+    except ServiceError as exc:
         if exc.code != "not_found":
-            raise ProtocolError("environment_error", f"the command's output file was replaced: {exc.message}") from None
+            raise ServiceError("environment_error", f"the command's output file was replaced: {exc.message}") from None
         return b"", False
 
 

@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 
 DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -34,9 +34,9 @@ def open_beneath(root: str, path: str, flags: int, mode: int = 0o644, make_paren
     shown = shown or path
     names = [name for name in path.split("/") if name not in ("", ".")]
     if ".." in names:
-        raise ProtocolError("invalid_request", f"{shown}: '..' is not allowed here")
+        raise ServiceError("invalid_request", f"{shown}: '..' is not allowed here")
     if not names:
-        raise ProtocolError("invalid_request", f"{shown} is a directory")
+        raise ServiceError("invalid_request", f"{shown} is a directory")
     directory = os.open(root, DIRECTORY)
     try:
         for name in names[:-1]:
@@ -62,7 +62,7 @@ def open_file(path: str, flags: int, mode: int = 0o644, dir_fd: int | None = Non
         raise _refusal(exc, shown) from None
     if not kind(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ProtocolError("invalid_request", f"{shown} is not a {'regular file' if kind is stat.S_ISREG else 'FIFO'}")
+        raise ServiceError("invalid_request", f"{shown} is not a {'regular file' if kind is stat.S_ISREG else 'FIFO'}")
     return fd
 
 
@@ -71,7 +71,7 @@ def read_limited(fd: int, limit: int, shown: str) -> bytes:
     with open(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise ProtocolError("payload_too_large", f"{shown} is larger than the read limit of {limit} bytes")
+        raise ServiceError("payload_too_large", f"{shown} is larger than the read limit of {limit} bytes")
     return data
 
 
@@ -87,7 +87,7 @@ def _open_directory(parent: int, name: str, make: bool, shown: str, owner: int |
         return os.open(name, DIRECTORY, dir_fd=parent)
     except FileNotFoundError:
         if not make:
-            raise ProtocolError("not_found", f"no such file: {shown}") from None
+            raise ServiceError("not_found", f"no such file: {shown}") from None
     try:
         os.mkdir(name, 0o755, dir_fd=parent)
     except FileExistsError:
@@ -104,12 +104,12 @@ def _open_directory(parent: int, name: str, make: bool, shown: str, owner: int |
 def _refusal(exc: OSError, shown: str) -> Exception:
     """The client's error for a failed open, naming the instance's path."""
     if exc.errno == errno.ENOENT:
-        return ProtocolError("not_found", f"no such file: {shown}")
+        return ServiceError("not_found", f"no such file: {shown}")
     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-        return ProtocolError("invalid_request", f"{shown} goes through a symlink or a non-directory: "
+        return ServiceError("invalid_request", f"{shown} goes through a symlink or a non-directory: "
                                                 "files are exchanged as regular files under real directories only")
     if exc.errno == errno.EISDIR:
-        return ProtocolError("invalid_request", f"{shown} is a directory")
+        return ServiceError("invalid_request", f"{shown} is a directory")
     if exc.errno == errno.ENXIO:  # a FIFO without a reader opened to write, a socket
-        return ProtocolError("invalid_request", f"{shown} is not a regular file")
+        return ServiceError("invalid_request", f"{shown} is not a regular file")
     return exc

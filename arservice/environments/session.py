@@ -33,7 +33,7 @@ import stat
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..protocol import ProtocolError
+from ..protocol import ServiceError
 from . import safefs
 from .process import Watched, command_answer, command_output
 
@@ -89,14 +89,14 @@ done
 
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ProtocolError("invalid_request", f"a session name is 1 to 64 of A-Z a-z 0-9 _ . -, not {name!r}")
+        raise ServiceError("invalid_request", f"a session name is 1 to 64 of A-Z a-z 0-9 _ . -, not {name!r}")
     return name
 
 
 def check_shell(shell: str) -> str:
     """Sessions run bash: their interrupt and state rely on it. A name or a path to a bash."""
     if not isinstance(shell, str) or os.path.basename(shell) != "bash" or not re.fullmatch(r"[\w./-]+", shell):
-        raise ProtocolError("invalid_request", f"a session's shell must be bash (a name or a path to it), not {shell!r}")
+        raise ServiceError("invalid_request", f"a session's shell must be bash (a name or a path to it), not {shell!r}")
     return shell
 
 
@@ -177,12 +177,12 @@ class Session:
         try:
             os.write(self.fds[suffix], line.encode())
         except (BlockingIOError, KeyError, OSError) as exc:
-            raise ProtocolError("environment_error", f"session {self.name!r} takes no more input") from exc
+            raise ServiceError("environment_error", f"session {self.name!r} takes no more input") from exc
 
     def start_command(self, command: str, timeout: float, output_limit: int) -> "SessionStep":
         """Hand `command` to the session's bash; the step to drive until it is done."""
         if "\0" in command:
-            raise ProtocolError("invalid_request", "a command cannot hold a NUL byte")
+            raise ServiceError("invalid_request", "a command cannot hold a NUL byte")
         for suffix in (".cmd", ".out"):  # never follow or reuse what the instance may have put there
             try:
                 os.unlink(self.base + suffix)
@@ -201,7 +201,7 @@ class Session:
     def interrupt(self, tick: int) -> None:
         try:
             self.send(".ctl", f"int {tick}\n")
-        except ProtocolError:
+        except ServiceError:
             pass  # the session is gone: nothing runs in it any more
 
     def close_fds(self) -> None:
@@ -313,9 +313,9 @@ class SessionStep(Watched):
                 return {"session": session.name}
             why = self.failure or f"the session's bash exited as it started (status {self.exit_status}: is bash installed?)"
             end(session, why)  # whatever is left of it goes: the name is free again
-            raise ProtocolError("environment_error", why)
+            raise ServiceError("environment_error", why)
         if self.failure is not None and not self.timed_out:
-            raise ProtocolError("environment_error", self.failure)
+            raise ServiceError("environment_error", self.failure)
         output, truncated = command_output(session.base + ".out", self.output_limit, self.cut)  # type: ignore[arg-type]  # a command's step has its limit
         if self.timed_out:
             returncode = 137
@@ -340,13 +340,13 @@ class SessionTable:
     def get(self, name: str) -> Session:
         session = self.sessions.get(check_name(name))
         if session is None:
-            raise ProtocolError("not_found", f"no session {name!r} in instance {self.env.instance_id}")
+            raise ServiceError("not_found", f"no session {name!r} in instance {self.env.instance_id}")
         return session
 
     def create(self, name: str) -> Session:
         old = self.sessions.get(check_name(name))
         if old is not None and old.ended is None:
-            raise ProtocolError("conflict", f"session {name!r} exists already in instance {self.env.instance_id}")
+            raise ServiceError("conflict", f"session {name!r} exists already in instance {self.env.instance_id}")
         self._keys += 1
         session = self.sessions[name] = Session(name, f"s{self._keys}", self.host_dir, self.inside_dir, self.owner)
         return session

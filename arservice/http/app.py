@@ -22,9 +22,9 @@ import zmq
 
 from .. import protocol
 from ..broker import INPROC_ADDRESS
-from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, Call, ServiceError, ZMQClient
+from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, Call, ZMQClient
 from ..logs import EventLog
-from ..protocol import MAX_INT, MAX_SECONDS, ProtocolError
+from ..protocol import MAX_INT, MAX_SECONDS, ServiceError
 from . import observe
 from .routes import (
     BYTES_IN,
@@ -178,13 +178,13 @@ def stream_lines(events: Generator[Any, None, None], out: str, use_base64: bool)
             else:
                 event[out] = text(event[out])
                 yield json.dumps({"result": event}, allow_nan=False).encode() + b"\n"
-    except (ServiceError, ProtocolError) as exc:
+    except ServiceError as exc:
         yield json.dumps({"error": {"code": exc.code, "message": exc.message}}).encode() + b"\n"
     finally:
         events.close()
 
 
-def _service_error(req: falcon.Request, resp: falcon.Response, exc: ServiceError | ProtocolError,
+def _service_error(req: falcon.Request, resp: falcon.Response, exc: ServiceError,
                    params: dict[str, Any]) -> None:
     resp.status = falcon.code_to_http_status(protocol.ERROR_CODES.get(exc.code, 500))
     resp.content_type = falcon.MEDIA_JSON
@@ -207,7 +207,7 @@ def create_app(context: zmq.Context, token: str | None = None, max_body: int = D
         app.add_route(path, Endpoint(method, kind, broker, max_body))
     observe.add_routes(app, broker)
     app.add_error_handler(ServiceError, _service_error)
-    app.add_error_handler(ProtocolError, _service_error)  # a request the wire cannot carry
+    app.add_error_handler(ServiceError, _service_error)  # a request the wire cannot carry
     app.add_error_handler(falcon.HTTPError, _http_error)
     return app
 

@@ -25,7 +25,7 @@ import stat
 import subprocess
 from typing import Any
 
-from ...protocol import ProtocolError
+from ...protocol import ServiceError
 from .. import hostdir, process, safefs
 from ..base import Environment, check_command, resolve_path, shell_argv, shell_option
 from ..helper import MOUNT, ExecHelper, helper_argv, revived, start_process
@@ -97,7 +97,7 @@ class BubblewrapEnvironment(Environment):
     def parse_config(cls, spec: dict[str, Any]) -> dict[str, Any]:
         config = super().parse_config(spec)
         if isinstance(config["network"], str):
-            raise ProtocolError("invalid_request", "bubblewrap environments cannot join a named network: network is true or false")
+            raise ServiceError("invalid_request", "bubblewrap environments cannot join a named network: network is true or false")
         return config
 
     @classmethod
@@ -107,13 +107,13 @@ class BubblewrapEnvironment(Environment):
     def start(self) -> dict[str, Any]:
         root = self.config["root"]
         if root is not None and not os.path.isdir(root):
-            raise ProtocolError("invalid_request", f"root {root!r} is not a directory on this agent")
+            raise ServiceError("invalid_request", f"root {root!r} is not a directory on this agent")
         disk = self.config["disk"]
         setpriv = shutil.which("setpriv")
         # As root, bwrap would make the sandbox's root the host's: it runs as SANDBOX_UID instead.
         self.owner = SANDBOX_UID if os.geteuid() == 0 else None
         if self.owner is not None and setpriv is None:
-            raise ProtocolError("environment_error", "bubblewrap on a root agent needs setpriv (util-linux) "
+            raise ServiceError("environment_error", "bubblewrap on a root agent needs setpriv (util-linux) "
                                                      "to run the sandbox as an unprivileged user")
         if self.owner is not None:
             options = self.config["bwrap_options"]
@@ -121,7 +121,7 @@ class BubblewrapEnvironment(Environment):
             for path, code in [(self.workdir_root, "environment_error"),
                                *((path, "invalid_request") for path in binds)]:
                 if blocked := unreachable(path):
-                    raise ProtocolError(code, f"the sandbox runs as uid {SANDBOX_UID}, which cannot reach "
+                    raise ServiceError(code, f"the sandbox runs as uid {SANDBOX_UID}, which cannot reach "
                                               f"{os.path.normpath(path)} (no search permission on {blocked})")
         # /work is a host directory: with `disk`, a tmpfs of that size, and /tmp another (bwrap's own
         # tmpfs takes no nr_inodes); without, the directory itself, mounted nosuid.
@@ -173,7 +173,7 @@ class BubblewrapEnvironment(Environment):
         machine than the one the earlier commands built), unless its spec asks for `revive`: then a
         new sandbox over the same /work, and the command through it."""
         if not self.config["revive"]:
-            raise ProtocolError("instance_lost", "the instance's sandbox was killed from outside: its processes and "
+            raise ServiceError("instance_lost", "the instance's sandbox was killed from outside: its processes and "
                                                  "/tmp are gone (`revive: true` in a spec starts a new sandbox instead)")
         self.helper.revive(self._launch_helper)  # type: ignore[union-attr]  # spawn() returned None: it has one
         return revived(self.spawn(command, timeout, cwd, env, output_limit))
@@ -203,7 +203,7 @@ class BubblewrapEnvironment(Environment):
         instance's path, relative to it. safefs walks it on the host without following links."""
         inside = os.path.normpath(resolve_path(path, self.cwd))
         if os.path.commonpath([inside, WORK]) != WORK:
-            raise ProtocolError("invalid_request", f"bubblewrap instances exchange files under {WORK} only, not {path}")
+            raise ServiceError("invalid_request", f"bubblewrap instances exchange files under {WORK} only, not {path}")
         return os.path.relpath(inside, WORK)
 
     def write_file(self, path: str, content: bytes, mode: int) -> dict[str, Any]:
