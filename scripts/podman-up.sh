@@ -41,7 +41,9 @@ if ! [ -S "$sock" ] || ! curl -sf -m 10 --unix-socket "$sock" http://d/_ping >/d
   [ -n "$found" ] || { log "podman run fails with every ulimit tried:"; CONTAINERS_CONF=$conf podman run --rm --network none "$image" true; exit 1; }
   log "podman runs containers with runc, nofile=$nofile nproc=$found ($conf)"
   rm -f "$sock"
-  CONTAINERS_CONF=$conf nohup podman system service --time=0 "unix://$sock" >/tmp/podman-service.log 2>&1 &
+  # From /, not from here: its conmon (before 2.1.13) creates an empty file `oom` in its working
+  # directory each time a container is OOM-killed (containers/conmon#504), which was the checkout.
+  (cd / && CONTAINERS_CONF=$conf exec nohup podman system service --time=0 "unix://$sock" >/tmp/podman-service.log 2>&1) &
   for _ in $(seq 1 60); do
     curl -sf -m 10 --unix-socket "$sock" http://d/_ping >/dev/null 2>&1 && break
     sleep 0.5
