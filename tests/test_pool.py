@@ -1,8 +1,8 @@
-"""The broker's resource accounting (broker/state.py), as pure logic: placement, limits, release."""
+"""The broker's state (broker/state.py), as pure logic: placement, limits, release, an instance's life."""
 
 import pytest
 
-from arservice.broker.state import Agent, Instance, Pool
+from arservice.broker.state import Agent, Instance, Pool, State
 from arservice.protocol import ServiceError
 
 
@@ -88,3 +88,26 @@ def test_capacity_is_the_agents_sum_capped_by_the_limits():
     assert pool.capacity()["cpus"] is None  # an agent that does not count cpus: unlimited
     pool.limits["instances"] = 10
     assert pool.capacity()["instances"] == 7
+
+
+def test_an_instances_life_moves_as_its_events_say():
+    pooled = Instance("p", "a", {}, config(), pooled_for="preset")
+    plain = Instance("i", "a", {}, config(), ttl_s=60, idle_s=5)
+    assert pooled.state == plain.state == State.STARTING
+    pooled.started()
+    plain.started()
+    assert (pooled.state, plain.state) == (State.POOLED, State.RUNNING)
+    pooled.handed_out(ttl_s=None, idle_s=7)
+    assert (pooled.state, pooled.pooled_for, pooled.idle_s) == (State.RUNNING, None, 7)
+    # A silent agent makes running instances unreachable, and only those; its return undoes it.
+    plain.closing()
+    plain.agent_silent()
+    pooled.agent_silent()
+    assert (plain.state, pooled.state) == (State.CLOSING, State.UNREACHABLE)
+    pooled.agent_back(now=123.0)
+    assert (pooled.state, pooled.last_used) == (State.RUNNING, 123.0)
+    # An end is kept: an expired instance whose agent is then lost still says it expired.
+    plain.ended(State.EXPIRED, wall=1.0)
+    plain.ended(State.LOST, wall=2.0)
+    assert (plain.state, plain.ended_at) == (State.EXPIRED, 1.0)
+    assert plain.describe()["state"] == "expired" and f"{plain.state}" == "expired"

@@ -28,6 +28,7 @@ from .state import (
     Pending,
     Pool,
     Snapshot,
+    State,
     WaitingStart,
     cost_of,
     to_units,
@@ -283,14 +284,14 @@ class Broker:
                 if wall - cast(float, inst.ended_at) > LOST_INSTANCE_KEEP_S:  # set as it ended
                     del self.pool.instances[inst.instance_id]
                 continue
-            why = inst.state == "running" and inst.lease_over(now)
+            why = inst.state == State.RUNNING and inst.lease_over(now)
             if not why:
                 continue
             if busy is None:  # a command in flight is use, however long it runs
                 busy = {p.instance_id for p in self.pending.values()}
             if why == "idle" and inst.instance_id in busy:
                 continue
-            inst.state, inst.ended_at = "expired", wall
+            inst.ended(State.EXPIRED, wall)
             self.metrics.instance_expired(why)
             log.warning("instance_expired", instance=inst.instance_id, agent=inst.agent_id, reason=why)
             self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
@@ -303,7 +304,7 @@ class Broker:
         for fork_id in pending.forks:  # the agent may still make them: make sure they go away
             fork = self.pool.instances.get(fork_id)
             agent = self.pool.agent_by_id(pending.agent_id)
-            if fork is not None and fork.state == "starting":
+            if fork is not None and fork.state == State.STARTING:
                 self.pool.release(fork)
                 if agent is not None:
                     self._forward(agent, fork, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
@@ -375,7 +376,7 @@ class Broker:
             return instance_id
         inst = Instance(instance_id, agent.agent_id, spec, config, ttl_s=config["ttl"] or self.instance_ttl_s,
                         idle_s=config["idle_timeout"] or self.idle_timeout_s)
-        inst.state = "running"
+        inst.started()
         inst.info = protocol.check_value(item.get("info") if isinstance(item.get("info"), dict) else {}, "info")
         self.pool.admit(inst, agent)
         self._remember(instance_id)
@@ -395,7 +396,7 @@ class Broker:
         """The agent found the instance's environment gone (its container ended, dockerd lost it):
         it is lost, its capacity is free, and the agent removes what is left of it."""
         log.warning("instance_lost", instance=inst.instance_id, agent=agent.agent_id, reason=reason)
-        inst.state, inst.ended_at = "lost", time.time()
+        inst.ended(State.LOST, time.time())
         self.pool.release(inst)
         self._forward(agent, inst, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
 
@@ -406,18 +407,13 @@ class Broker:
         log.warning("agent_unreachable", agent=agent.agent_id, silent_s=round(now - agent.last_seen, 1),
                     grace_s=self.agent_grace_s, instances=len(agent.instance_ids))
         for instance_id in agent.instance_ids:
-            inst = self.pool.instances[instance_id]
-            if inst.state == "running":
-                inst.state = "unreachable"
+            self.pool.instances[instance_id].agent_silent()
 
     def _agent_back(self, agent: Agent) -> None:
         log.info("agent_back", agent=agent.agent_id, after_s=round(agent.last_seen - cast(float, agent.unreachable_since), 1))
         agent.unreachable_since = None
         for instance_id in agent.instance_ids:
-            inst = self.pool.instances[instance_id]
-            if inst.state == "unreachable":
-                inst.state = "running"
-                inst.last_used = agent.last_seen  # its owner could not use it meanwhile
+            self.pool.instances[instance_id].agent_back(agent.last_seen)
 
     def on_heartbeat(self, envelope: Envelope, msg: Message) -> None:
         self._agent(envelope)
@@ -457,8 +453,7 @@ class Broker:
             msg = protocol.error(None, "environment_error", f"agent {agent.agent_id} answered {pending.kind} without a result map")
         if pending.kind == protocol.START_INSTANCE and inst is not None:
             if ok:
-                inst.state = "pooled" if inst.pooled_for else "running"
-                inst.last_used = time.monotonic()
+                inst.started()
                 inst.info = result.get("info") or {}
                 result = self._started(inst)
                 log.info("instance_started", instance=inst.instance_id, agent=inst.agent_id, type=inst.config["type"],
@@ -480,7 +475,7 @@ class Broker:
         else:
             error = msg.get("error") or {}
             code = error["code"] if error.get("code") in protocol.ERROR_CODES else "environment_error"
-            if code == "instance_lost" and inst is not None and inst.state == "running":
+            if code == "instance_lost" and inst is not None and inst.state == State.RUNNING:
                 self._lose_instance(inst, agent, str(error.get("message", "")))
             self._answer_client(pending, protocol.error(None, code, str(error.get("message", ""))))
 
@@ -490,13 +485,13 @@ class Broker:
         if result is not None:
             infos = {item.get("instance_id"): item.get("info") for item in result.get("instances") or []
                      if isinstance(item, dict)}
-        forks = [f for f in map(self.pool.instances.get, pending.forks) if f is not None and f.state == "starting"]
+        forks = [f for f in map(self.pool.instances.get, pending.forks) if f is not None and f.state == State.STARTING]
         for fork in forks:
             if result is None:
                 self.pool.release(fork)
                 continue
-            fork.state, fork.info = "running", infos.get(fork.instance_id) or {}
-            fork.last_used = time.monotonic()
+            fork.started()
+            fork.info = infos.get(fork.instance_id) or {}
             log.info("instance_forked", instance=fork.instance_id, source=pending.instance_id, agent=fork.agent_id)
         return None if result is None else {"source": pending.instance_id, "instances": [self._started(f) for f in forks]}
 
@@ -606,7 +601,7 @@ class Broker:
         inst = self._instance(msg)
         ttl = field(msg, "ttl", float, default=None, check=lambda t: 0 < t <= MAX_SECONDS,
                     what=f"in (0, {MAX_SECONDS:.0f}] seconds")
-        self._check_usable(inst, ("running", "starting", "unreachable"))
+        self._check_usable(inst, (State.RUNNING, State.STARTING, State.UNREACHABLE))
         now = time.monotonic()
         inst.last_used = now
         if ttl is not None:
@@ -689,7 +684,7 @@ class Broker:
         if inst is None:
             return False
         log.info("pooled_instance_evicted", instance=inst.instance_id, agent=inst.agent_id, pool=inst.pooled_for)
-        inst.state = "closing"
+        inst.closing()
         self.pool.release(inst)
         self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, None, None,
                       REQUEST_TIMEOUT_S)
@@ -698,8 +693,7 @@ class Broker:
     def _hand_out(self, inst: Instance, envelope: Envelope, client_id: object) -> None:
         """A warm pool's instance becomes a client's: its lease starts now."""
         log.info("instance_handed_out", instance=inst.instance_id, agent=inst.agent_id, pool=inst.pooled_for)
-        inst.state, inst.pooled_for = "running", None
-        inst.start_lease(inst.config["ttl"] or self.instance_ttl_s, inst.config["idle_timeout"] or self.idle_timeout_s)
+        inst.handed_out(inst.config["ttl"] or self.instance_ttl_s, inst.config["idle_timeout"] or self.idle_timeout_s)
         self.send(envelope, protocol.reply(client_id, self._started(inst)))
 
     def _refill(self, now: float) -> None:
@@ -848,13 +842,13 @@ class Broker:
     def on_close_instance(self, envelope: Envelope, msg: Message) -> None:
         inst = self._instance(msg)
         if inst.state in ENDED_STATES:
-            if inst.state == "lost":  # an expired one is forgotten once its agent confirms the close
+            if inst.state == State.LOST:  # an expired one is forgotten once its agent confirms the close
                 del self.pool.instances[inst.instance_id]
             self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, "closed": True,
-                                                           inst.state: True}))
+                                                           inst.state.value: True}))
             return
-        self._check_usable(inst, ("running",))
-        inst.state = "closing"
+        self._check_usable(inst, (State.RUNNING,))
+        inst.closing()
         self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, envelope, msg["id"], REQUEST_TIMEOUT_S)
 
     def _agent_of(self, agent_id: str) -> Agent:
@@ -883,22 +877,22 @@ class Broker:
 
     def _running_instance(self, msg: Message) -> Instance:
         inst = self._instance(msg)
-        self._check_usable(inst, ("running",))
+        self._check_usable(inst, (State.RUNNING,))
         inst.last_used = time.monotonic()
         return inst
 
-    def _check_usable(self, inst: Instance, states: tuple[str, ...]) -> None:
+    def _check_usable(self, inst: Instance, states: tuple[State, ...]) -> None:
         """Raise the error that says why a request cannot go to this instance in its state."""
         if inst.state in states:
             return
-        if inst.state == "pooled" or inst.pooled_for:  # no client was given its id
+        if inst.state == State.POOLED or inst.pooled_for:  # no client was given its id
             raise ServiceError("not_found", f"no instance {inst.instance_id!r}")
-        if inst.state == "lost":
+        if inst.state == State.LOST:
             raise ServiceError("agent_lost", f"instance {inst.instance_id} was lost (its agent {inst.agent_id} or its "
                                               "environment went away)")
-        if inst.state == "expired":
+        if inst.state == State.EXPIRED:
             raise ServiceError("expired", f"instance {inst.instance_id} expired: its lease ended")
-        if inst.state == "unreachable":
+        if inst.state == State.UNREACHABLE:
             raise ServiceError("unreachable", f"agent {inst.agent_id} of instance {inst.instance_id} is not "
                                                f"answering; it is lost after {self.agent_grace_s:g}s more of silence")
         raise ServiceError("conflict", f"instance {inst.instance_id} is {inst.state}")

@@ -216,7 +216,7 @@ class BrokerMetrics:
         gauges: dict[str, dict[tuple, float]] = collections.defaultdict(dict)
         instances = gauges["arservice_instances"]
         for inst in pool.instances.values():
-            key = (inst.state, inst.config["type"], inst.agent_id)
+            key = (inst.state.value, inst.config["type"], inst.agent_id)
             instances[key] = instances.get(key, 0) + 1
         agents = gauges["arservice_agents"]
         agents[("active",)] = agents[("draining",)] = 0

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, overload
 
-from .state import Instance
+from .state import Instance, State
 
 # After a pool's start fails (bad image, no agent for the type), the next try waits this long,
 # doubling to the cap, so that a broken preset does not start and fail in a tight loop.
@@ -92,6 +92,6 @@ class WarmPools:
 
     def _pruned(self, pool: WarmPool | None) -> WarmPool | None:
         if pool is not None:
-            pool.ready = [i for i in pool.ready if i.state == "pooled" and self.instances.get(i.instance_id) is i]
-            pool.starting = {i for i in pool.starting if getattr(self.instances.get(i), "state", None) == "starting"}
+            pool.ready = [i for i in pool.ready if i.state == State.POOLED and self.instances.get(i.instance_id) is i]
+            pool.starting = {i for i in pool.starting if getattr(self.instances.get(i), "state", None) == State.STARTING}
         return pool

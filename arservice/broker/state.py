@@ -4,17 +4,33 @@ Plain objects, owned by the broker loop alone, so nothing here needs a lock.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
+from enum import Enum
 from typing import Any, cast
 
 from ..protocol import ServiceError
 
 RESOURCES = ("instances", "cpus", "memory")
-# unreachable: its agent is silent (stopped, partitioned) but within --agent-grace; it comes back
-# running if the agent does. pooled: started for a warm pool, not yet handed out to a client.
-# expired and lost are ends: the record stays a while so requests on it say why it is gone.
-INSTANCE_STATES = ("starting", "pooled", "running", "unreachable", "closing", "expired", "lost")
-ENDED_STATES = ("expired", "lost")
+
+
+class State(str, Enum):
+    """Where an instance is in its life; Instance's methods below are the moves between them.
+
+    A str, so that it is its name on the wire, in JSON and in logs."""
+    STARTING = "starting"
+    POOLED = "pooled"            # started for a warm pool, not yet handed out to a client
+    RUNNING = "running"
+    UNREACHABLE = "unreachable"  # its agent is silent (stopped, cut off) within --agent-grace
+    CLOSING = "closing"
+    # Ends: the record stays a while, so that requests on it say why it is gone.
+    EXPIRED = "expired"          # its lease (ttl or idle timeout) ran out
+    LOST = "lost"                # its agent or its environment went away
+
+    def __str__(self) -> str:  # its value in f-strings on every Python (3.12 changed the default)
+        return self.value
+
+
+ENDED_STATES = (State.EXPIRED, State.LOST)
 
 
 # CPUs are counted in integer thousandths, so that fractions add up and give back exactly
@@ -39,22 +55,24 @@ def cost_of(config: dict[str, Any]) -> Amounts:
     return to_units({"instances": 1, "cpus": config["cpus"] or 0, "memory": config["memory"] or 0})
 
 
+@dataclass(eq=False)  # records are compared by identity: one object per agent
 class Agent:
-    def __init__(self, identity: bytes, agent_id: str, capacity: Amounts, env_types: list[str], hostname: str | None,
-                 pid: int | None, slurm_job_id: str | None, now: float) -> None:
-        self.identity = identity
-        self.agent_id = agent_id
-        self.capacity = capacity  # resource -> amount; None means "not limited by this agent"
-        self.env_types = env_types
-        self.hostname = hostname
-        self.pid = pid
-        self.slurm_job_id = slurm_job_id
-        self.registered_at = now
-        self.last_seen = now
-        self.used = dict.fromkeys(RESOURCES, 0)
-        self.instance_ids: set[str] = set()
-        self.draining = False  # released by its runner: takes no new instances
-        self.unreachable_since: float | None = None  # monotonic time it fell silent; None while it answers
+    identity: bytes  # its ROUTER identity
+    agent_id: str
+    capacity: Amounts  # resource -> amount; None means "not limited by this agent"
+    env_types: list[str]
+    hostname: str | None
+    pid: int | None
+    slurm_job_id: str | None
+    registered_at: float  # monotonic
+    last_seen: float = field(init=False)
+    used: Amounts = field(init=False, default_factory=lambda: dict.fromkeys(RESOURCES, 0))
+    instance_ids: set[str] = field(init=False, default_factory=set)
+    draining: bool = field(init=False, default=False)  # released by its runner: takes no new instances
+    unreachable_since: float | None = field(init=False, default=None)  # monotonic time it fell silent
+
+    def __post_init__(self) -> None:
+        self.last_seen = self.registered_at
 
     def shortfall(self, cost: Amounts) -> str | None:
         """The first resource this agent lacks for `cost`, or None if it fits."""
@@ -74,21 +92,28 @@ class Agent:
         }
 
 
+@dataclass(eq=False)
 class Instance:
-    def __init__(self, instance_id: str, agent_id: str, spec: dict[str, Any], config: dict[str, Any],
-                 ttl_s: float | None = None, idle_s: float | None = None, pooled_for: str | None = None) -> None:
-        self.instance_id = instance_id
-        self.agent_id = agent_id
-        self.spec = spec      # as the user gave it (preset resolved): what the agent builds from
-        self.config = config  # spec parsed, with defaults
-        self.cost = cost_of(config)
-        self.state = "starting"
-        self.pooled_for = pooled_for  # the preset whose warm pool it waits in, until handed out
-        self.ended_at: float | None = None  # wall time it became lost or expired
-        self.start_lease(ttl_s, idle_s)
-        self.info: dict[str, Any] = {}
-        self.last_command: float | None = None  # wall time of the last command's answer
-        self.commands = 0
+    instance_id: str
+    agent_id: str
+    spec: dict[str, Any]    # as the user gave it (preset resolved): what the agent builds from
+    config: dict[str, Any]  # spec parsed, with defaults
+    ttl_s: InitVar[float | None] = None
+    idle_s: float | None = None  # seconds it may go without a request (None: no limit)
+    pooled_for: str | None = None  # the preset whose warm pool it waits in, until handed out
+    state: State = field(init=False, default=State.STARTING)
+    ended_at: float | None = field(init=False, default=None)  # wall time it became lost or expired
+    info: dict[str, Any] = field(init=False, default_factory=dict)
+    last_command: float | None = field(init=False, default=None)  # wall time of the last command's answer
+    commands: int = field(init=False, default=0)
+    cost: Amounts = field(init=False)
+    created: float = field(init=False)
+    expires_at: float | None = field(init=False)
+    last_used: float = field(init=False)  # monotonic
+
+    def __post_init__(self, ttl_s: float | None) -> None:
+        self.cost = cost_of(self.config)
+        self.start_lease(ttl_s, self.idle_s)
 
     def start_lease(self, ttl_s: float | None, idle_s: float | None) -> None:
         """Its life starts now (at its start, or when a warm pool hands it out): a hard end (ttl,
@@ -99,10 +124,39 @@ class Instance:
         self.idle_s = idle_s
         self.last_used = now
 
+    # -- its life: each move named for what causes it ---------------------------------------
+
+    def started(self) -> None:
+        """Its agent started it (or brought it back after a broker restart): a warm pool's waits."""
+        self.state = State.POOLED if self.pooled_for else State.RUNNING
+        self.last_used = time.monotonic()
+
+    def handed_out(self, ttl_s: float | None, idle_s: float | None) -> None:
+        """A start of its preset took it from its warm pool: it is a client's, its lease starts now."""
+        self.state, self.pooled_for = State.RUNNING, None
+        self.start_lease(ttl_s, idle_s)
+
+    def agent_silent(self) -> None:
+        if self.state == State.RUNNING:
+            self.state = State.UNREACHABLE
+
+    def agent_back(self, now: float) -> None:
+        if self.state == State.UNREACHABLE:
+            self.state = State.RUNNING
+            self.last_used = now  # its owner could not use it meanwhile: the idle clock starts again
+
+    def closing(self) -> None:
+        self.state = State.CLOSING
+
+    def ended(self, state: State, wall: float) -> None:
+        """Expired or lost, at wall time `wall`; an expired one being closed stays expired (why it went)."""
+        if self.state != State.EXPIRED:
+            self.state, self.ended_at = state, wall
+
     def describe(self) -> dict[str, Any]:
         return {
             "instance_id": self.instance_id, "agent_id": self.agent_id, "type": self.config["type"],
-            "state": self.state, "created": self.created, "info": self.info,
+            "state": self.state.value, "created": self.created, "info": self.info,
             "last_command": self.last_command, "commands": self.commands, **self.lease(time.monotonic()),
         }
 
@@ -120,21 +174,19 @@ class Instance:
         return None
 
 
+@dataclass(eq=False)
 class Pending:
     """A request forwarded to an agent, waiting for the agent's answer."""
+    kind: str
+    envelope: list[bytes] | None  # the client's ROUTER envelope; None when nobody waits for the answer
+    client_id: object
+    agent_id: str
+    instance_id: str
+    deadline: float  # monotonic
+    env_type: str | None = None  # the instance's backend, for metrics (the instance may be gone by the answer)
+    forks: tuple[str, ...] | list[str] = ()  # fork_instance: the ids of the new instances
+    sent: float = field(init=False, default_factory=time.monotonic)
 
-    def __init__(self, kind: str, envelope: list[bytes] | None, client_id: object, agent_id: str,
-                 instance_id: str, deadline: float, env_type: str | None = None,
-                 forks: tuple[str, ...] | list[str] = ()) -> None:
-        self.kind = kind
-        self.env_type = env_type  # the instance's backend, for metrics (the instance may be gone by the answer)
-        self.sent = time.monotonic()
-        self.envelope = envelope  # the client's ROUTER envelope; None when nobody waits for the answer
-        self.client_id = client_id
-        self.agent_id = agent_id
-        self.instance_id = instance_id
-        self.deadline = deadline
-        self.forks = forks  # fork_instance: the ids of the new instances
 
 @dataclass
 class Snapshot:
@@ -149,17 +201,18 @@ class Snapshot:
         return {"agent_id": self.agent_id, "type": self.type, "source": self.source, "ready": self.ready}
 
 
+@dataclass(eq=False)
 class WaitingStart:
     """A start that found no agent with room, waiting for one (a runner may be bringing it)."""
+    envelope: list[bytes]
+    client_id: object
+    spec: dict[str, Any]
+    config: dict[str, Any]
+    wait_s: float
+    deadline: float = field(init=False)  # monotonic
 
-    def __init__(self, envelope: list[bytes], client_id: object, spec: dict[str, Any], config: dict[str, Any],
-                 wait_s: float) -> None:
-        self.envelope = envelope
-        self.client_id = client_id
-        self.spec = spec
-        self.config = config
-        self.wait_s = wait_s
-        self.deadline = time.monotonic() + wait_s
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.wait_s
 
 
 class Pool:
@@ -209,9 +262,7 @@ class Pool:
         del self.agents[agent.identity]
         wall = time.time()
         for instance_id in agent.instance_ids:
-            inst = self.instances[instance_id]
-            if inst.state != "expired":  # an expired one being closed stays expired: that is why it is gone
-                inst.state, inst.ended_at = "lost", wall
+            self.instances[instance_id].ended(State.LOST, wall)
         agent.instance_ids.clear()
         for name in RESOURCES:
             self.used[name] -= agent.used[name]
@@ -236,9 +287,9 @@ class Pool:
 
     def describe(self, now: float) -> dict[str, Any]:
         total = self.capacity()
-        states = dict.fromkeys(INSTANCE_STATES, 0)
+        states = {state.value: 0 for state in State}
         for inst in self.instances.values():
-            states[inst.state] += 1
+            states[inst.state.value] += 1
         return {
             "limits": from_units(self.limits),
             "total": from_units(total),
