@@ -57,15 +57,36 @@ def _as_is(result: Any) -> Any:
     return result
 
 
+def _seconds(value: Any) -> float | None:
+    """A number of seconds the service takes; None for what it refuses (at once, so no wait depends on it)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= protocol.MAX_SECONDS
+    return float(value) if ok else None
+
+
+def wait_budget(kind: str, fields: dict[str, Any]) -> float:
+    """How long a client waits for the answer to a request: the one rule for every client, the HTTP
+    front end (a client of the broker) included. A command gets its own time limit and a margin; a
+    start, the time it may wait for room; a fork, two starts' worth."""
+    if kind in (protocol.EXECUTE, protocol.RUN_IN_SESSION):
+        return (_seconds(fields.get("timeout")) or DEFAULT_WAIT_S) + EXECUTE_MARGIN_S
+    if kind == protocol.START_INSTANCE:
+        return DEFAULT_WAIT_S + (_seconds(fields.get("wait_s")) or 0.0)
+    if kind == protocol.FORK_INSTANCE:
+        return DEFAULT_WAIT_S * 2
+    return DEFAULT_WAIT_S
+
+
 @dataclass(frozen=True)
 class Call:
-    """One request as the clients send it: the message type, its fields, how long to wait for the
-    answer, and what to make of the result."""
+    """One request as the clients send it: the message type, its fields, and what to make of the result."""
 
     kind: str
     fields: dict[str, Any]
-    wait_s: float = DEFAULT_WAIT_S
     finish: Callable[[Any], Any] = _as_is
+
+    @property
+    def wait_s(self) -> float:
+        return wait_budget(self.kind, self.fields)
 
 
 def _present(fields: dict[str, Any]) -> dict[str, Any]:
@@ -84,8 +105,7 @@ class Calls:
     def start_instance(environment: str | dict[str, Any], wait_s: float | None = None) -> Call:
         """environment: a preset name or a spec such as {"type": "local"}; wait_s: how long the start may
         wait for room (first come, first served) before it fails with no_capacity (default: the service's)."""
-        return Call(protocol.START_INSTANCE, _present({"environment": environment, "wait_s": wait_s}),
-                    DEFAULT_WAIT_S + (wait_s or 0))
+        return Call(protocol.START_INSTANCE, _present({"environment": environment, "wait_s": wait_s}))
 
     @staticmethod
     def renew(instance_id: str, ttl: float | None = None) -> Call:
@@ -98,8 +118,7 @@ class Calls:
         """Run a shell command; `output` is text, or bytes with raw=True."""
         fields = {"instance_id": instance_id, "command": command, "timeout": timeout, "cwd": cwd,
                   "env": env, "output_limit": output_limit}
-        return Call(protocol.EXECUTE, _present(fields), (timeout or DEFAULT_WAIT_S) + EXECUTE_MARGIN_S,
-                    _as_is if raw else _decode_output)
+        return Call(protocol.EXECUTE, _present(fields), _as_is if raw else _decode_output)
 
     @staticmethod
     def create_session(instance_id: str, session: str | None = None, shell: str | None = None) -> Call:
@@ -114,8 +133,7 @@ class Calls:
         interrupts the command (and what it started) and the session stays usable."""
         fields = {"instance_id": instance_id, "session": session, "command": command, "timeout": timeout,
                   "output_limit": output_limit}
-        return Call(protocol.RUN_IN_SESSION, _present(fields), (timeout or DEFAULT_WAIT_S) + EXECUTE_MARGIN_S,
-                    _as_is if raw else _decode_output)
+        return Call(protocol.RUN_IN_SESSION, _present(fields), _as_is if raw else _decode_output)
 
     @staticmethod
     def close_session(instance_id: str, session: str) -> Call:
@@ -136,7 +154,7 @@ class Calls:
     def fork_instance(instance_id: str, count: int = 1) -> Call:
         """`count` new instances on the same agent whose files are copies of this one's now; the
         answer's `instances` are as start_instance's answers."""
-        return Call(protocol.FORK_INSTANCE, {"instance_id": instance_id, "count": count}, DEFAULT_WAIT_S * 2)
+        return Call(protocol.FORK_INSTANCE, {"instance_id": instance_id, "count": count})
 
     @staticmethod
     def snapshot_instance(instance_id: str, name: str) -> Call:

@@ -1,4 +1,5 @@
-"""The wire protocol's and the spec's pure checks (protocol.py, environments/base.py): no service."""
+"""The wire protocol's and the spec's pure checks (protocol.py, environments/base.py) and the clients'
+wait budget: no service."""
 
 import math
 
@@ -6,6 +7,7 @@ import msgpack
 import pytest
 
 from arservice import protocol
+from arservice.client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, Calls, wait_budget
 from arservice.environments.base import check_command, parse_memory_mib
 from arservice.protocol import ServiceError
 
@@ -128,3 +130,27 @@ def test_memory_sizes_out_of_range_or_unreadable_are_refused(value):
 def test_commands_and_variables_no_exec_could_pass_are_refused(command, env, words):
     assert words in code_of(lambda: check_command(command, env))[1]
     check_command("echo ok", {"A_1": "x"})  # and a good one passes
+
+
+@pytest.mark.parametrize("kind, fields, budget", [
+    (protocol.EXECUTE, {"timeout": 10}, 10 + EXECUTE_MARGIN_S),
+    (protocol.RUN_IN_SESSION, {"timeout": 2.5}, 2.5 + EXECUTE_MARGIN_S),
+    (protocol.EXECUTE, {}, DEFAULT_WAIT_S + EXECUTE_MARGIN_S),
+    # Time limits the broker refuses at once leave the default: nothing waits on them.
+    (protocol.EXECUTE, {"timeout": -1}, DEFAULT_WAIT_S + EXECUTE_MARGIN_S),
+    (protocol.EXECUTE, {"timeout": True}, DEFAULT_WAIT_S + EXECUTE_MARGIN_S),
+    (protocol.EXECUTE, {"timeout": 1e20}, DEFAULT_WAIT_S + EXECUTE_MARGIN_S),
+    (protocol.EXECUTE, {"timeout": "9"}, DEFAULT_WAIT_S + EXECUTE_MARGIN_S),
+    (protocol.START_INSTANCE, {"wait_s": 900}, DEFAULT_WAIT_S + 900),
+    (protocol.START_INSTANCE, {}, DEFAULT_WAIT_S),
+    (protocol.FORK_INSTANCE, {"count": 3}, 2 * DEFAULT_WAIT_S),
+    (protocol.PING, {"timeout": 5}, DEFAULT_WAIT_S),
+])
+def test_one_wait_budget_rule_for_every_request(kind, fields, budget):
+    assert wait_budget(kind, fields) == budget
+
+
+def test_client_calls_take_their_wait_from_the_one_rule():
+    assert Calls.execute("i", "true", timeout=7).wait_s == 7 + EXECUTE_MARGIN_S
+    assert Calls.start_instance("preset", wait_s=60).wait_s == DEFAULT_WAIT_S + 60
+    assert Calls.ping().wait_s == DEFAULT_WAIT_S

@@ -22,9 +22,9 @@ import zmq
 
 from .. import protocol
 from ..broker import INPROC_ADDRESS
-from ..client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, Call, ZMQClient
+from ..client import Call, ZMQClient
 from ..logs import EventLog
-from ..protocol import MAX_INT, MAX_SECONDS, ServiceError
+from ..protocol import MAX_INT, ServiceError
 from . import observe
 from .routes import (
     BYTES_IN,
@@ -109,15 +109,6 @@ def query_fields(params: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def wait_for(fields: dict[str, Any]) -> float:
-    """How long to wait for the broker: a command's own time limit and a margin, where it is a sane one
-    (the broker refuses the others, at once)."""
-    timeout = fields.get("timeout")
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout <= MAX_SECONDS:
-        return DEFAULT_WAIT_S + timeout + EXECUTE_MARGIN_S
-    return DEFAULT_WAIT_S
-
-
 class Endpoint:
     """One route; Falcon finds its one responder, so other methods get 405."""
 
@@ -149,12 +140,12 @@ class Endpoint:
                 raise ServiceError("invalid_request", f"field '{BYTES_IN[self.kind]}' is not valid base64") from err
         if fields.get("stream") is True and self.kind in protocol.STREAMABLE:
             resp.content_type = "application/x-ndjson"
-            resp.stream = stream_lines(self.broker._stream(Call(self.kind, fields, wait_for(fields))),
+            resp.stream = stream_lines(self.broker._stream(Call(self.kind, fields)),
                                        BYTES_OUT[self.kind], use_base64)
             return
         fields.pop("stream", None)
         # The fields go as a dict: one named like request()'s own parameters (a start's wait_s) is still a field.
-        result = self.broker._run(Call(self.kind, fields, wait_for(fields)))
+        result = self.broker._run(Call(self.kind, fields))
         out = BYTES_OUT.get(self.kind)
         if out in result:
             data = result[out]
