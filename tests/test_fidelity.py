@@ -196,7 +196,7 @@ def test_a_helper_killed_from_outside_comes_back_within_the_next_request(name, w
               workdir_root) as pair:
         env = pair.env
         assert env.execute("echo kept >/root/kept 2>/dev/null || echo kept >/work/kept", 10)["returncode"] == 0
-        running = env.spawn("sleep 30", 60)
+        running = env.spawn("sleep 30", 60, None, None, env.config["output_limit"])
         wait_for(lambda: env.execute("cat /proc/[0-9]*/comm | grep -qx sleep", 10)["returncode"] == 0,
                  what="the command to run")
         if env.type == "bubblewrap":

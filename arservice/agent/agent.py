@@ -354,7 +354,7 @@ class Agent:
     def _on_execute(self, msg):
         env, started = self._instance(msg)
         args = (protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
-                msg.get("cwd"), msg.get("env"), msg.get("output_limit"))
+                msg.get("cwd"), msg.get("env"), protocol.field(msg, "output_limit", int))  # the broker fills it in
         if msg.get("stream"):  # only a command the loop drives streams: let a start that just answered settle
             wait([started], timeout=START_SETTLE_S)
         if started.done() and started.exception() is None:
@@ -476,7 +476,8 @@ class Agent:
         shell = session.check_shell(protocol.field(msg, "shell", str, default="bash"))
         new = table.create(name)
         try:
-            watch = env.spawn(new.launcher(shell), protocol.MAX_SECONDS)
+            # Its own output is what bash says outside commands (they write to files): the spec's limit.
+            watch = env.spawn(new.launcher(shell), protocol.MAX_SECONDS, None, None, env.config["output_limit"])
         except OSError as exc:
             watch = exc
         if not isinstance(watch, Watched):
@@ -496,7 +497,7 @@ class Agent:
         if found.running is not None:
             raise ServiceError("conflict", f"session {found.name!r} is running a command (one at a time)")
         step = found.start_command(protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
-                                   protocol.field(msg, "output_limit", int, default=env.config["output_limit"]))
+                                   protocol.field(msg, "output_limit", int))  # the broker fills it in
         self._watch(msg["id"], step)
         self._follow(msg, step)
 

@@ -154,8 +154,8 @@ class Environment:
         """Bring the instance up; return a dict of facts worth telling the user (may be empty)."""
         raise NotImplementedError
 
-    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-              output_limit: int | None = None) -> "Watched | None":
+    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+              output_limit: int) -> "Watched | None":
         """Start a shell command and return it as a process.Watched, or None.
 
         Backends that can hand over a command as file descriptors to watch (a host process, a
@@ -168,14 +168,16 @@ class Environment:
     def execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
                 output_limit: int | None = None) -> dict[str, Any]:
         """Run a shell command on this thread; return {output: bytes, returncode, timed_out,
-        truncated, duration_s}."""
+        truncated, duration_s}. What is not given comes from the instance's spec, here only: the
+        backends' spawn and plain_execute are always given every argument."""
+        output_limit = output_limit or self.config["output_limit"]
         started = self.spawn(command, timeout, cwd, env, output_limit)
         if started is None:
             return self.plain_execute(command, timeout, cwd, env, output_limit)
         return started.wait()
 
-    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-                      output_limit: int | None = None) -> dict[str, Any]:
+    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                      output_limit: int) -> dict[str, Any]:
         """`execute` where spawn() returns None: one exec through the backend's tool (docker exec, say)."""
         raise NotImplementedError
 

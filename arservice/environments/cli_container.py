@@ -193,12 +193,12 @@ class CLIContainerEnvironment(Environment):
                     raise
                 time.sleep(min(60, 2 ** attempt))
 
-    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-              output_limit: int | None = None) -> Watched | None:
+    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+              output_limit: int) -> Watched | None:
         if self.helper is None or not self.helper.alive():
             return None
         return self.helper.spawn(command, timeout, resolve_path(cwd, self.cwd or "/") if cwd else self.cwd,
-                                 {**self.config["env"], **(env or {})}, output_limit or self.config["output_limit"],
+                                 {**self.config["env"], **(env or {})}, output_limit,
                                  self.shell)
 
     def _launch_helper(self):
@@ -206,15 +206,14 @@ class CLIContainerEnvironment(Environment):
         self.helper_proc.wait()
         self.helper_proc = start_process(self.enter_argv(helper_argv()), self.helper)
 
-    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-                      output_limit: int | None = None) -> dict[str, Any]:
+    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                      output_limit: int) -> dict[str, Any]:
         """Where there is no helper (fast_exec false, or it could not start): one exec per command.
         Where it died, it is started again, and the command runs through it."""
         if self.helper is not None:
             self.helper.revive(self._launch_helper)
             return revived(self.spawn(command, timeout, cwd, env, output_limit))
         cwd = resolve_path(cwd, self.cwd or "/") if cwd else self.cwd
-        output_limit = output_limit or self.config["output_limit"]
         env = {**self.config["env"], **(env or {})}
         script = script_for(shell_argv(self.shell, command), cwd, env).decode()
         argv = self.enter_argv(plain_exec_argv(["sh", "-c", script], timeout))

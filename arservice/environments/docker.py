@@ -269,15 +269,15 @@ class DockerEnvironment(Environment):
         self.container.reload()
         return self.container.status == "running"
 
-    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-              output_limit: int | None = None) -> Watched | None:
+    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+              output_limit: int) -> Watched | None:
         if self.helper is None or not self.helper.alive():
             return None
         return self.helper.spawn(command, timeout, self._cwd(cwd), env or {},
-                                 output_limit or self.config["output_limit"], self.shell)
+                                 output_limit, self.shell)
 
-    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-                      output_limit: int | None = None) -> dict[str, Any]:
+    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                      output_limit: int) -> dict[str, Any]:
         """Where there is no helper (fast_exec false): one exec session per command, output
         streamed into a bounded buffer. Where the helper died, the container (whose main process
         it was) is started again with a new one, and the command runs through it."""
@@ -289,7 +289,7 @@ class DockerEnvironment(Environment):
         check_command(command, env or {})
         argv = plain_exec_argv(shell_argv(self.shell, command), timeout)
         exec_id = api.exec_create(self.container.id, argv, workdir=self._cwd(cwd), environment=env or None)["Id"]
-        output = BoundedOutput(output_limit or self.config["output_limit"])
+        output = BoundedOutput(output_limit)
         for chunk in api.exec_start(exec_id, stream=True):
             output.feed(chunk)
         data, truncated = output.value()

@@ -59,13 +59,13 @@ class LocalEnvironment(Environment):
         self.plant_seed()
         return {"workdir": self.workdir}
 
-    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-              output_limit: int | None = None) -> Watched | None:
+    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+              output_limit: int) -> Watched | None:
         check_command(command, env or {})
         return process.Command(
             shell_argv(self.shell, command),
             timeout=timeout,
-            output_limit=output_limit or self.config["output_limit"],
+            output_limit=output_limit,
             groups=self.groups,
             cwd=resolve_path(cwd, self.cwd) if cwd else self.cwd,
             env={**self.env, **env} if env else self.env,

@@ -165,8 +165,8 @@ class BubblewrapEnvironment(Environment):
             [*self.prefix, "--as-pid-1", "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()],
             self.helper)
 
-    def plain_execute(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-                      output_limit: int | None = None) -> dict[str, Any]:
+    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                      output_limit: int) -> dict[str, Any]:
         """Only where the helper died (spawn returned None). It is the sandbox's PID 1, which nothing
         inside can signal: the sandbox was killed from outside, and its processes and /tmp went with
         it. The instance is lost (a command answered from a new sandbox would describe another
@@ -178,13 +178,12 @@ class BubblewrapEnvironment(Environment):
         self.helper.revive(self._launch_helper)  # type: ignore[union-attr]  # spawn() returned None: it has one
         return revived(self.spawn(command, timeout, cwd, env, output_limit))
 
-    def spawn(self, command: str, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None,
-              output_limit: int | None = None) -> Watched | None:
+    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+              output_limit: int) -> Watched | None:
         if self.helper is not None and not self.helper.alive():
             return None
         cwd = resolve_path(cwd, self.cwd) if cwd else self.cwd
         variables = {**self.config["env"], **(env or {})}
-        output_limit = output_limit or self.config["output_limit"]
         if self.helper is not None:
             return self.helper.spawn(command, timeout, cwd, variables, output_limit, self.shell)
         check_command(command, variables)
