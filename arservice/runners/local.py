@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -35,15 +34,16 @@ class LocalRunner(BaseRunner):
     name = "local"
 
     def __init__(self, limits: dict[str, Any], broker_address: str, token: str | None = None,
-                 context: zmq.Context | None = None, agents: int = 1, agent_args: Sequence[str] = (),
-                 agent_secret: str | None = None, log_level: str = "INFO") -> None:
+                 context: zmq.Context | None = None, agents: int = 1, agent_secret: str | None = None,
+                 log_level: str = "INFO") -> None:
         super().__init__(limits, broker_address, token, context)
         self.agent_secret = agent_secret  # without a token: made for this run, given only to our agents
         self.count = agents
         instances = limits.get("instances", 10)
         # Split the service's instances over the agents; the broker enforces the total anyway.
         self.per_agent = max(1, -(-instances // agents))
-        self.agent_args = ["--log-level", log_level, *agent_args]
+        # Its agents keep their directories under workdirs.DEFAULT_ROOT, which stop() reaps.
+        self.agent_args = ["--log-level", log_level]
         self.procs: list[subprocess.Popen[bytes] | None] = [None] * agents
         self.spawned_at = [0.0] * agents
         self.backoff = [RESTART_BACKOFF_S[0]] * agents
