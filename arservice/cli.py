@@ -27,8 +27,7 @@ from .agent import Agent, AgentExit
 from .agent.agent import DEFAULT_STOP_TIMEOUT_S, raise_file_limit
 from .broker import Broker
 from .environments.base import parse_memory_mib
-from .http.routes import DEFAULT_MAX_BODY_BYTES
-from .protocol import ServiceError
+from .protocol import DEFAULT_MAX_BODY_BYTES, ServiceError
 from .runners import RUNNERS
 from .runners.base import BaseRunner
 from .runners.local import LocalRunner

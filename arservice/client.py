@@ -30,8 +30,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from . import curve, protocol
-from .http.routes import BYTES_IN, BYTES_OUT, PATHS, ROUTES
-from .protocol import Message, ServiceError
+from .protocol import BYTES_IN, BYTES_OUT, PATHS, ROUTES, Message, ServiceError
 
 # An answer's result, as decoded (msgpack or JSON).
 Result = dict[str, Any]

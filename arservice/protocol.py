@@ -76,6 +76,35 @@ ERROR = "error"
 CHUNK = "chunk"
 STREAMABLE = (EXECUTE, RUN_IN_SESSION)
 
+# The HTTP API: each route and the message it maps to; shared by the HTTP front end and client.
+ROUTES = {
+    "/start_instance": ("POST", START_INSTANCE),
+    "/execute_command": ("POST", EXECUTE),
+    "/close_instance": ("POST", CLOSE_INSTANCE),
+    "/renew_instance": ("POST", RENEW),
+    "/fork_instance": ("POST", FORK_INSTANCE),
+    "/snapshot_instance": ("POST", SNAPSHOT_INSTANCE),
+    "/delete_snapshot": ("POST", DELETE_SNAPSHOT),
+    "/write_file": ("POST", WRITE_FILE),
+    "/read_file": ("POST", READ_FILE),
+    "/create_session": ("POST", CREATE_SESSION),
+    "/run_in_session": ("POST", RUN_IN_SESSION),
+    "/close_session": ("POST", CLOSE_SESSION),
+    "/get_available_resources": ("GET", RESOURCES),
+    "/instances": ("GET", INSTANCES),
+    "/status": ("GET", STATUS),
+    "/health": ("GET", PING),
+}
+PATHS = {kind: path for path, (_, kind) in ROUTES.items()}
+
+# Byte fields travel as text in JSON; a request with "base64": true carries them base64-encoded instead.
+BYTES_IN = {WRITE_FILE: "content"}
+BYTES_OUT = {EXECUTE: "output", READ_FILE: "content", RUN_IN_SESSION: "output"}
+# A GET's fields come as query parameters, all text; these are numbers.
+QUERY_INTS = {"limit"}
+# The largest HTTP request body the front end reads (--max-request-bytes).
+DEFAULT_MAX_BODY_BYTES = 100 << 20
+
 # Stable error codes and the HTTP status each maps to.
 ERROR_CODES = {
     "invalid_request": 400,

@@ -28,7 +28,7 @@ sdist=$(echo "$work"/dist/arservice-*.tar.gz)
 import sys, tarfile, zipfile
 wheel = set(zipfile.ZipFile(sys.argv[1]).namelist())
 sdist = {name.split("/", 1)[1] for name in tarfile.open(sys.argv[2]).getnames() if "/" in name}
-missing = [n for n in ("arservice/runners/agent.sh", "arservice/py.typed", "arservice/http/routes.py",
+missing = [n for n in ("arservice/runners/agent.sh", "arservice/py.typed", "arservice/http/app.py", "arservice/http/static/status.js",
                        "arservice/environments/extra/bubblewrap.py") if n not in wheel]
 missing += [f"sdist: {n}" for n in ("sbatch/agent.sh", "tests/conftest.py", "scripts/setup.sh", "CHANGELOG.md")
             if n not in sdist]

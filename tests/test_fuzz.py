@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arservice import protocol
-from arservice.http.routes import ROUTES
+from arservice.protocol import ROUTES
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -24,16 +24,8 @@ from .. import protocol
 from ..broker import INPROC_ADDRESS
 from ..client import Call, ZMQClient
 from ..logs import EventLog
-from ..protocol import MAX_INT, ServiceError
+from ..protocol import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, MAX_INT, PATHS, QUERY_INTS, ROUTES, ServiceError
 from . import observe
-from .routes import (
-    BYTES_IN,
-    BYTES_OUT,
-    DEFAULT_MAX_BODY_BYTES,
-    PATHS,
-    QUERY_INTS,
-    ROUTES,
-)
 
 log = EventLog("http")
 
