@@ -102,25 +102,13 @@ def query_fields(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Endpoint:
-    """One route; Falcon finds its one responder, so other methods get 405."""
+    """One route, sent on to the broker as its message; a subclass below has its one responder, so
+    Falcon answers other methods with 405."""
 
-    def __init__(self, method: str, kind: str, broker: ZMQClient, max_body: int) -> None:
+    def __init__(self, kind: str, broker: ZMQClient, max_body: int) -> None:
         self.kind = kind
         self.broker = broker
         self.max_body = max_body
-        setattr(self, f"on_{method.lower()}", self._get if method == "GET" else self._post)
-
-    def _get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        self._serve(req, resp, query_fields(req.params))
-
-    def _post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        too_large = ServiceError("payload_too_large", f"request body is larger than {self.max_body} bytes")
-        if req.content_length is not None and req.content_length > self.max_body:
-            raise too_large
-        raw = req.bounded_stream.read(self.max_body + 1)
-        if len(raw) > self.max_body:
-            raise too_large
-        self._serve(req, resp, parse_body(raw))
 
     def _serve(self, req: falcon.Request, resp: falcon.Response, body: dict[str, Any]) -> None:
         use_base64 = body.pop("base64", False) is True
@@ -147,6 +135,21 @@ class Endpoint:
         # A NaN would make the answer invalid JSON: the broker never sends one, and this makes sure.
         resp.text = json.dumps(result, allow_nan=False)
 
+
+class GetEndpoint(Endpoint):
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        self._serve(req, resp, query_fields(req.params))
+
+
+class PostEndpoint(Endpoint):
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        too_large = ServiceError("payload_too_large", f"request body is larger than {self.max_body} bytes")
+        if req.content_length is not None and req.content_length > self.max_body:
+            raise too_large
+        raw = req.bounded_stream.read(self.max_body + 1)
+        if len(raw) > self.max_body:
+            raise too_large
+        self._serve(req, resp, parse_body(raw))
 
 def stream_lines(events: Generator[Any, None, None], out: str, use_base64: bool) -> Iterator[bytes]:
     """A streamed answer as JSON lines, sent chunked as they come: {"output": ...} for each chunk of
@@ -187,10 +190,9 @@ def create_app(context: zmq.Context, token: str | None = None, max_body: int = D
     broker = ZMQClient(broker_address, token=token or "", context=context)
     app = falcon.App(middleware=[Authorization(token)])
     for path, (method, kind) in ROUTES.items():
-        app.add_route(path, Endpoint(method, kind, broker, max_body))
+        app.add_route(path, (GetEndpoint if method == "GET" else PostEndpoint)(kind, broker, max_body))
     observe.add_routes(app, broker)
     app.add_error_handler(ServiceError, _service_error)
-    app.add_error_handler(ServiceError, _service_error)  # a request the wire cannot carry
     app.add_error_handler(falcon.HTTPError, _http_error)
     return app
 
