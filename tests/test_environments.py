@@ -46,6 +46,8 @@ def test_commands_are_stateless_and_take_cwd_and_env(env):
     assert client.execute(instance_id, 'pwd; echo "x=$X"')["output"] == home + "x=\n"
     result = client.execute(instance_id, 'pwd; echo "$GREETING"', cwd="/tmp", env={"GREETING": "hi there"})
     assert result["output"] == "/tmp\nhi there\n"
+    client.execute(instance_id, "mkdir -p sub")
+    assert client.execute(instance_id, "basename $PWD", cwd="sub")["output"] == "sub\n"  # relative to its cwd
 
 
 def test_commands_get_a_fresh_shell_of_the_right_kind(env):
