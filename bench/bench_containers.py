@@ -28,8 +28,8 @@ from arservice.environments.extra.bubblewrap import BubblewrapEnvironment
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from backends import BOOKWORM, BUSYBOX  # noqa: E402
-from helpers import Service  # noqa: E402
 from bench_core import latencies, percentile  # noqa: E402
+from helpers import Service  # noqa: E402
 
 RAW_BWRAP = [shutil.which("bwrap") or "bwrap", "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
              "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",

@@ -15,9 +15,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from backends import SPECS, missing  # noqa: E402
-
 from arservice.environments import backend  # noqa: E402
+
+from backends import SPECS, missing  # noqa: E402
 
 NAMES = ("docker-bookworm", "docker-busybox", "bubblewrap")
 

@@ -17,9 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from helpers import Service, live_processes, wait_for  # noqa: E402
-
 from bench_core import percentile  # noqa: E402
+from helpers import Service, live_processes, wait_for  # noqa: E402
 
 
 def call(conn, method, path, body=None):

@@ -24,13 +24,13 @@ import zmq
 from prometheus_client.exposition import generate_latest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from bench_core import latencies, percentile
-from helpers import Service
-
 from arservice import protocol
 from arservice.broker import Broker
 from arservice.broker.state import Agent, Instance
 from arservice.http.observe import BrokerSnapshot
+
+from bench_core import latencies, percentile
+from helpers import Service
 
 TARGET_MS = 1.0
 

@@ -121,7 +121,7 @@ def main():
         return wall, times, starts
 
     results = {"mini-swe-agent DockerEnvironment": ([], [], []), "arservice ArserviceEnvironment": ([], [], [])}
-    runs = list(zip(results, (mini_batch, ours_batch)))
+    runs = list(zip(results, (mini_batch, ours_batch), strict=True))
     try:
         for round_ in range(args.rounds):
             for name, run in runs if round_ % 2 == 0 else runs[::-1]:

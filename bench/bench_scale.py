@@ -25,11 +25,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from arservice.client import HTTPClient
+
 from backends import BUSYBOX
 from bench_core import raw_spawn
 from helpers import Service
-
-from arservice.client import HTTPClient
 
 MIB = 1 << 20
 

@@ -28,9 +28,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import test_slurm_multinode as mn
-from helpers import Service, run_in_threads, wait_for
 
 from arservice.client import ZMQClient
+
+from helpers import Service, run_in_threads, wait_for
 
 POLL_S = 0.02
 

@@ -119,7 +119,7 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"arservice did not stop within {timeout}s:\n{self.output()}")
+                raise AssertionError(f"arservice did not stop within {timeout}s:\n{self.output()}") from None
         self.client.close()
         os.unlink(self.log.name)
         return self.proc.returncode

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from arservice.client import ServiceError, ZMQClient
+
 from helpers import live_processes, run_in_threads, wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -4,11 +4,12 @@ import asyncio
 import inspect
 
 import pytest
-from helpers import Service
 
 from arservice import client as sync_client
 from arservice.aio import AsyncHTTPClient, AsyncZMQClient
 from arservice.client import METHODS, ServiceError
+
+from helpers import Service
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import zmq
-from helpers import Service, wait_for
 
 from arservice import protocol
 from arservice.client import ServiceError
+
+from helpers import Service, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,9 +25,6 @@ import threading
 import time
 
 import pytest
-from backends import SPECS, missing
-from dockerd import Dockerd
-from helpers import Service, wait_for
 
 from arservice import client as clients
 from arservice import protocol
@@ -35,6 +32,10 @@ from arservice.agent.agent import AGENT_MARK
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 from arservice.environments.docker import LABEL
 from arservice.environments.process import marked_processes
+
+from backends import SPECS, missing
+from dockerd import Dockerd
+from helpers import Service, wait_for
 
 CYCLES = int(os.environ.get("ARSERVICE_CHAOS_CYCLES", "1000"))
 MAX_S = float(os.environ.get("ARSERVICE_CHAOS_MAX_S", "150"))

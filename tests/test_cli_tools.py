@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import Service, free_port
 
 from arservice.console import EXIT_CODES, UNREACHABLE
+
+from helpers import Service, free_port
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,12 +10,13 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from backends import SPECS, params
-from dockerd import Dockerd
-from helpers import Service, wait_for
 
 from arservice.client import ServiceError
 from arservice.environments import hostdir
+
+from backends import SPECS, params
+from dockerd import Dockerd
+from helpers import Service, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,6 +10,7 @@ import zmq
 from arservice import protocol
 from arservice.aio import AsyncHTTPClient
 from arservice.client import HTTPClient
+
 from conftest import MAX_REQUEST_BYTES
 
 pytestmark = pytest.mark.timeout(60)

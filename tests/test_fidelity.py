@@ -16,14 +16,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from backends import SPECS, params
-from fidelity_corpus import CORPUS
-from helpers import wait_for
 
 from arservice.environments import backend
 from arservice.environments.base import shell_argv
 from arservice.environments.process import shell_status
 from arservice.protocol import ServiceError
+
+from backends import SPECS, params
+from fidelity_corpus import CORPUS
+from helpers import wait_for
 
 TIMEOUT_S = 20.0
 BASH_SPECS = ("local", "docker-bookworm", "podman-bookworm", "bubblewrap", "bubblewrap-rootfs",

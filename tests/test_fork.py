@@ -4,11 +4,12 @@ import os
 
 import docker
 import pytest
-from backends import SPECS, params
-from helpers import Service, wait_for
 
 from arservice.client import ServiceError
 from arservice.environments import backend
+
+from backends import SPECS, params
+from helpers import Service, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -5,20 +5,21 @@ is as it was (what a random request happened to start is closed again).
 Random requests never run a random command or write a random path: the one real instance only
 gets `true` as a command and a fixed file name, so the fuzzer cannot touch this host."""
 
-import os
 import http.client
 import json
 import math
+import os
 
 import msgpack
 import pytest
 import zmq
-from helpers import Service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from arservice import protocol
 from arservice.protocol import ROUTES
+
+from helpers import Service
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from helpers import Service, live_processes, wait_for
 
 pytestmark = pytest.mark.timeout(120)

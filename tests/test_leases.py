@@ -4,10 +4,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from backends import SPECS, params
-from helpers import Service, live_processes, wait_for
 
 from arservice.client import ServiceError
+
+from backends import SPECS, params
+from helpers import Service, live_processes, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -10,12 +10,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import PlayedBroker, Service, live_processes, wait_for
 
 from arservice import protocol
 from arservice.agent.workdirs import DEFAULT_ROOT
 from arservice.aio import AsyncZMQClient
 from arservice.client import HTTPClient, ServiceError, ZMQClient
+
+from helpers import PlayedBroker, Service, live_processes, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

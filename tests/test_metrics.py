@@ -9,7 +9,6 @@ import threading
 import urllib.parse
 
 import pytest
-from helpers import Service, wait_for
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
 )
@@ -17,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from arservice import protocol
 from arservice.client import ServiceError
+
+from helpers import Service, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

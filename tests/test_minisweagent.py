@@ -19,8 +19,6 @@ import pytest
 
 os.environ.setdefault("MSWEA_SILENT_STARTUP", "1")
 
-from backends import BOOKWORM, BUSYBOX, missing
-from helpers import Service, wait_for
 from minisweagent.agents.default import DefaultAgent
 from minisweagent.environments import get_environment
 from minisweagent.environments.docker import DockerEnvironment
@@ -35,6 +33,9 @@ from arservice.integrations.minisweagent import (
     ArserviceEnvironment,
     sleep_seconds,
 )
+
+from backends import BOOKWORM, BUSYBOX, missing
+from helpers import Service, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from arservice.models import CostLimitExceeded, CostTracker, ModelError, PriceTable, get_model
+
 from helpers import run_in_threads
 from provider_server import ProviderServer, anthropic_error, anthropic_reply, openai_error, openai_reply
 

@@ -9,10 +9,11 @@ import sys
 import urllib.request
 
 import pytest
-from backends import SPECS, params
-from helpers import Service, wait_for
 
 from arservice.client import ServiceError
+
+from backends import SPECS, params
+from helpers import Service, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -60,7 +60,7 @@ def test_peek_reads_the_envelope_and_skips_the_rest_unparsed():
 
 def test_encode_refuses_what_msgpack_cannot_carry_as_a_bad_request():
     for value in (1 << 64, "\udc80", object()):
-        assert code_of(lambda: protocol.encode({"x": value}))[0] == "invalid_request"
+        assert code_of(lambda value=value: protocol.encode({"x": value}))[0] == "invalid_request"
 
 
 def test_joined_refuses_more_than_the_largest_message():
@@ -92,7 +92,7 @@ def test_a_field_default_check_and_absence():
 def test_check_value_finds_a_nul_or_a_non_finite_number_at_any_depth():
     assert protocol.check_value({"a": [1, "b", {"c": 2.5}]}, "spec") == {"a": [1, "b", {"c": 2.5}]}
     for bad in ({"a": ["x\0"]}, {"k\0": 1}, [[math.inf]], {"a": {"b": math.nan}}):
-        code, message = code_of(lambda: protocol.check_value(bad, "spec"))
+        code, message = code_of(lambda bad=bad: protocol.check_value(bad, "spec"))
         assert code == "invalid_request" and "'spec'" in message
 
 

@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from backends import BUSYBOX, missing
-from helpers import wait_for
 
 from arservice.agent import workdirs
 from arservice.environments.docker import LABEL, DockerEnvironment
+
+from backends import BUSYBOX, missing
+from helpers import wait_for
 
 pytestmark = [pytest.mark.timeout(60),
               pytest.mark.skipif(bool(missing("docker-busybox")), reason=str(missing("docker-busybox")))]

@@ -12,11 +12,12 @@ import sys
 import tempfile
 
 import pytest
-from backends import SPECS, params
-from helpers import Service, live_processes, wait_for
 
 from arservice.client import ServiceError
 from arservice.environments import backend, hostdir
+
+from backends import SPECS, params
+from helpers import Service, live_processes, wait_for
 
 NOBODY = 65534
 

@@ -12,13 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from backends import SPECS, params
-from helpers import wait_for
 
 from arservice.agent import workdirs
 from arservice.client import ServiceError
 from arservice.environments import hostdir
 from arservice.environments.helper import MOUNT
+
+from backends import SPECS, params
+from helpers import wait_for
 
 # Runs inside a bubblewrap sandbox with the host's /usr: swaps /work/d (a directory) and
 # /work/link (a symlink to a host directory) as fast as it can, so that a check of d on the host

@@ -6,10 +6,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from backends import SPECS, params
-from helpers import Service, _parent, live_processes
 
 from arservice.client import HTTPClient, HTTPRequest, ServiceError
+
+from backends import SPECS, params
+from helpers import Service, _parent, live_processes
 
 pytestmark = pytest.mark.timeout(120)
 

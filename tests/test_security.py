@@ -13,11 +13,12 @@ import time
 import msgpack
 import pytest
 import zmq
-from backends import SPECS, params
-from helpers import PlayedBroker, Service, wait_for
 
 from arservice import curve, protocol
 from arservice.client import ServiceError, ZMQClient
+
+from backends import SPECS, params
+from helpers import PlayedBroker, Service, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

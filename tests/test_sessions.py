@@ -7,11 +7,12 @@ import threading
 import uuid
 
 import pytest
-from backends import SPECS, params
-from helpers import wait_for
 
 from arservice.aio import AsyncHTTPClient, AsyncZMQClient
 from arservice.client import ServiceError
+
+from backends import SPECS, params
+from helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 

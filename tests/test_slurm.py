@@ -9,9 +9,10 @@ import threading
 import time
 
 import pytest
-from helpers import Service, free_port, free_ports, run_in_threads, wait_for
 
 from arservice.client import ServiceError
+
+from helpers import Service, free_port, free_ports, run_in_threads, wait_for
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("sbatch") is None, reason="Slurm is not installed (scripts/setup.sh installs it)"),

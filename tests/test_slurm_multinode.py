@@ -12,10 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from helpers import Service, run_in_threads, wait_for
 
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 from arservice.runners.slurm import slurm_seconds
+
+from helpers import Service, run_in_threads, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(ROOT, "scripts", "slurm-multinode.sh")

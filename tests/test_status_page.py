@@ -5,7 +5,6 @@ import os
 import urllib.parse
 
 import pytest
-from helpers import Service
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service as ChromeDriver
@@ -13,6 +12,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from arservice.client import ServiceError
+
+from helpers import Service
 
 pytestmark = pytest.mark.timeout(120)
 

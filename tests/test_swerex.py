@@ -4,6 +4,7 @@ classes (the `swerex` extra, in the test extra too)."""
 import asyncio
 
 import pytest
+
 from helpers import Service
 
 swerex = pytest.importorskip("swerex", reason="swe-rex is not installed (pip install 'arservice[swerex]')")

@@ -13,11 +13,12 @@ import time
 
 import pytest
 import zmq
-from helpers import Service, wait_for
 
 from arservice import curve, protocol
 from arservice.aio import AsyncZMQClient
 from arservice.client import HTTPClient, ServiceError, ZMQClient
+
+from helpers import Service, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
