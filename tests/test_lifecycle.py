@@ -167,7 +167,8 @@ def test_agent_survives_bad_messages_from_its_broker():
         assert bad["error"]["code"] == "invalid_request" and "instance_id" in bad["error"]["message"]
         ok = answer_to(protocol.encode(protocol.request("start_instance", "x5", instance_id="i-1", environment={"type": "local"})))
         assert ok["type"] == "reply" and ok["id"] == "x5"
-        ok = answer_to(protocol.encode(protocol.request("execute", "x6", instance_id="i-1", command="echo alive", timeout=5)))
+        ok = answer_to(protocol.encode(protocol.request("execute", "x6", instance_id="i-1", command="echo alive", timeout=5,
+                                                        output_limit=1000)))  # as a broker fills it in
         assert ok["result"]["output"] == b"alive\n"
         assert broker.agent.poll() is None
     finally:

@@ -116,7 +116,8 @@ def test_bad_bytes_in_a_file_path_are_400(service, instance, what, path, fields)
 def test_agent_survives_what_a_backend_raises():
     """The last-resort guard, on a real agent behind a broker played by the test (no broker
     validation in between): what the backend refuses is invalid_request, and what makes it raise
-    (an output_limit that is no number, which the broker never lets through) costs that request only."""
+    (a NUL in cwd, which the broker never lets through) costs that request only. The fields a
+    broker always fills in (output_limit) are checked by the agent too."""
     broker = PlayedBroker("--types", "local")
 
     def answer_to(msg):
@@ -127,11 +128,14 @@ def test_agent_survives_what_a_backend_raises():
         for n, (fields, code) in enumerate([({"command": "echo a\0b"}, "invalid_request"),
                                             ({"command": "true", "env": {"A=B": "x"}}, "invalid_request"),
                                             ({"command": "true", "cwd": "x\0"}, "environment_error"),
-                                            ({"command": "true", "output_limit": "x"}, "environment_error")]):
+                                            ({"command": "true", "output_limit": "x"}, "invalid_request"),
+                                            ({"command": "true", "output_limit": None}, "invalid_request")]):
+            fields = {"output_limit": 1000, **fields}  # as a broker sends it, unless the case says otherwise
             bad = answer_to(protocol.request("execute", f"x{n}", instance_id="i-1", timeout=5, **fields))
             assert bad["type"] == "error" and bad["id"] == f"x{n}", bad
             assert bad["error"]["code"] == code, (fields, bad)
-        ok = answer_to(protocol.request("execute", "x9", instance_id="i-1", command="echo alive", timeout=5))
+        ok = answer_to(protocol.request("execute", "x9", instance_id="i-1", command="echo alive", timeout=5,
+                                        output_limit=1000))
         assert ok["result"]["output"] == b"alive\n"
         assert broker.agent.poll() is None
     finally:
