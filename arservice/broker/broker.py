@@ -11,11 +11,12 @@ import secrets
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import zmq
 
 from .. import curve, environments, protocol
+from ..environments.base import MAX_OUTPUT_LIMIT
 from ..environments.session import INTERRUPT_GRACE_S, check_name
 from ..logs import EventLog
 from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, Message, ServiceError, field, text
@@ -33,9 +34,6 @@ from .state import (
     cost_of,
     to_units,
 )
-
-if TYPE_CHECKING:
-    import arservice.environments.base  # noqa: F401 (loaded with the backends; read as environments.base)
 
 log = EventLog("broker")
 # A peer's ROUTER envelope: its identity (and a REQ socket's empty delimiter).
@@ -796,7 +794,7 @@ class Broker:
             "cwd": text(msg, "cwd", default=None),
             "env": protocol.string_map(msg, "env"),
             "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
-                                  check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
+                                  check=lambda n: 0 < n <= MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
             **stream_field(msg),
         }
         self._forward(self._agent_of(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg["id"], timeout + ANSWER_GRACE_S)
@@ -816,7 +814,7 @@ class Broker:
             "command": text(msg, "command"),
             "timeout": timeout,
             "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
-                                  check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
+                                  check=lambda n: 0 < n <= MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
             **stream_field(msg),
         }
         # A timed-out command gets its interrupt's grace on the agent, then the answer's.
@@ -835,8 +833,8 @@ class Broker:
             fields["content"] = field(msg, "content", (bytes, str))
             fields["mode"] = field(msg, "mode", int, default=0o644, check=lambda m: 0 <= m <= 0o7777, what="a file mode like 0o644")
         else:
-            fields["limit"] = field(msg, "limit", int, default=environments.base.MAX_OUTPUT_LIMIT,
-                                    check=lambda n: 0 < n <= environments.base.MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB")
+            fields["limit"] = field(msg, "limit", int, default=MAX_OUTPUT_LIMIT,
+                                    check=lambda n: 0 < n <= MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB")
         self._forward(self._agent_of(inst.agent_id), inst, msg["type"], fields, envelope, msg["id"], REQUEST_TIMEOUT_S)
 
     def on_close_instance(self, envelope: Envelope, msg: Message) -> None:
