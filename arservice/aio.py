@@ -165,7 +165,7 @@ class _Channel:
             self._fail_waiting(exc)
             raise
 
-    async def request(self, frames: list[bytes] | list[memoryview], msg_id: int, wait_s: float) -> Any:
+    async def request(self, frames: list[bytes | memoryview], msg_id: int, wait_s: float) -> Any:
         if not self.connected.is_set():
             try:
                 await asyncio.wait_for(self.connected.wait(), min(wait_s, CONNECT_WAIT_S))
@@ -178,19 +178,19 @@ class _Channel:
         future = self.loop.create_future()
         self.waiting[msg_id] = future
         try:
-            await self.sock.send_multipart(frames)
+            await self.sock.send_multipart(frames, copy=False)
             return await asyncio.wait_for(future, wait_s)
         finally:
             self.waiting.pop(msg_id, None)
 
-    async def stream(self, frames: list[bytes] | list[memoryview], msg_id: int, wait_s: float) -> AsyncIterator[Any]:
+    async def stream(self, frames: list[bytes | memoryview], msg_id: int, wait_s: float) -> AsyncIterator[Any]:
         """Send a streamed request; yield its chunk messages, then its answer (each within wait_s of the last)."""
         if not self.connected.is_set():
             await self.request_ready(wait_s)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self.streams[msg_id] = queue
         try:
-            await self.sock.send_multipart(frames)
+            await self.sock.send_multipart(frames, copy=False)
             while True:
                 answer = await asyncio.wait_for(queue.get(), wait_s)
                 if isinstance(answer, Exception):

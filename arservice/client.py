@@ -321,7 +321,7 @@ class KeepAlive:
 
 # --- ZeroMQ: what the sync and async ZMQ clients share ---
 
-def zmq_frames(kind: str, msg_id: int, fields: dict[str, Any], token: str | None) -> list[bytes] | list[memoryview]:
+def zmq_frames(kind: str, msg_id: int, fields: dict[str, Any], token: str | None) -> list[bytes | memoryview]:
     """A request as the frames to send: with a token, several when it is larger than the broker's frame
     limit (protocol.MAX_FRAME_BYTES); without one, the broker takes any frame and it stays whole."""
     if not token:
@@ -485,7 +485,7 @@ class ZMQClient(Client):
         link.update()
         drops = link.drops
         msg_id = next(self._ids)
-        link.sock.send_multipart(zmq_frames(kind, msg_id, fields, self.token))
+        link.sock.send_multipart(zmq_frames(kind, msg_id, fields, self.token), copy=False)  # large ones go from their own buffer
         deadline = time.monotonic() + wait_s
         poller = zmq.Poller()
         poller.register(link.sock, zmq.POLLIN)

@@ -30,6 +30,8 @@ MAX_MESSAGE_BYTES = 256 << 20
 # of a peer sending a longer one). It bounds what a peer that fails the CURVE handshake can make
 # libzmq buffer: the handshake's frames are read under the same limit. Longer messages are split.
 MAX_FRAME_BYTES = 1 << 20
+# A message whose strings and bytes come to this many is packed in place (see encode()).
+PACK_IN_PLACE_BYTES = 256 << 10
 # What the envelope of a frame may hold before its sender is known to be allowed to send it.
 ENVELOPE_FIELDS = ("v", "type", "id", "token", "secret")
 MAX_FIELDS = 64
@@ -136,16 +138,37 @@ class ServiceError(Exception):
         self.message = message
 
 
-def encode(msg: Message) -> bytes:
-    """One frame; invalid_request for what msgpack cannot carry (an int past 64 bits, a lone surrogate)."""
+def encode(msg: Message) -> bytes | memoryview:
+    """One frame; invalid_request for what msgpack cannot carry (an int past 64 bits, a lone surrogate).
+
+    A message carrying large strings or bytes is packed into a buffer sized for them up front and
+    comes back as a view of that buffer: msgpack's own buffer would grow by doubling, to about
+    twice the payload, and then be copied into the bytes returned."""
     try:
-        frame: bytes = msgpack.packb(msg, use_bin_type=True)
-        return frame
+        bulk = _bulk(msg)
+        if bulk < PACK_IN_PLACE_BYTES:
+            frame: bytes = msgpack.packb(msg, use_bin_type=True)
+            return frame
+        packer = msgpack.Packer(use_bin_type=True, autoreset=False, buf_size=bulk + (64 << 10))  # type: ignore[call-arg]  # the stubs lack buf_size
+        packer.pack(msg)
+        return packer.getbuffer()
     except (ValueError, OverflowError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
         raise ServiceError("invalid_request", f"the message cannot be encoded: {exc.__class__.__name__}: {exc}") from exc
 
 
-def split(data: bytes) -> list[bytes] | list[memoryview]:
+def _bulk(msg: Message) -> int:
+    """The length of the strings and bytes at a message's top level and one map down (an answer's
+    result): about what its frame will hold."""
+    size = 0
+    for value in msg.values():
+        if isinstance(value, (bytes, str)):
+            size += len(value)
+        elif isinstance(value, dict):
+            size += sum(len(item) for item in value.values() if isinstance(item, (bytes, str)))
+    return size
+
+
+def split(data: bytes | memoryview) -> list[bytes | memoryview]:
     """A message's bytes as the frames of one multipart message, none over MAX_FRAME_BYTES."""
     if len(data) <= MAX_FRAME_BYTES:
         return [data]
@@ -197,6 +220,53 @@ def peek(frame: bytes) -> Message:
     except Exception as exc:  # noqa: BLE001 (whatever msgpack raises, the frame is malformed)
         raise ServiceError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})") from exc
     return _checked(head)
+
+
+def skim(frame: bytes) -> tuple[Message, list[tuple[str, int, int]]]:
+    """A message's fields with their large strings and bytes left out, and where each top-level
+    field lies in the frame: (name, start, end), for readdressed().
+
+    A reply carrying 64 MiB of output is then read without building it: its small fields (and a
+    map's, one level down) are decoded; a str or bin past MAX_ENVELOPE_ITEM, at either level,
+    is None. The frame comes from a known peer (an agent), so only msgpack's own checks apply."""
+    view = memoryview(frame)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(1, len(frame)))
+    unpacker.feed(frame)
+    msg: Message = {}
+    spans = []
+    try:
+        for _ in range(unpacker.read_map_header()):
+            start = unpacker.tell()
+            name = unpacker.unpack()
+            msg[name] = _skimmed_value(unpacker, view, 1)
+            spans.append((name, start, unpacker.tell()))
+    except Exception as exc:  # noqa: BLE001 (whatever msgpack raises, the frame is malformed)
+        raise ServiceError("invalid_request", f"malformed frame: not a msgpack map ({exc.__class__.__name__})") from exc
+    return _checked(msg), spans
+
+
+def _skimmed_value(unpacker: msgpack.Unpacker, view: memoryview, depth: int) -> Any:
+    """The next value, a str or bin past MAX_ENVELOPE_ITEM skipped (None), maps read down to depth 2."""
+    at = unpacker.tell()
+    marker = view[at]
+    if depth < 2 and (0x80 <= marker <= 0x8F or marker in (0xDE, 0xDF)):  # a map: fix, 16-bit, 32-bit
+        return {unpacker.unpack(): _skimmed_value(unpacker, view, depth + 1) for _ in range(unpacker.read_map_header())}
+    if 0xC4 <= marker <= 0xC6 or 0xD9 <= marker <= 0xDB:  # bin or str with an 8, 16 or 32-bit length
+        width = 1 << (marker - (0xC4 if marker <= 0xC6 else 0xD9))
+        if int.from_bytes(view[at + 1:at + 1 + width], "big") > MAX_ENVELOPE_ITEM:
+            unpacker.skip()
+            return None
+    return unpacker.unpack()
+
+
+def readdressed(frame: bytes, spans: list[tuple[str, int, int]], id_: object) -> bytes:
+    """The message of `frame` (laid out as skim() found it) with `id_` as its id: every other
+    field's bytes are copied as they are, once, never decoded and encoded again."""
+    view = memoryview(frame)
+    parts: list[bytes | memoryview] = [msgpack.Packer().pack_map_header(len(spans))]
+    for name, start, end in spans:
+        parts.append(msgpack.packb("id") + msgpack.packb(id_, use_bin_type=True) if name == "id" else view[start:end])
+    return b"".join(parts)
 
 
 def decode(frame: bytes) -> Message:

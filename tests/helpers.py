@@ -1,6 +1,7 @@
 """Start the real `arservice` command for a test, and wait on conditions with deadlines."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -175,3 +176,48 @@ class PlayedBroker:
             return self.agent.wait(timeout=30)
         finally:
             self.router.close()
+
+
+# A broker without --token takes only agents that hold its agent secret.
+AGENT_SECRET = "played-agent-test-secret"
+
+
+def secret_file(tmp_path) -> str:
+    path = tmp_path / "agent-secret"
+    path.write_text(AGENT_SECRET)
+    return str(path)
+
+
+class PlayedAgent:
+    """An agent played by the test over a DEALER socket, registered with AGENT_SECRET: it answers
+    what the broker forwards when and how the test chooses."""
+
+    def __init__(self, address: str):
+        self.agent_id = f"played-{os.getpid()}-{secrets.token_hex(2)}"
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def send(self, msg: dict) -> None:
+        self.sock.send(protocol.encode(msg))
+
+    def register(self) -> None:
+        self.send(protocol.request(protocol.REGISTER, "r", agent_id=self.agent_id, capacity={"instances": 2},
+                                   env_types=["local"], hostname="played", pid=0, instances=[], secret=AGENT_SECRET))
+        assert self.receive(lambda m: m["type"] == protocol.REPLY)["result"]["registered"]
+
+    def receive(self, wanted, timeout: float = 15.0) -> dict:
+        """The first message from the broker that wanted() accepts (heartbeats answered on the way)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if self.sock.poll(left * 1000):
+                msg = protocol.decode(self.sock.recv())
+                if wanted(msg):
+                    return msg
+                if msg["type"] == protocol.HEARTBEAT:
+                    self.send(protocol.request(protocol.HEARTBEAT, "h", instances=0))
+        raise AssertionError("the broker did not send what the test waited for")
+
+    def close(self) -> None:
+        self.sock.close()

@@ -2,7 +2,6 @@
 that were in flight (issue 14 part 2)."""
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -10,24 +9,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import zmq
 
 from arservice import protocol
 from arservice.client import ServiceError
 
-from helpers import Service, wait_for
+from helpers import PlayedAgent, Service, secret_file, wait_for
 
 pytestmark = pytest.mark.timeout(60)
-
-
-# A broker without --token takes only agents that hold its agent secret.
-AGENT_SECRET = "broker-restart-test-secret"
-
-
-def secret_file(tmp_path) -> str:
-    path = tmp_path / "agent-secret"
-    path.write_text(AGENT_SECRET)
-    return str(path)
 
 
 def restart(broker: Service) -> subprocess.Popen:
@@ -97,41 +85,6 @@ def test_a_restarted_broker_says_unavailable_until_its_grace_ends_then_not_found
             agent.terminate()
             agent.wait(timeout=30)
         stop_restarted(broker, restarted)
-
-
-class PlayedAgent:
-    """An agent played by the test over a DEALER socket, to make a start's answer reach the
-    restarted broker at a chosen moment."""
-
-    def __init__(self, address: str):
-        self.agent_id = f"played-{os.getpid()}-{secrets.token_hex(2)}"
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, self.agent_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-
-    def send(self, msg: dict) -> None:
-        self.sock.send(protocol.encode(msg))
-
-    def register(self) -> None:
-        self.send(protocol.request(protocol.REGISTER, "r", agent_id=self.agent_id, capacity={"instances": 2},
-                                   env_types=["local"], hostname="played", pid=0, instances=[], secret=AGENT_SECRET))
-        assert self.receive(lambda m: m["type"] == protocol.REPLY)["result"]["registered"]
-
-    def receive(self, wanted, timeout: float = 15.0) -> dict:
-        """The first message from the broker that wanted() accepts (heartbeats answered on the way)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if self.sock.poll(left * 1000):
-                msg = protocol.decode(self.sock.recv())
-                if wanted(msg):
-                    return msg
-                if msg["type"] == protocol.HEARTBEAT:
-                    self.send(protocol.request(protocol.HEARTBEAT, "h", instances=0))
-        raise AssertionError("the broker did not send what the test waited for")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_a_start_answered_to_a_restarted_broker_is_closed_not_leaked(tmp_path):

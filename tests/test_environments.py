@@ -63,6 +63,15 @@ def test_exact_bytes(env):
     assert result["output"] == b"a\x00b\xffc\n\x80"
 
 
+def test_a_large_output_comes_back_byte_for_byte_over_zmq_and_http(env, service):
+    """Output past the broker's PASS_ON_BYTES passes through it undecoded, with the client's id put in."""
+    client, instance_id, _ = env
+    expected = "".join(f"{i}\n" for i in range(1, 120_001)).encode()  # 0.7 MB
+    for via in (client, service.http):
+        result = via.execute(instance_id, "seq 1 120000; exit 3", raw=True)
+        assert (result["output"] == expected, result["returncode"], result["truncated"]) == (True, 3, False)
+
+
 def test_ten_megabytes_are_truncated_to_head_and_tail(env):
     client, instance_id, _ = env
     result = client.execute(instance_id, "echo START; head -c 10000000 /dev/zero | tr '\\000' x; echo; echo END",

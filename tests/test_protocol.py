@@ -63,6 +63,33 @@ def test_encode_refuses_what_msgpack_cannot_carry_as_a_bad_request():
         assert code_of(lambda value=value: protocol.encode({"x": value}))[0] == "invalid_request"
 
 
+BIG = protocol.MAX_ENVELOPE_ITEM + 1
+
+
+@pytest.mark.parametrize("length", [BIG, 1 << 8, 1 << 16, 1 << 20])  # each msgpack length width, and past it
+def test_skim_leaves_out_large_strings_and_bytes_and_readdressed_passes_them_on_unchanged(length):
+    answer = protocol.reply("b7", {"output": b"o" * length, "returncode": 2, "timed_out": True, "note": "n" * length,
+                                   "info": {"deep": "d" * BIG}, "small": "ok"})
+    skimmed, spans = protocol.skim(frame(answer))
+    large = None if length >= BIG else "n" * length
+    assert skimmed["result"] == {"output": None if length >= BIG else b"o" * length, "returncode": 2, "timed_out": True,
+                                 "note": large, "info": {"deep": "d" * BIG}, "small": "ok"}
+    assert [name for name, _, _ in spans] == ["v", "type", "id", "result"]
+    assert protocol.decode(protocol.readdressed(frame(answer), spans, {"client": [1]})) == {**answer, "id": {"client": [1]}}
+
+
+def test_skim_refuses_what_is_not_a_message():
+    for raw in (b"", b"\x93\x01\x02\x03", frame({"v": 1, "type": "reply", "id": 1})[:-1], frame({"v": 2, "type": "reply"})):
+        assert code_of(lambda raw=raw: protocol.skim(raw))[0] in ("invalid_request", "unsupported_version")
+
+
+def test_a_large_message_encodes_in_place_to_the_same_bytes():
+    msg = protocol.reply(1, {"output": b"x" * protocol.PACK_IN_PLACE_BYTES, "text": "t" * 100})
+    packed = protocol.encode(msg)
+    assert isinstance(packed, memoryview)  # the packer's own buffer, sized for it: no doubling, no copy
+    assert bytes(packed) == msgpack.packb(msg, use_bin_type=True)
+
+
 def test_joined_refuses_more_than_the_largest_message():
     parts = [b"x" * protocol.MAX_FRAME_BYTES] * (protocol.MAX_MESSAGE_BYTES // protocol.MAX_FRAME_BYTES + 1)
     assert code_of(lambda: protocol.joined(parts))[0] == "payload_too_large"

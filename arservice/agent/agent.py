@@ -174,7 +174,7 @@ class Agent:
 
     def _on_ready(self, sock, outbox):
         if sock is outbox:
-            self._forward_answer(outbox.recv_multipart())
+            self._forward_answer(outbox.recv_multipart(copy=False))
         elif sock is self.sock:
             self._on_broker_frame(self.sock.recv())
         elif sock is self.handshake:
@@ -227,7 +227,8 @@ class Agent:
         go again, and a broker that is gone waits for no answer."""
         # A broker with a token reads frames of at most protocol.MAX_FRAME_BYTES; one without takes any.
         try:
-            self.sock.send_multipart(protocol.split(frame) if self.token else [frame], zmq.NOBLOCK)
+            # copy=False: libzmq sends from the frame's own bytes (a 64 MiB output is not copied again).
+            self.sock.send_multipart(protocol.split(frame) if self.token else [frame], zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.debug("send_dropped", bytes=len(frame))
 
@@ -586,14 +587,14 @@ class Agent:
         if sock is None:
             sock = self._outbox_sockets.sock = self.ctx.socket(zmq.PUSH)
             sock.connect(self.outbox_address)
-        sock.send_multipart([protocol.encode(msg), drop.encode()])
+        sock.send_multipart([protocol.encode(msg), drop.encode()], copy=False)
         return not drop_on_error or not drop
 
-    def _forward_answer(self, frames):
+    def _forward_answer(self, frames: list[zmq.Frame]) -> None:
         payload, drop = frames
-        for instance_id in drop.decode().split():  # what a failed start or fork would have made
+        for instance_id in drop.bytes.decode().split():  # what a failed start or fork would have made
             self.envs.pop(instance_id, None)
-        self._send_frame(payload)
+        self._send_frame(payload.buffer)  # the worker's frame itself, not a copy
 
     def _close_all(self):
         """Close every instance in parallel, then reap once more, all within stop_timeout_s.

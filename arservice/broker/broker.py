@@ -38,6 +38,8 @@ from .state import (
 log = EventLog("broker")
 # A peer's ROUTER envelope: its identity (and a REQ socket's empty delimiter).
 Envelope = list[bytes]
+# A large reply as it came: its frame and where its fields lie (protocol.skim).
+Skimmed = tuple[bytes, list[tuple[str, int, int]]]
 
 
 def session_name(msg: Message, default: Any = ...) -> str | None:
@@ -68,6 +70,11 @@ TICK_S = 0.1
 # Frames queued per peer before libzmq stops reading from it (TCP pushes back on the sender).
 RECEIVE_QUEUE = 1000
 AGENT_TYPES = (protocol.HEARTBEAT, protocol.DISCONNECT, protocol.REPLY, protocol.ERROR)
+# A reply this large passes on to its client without being decoded (protocol.skim, readdressed):
+# one copy of its output in the broker, not four. Smaller ones are decoded, which costs less there.
+PASS_ON_BYTES = 256 << 10
+# The requests whose answer the broker reads whole (the others' results pass on as they are).
+READS_RESULT = (protocol.START_INSTANCE, protocol.FORK_INSTANCE, protocol.SNAPSHOT_INSTANCE, protocol.CLOSE_INSTANCE)
 
 
 class Broker:
@@ -204,12 +211,16 @@ class Broker:
 
     def handle(self, envelope: Envelope, frames: list[bytes]) -> None:
         msg_id = None
-        msg = {}
+        msg: Message = {}
         try:
             payload = protocol.joined(frames)
             head = protocol.peek(payload)
             msg_id = head.get("id")
             self._admit(envelope, head)
+            if head["type"] == protocol.REPLY and len(payload) >= PASS_ON_BYTES:
+                msg, spans = protocol.skim(payload)
+                self.on_agent_answer(envelope, msg, (payload, spans))
+                return
             msg = protocol.decode(payload)
             self.handlers[msg["type"]](envelope, msg)
         except ServiceError as exc:
@@ -220,10 +231,11 @@ class Broker:
             self.metrics.error(msg.get("type"), "internal", repr(exc), msg.get("instance_id"))
             self.send(envelope, protocol.error(msg_id, "internal", f"internal error: {exc!r}"))
 
-    def send(self, envelope: Sequence[bytes], msg: Message) -> bool:
-        """Send to a peer; False if it is gone (its messages are then dropped)."""
+    def send(self, envelope: Sequence[bytes], msg: Message | bytes) -> bool:
+        """Send a message (or its encoded frame) to a peer; False if it is gone (its messages are then dropped)."""
         try:
-            self.sock.send_multipart([*envelope, protocol.encode(msg)])
+            # copy=False: libzmq sends from the frame's own bytes (pyzmq copies small ones anyway).
+            self.sock.send_multipart([*envelope, protocol.encode(msg) if isinstance(msg, dict) else msg], copy=False)
             return True
         except zmq.ZMQError as exc:
             log.debug("peer_unreachable", peer=envelope[0].hex() if envelope else "", error=exc.strerror)
@@ -314,9 +326,12 @@ class Broker:
                 self._forward(agent, inst, protocol.CLOSE_INSTANCE, {}, None, None, REQUEST_TIMEOUT_S)
         self._answer_client(pending, protocol.error(pending.client_id, "timeout", f"agent {pending.agent_id} did not answer {what} in time"))
 
-    def _answer_client(self, pending: Pending, msg: Message) -> None:
+    def _answer_client(self, pending: Pending, msg: Message, received: Skimmed | None = None) -> None:
+        """Send an answer to the client that waits for it; `received`: msg is skimmed, and these
+        are the bytes it came as (passed on with the client's id)."""
         if pending.envelope is not None:  # first: whatever goes wrong after, the client has its answer
-            self.send(pending.envelope, {**msg, "id": pending.client_id})
+            self.send(pending.envelope, {**msg, "id": pending.client_id} if received is None
+                      else protocol.readdressed(*received, pending.client_id))
         self.metrics.answered(pending, msg)
 
     # -- agents -------------------------------------------------------------------
@@ -436,9 +451,13 @@ class Broker:
                 del self.pending[request_id]
                 self._answer_client(pending, protocol.error(None, "agent_lost", f"agent {agent.agent_id} was lost: {reason}"))
 
-    def on_agent_answer(self, envelope: Envelope, msg: Message) -> None:
+    def on_agent_answer(self, envelope: Envelope, msg: Message, received: Skimmed | None = None) -> None:
+        """An agent's answer to a request it was sent. `received`: msg is skimmed (its large values
+        are None), and these are the bytes it came as."""
         agent = self._agent(envelope)
         pending = self.pending.get(msg.get("id"))
+        if received is not None and pending is not None and pending.kind in READS_RESULT:
+            msg, received = protocol.decode(received[0]), None
         if pending is None or pending.agent_id != agent.agent_id:
             self._close_unclaimed_start(agent, msg)  # or the answer to a request that already timed out
             return
@@ -469,7 +488,7 @@ class Broker:
             result = {"instance_id": inst.instance_id, "closed": True}
             log.info("instance_closed", instance=inst.instance_id, agent=inst.agent_id)
         if ok:
-            self._answer_client(pending, protocol.reply(None, result))
+            self._answer_client(pending, protocol.reply(None, result), received)
         else:
             error = msg.get("error") or {}
             code = error["code"] if error.get("code") in protocol.ERROR_CODES else "environment_error"

@@ -39,16 +39,20 @@ class BoundedOutput:
                 del self.tail[: len(self.tail) - self.tail_limit]
 
     def value(self) -> tuple[bytes, bool]:
-        """(output bytes, truncated)."""
-        tail = self.tail[-self.tail_limit:] if self.tail_limit else b""
-        return joined(bytes(self.head), bytes(tail), self.total - len(self.head) - len(tail))
+        """(output bytes, truncated), made in one copy, taken once: the buffers are let go (a 64 MiB
+        output is then held once, not twice, while its answer is encoded)."""
+        keep = min(len(self.tail), self.tail_limit)
+        with memoryview(self.tail) as whole, whole[len(self.tail) - keep:] as tail:
+            taken = joined(self.head, tail, self.total - len(self.head) - keep)
+        self.head, self.tail = bytearray(), bytearray()
+        return taken
 
 
-def joined(head: bytes, tail: bytes, dropped: int) -> tuple[bytes, bool]:
+def joined(head: bytes | bytearray, tail: bytes | memoryview, dropped: int) -> tuple[bytes, bool]:
     """(output, truncated): head and tail with a marker where `dropped` bytes were left out."""
     if dropped <= 0:
-        return head + tail, False
-    return head + f"\n[... {dropped} bytes truncated ...]\n".encode() + tail, True
+        return b"".join((head, tail)), False
+    return b"".join((head, f"\n[... {dropped} bytes truncated ...]\n".encode(), tail)), True
 
 
 def command_output(path: str, limit: int, upto: int | None = None) -> tuple[bytes, bool]:
