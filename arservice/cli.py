@@ -22,7 +22,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 import zmq
 
-from . import console, environments, logs
+from . import allocator, console, environments, logs
 from .agent import Agent, AgentExit
 from .agent.agent import DEFAULT_STOP_TIMEOUT_S, raise_file_limit
 from .broker import Broker
@@ -303,6 +303,7 @@ def agent_command(broker_address: str, instances: int, cpus: float | None, memor
                   log_level: str) -> None:
     """One agent: connects to the broker, runs environments and commands until stopped."""
     logs.setup(log_level)
+    allocator.return_large_blocks()
     if token_file is not None:
         token = read_secret(token_file, "--token-file")
     if agent_secret_file is not None:
@@ -369,6 +370,7 @@ def serve(runner_name: str | None, host: str, port: int, zmq_port: int, max_reso
     if unknown:
         raise CliError(f"warm pool of {', '.join(map(repr, unknown))}: no such preset (--environments names them)")
     logs.setup(log_level)
+    allocator.return_large_blocks()
     raise_file_limit()  # every HTTP connection and thread's inproc socket is a descriptor
     context: zmq.Context = zmq.Context.instance()
     # One inproc socket per HTTP thread, plus the broker's and the runner's.

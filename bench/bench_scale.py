@@ -34,10 +34,20 @@ from helpers import Service
 MIB = 1 << 20
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
+def cpu_seconds(pid: int, task: str | None = None) -> float:
+    with open(f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def zmq_io_cpu_seconds(pid: int) -> float:
+    """CPU of the process's libzmq I/O threads (named ZMQbg/...): the sockets' own work, not Python's."""
+    total = 0.0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/comm") as f:
+            if f.read().startswith("ZMQbg"):
+                total += cpu_seconds(pid, task)
+    return total
 
 
 def memory_kib(pid: int, key: str) -> int:
@@ -114,13 +124,14 @@ def part_broker(args) -> None:
     try:
         with ThreadPoolExecutor(32) as pool:
             ids = list(pool.map(lambda _: svc.client.start_instance({"type": "local"})["instance_id"], range(n)))
-        before = cpu_seconds(svc.proc.pid)
+        before, io_before = cpu_seconds(svc.proc.pid), zmq_io_cpu_seconds(svc.proc.pid)
         counts = per_client(commands(svc.client, ids), args.seconds)
-        used = cpu_seconds(svc.proc.pid) - before
+        used, io = cpu_seconds(svc.proc.pid) - before, zmq_io_cpu_seconds(svc.proc.pid) - io_before
         total = sum(counts)
         # The service process also runs the local runner's watcher (idle) and heartbeats: counted here too.
         print(f"  {total} commands, {total / args.seconds:.0f}/s, broker process CPU {used:.2f}s: "
-              f"{used / total * 1000:.3f} ms per command (target 0.04)")
+              f"{used / total * 1000:.3f} ms per command (target 0.04), of which libzmq's I/O thread "
+              f"{io / total * 1000:.3f} ms and the Python threads {(used - io) / total * 1000:.3f} ms")
     finally:
         svc.stop(timeout=120)
 
@@ -154,27 +165,59 @@ def start_drive_close(agents: int, spec: dict, count: int) -> tuple[float, float
         svc.stop(timeout=120)
 
 
+def http_worker_pids(service_pid: int) -> list[int]:
+    """The HTTP worker processes (--http-workers) a service started."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                parent = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if parent == service_pid and b"arservice.http.workers" in argv:
+            pids.append(int(entry))
+    return pids
+
+
+# One payload of `size` bytes through the service, each way it can go.
+PAYLOAD_REQUESTS = {
+    "ZMQ execute": lambda svc, inst, size: svc.client.execute(inst, f"head -c {size} /dev/zero", output_limit=size,
+                                                              raw=True),
+    "HTTP execute": lambda svc, inst, size: svc.http.execute(inst, f"head -c {size} /dev/zero | tr '\\0' x",
+                                                             output_limit=size),
+    "HTTP write_file": lambda svc, inst, size: svc.http.write_file(inst, "payload", "x" * size),
+}
+
+
 def part_memory(args) -> None:
-    print("memory: peak RSS growth per process for one command's output (MiB), broker growth left after")
-    svc = Service("--runner", "local", "--log-level", "WARNING").wait_ready()
-    try:
-        agent = svc.agent_pids()[0]
-        inst = svc.client.start_instance({"type": "local"})["instance_id"]
-        svc.client.execute(inst, "true")
-        idle = memory_kib(svc.proc.pid, "VmRSS")
-        for size in (1 * MIB, 10 * MIB, 32 * MIB, 64 * MIB):  # 64 MiB: the largest output_limit
-            for pid in (svc.proc.pid, agent):
-                reset_peak(pid)
-            base = {pid: memory_kib(pid, "VmRSS") for pid in (svc.proc.pid, agent)}
-            result = svc.client.execute(inst, f"head -c {size} /dev/zero", output_limit=size, raw=True)
-            assert len(result["output"]) == size
-            del result
-            peak = {pid: (memory_kib(pid, "VmHWM") - base[pid]) / 1024 for pid in base}
-            after = (memory_kib(svc.proc.pid, "VmRSS") - idle) / 1024
-            print(f"  {size // MIB:4d} MiB: broker +{peak[svc.proc.pid]:6.0f} ({peak[svc.proc.pid] / (size / MIB):.1f}x)  "
-                  f"agent +{peak[agent]:6.0f} ({peak[agent] / (size / MIB):.1f}x)  broker after +{after:.0f}")
-    finally:
-        svc.stop()
+    print("memory: peak RSS growth per process for one payload (MiB, and x the payload); the service process\n"
+          "(broker, and HTTP unless --http-workers) grows by what is left after")
+    for workers in ("0", "1"):
+        svc = Service("--runner", "local", "--http-workers", workers, "--log-level", "WARNING").wait_ready()
+        try:
+            processes = {"service": svc.proc.pid, "agent": svc.agent_pids()[0]}
+            processes.update(("HTTP worker", pid) for pid in http_worker_pids(svc.proc.pid))
+            inst = svc.client.start_instance({"type": "local"})["instance_id"]
+            svc.client.execute(inst, "true")
+            idle = memory_kib(svc.proc.pid, "VmRSS")
+            print(f"  --http-workers {workers}")
+            for size in (1 * MIB, 10 * MIB, 32 * MIB, 64 * MIB):  # 64 MiB: the largest output_limit
+                for what, request in PAYLOAD_REQUESTS.items():
+                    if what.startswith("ZMQ") and workers != "0":  # the same path as without workers
+                        continue
+                    for pid in processes.values():
+                        reset_peak(pid)
+                    base = {pid: memory_kib(pid, "VmRSS") for pid in processes.values()}
+                    request(svc, inst, size)
+                    peaks = "  ".join(f"{name} +{(memory_kib(pid, 'VmHWM') - base[pid]) / 1024:4.0f} "
+                                      f"({(memory_kib(pid, 'VmHWM') - base[pid]) / 1024 / (size / MIB):.1f}x)"
+                                      for name, pid in processes.items())
+                    after = (memory_kib(svc.proc.pid, "VmRSS") - idle) / 1024
+                    print(f"    {size // MIB:3d} MiB {what:<15}: {peaks}  service after +{after:.0f}")
+        finally:
+            svc.stop()
 
 
 PARTS = {"throughput": part_throughput, "broker": part_broker, "starts": part_starts, "memory": part_memory}

@@ -204,10 +204,10 @@ class Broker:
     def _drain(self) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                envelope, frames = protocol.unwrap(self.sock.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            self.handle(*protocol.unwrap(frames))
+            self.handle(envelope, frames)
 
     def handle(self, envelope: Envelope, frames: list[bytes]) -> None:
         msg_id = None
@@ -222,6 +222,8 @@ class Broker:
                 self.on_agent_answer(envelope, msg, (payload, spans))
                 return
             msg = protocol.decode(payload)
+            del payload
+            frames.clear()  # (the caller's list too) a large write_file is then held once, as decoded
             self.handlers[msg["type"]](envelope, msg)
         except ServiceError as exc:
             self.metrics.error(msg.get("type"), exc.code, exc.message, msg.get("instance_id"))

@@ -19,7 +19,7 @@ import threading
 
 import zmq
 
-from .. import logs
+from .. import allocator, logs
 from ..logs import EventLog
 from .app import HTTPServer, create_app
 
@@ -92,6 +92,7 @@ def _die_with_parent() -> None:
 
 def main() -> None:
     logs.setup(os.environ[ENV_LOG_LEVEL])
+    allocator.return_large_blocks()
     _die_with_parent()
     sock = socket.socket(fileno=int(os.environ[ENV_FD]))
     threads, connections, idle_timeout_s, max_body = os.environ[ENV_SETTINGS].split(",")
