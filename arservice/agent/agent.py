@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .. import curve, environments, protocol
+from .. import curve, environments, protocol, schemas
 from ..environments import session
 from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
@@ -473,7 +473,7 @@ class Agent:
 
     def _on_create_session(self, msg):
         env, table = self._session_table(msg)
-        name = protocol.field(msg, "session", str, default=session.DEFAULT_NAME)
+        name = protocol.field(msg, "session", str, default=schemas.DEFAULT_SESSION)
         shell = session.check_shell(protocol.field(msg, "shell", str, default="bash"))
         new = table.create(name)
         try:

@@ -6,7 +6,6 @@ commands, environment starts and everything slow happen on agents.
 """
 
 import itertools
-import re
 import secrets
 import time
 import traceback
@@ -15,11 +14,10 @@ from typing import Any, cast
 
 import zmq
 
-from .. import curve, environments, protocol
-from ..environments.base import MAX_OUTPUT_LIMIT
-from ..environments.session import INTERRUPT_GRACE_S, check_name
+from .. import curve, environments, protocol, schemas
+from ..environments.session import INTERRUPT_GRACE_S
 from ..logs import EventLog
-from ..protocol import MAX_MESSAGE_BYTES, MAX_SECONDS, Message, ServiceError, field, text
+from ..protocol import MAX_MESSAGE_BYTES, Message, ServiceError, field
 from .metrics import BrokerMetrics, waiting_by_type
 from .pools import WarmPools
 from .state import (
@@ -42,30 +40,15 @@ Envelope = list[bytes]
 Skimmed = tuple[bytes, list[tuple[str, int, int]]]
 
 
-def session_name(msg: Message, default: Any = ...) -> str | None:
-    name = field(msg, "session", str, default=default)
-    return name if name is None else check_name(name)
-
-
-def stream_field(msg: Message) -> dict[str, bool]:
+def stream_field(stream: bool) -> dict[str, bool]:
     """`stream: true` asks for the output as chunk messages before the answer."""
-    return {"stream": True} if field(msg, "stream", bool, default=False) else {}
-
-
-def _present(fields: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if v is not None}
+    return {"stream": True} if stream else {}
 
 INPROC_ADDRESS = "inproc://arservice-broker"
 # An agent answers after the command's own time limit; allow it this much more.
 ANSWER_GRACE_S = 10.0
 REQUEST_TIMEOUT_S = 60.0
 LOST_INSTANCE_KEEP_S = 3600.0
-# The most instances one fork_instance makes.
-MAX_FORKS = 64
-# A snapshot's name: it names a directory on the agent.
-SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# The longest a start may wait for room when it asks (wait_s), whatever --start-wait says.
-MAX_START_WAIT_S = 3600.0
 TICK_S = 0.1
 # Frames queued per peer before libzmq stops reading from it (TCP pushes back on the sender).
 RECEIVE_QUEUE = 1000
@@ -138,6 +121,7 @@ class Broker:
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.sock.bind(INPROC_ADDRESS)
+        # Messages of agents (and answers), each with its handler.
         self.handlers: dict[str, Callable[[Envelope, Message], None]] = {
             protocol.REGISTER: self.on_register,
             protocol.HEARTBEAT: self.on_heartbeat,
@@ -145,11 +129,15 @@ class Broker:
             protocol.REPLY: self.on_agent_answer,
             protocol.ERROR: self.on_agent_answer,
             protocol.CHUNK: self.on_agent_chunk,
+        }
+        # Client requests (schemas.REQUESTS has each one's model), each with its handler: it gets
+        # the request's id and its validated fields.
+        self.requests: dict[str, Callable[[Envelope, Any, Any], None]] = {
             protocol.START_INSTANCE: self.on_start_instance,
             protocol.EXECUTE: self.on_execute,
             protocol.CLOSE_INSTANCE: self.on_close_instance,
-            protocol.WRITE_FILE: self.on_file_request,
-            protocol.READ_FILE: self.on_file_request,
+            protocol.WRITE_FILE: self.on_write_file,
+            protocol.READ_FILE: self.on_read_file,
             protocol.RESOURCES: self.on_resources,
             protocol.INSTANCES: self.on_instances,
             protocol.PING: self.on_ping,
@@ -165,12 +153,6 @@ class Broker:
             protocol.RUN_IN_SESSION: self.on_run_in_session,
             protocol.CLOSE_SESSION: self.on_close_session,
         }
-        self.client_types = {protocol.START_INSTANCE, protocol.EXECUTE, protocol.CLOSE_INSTANCE,
-                             protocol.WRITE_FILE, protocol.READ_FILE, protocol.RESOURCES,
-                             protocol.INSTANCES, protocol.PING, protocol.RUNNER_STATUS, protocol.RELEASE_AGENT,
-                             protocol.METRICS, protocol.STATUS, protocol.RENEW, protocol.FORK_INSTANCE,
-                             protocol.SNAPSHOT_INSTANCE, protocol.DELETE_SNAPSHOT, protocol.CREATE_SESSION,
-                             protocol.RUN_IN_SESSION, protocol.CLOSE_SESSION}
 
     def stop(self) -> None:
         """Ask the loop to end within one tick; safe from any thread."""
@@ -224,7 +206,11 @@ class Broker:
             msg = protocol.decode(payload)
             del payload
             frames.clear()  # (the caller's list too) a large write_file is then held once, as decoded
-            self.handlers[msg["type"]](envelope, msg)
+            kind = msg["type"]
+            if kind in self.requests:
+                self.requests[kind](envelope, msg["id"], schemas.request_of(msg))
+            else:
+                self.handlers[kind](envelope, msg)
         except ServiceError as exc:
             self.metrics.error(msg.get("type"), exc.code, exc.message, msg.get("instance_id"))
             self.send(envelope, protocol.error(msg_id, exc.code, exc.message))
@@ -246,9 +232,9 @@ class Broker:
     def _admit(self, envelope: Envelope, head: Message) -> None:
         """Refuse a frame whose sender may not send it, from its envelope alone (before it is parsed)."""
         kind = head["type"]
-        if kind not in self.handlers:
+        if kind not in self.handlers and kind not in self.requests:
             raise ServiceError("invalid_request", f"unknown message type {kind!r}")
-        if kind in self.client_types:
+        if kind in self.requests:
             if self.token and not protocol.same_secret(head.get("token"), self.token):
                 raise ServiceError("unauthorized", "missing or wrong token")
             if "id" not in head:
@@ -556,10 +542,10 @@ class Broker:
 
     # -- clients ------------------------------------------------------------------
 
-    def on_ping(self, envelope: Envelope, msg: Message) -> None:
-        self.send(envelope, protocol.reply(msg["id"], {"pong": True, "agents": len(self.pool.agents)}))
+    def on_ping(self, envelope: Envelope, msg_id: Any, req: schemas.Ping) -> None:
+        self.send(envelope, protocol.reply(msg_id, {"pong": True, "agents": len(self.pool.agents)}))
 
-    def on_resources(self, envelope: Envelope, msg: Message) -> None:
+    def on_resources(self, envelope: Envelope, msg_id: Any, req: schemas.Resources) -> None:
         result = self.pool.describe(time.monotonic())
         result["waiting"] = {"starts": len(self.waiting), "by_type": waiting_by_type(self.waiting)}
         if self.warm.pools:
@@ -568,80 +554,72 @@ class Broker:
             result["snapshots"] = {name: snapshot.describe() for name, snapshot in self.snapshots.items()}
         if self.runner_status is not None:
             result["runner"] = self.runner_status
-        self.send(envelope, protocol.reply(msg["id"], result))
+        self.send(envelope, protocol.reply(msg_id, result))
 
-    def on_metrics(self, envelope: Envelope, msg: Message) -> None:
-        self.send(envelope, protocol.reply(msg["id"], {"families": self.metrics.families()}))
+    def on_metrics(self, envelope: Envelope, msg_id: Any, req: schemas.Metrics) -> None:
+        self.send(envelope, protocol.reply(msg_id, {"families": self.metrics.families()}))
 
-    def on_status(self, envelope: Envelope, msg: Message) -> None:
-        self.send(envelope, protocol.reply(msg["id"], self.metrics.status()))
+    def on_status(self, envelope: Envelope, msg_id: Any, req: schemas.Status) -> None:
+        self.send(envelope, protocol.reply(msg_id, self.metrics.status()))
 
-    def on_runner_status(self, envelope: Envelope, msg: Message) -> None:
-        self.runner_status = protocol.check_value(field(msg, "status", dict), "status")
-        self.send(envelope, protocol.reply(msg["id"], {}))
+    def on_runner_status(self, envelope: Envelope, msg_id: Any, req: schemas.RunnerStatus) -> None:
+        self.runner_status = req.status
+        self.send(envelope, protocol.reply(msg_id, {}))
 
-    def on_release_agent(self, envelope: Envelope, msg: Message) -> None:
+    def on_release_agent(self, envelope: Envelope, msg_id: Any, req: schemas.ReleaseAgent) -> None:
         """A runner wants to stop an agent: allowed only while it holds nothing; it then takes nothing new.
         With drain (its job nears its end) it takes nothing new even while it still holds instances."""
-        agent_id = field(msg, "agent_id", str)
+        agent_id = req.agent_id
         agent = self.pool.agent_by_id(agent_id)
         if agent is None:
             raise ServiceError("not_found", f"no agent {agent_id!r}")
         busy = len(agent.instance_ids) + sum(p.agent_id == agent_id for p in self.pending.values())
-        if busy and not field(msg, "drain", bool, default=False):
+        if busy and not req.drain:
             raise ServiceError("conflict", f"agent {agent_id} is busy ({busy} instances or requests)")
         agent.draining = True
         log.info("agent_released", agent=agent_id)
-        self.send(envelope, protocol.reply(msg["id"], {"agent_id": agent_id, "released": True}))
+        self.send(envelope, protocol.reply(msg_id, {"agent_id": agent_id, "released": True}))
 
-    def on_instances(self, envelope: Envelope, msg: Message) -> None:
+    def on_instances(self, envelope: Envelope, msg_id: Any, req: schemas.Instances) -> None:
         """The instances that match every filter given (env_type: the message's own `type` is taken), in
         instance id order, from after the cursor on.
 
         Ids are the stable order, so the last id of a page is the cursor for the next one (`next`,
         null on the last page) even while instances come and go between pages."""
-        wanted = {name: text(msg, name, default=None) for name in ("state", "agent_id", "env_type")}
-        after = text(msg, "after", default="")
-        limit = field(msg, "limit", int, default=None, check=lambda n: n > 0, what="a positive number of instances")
         matching = sorted(
             (i for i in self.pool.instances.values()
-             if i.instance_id > after
-             and (wanted["state"] is None or i.state == wanted["state"])
-             and (wanted["agent_id"] is None or i.agent_id == wanted["agent_id"])
-             and (wanted["env_type"] is None or i.config["type"] == wanted["env_type"])),
+             if i.instance_id > req.after
+             and (req.state is None or i.state == req.state)
+             and (req.agent_id is None or i.agent_id == req.agent_id)
+             and (req.env_type is None or i.config["type"] == req.env_type)),
             key=lambda i: i.instance_id)
-        page = matching if limit is None else matching[:limit]
+        page = matching if req.limit is None else matching[:req.limit]
         more = len(page) < len(matching)
-        self.send(envelope, protocol.reply(msg["id"], {"instances": [i.describe() for i in page],
+        self.send(envelope, protocol.reply(msg_id, {"instances": [i.describe() for i in page],
                                                        "next": page[-1].instance_id if more else None}))
 
-    def on_renew(self, envelope: Envelope, msg: Message) -> None:
+    def on_renew(self, envelope: Envelope, msg_id: Any, req: schemas.Renew) -> None:
         """Keep an instance: its idle clock starts again; a ttl gives it that many seconds from now."""
-        inst = self._instance(msg)
-        ttl = field(msg, "ttl", float, default=None, check=lambda t: 0 < t <= MAX_SECONDS,
-                    what=f"in (0, {MAX_SECONDS:.0f}] seconds")
+        inst = self._instance(req.instance_id)
         self._check_usable(inst, (State.RUNNING, State.STARTING, State.UNREACHABLE))
         now = time.monotonic()
         inst.last_used = now
-        if ttl is not None:
-            inst.expires_at = now + ttl
-        self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, **inst.lease(now)}))
+        if req.ttl is not None:
+            inst.expires_at = now + req.ttl
+        self.send(envelope, protocol.reply(msg_id, {"instance_id": inst.instance_id, **inst.lease(now)}))
 
-    def on_start_instance(self, envelope: Envelope, msg: Message) -> None:
-        spec = msg.get("environment")
+    def on_start_instance(self, envelope: Envelope, msg_id: Any, req: schemas.StartInstance) -> None:
+        spec = req.environment
         preset = None
         if isinstance(spec, str):
             if spec not in self.presets:
                 raise ServiceError("not_found", f"no environment preset named {spec!r}; known: {', '.join(sorted(self.presets)) or 'none'}")
             preset, spec = spec, self.presets[spec]
-        elif not isinstance(spec, dict):
-            raise ServiceError("invalid_request", "field 'environment' must be a preset name or an environment spec object")
         config = environments.backend(spec.get("type")).parse_config(spec)
-        wait_s = field(msg, "wait_s", float, default=self.start_wait_s, check=lambda t: 0 <= t <= MAX_START_WAIT_S,
-                       what=f"in [0, {MAX_START_WAIT_S:.0f}] seconds")
+        wait_s = self.start_wait_s if req.wait_s is None else req.wait_s
         pooled = self.warm.take(preset) if preset else None
         if pooled is not None:
-            self._hand_out(pooled, envelope, msg["id"])
+            self._hand_out(pooled, envelope, msg_id)
             return
         # First come, first served: while starts of this type wait, a new one queues behind them.
         queued = any(w.config["type"] == config["type"] for w in self.waiting)
@@ -652,10 +630,10 @@ class Broker:
         except ServiceError as exc:
             if not wait_s:
                 raise
-            self.waiting.append(WaitingStart(envelope, msg["id"], spec, config, wait_s))
+            self.waiting.append(WaitingStart(envelope, msg_id, spec, config, wait_s))
             log.info("start_waiting", type=config["type"], waiting=len(self.waiting), reason=exc.message)
             return
-        self._start_on(agent, spec, config, envelope, msg["id"])
+        self._start_on(agent, spec, config, envelope, msg_id)
 
     def _start_on(self, agent: Agent, spec: dict[str, Any], config: dict[str, Any], envelope: Envelope | None,
                   client_id: object, pooled_for: str | None = None) -> Instance:
@@ -744,10 +722,10 @@ class Broker:
             self._start_on(agent, waiting.spec, waiting.config, waiting.envelope, waiting.client_id)
         self.waiting = still
 
-    def on_fork_instance(self, envelope: Envelope, msg: Message) -> None:
+    def on_fork_instance(self, envelope: Envelope, msg_id: Any, req: schemas.ForkInstance) -> None:
         """New instances whose files are copies of a running one's, on its agent (where the files are)."""
-        source = self._running_instance(msg)
-        count = field(msg, "count", int, default=1, check=lambda n: 0 < n <= MAX_FORKS, what=f"from 1 to {MAX_FORKS}")
+        source = self._running_instance(req.instance_id)
+        count = req.count
         agent = self._agent_of(source.agent_id)
         cost = {name: amount * count for name, amount in source.cost.items()}
         self.pool.check_limits(cost)
@@ -761,26 +739,23 @@ class Broker:
             self.pool.admit(fork, agent)
             self._remember(fork.instance_id)
         ids = [f.instance_id for f in forks]
-        self._forward(agent, source, protocol.FORK_INSTANCE, {"new_ids": ids}, envelope, msg["id"],
+        self._forward(agent, source, protocol.FORK_INSTANCE, {"new_ids": ids}, envelope, msg_id,
                       source.config["start_timeout"], forks=ids)
 
-    def on_snapshot_instance(self, envelope: Envelope, msg: Message) -> None:
+    def on_snapshot_instance(self, envelope: Envelope, msg_id: Any, req: schemas.SnapshotInstance) -> None:
         """Keep a copy of a running instance's files under a name, on its agent, for later starts."""
-        source = self._running_instance(msg)
-        name = text(msg, "name")
-        if not SNAPSHOT_NAME.fullmatch(name):
-            raise ServiceError("invalid_request", "a snapshot's name is 1 to 64 letters, digits, '_', '.' or '-', "
-                                                   "starting with a letter or digit")
+        source = self._running_instance(req.instance_id)
+        name = req.name
         if name in self.snapshots:
             raise ServiceError("conflict", f"a snapshot named {name!r} exists already")
         if not environments.backend(source.config["type"]).can_fork:
             raise ServiceError("invalid_request", f"{source.config['type']} instances cannot be snapshotted")
         self.snapshots[name] = Snapshot(name, source.agent_id, source.config["type"], source.instance_id)
         self._forward(self._agent_of(source.agent_id), source, protocol.SNAPSHOT_INSTANCE, {"name": name},
-                      envelope, msg["id"], source.config["start_timeout"], forks=(name,))
+                      envelope, msg_id, source.config["start_timeout"], forks=(name,))
 
-    def on_delete_snapshot(self, envelope: Envelope, msg: Message) -> None:
-        name = text(msg, "name")
+    def on_delete_snapshot(self, envelope: Envelope, msg_id: Any, req: schemas.DeleteSnapshot) -> None:
+        name = req.name
         snapshot = self.snapshots.get(name)
         if snapshot is None or not snapshot.ready:
             raise ServiceError("not_found", f"no snapshot named {name!r}")
@@ -793,7 +768,7 @@ class Broker:
         # Nobody waits for the agent's answer: the name is gone at once, the files soon.
         self.send([agent.identity], protocol.request(protocol.DELETE_SNAPSHOT, f"b{next(self._ids)}", name=name))
         log.info("snapshot_deleted", name=name, agent=snapshot.agent_id)
-        self.send(envelope, protocol.reply(msg["id"], {"name": name, "deleted": True}))
+        self.send(envelope, protocol.reply(msg_id, {"name": name, "deleted": True}))
 
     def _snapshot_agent(self, config: dict[str, Any]) -> Agent:
         """The agent that holds the snapshot a spec starts from (starts from it go there)."""
@@ -805,78 +780,61 @@ class Broker:
                                                    f"not {config['type']}")
         return self._agent_of(snapshot.agent_id)
 
-    def on_execute(self, envelope: Envelope, msg: Message) -> None:
-        inst = self._running_instance(msg)
-        timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= MAX_SECONDS,
-                        what=f"in (0, {MAX_SECONDS:.0f}] seconds")
-        fields = {
-            "command": text(msg, "command"),
-            "timeout": timeout,
-            "cwd": text(msg, "cwd", default=None),
-            "env": protocol.string_map(msg, "env"),
-            "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
-                                  check=lambda n: 0 < n <= MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
-            **stream_field(msg),
-        }
-        self._forward(self._agent_of(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg["id"], timeout + ANSWER_GRACE_S)
+    def on_execute(self, envelope: Envelope, msg_id: Any, req: schemas.Execute) -> None:
+        inst = self._running_instance(req.instance_id)
+        timeout = req.timeout or inst.config["timeout"]
+        fields = {"command": req.command, "timeout": timeout, "cwd": req.cwd, "env": req.env or {},
+                  "output_limit": req.output_limit or inst.config["output_limit"], **stream_field(req.stream)}
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.EXECUTE, fields, envelope, msg_id, timeout + ANSWER_GRACE_S)
 
-    def on_create_session(self, envelope: Envelope, msg: Message) -> None:
-        inst = self._running_instance(msg)
-        fields = {"session": session_name(msg, default=None), "shell": text(msg, "shell", default=None)}
-        self._forward(self._agent_of(inst.agent_id), inst, protocol.CREATE_SESSION, _present(fields),
-                      envelope, msg["id"], REQUEST_TIMEOUT_S)
+    def on_create_session(self, envelope: Envelope, msg_id: Any, req: schemas.CreateSession) -> None:
+        inst = self._running_instance(req.instance_id)
+        fields = {"session": req.session, **({"shell": req.shell} if req.shell else {})}
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.CREATE_SESSION, fields, envelope, msg_id,
+                      REQUEST_TIMEOUT_S)
 
-    def on_run_in_session(self, envelope: Envelope, msg: Message) -> None:
-        inst = self._running_instance(msg)
-        timeout = field(msg, "timeout", float, default=inst.config["timeout"], check=lambda t: 0 < t <= MAX_SECONDS,
-                        what=f"in (0, {MAX_SECONDS:.0f}] seconds")
-        fields = {
-            "session": session_name(msg),
-            "command": text(msg, "command"),
-            "timeout": timeout,
-            "output_limit": field(msg, "output_limit", int, default=inst.config["output_limit"],
-                                  check=lambda n: 0 < n <= MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB"),
-            **stream_field(msg),
-        }
+    def on_run_in_session(self, envelope: Envelope, msg_id: Any, req: schemas.RunInSession) -> None:
+        inst = self._running_instance(req.instance_id)
+        timeout = req.timeout or inst.config["timeout"]
+        fields = {"session": req.session, "command": req.command, "timeout": timeout,
+                  "output_limit": req.output_limit or inst.config["output_limit"], **stream_field(req.stream)}
         # A timed-out command gets its interrupt's grace on the agent, then the answer's.
-        self._forward(self._agent_of(inst.agent_id), inst, protocol.RUN_IN_SESSION, fields, envelope, msg["id"],
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.RUN_IN_SESSION, fields, envelope, msg_id,
                       timeout + ANSWER_GRACE_S + INTERRUPT_GRACE_S)
 
-    def on_close_session(self, envelope: Envelope, msg: Message) -> None:
-        inst = self._running_instance(msg)
-        self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_SESSION, {"session": session_name(msg)},
-                      envelope, msg["id"], REQUEST_TIMEOUT_S)
+    def on_close_session(self, envelope: Envelope, msg_id: Any, req: schemas.CloseSession) -> None:
+        inst = self._running_instance(req.instance_id)
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_SESSION, {"session": req.session},
+                      envelope, msg_id, REQUEST_TIMEOUT_S)
 
-    def on_file_request(self, envelope: Envelope, msg: Message) -> None:
-        inst = self._running_instance(msg)
-        fields = {"path": text(msg, "path")}
-        if msg["type"] == protocol.WRITE_FILE:
-            fields["content"] = field(msg, "content", (bytes, str))
-            fields["mode"] = field(msg, "mode", int, default=0o644, check=lambda m: 0 <= m <= 0o7777, what="a file mode like 0o644")
-        else:
-            fields["limit"] = field(msg, "limit", int, default=MAX_OUTPUT_LIMIT,
-                                    check=lambda n: 0 < n <= MAX_OUTPUT_LIMIT, what="a positive byte count up to 64 MiB")
-        self._forward(self._agent_of(inst.agent_id), inst, msg["type"], fields, envelope, msg["id"], REQUEST_TIMEOUT_S)
+    def on_write_file(self, envelope: Envelope, msg_id: Any, req: schemas.WriteFile) -> None:
+        inst = self._running_instance(req.instance_id)
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.WRITE_FILE,
+                      {"path": req.path, "content": req.content, "mode": req.mode}, envelope, msg_id, REQUEST_TIMEOUT_S)
 
-    def on_close_instance(self, envelope: Envelope, msg: Message) -> None:
-        inst = self._instance(msg)
+    def on_read_file(self, envelope: Envelope, msg_id: Any, req: schemas.ReadFile) -> None:
+        inst = self._running_instance(req.instance_id)
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.READ_FILE, {"path": req.path, "limit": req.limit},
+                      envelope, msg_id, REQUEST_TIMEOUT_S)
+
+    def on_close_instance(self, envelope: Envelope, msg_id: Any, req: schemas.CloseInstance) -> None:
+        inst = self._instance(req.instance_id)
         if inst.state in ENDED_STATES:
             if inst.state == State.LOST:  # an expired one is forgotten once its agent confirms the close
                 del self.pool.instances[inst.instance_id]
-            self.send(envelope, protocol.reply(msg["id"], {"instance_id": inst.instance_id, "closed": True,
-                                                           inst.state.value: True}))
+            self.send(envelope, protocol.reply(msg_id, {"instance_id": inst.instance_id, "closed": True,
+                                                        inst.state.value: True}))
             return
         self._check_usable(inst, (State.RUNNING,))
         inst.closing()
-        self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, envelope, msg["id"], REQUEST_TIMEOUT_S)
+        self._forward(self._agent_of(inst.agent_id), inst, protocol.CLOSE_INSTANCE, {}, envelope, msg_id, REQUEST_TIMEOUT_S)
 
     def _agent_of(self, agent_id: str) -> Agent:
         """The agent of an instance or snapshot this broker holds: one it has not lost (losing an agent
         ends its instances and drops its snapshots)."""
         return cast(Agent, self.pool.agent_by_id(agent_id))
 
-    def _instance(self, msg: Message) -> Instance:
-        instance_id = field(msg, "instance_id", str)
+    def _instance(self, instance_id: str) -> Instance:
         inst = self.pool.instances.get(instance_id)
         if inst is None:
             if self._rejoining() and instance_id not in self.known_ids:
@@ -894,8 +852,8 @@ class Broker:
         if self._rejoining():
             self.known_ids.add(instance_id)
 
-    def _running_instance(self, msg: Message) -> Instance:
-        inst = self._instance(msg)
+    def _running_instance(self, instance_id: str) -> Instance:
+        inst = self._instance(instance_id)
         self._check_usable(inst, (State.RUNNING,))
         inst.last_used = time.monotonic()
         return inst

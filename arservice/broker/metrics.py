@@ -170,7 +170,7 @@ class BrokerMetrics:
               agent_id: str | None = None) -> None:
         """An error answer is going out (to a client, or to an agent the broker refuses)."""
         # Only the broker's own message types become labels: a peer inventing types must not grow the series.
-        request = request if request in self.broker.handlers else "unknown"
+        request = request if request in self.broker.handlers or request in self.broker.requests else "unknown"
         self._count("arservice_errors_total", (request, code))
         self.errors.appendleft({
             "time": time.time(), "request": request, "code": code, "message": str(message)[:ERROR_MESSAGE_CHARS],

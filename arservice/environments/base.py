@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import MAX_SECONDS, ServiceError, check_value, environment_map
+from ..schemas import MAX_OUTPUT_LIMIT
 from . import hostdir
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ Option = tuple[Any, Any, Callable[[Any], Any] | None]
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_OUTPUT_LIMIT = 1 << 20
-MAX_OUTPUT_LIMIT = 64 << 20
 DEFAULT_START_TIMEOUT_S = 300.0
 
 

@@ -34,6 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import ServiceError
+from ..schemas import SESSION_NAME
 from . import safefs
 from .process import Watched, command_answer, command_output
 
@@ -43,8 +44,7 @@ if TYPE_CHECKING:
 # How long a timed-out command may take to be unwound before its session's bash is ended.
 INTERRUPT_GRACE_S = 5.0
 START_TIMEOUT_S = 30.0
-NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-DEFAULT_NAME = "default"
+NAME = re.compile(SESSION_NAME)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FD_IN, FD_CTL = 63, 62  # high descriptors, out of the way of what commands use
 
