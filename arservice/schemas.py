@@ -69,7 +69,7 @@ def _environment(value: dict[str, str]) -> dict[str, str]:
         raise ValueError(exc.message.removeprefix("field 'env' ").removeprefix("field 'env': ")) from None
 
 
-def _finite_everywhere(value: Any) -> Any:
+def finite_everywhere(value: Any) -> Any:
     try:
         return check_value(value, "")
     except ServiceError as exc:
@@ -100,7 +100,7 @@ class OnInstance(Request):
 class StartInstance(Request):
     """Start an instance: from a preset (--environments) by name, or from a spec."""
 
-    environment: Annotated[str | dict[str, Any], AfterValidator(_finite_everywhere)] = Field(
+    environment: Annotated[str | dict[str, Any], AfterValidator(finite_everywhere)] = Field(
         description="A preset's name, or an environment spec: {\"type\": ..., ...}, the fields of its "
                     "type (components: the *Spec schemas).")
     wait_s: float | None = Field(None, ge=0, le=MAX_START_WAIT_S, description=(
@@ -111,7 +111,7 @@ class StartInstance(Request):
 class Execute(OnInstance):
     """Run a shell command in the instance, as `bash -c` would (its shell: the spec's `shell`)."""
 
-    command: Text
+    command: Text = Field(description="Run as `SHELL -c COMMAND` (the spec's shell), in a fresh shell each time.")
     timeout: Seconds | None = Field(None, description="Seconds before the command's process tree is killed "
                                                       "(default: the spec's timeout).")
     cwd: Text | None = Field(None, description="Its working directory, relative to the instance's (default: the instance's).")
@@ -154,7 +154,7 @@ class WriteFile(OnInstance):
     """Write a file in the instance (HTTP: text, or base64 with "base64": true)."""
 
     path: Text = Field(description="Relative to the instance's working directory, or absolute.")
-    content: bytes | str
+    content: bytes | str = Field(description="The file's bytes (HTTP: UTF-8 text, or base64 with \"base64\": true).")
     mode: int = Field(0o644, ge=0, le=0o7777, description="Permission bits, like 0o644 (420).")
 
 
@@ -176,7 +176,7 @@ class RunInSession(OnInstance):
     """Run a command in a session's bash."""
 
     session: SessionName
-    command: Text
+    command: Text = Field(description="Run in the session's bash, as if typed there.")
     timeout: Seconds | None = Field(None, description="Seconds before the command is interrupted (default: the spec's timeout).")
     output_limit: Bytes | None = Field(None, description="The most output kept (default: the spec's output_limit).")
     stream: bool = Field(False, description="Send the output as it comes.")
@@ -217,7 +217,7 @@ class Metrics(Request):
 class RunnerStatus(Request):
     """A runner's report, shown as `runner` in resources (runners only)."""
 
-    status: Annotated[dict[str, Any], AfterValidator(_finite_everywhere)]
+    status: Annotated[dict[str, Any], AfterValidator(finite_everywhere)]
 
 
 class ReleaseAgent(Request):
@@ -254,11 +254,10 @@ Model = TypeVar("Model", bound=BaseModel)
 
 
 def validated(model: type[Model], fields: Mapping[str, Any], what: str = "field") -> Model:
-    """`fields` (nulls as absent, the envelope's left out) as `model`; invalid_request naming the
-    first field that is wrong otherwise. `what` names the fields in messages ("environment field")."""
-    given = {name: value for name, value in fields.items() if value is not None and name not in ENVELOPE_FIELDS}
+    """`fields` (nulls as absent) as `model`; invalid_request naming the first field that is wrong
+    otherwise. `what` names the fields in messages ("local environment field")."""
     try:
-        return model.model_validate(given)
+        return model.model_validate({name: value for name, value in fields.items() if value is not None})
     except ValidationError as exc:
         raise ServiceError("invalid_request", describe(model, exc, what)) from None
 
@@ -284,5 +283,5 @@ def describe(model: type[BaseModel], exc: ValidationError, what: str = "field") 
 
 
 def request_of(msg: Message) -> Request:
-    """A client request's fields as its model."""
-    return validated(REQUESTS[msg["type"]], msg)
+    """A client request's fields (all but the envelope's) as its model."""
+    return validated(REQUESTS[msg["type"]], {name: value for name, value in msg.items() if name not in ENVELOPE_FIELDS})

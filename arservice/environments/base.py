@@ -11,17 +11,16 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from ..protocol import MAX_SECONDS, ServiceError, check_value, environment_map
-from ..schemas import MAX_OUTPUT_LIMIT
+from pydantic import AfterValidator, BaseModel, Field
+
+from ..protocol import ServiceError
+from ..schemas import STRICT, Bytes, Seconds, Text, Variables, validated
 from . import hostdir
 
 if TYPE_CHECKING:
     from .process import Watched
-
-# A spec field: (python type or types, default (... : required), check or None).
-Option = tuple[Any, Any, Callable[[Any], Any] | None]
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_OUTPUT_LIMIT = 1 << 20
@@ -32,28 +31,48 @@ DEFAULT_START_TIMEOUT_S = 300.0
 MAX_AMOUNT = 1e9
 MAX_MEMORY_MIB = 1 << 40
 
-
-def _positive(value: float) -> bool:
-    return 0 < value <= MAX_AMOUNT
-
-
-def _seconds(value: float) -> bool:
-    return 0 < value <= MAX_SECONDS
-
-
 LIMITS = ("cpus", "memory", "pids", "network", "disk")
 
 
-def _shell(value: str | list[str]) -> bool:
-    if isinstance(value, str):
-        return bool(value)
-    return bool(value) and all(isinstance(arg, str) for arg in value) and bool(value[0])
+def _shell(value: str | list[str]) -> str | list[str]:
+    if not value or not value[0]:
+        raise ValueError("must be a shell's name or an argv prefix whose first word is one")
+    return value
 
 
-def shell_option(default: str | list[str] | None) -> Option:
-    """The `shell` spec field: a shell's name, run as `NAME -c COMMAND`, or an argv prefix the
-    command is appended to as the last argument (`["bash", "-lc"]`: a login shell per command)."""
-    return ((str, list), default, _shell)
+# Sizes, as memory's: "512m", "2g" or MiB as a number; normalised to whole MiB.
+Amount = Annotated[float, Field(gt=0, le=MAX_AMOUNT)]
+Size = Annotated[int | float | str, AfterValidator(lambda value: parse_memory_mib(value))]
+DiskSize = Annotated[int | float | str, AfterValidator(lambda value: parse_memory_mib(value, "disk"))]
+Shell = Annotated[Text | list[Text], AfterValidator(_shell), Field(description=(
+    "A shell's name, run as `NAME -c COMMAND`, or an argv prefix the command is appended to as the "
+    "last argument ([\"bash\", \"-lc\"]: a login shell per command)."))]
+Words = list[Text]
+
+
+class Spec(BaseModel):
+    """An environment spec: the fields every backend takes. Each backend's spec model adds its own."""
+
+    model_config = STRICT
+    type: str = Field(description="The backend: local, docker, podman, singularity (apptainer), enroot, bubblewrap.")
+    cwd: Text | None = Field(None, description="The instance's working directory (default: one made for it, "
+                                               "or the image's).")
+    env: Variables = Field(default_factory=dict)
+    timeout: Seconds = Field(DEFAULT_TIMEOUT_S, description="A command's timeout where execute gives none.")
+    output_limit: Bytes = Field(DEFAULT_OUTPUT_LIMIT, description="A command's output limit where execute gives none.")
+    start_timeout: Seconds = DEFAULT_START_TIMEOUT_S
+    ttl: Seconds | None = Field(None, description="Seconds the instance lives from its start (default: --instance-ttl).")
+    idle_timeout: Seconds | None = Field(None, description="Seconds it may go without a request (default: --idle-timeout).")
+    # Limits: enforced by the backend, and counted against the agent's and service's capacity.
+    cpus: Amount | None = None
+    memory: Size | None = Field(None, description="\"512m\", \"2g\" or MiB as a number.")
+    pids: int | None = Field(None, gt=0, le=MAX_AMOUNT)
+    network: bool | Text | None = Field(None, description="Off by default where the backend isolates.")
+    disk: DiskSize | None = Field(None, description="What the instance may write on the host; sizes as memory's.")
+    snapshot: Text | None = Field(None, description="Start from a snapshot_instance's files, by name.")
+
+
+SpecModel = type[Spec]  # (in Environment's body, `type` is the backend's name)
 
 
 def check_command(command: str, env: dict[str, str]) -> None:
@@ -79,54 +98,13 @@ class Environment:
     seed: dict[str, Any] | None = None  # a snapshot's handle (snapshot()) that start() begins from, or None: the image as it is
     # Which of LIMITS this backend can enforce; asking for another one is an error.
     enforces: set[str] = set()
-
-    # Spec fields: name -> (python type, default, check or None). Backends extend this.
-    options: dict[str, Option] = {
-        "type": (str, ..., None),
-        "cwd": (str, None, None),
-        "env": (dict, {}, None),
-        "timeout": (float, DEFAULT_TIMEOUT_S, _seconds),
-        "output_limit": (int, DEFAULT_OUTPUT_LIMIT, lambda n: 0 < n <= MAX_OUTPUT_LIMIT),
-        "start_timeout": (float, DEFAULT_START_TIMEOUT_S, _seconds),
-        # The instance's lease (the broker keeps it; None: the service's --instance-ttl, --idle-timeout).
-        "ttl": (float, None, _seconds),
-        "idle_timeout": (float, None, _seconds),
-        # Limits: enforced by the backend, and counted against the agent's and service's capacity.
-        "cpus": (float, None, _positive),
-        "memory": (None, None, None),  # "512m", "2g" or MiB as a number; normalised to MiB
-        "pids": (int, None, _positive),
-        "network": ((bool, str), None, None),  # off by default where the backend isolates
-        "disk": (None, None, None),  # what the instance may write on the host; sizes as memory's
-        "snapshot": (str, None, None),  # start from a snapshot_instance's files, by name
-    }
+    # Its spec's fields, with their types, defaults, bounds and docs. Backends subclass Spec.
+    spec_model: ClassVar[SpecModel] = Spec
 
     @classmethod
     def parse_config(cls, spec: dict[str, Any]) -> dict[str, Any]:
         """Validate a spec dict and return it complete with defaults."""
-        unknown = sorted(set(spec) - set(cls.options))
-        if unknown:
-            raise ServiceError("invalid_request", f"unknown field(s) for a {cls.type} environment: {', '.join(unknown)}")
-        for name, value in spec.items():
-            check_value(value, name, "environment field")
-        config: dict[str, Any] = {}
-        for name, (kind, default, check) in cls.options.items():
-            value = spec.get(name)
-            if value is None:
-                if default is ...:
-                    raise ServiceError("invalid_request", f"{cls.type} environment needs '{name}'")
-                config[name] = default
-                continue
-            kinds = kind if isinstance(kind, tuple) else (kind,)
-            if float in kinds:
-                kinds += (int,)
-            if kind is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-                raise ServiceError("invalid_request", f"environment field '{name}' has the wrong type: {type(value).__name__}")
-            if check is not None and not check(value):
-                raise ServiceError("invalid_request", f"environment field '{name}' is out of range: {value!r}")
-            config[name] = value
-        environment_map(config["env"], "env")
-        config["memory"] = parse_memory_mib(config["memory"])
-        config["disk"] = parse_memory_mib(config["disk"], "disk")
+        config: dict[str, Any] = validated(cls.spec_model, spec, f"{cls.type} environment field").model_dump()
         asked = [name for name in LIMITS if config[name] is not None and name not in cls.enforces]
         if asked:
             raise ServiceError("invalid_request", f"{cls.type} environments cannot enforce {', '.join(asked)}")

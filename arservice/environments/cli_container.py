@@ -20,12 +20,15 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import Field
 
 from ..logs import EventLog
 from ..protocol import ServiceError
+from ..schemas import Text
 from . import hostdir, process, safefs
-from .base import Environment, resolve_path, shell_argv, shell_option
+from .base import Amount, Environment, Shell, Spec, SpecModel, resolve_path, shell_argv
 from .helper import MOUNT, ExecHelper, helper_argv, plain_exec_argv, plain_result, revived, script_for, start_process
 from .process import Watched
 
@@ -33,10 +36,6 @@ log = EventLog("cli_container")
 
 IMAGE_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 TOOL_TIMEOUT_S = 120.0
-
-
-def _positive(value: float) -> bool:
-    return value > 0
 
 
 def short_host() -> str:
@@ -57,18 +56,19 @@ def run_tool(argv: list[str], timeout: float = TOOL_TIMEOUT_S, what: str | None 
     return done.stdout.decode(errors="replace")
 
 
+class CLIContainerSpec(Spec):
+    image: Text = Field(description="An image reference the tool can convert (docker://..., a .sif, a .sqsh), or a path.")
+    executable: Text | None = Field(None, description="The tool (default: the first of the backend's found on PATH).")
+    cache_dir: Text | None = Field(None, description="Where converted images are kept.")
+    build_timeout: Amount = 1800.0
+    build_retries: int = Field(2, ge=0, le=100)
+    shell: Shell | None = Field(None, description="Default: bash where the image has it, else sh.")
+    fast_exec: bool = Field(True, description="Commands through the exec helper; false: an exec each.")
+
+
 class CLIContainerEnvironment(Environment):
     image_suffix: str = None  # type: ignore[assignment]  # each backend sets it; file name suffix of a converted image in the cache (".sif", ".sqsh")
-    options = {
-        **Environment.options,
-        "image": (str, ..., None),
-        "executable": (str, None, None),
-        "cache_dir": (str, None, None),
-        "build_timeout": (float, 1800.0, _positive),
-        "build_retries": (int, 2, lambda n: n >= 0),
-        "shell": shell_option(None),  # default: bash where the image has it, else sh
-        "fast_exec": (bool, True, None),
-    }
+    spec_model: ClassVar[SpecModel] = CLIContainerSpec
     executables: tuple[str, ...] = ()  # tool names to look for, preferred first
     helper: ExecHelper | None = None
     helper_proc: subprocess.Popen[bytes] | None = None

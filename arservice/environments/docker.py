@@ -15,12 +15,15 @@ import socket
 import tarfile
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field
 
 from ..logs import EventLog
 from ..protocol import ServiceError
+from ..schemas import Text, finite_everywhere
 from . import hostdir
-from .base import Environment, check_command, resolve_path, shell_argv, shell_option
+from .base import Amount, Environment, Shell, Spec, Words, check_command, resolve_path, shell_argv
 from .helper import (
     MOUNT,
     ExecHelper,
@@ -44,10 +47,6 @@ PULL_PROGRESS_EVERY_S = 5.0
 ENGINE_WAIT_S = 20.0
 ENGINE_RETRY_S = 0.5
 _clients: dict[str, "docker.DockerClient"] = {}  # engine URL -> DockerClient, shared by every instance's thread (requests pools connections)
-
-
-def _positive(value: float) -> bool:
-    return value > 0
 
 
 # Go's os.FileMode type bits, as the engine reports a path's mode: directory, symlink, named pipe,
@@ -90,22 +89,25 @@ def _owner(labels: dict) -> tuple[str, int] | None:
     return (host, int(pid)) if host and pid.isdigit() else None
 
 
+class DockerSpec(Spec):
+    image: Text = Field(description="An image the engine has (pull: never), or may pull.")
+    pull: Literal["never", "missing", "always"] = "missing"
+    pull_timeout: Amount = 600.0
+    forward_env: Words = Field(default_factory=list, description="The agent's variables of these names, passed on.")
+    container_timeout: Amount = Field(24 * 3600.0, description="Seconds after which the container ends itself, "
+                                                               "whatever happens to the agent.")
+    run_options: Annotated[dict[str, Any], AfterValidator(finite_everywhere)] = Field(
+        default_factory=dict, description="More keyword arguments of the SDK's containers.create.")
+    shell: Shell | None = Field(None, description="Default: bash where the image has it, else sh.")
+    fast_exec: bool = Field(True, description="Commands through the exec helper (a fork each); false: an exec session each.")
+
+
 class DockerEnvironment(Environment):
     type = "docker"
     can_fork = True
     starts_in_threads = True  # the engine starts the container: it waits on the engine, nothing else
     enforces = {"cpus", "memory", "pids", "network", "disk"}
-    options = {
-        **Environment.options,
-        "image": (str, ..., None),
-        "pull": (str, "missing", lambda v: v in ("never", "missing", "always")),
-        "pull_timeout": (float, 600.0, _positive),
-        "forward_env": (list, [], lambda names: all(isinstance(n, str) for n in names)),
-        "container_timeout": (float, 24 * 3600.0, _positive),
-        "run_options": (dict, {}, None),
-        "shell": shell_option(None),  # default: bash where the image has it, else sh
-        "fast_exec": (bool, True, None),
-    }
+    spec_model = DockerSpec
     helper_prelude = ""  # shell code the helper runs first, to make its environment what an exec's would be
     helper: ExecHelper | None = None
     create_sent = False  # the engine may hold a container of this instance, made or being made

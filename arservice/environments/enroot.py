@@ -6,19 +6,23 @@ runs the helper shell for the instance's lifetime, and each command is a child o
 enroot isolates neither network nor resources, so it enforces none of the limits.
 """
 
-from .cli_container import CLIContainerEnvironment, run_tool
+from pydantic import Field
+
+from .base import Words
+from .cli_container import CLIContainerEnvironment, CLIContainerSpec, run_tool
 from .helper import MOUNT
+
+
+class EnrootSpec(CLIContainerSpec):
+    root: bool = Field(False, description="enroot start --root: uid 0 inside the container.")
+    mounts: Words = Field(default_factory=list, description='Each "src:dst[:opts]".')
 
 
 class EnrootEnvironment(CLIContainerEnvironment):
     type = "enroot"
     image_suffix = ".sqsh"
     executables = ("enroot",)
-    options = {
-        **CLIContainerEnvironment.options,
-        "root": (bool, False, None),  # enroot start --root: uid 0 inside the container
-        "mounts": (list, [], lambda items: all(isinstance(i, str) for i in items)),  # "src:dst[:opts]"
-    }
+    spec_model = EnrootSpec
 
     def build_argv(self, image: str, dest: str) -> list[str]:
         return [self.tool, "import", "--output", dest, image]

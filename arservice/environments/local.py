@@ -14,7 +14,7 @@ from typing import Any
 
 from ..protocol import ServiceError
 from . import hostdir, process, safefs
-from .base import Environment, check_command, resolve_path, shell_argv, shell_option
+from .base import Environment, Shell, Spec, check_command, resolve_path, shell_argv
 from .process import Watched
 
 TAG = "ARSERVICE_INSTANCE"
@@ -36,10 +36,14 @@ def kill_tagged(tag: bytes) -> None:
             return
 
 
+class LocalSpec(Spec):
+    shell: Shell = "bash"
+
+
 class LocalEnvironment(Environment):
     type = "local"
     can_fork = True
-    options = {**Environment.options, "shell": shell_option("bash")}
+    spec_model = LocalSpec
     workdir: str | None = None
     groups: set[int] = ()  # type: ignore[assignment]  # a set from start() on; empty for a close() before it
 

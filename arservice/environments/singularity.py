@@ -9,8 +9,17 @@ with delegation); `network: false` or a network name asks for --net.
 
 import json
 
-from .cli_container import CLIContainerEnvironment, run_tool
+from pydantic import Field
+
+from .base import Words
+from .cli_container import CLIContainerEnvironment, CLIContainerSpec, run_tool
 from .helper import MOUNT
+
+
+class SingularitySpec(CLIContainerSpec):
+    writable: bool = Field(False, description="A sandbox directory changed in place instead of a tmpfs overlay.")
+    binds: Words = Field(default_factory=list, description='Each "src[:dst[:ro]]".')
+    instance_options: Words = Field(default_factory=list, description="More arguments of `instance start`.")
 
 
 class SingularityEnvironment(CLIContainerEnvironment):
@@ -18,12 +27,7 @@ class SingularityEnvironment(CLIContainerEnvironment):
     image_suffix = ".sif"
     executables = ("apptainer", "singularity")
     enforces = {"cpus", "memory", "pids", "network"}
-    options = {
-        **CLIContainerEnvironment.options,
-        "writable": (bool, False, None),  # a sandbox directory changed in place instead of a tmpfs
-        "binds": (list, [], lambda items: all(isinstance(i, str) for i in items)),  # "src[:dst[:ro]]"
-        "instance_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
-    }
+    spec_model = SingularitySpec
 
     def build_argv(self, image: str, dest: str) -> list[str]:
         return [self.tool, "build", "--force", dest, image]

@@ -26,7 +26,7 @@ from ..broker import INPROC_ADDRESS
 from ..client import Call, ZMQClient
 from ..logs import EventLog
 from ..protocol import BYTES_IN, BYTES_OUT, DEFAULT_MAX_BODY_BYTES, MAX_INT, PATHS, QUERY_INTS, ROUTES, ServiceError
-from . import observe
+from . import observe, openapi
 
 log = EventLog("http")
 
@@ -36,9 +36,9 @@ STATUS_CODES = {404: "not_found", 413: "payload_too_large", 401: "unauthorized"}
 DEFAULT_THREADS = 1500
 DEFAULT_CONNECTIONS = 2000
 DEFAULT_IDLE_TIMEOUT_S = 300.0
-# Health, and the status page's own files (they hold no data: the page asks for the token and
-# sends it with every API call, /status and /metrics included).
-UNGUARDED_PATHS = {PATHS[protocol.PING], "/"}
+# Health, the API's description, and the status page's own files (they hold no data: the page
+# asks for the token and sends it with every API call, /status and /metrics included).
+UNGUARDED_PATHS = {PATHS[protocol.PING], "/", "/api", "/openapi.json"}
 UNGUARDED_PREFIX = "/static/"
 # What json_pieces converts at a time: a multiple of 3, so the base64 of the pieces joins up.
 PIECE_BYTES = 3 << 18
@@ -224,6 +224,7 @@ def create_app(context: zmq.Context, token: str | None = None, max_body: int = D
     for path, (method, kind) in ROUTES.items():
         app.add_route(path, (GetEndpoint if method == "GET" else PostEndpoint)(kind, broker, max_body))
     observe.add_routes(app, broker)
+    openapi.add_routes(app)
     app.add_error_handler(ServiceError, _service_error)
     app.add_error_handler(falcon.HTTPError, _http_error)
     return app

@@ -30,7 +30,7 @@ from minisweagent.environments.docker import DockerEnvironment
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..client import HTTPClient, ServiceError, ZMQClient
-from ..environments.base import MAX_OUTPUT_LIMIT
+from ..schemas import MAX_OUTPUT_LIMIT
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 CLASS_PATH = "arservice.integrations.minisweagent.ArserviceEnvironment"

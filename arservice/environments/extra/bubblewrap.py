@@ -25,9 +25,12 @@ import stat
 import subprocess
 from typing import Any
 
+from pydantic import Field
+
 from ...protocol import ServiceError
+from ...schemas import Text
 from .. import hostdir, process, safefs
-from ..base import Environment, check_command, resolve_path, shell_argv, shell_option
+from ..base import Environment, Shell, Spec, Words, check_command, resolve_path, shell_argv
 from ..helper import MOUNT, ExecHelper, helper_argv, revived, start_process
 from ..process import Watched
 
@@ -72,19 +75,20 @@ def unreachable(path: str) -> str | None:
         directory = os.path.dirname(directory)
 
 
+class BubblewrapSpec(Spec):
+    root: Text | None = Field(None, description="A root filesystem directory (default: the host's, read-only).")
+    shell: Shell | None = Field(None, description="Default: bash where the sandbox has it, else sh.")
+    fast_exec: bool = Field(True, description="Commands through the exec helper; false: a sandbox each.")
+    bwrap_options: Words = Field(default_factory=list, description="More bwrap arguments.")
+    revive: bool = Field(False, description="A sandbox killed from outside: a new one over the same /work (true), "
+                                            "or the instance is lost.")
+
+
 class BubblewrapEnvironment(Environment):
     type = "bubblewrap"
     can_fork = True
     enforces = {"network", "disk"}
-    options = {
-        **Environment.options,
-        "root": (str, None, None),
-        "shell": shell_option(None),  # default: bash where the sandbox has it, else sh
-        "fast_exec": (bool, True, None),
-        "bwrap_options": (list, [], lambda items: all(isinstance(i, str) for i in items)),
-        # A sandbox killed from outside: a new one over the same /work (true), or the instance is lost.
-        "revive": (bool, False, None),
-    }
+    spec_model = BubblewrapSpec
     workdir: str = None  # type: ignore[assignment]  # made by start(), before any use but close()'s
     tmp_dir: str | None = None
     host_dir: str | None = None
