@@ -238,14 +238,21 @@ class ExecHelper:
 
     def revive(self, launch: Callable[[], object]) -> None:
         """Start the helper again if it has died (OOM, a bug): launch() starts it over new FIFOs
-        and waits until it is ready. Called from a worker thread, never the agent's loop."""
+        and waits until it is ready, or raises (instance_lost where the instance is not revived).
+        Called from a worker thread, never the agent's loop."""
         with self._revive_lock:
             if self.alive():
                 return
-            log.warning("helper_restarted", directory=self.host_dir)
             self.close()
             self._make_fifos()
-            launch()
+            try:
+                launch()
+            except BaseException:
+                # New FIFOs that no helper has opened read as a live helper: commands would wait
+                # on them until their timeout instead of failing as this one does.
+                self.close()
+                raise
+            log.warning("helper_restarted", directory=self.host_dir)
 
     def wait_ready(self, running: Callable[[], bool], timeout: float = READY_TIMEOUT_S) -> None:
         """Wait for the helper's `ready` line; running() says whether what hosts it still runs."""
