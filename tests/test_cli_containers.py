@@ -2,17 +2,24 @@
 
 What is tested here is everything around the tools: the exact command lines built from a spec
 (checked against the tools' documented synopses), spec validation, the image cache, the build
-retries, and what the service answers when no agent has the tool. Running them for real is not.
+retries, and what the service answers when no agent has the tool. Running them for real is not,
+but the part they share (the exec helper, its revival, the plain exec without it) runs for real
+with bwrap standing in for the tool.
 """
 
 import os
+import shutil
+import signal
 
 import pytest
 
 from arservice.client import ServiceError
 from arservice.environments import backend
+from arservice.environments.cli_container import CLIContainerEnvironment
+from arservice.environments.extra.bubblewrap import HOST_DIRS, read_only_binds
+from arservice.environments.helper import MOUNT
 
-from helpers import Service
+from helpers import Service, wait_for
 
 NAME = "ars-4242-node1-i-0123456789ab"
 
@@ -102,3 +109,47 @@ def test_service_says_no_agent_runs_them_here():
         assert svc.client.available_resources()["used"]["instances"] == 0
     finally:
         assert svc.stop() == 0
+
+
+class BwrapStandIn(CLIContainerEnvironment):
+    """bwrap as the tool: as with `enroot start`, every enter is a new sandbox (over the host's /usr
+    and the rest, read-only) with the instance's helper directory mounted."""
+    type = "bwrap-stand-in"
+    executables = ("bwrap",)
+
+    def start_argv(self, image_path):
+        return []
+
+    def enter_argv(self, argv):
+        return [self.tool, *read_only_binds("/", HOST_DIRS), "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                "--bind", self.host_dir, MOUNT, *argv]
+
+    def stop_argv(self):
+        return ["true"]
+
+
+@pytest.mark.daemon  # bwrap
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed")
+@pytest.mark.parametrize("fast_exec", [True, False])
+def test_commands_run_through_a_helper_that_comes_back_or_without_one(tmp_path, fast_exec):
+    spec = {"type": BwrapStandIn.type, "image": "/", "fast_exec": fast_exec, "env": {"A": "spec"}}
+    env = BwrapStandIn("i-0123456789ab", BwrapStandIn.parse_config(spec), "agent-1", str(tmp_path))
+    try:
+        assert env.start()["fast_exec"] is fast_exec
+        expected = (b"spec command\n/tmp\n", 0)
+        result = env.execute('echo "$A $B"; pwd', 10, cwd="/tmp", env={"B": "command"})
+        assert (result["output"], result["returncode"]) == expected
+        if not fast_exec:
+            assert env.helper is None
+            with pytest.raises(ServiceError, match="sessions need the exec helper"):
+                env.session_dir()
+            return
+        dead = env.helper_proc.pid
+        os.killpg(dead, signal.SIGKILL)
+        wait_for(lambda: not env.helper.alive(), timeout=10, what="the helper to end")
+        assert env.spawn("true", 10, None, None, 1024) is None  # not on the agent's loop: execute() revives it
+        result = env.execute('echo "$A $B"; pwd', 10, cwd="/tmp", env={"B": "command"})
+        assert (result["output"], result["returncode"]) == expected
+        assert env.helper.alive() and env.helper_proc.pid != dead
+    finally:
+        env.close()

@@ -216,6 +216,23 @@ def test_a_helper_killed_from_outside_comes_back_within_the_next_request(name, w
         assert env.helper.alive()
 
 
+@pytest.mark.parametrize("name", params("docker-busybox", "bubblewrap"))
+def test_an_instance_that_is_not_revived_answers_lost_to_every_command(name, workdir_root):
+    """A container past its container_timeout, a sandbox killed from outside without `revive`: the
+    helper is not started again, and no command after waits for one (the failed revival made new
+    FIFOs that nothing holds, which looked like a live helper: the second command ran to its timeout)."""
+    with Pair(name, {**SPECS[name], **({"container_timeout": 3} if SPECS[name]["type"] == "docker" else {})},
+              workdir_root) as pair:
+        env = pair.env
+        if env.type == "bubblewrap":
+            os.killpg(env.helper_proc.pid, signal.SIGKILL)
+        wait_for(lambda: not env.helper.alive(), timeout=30, what="the helper to end")
+        for _ in range(2):
+            with pytest.raises(ServiceError) as lost:
+                env.execute("true", 5)
+            assert lost.value.code == "instance_lost"
+
+
 @pytest.mark.parametrize("name", params("local", "docker-bookworm", "podman-bookworm", "bubblewrap-rootfs"))
 def test_a_login_shell_as_the_shell_behaves_as_bash_lc(name, workdir_root):
     """`shell: ["bash", "-lc"]`: the command is the last argument; /etc/profile and BASH_ENV apply."""

@@ -85,7 +85,7 @@ def check_command(command: str, env: dict[str, str]) -> None:
 
 
 def shell_argv(shell: str | Sequence[str], command: str) -> list[str]:
-    """The argv that runs `command` in `shell` (a name or an argv prefix, as shell_option takes)."""
+    """The argv that runs `command` in `shell` (a name or an argv prefix, as the spec's `shell` takes)."""
     return [shell, "-c", command] if isinstance(shell, str) else [*shell, command]
 
 
@@ -221,13 +221,8 @@ class Environment:
     def session_dir(self) -> tuple[str, str, int | None, bool]:
         """Where persistent sessions keep their FIFOs and files: (host path, the same directory as
         the instance sees it, the uid owning the instance's files or None, whether it is the
-        sessions' own to remove). Sessions run through the exec helper, so they share its directory."""
-        from .helper import MOUNT  # helper imports this module
-        helper = getattr(self, "helper", None)
-        if helper is None or not helper.alive():
-            raise ServiceError("invalid_request", f"sessions need the exec helper, which this {self.type} instance "
-                                                   "does not run (fast_exec false, or it could not start)")
-        return helper.host_dir, MOUNT, helper.owner, False
+        sessions' own to remove). Backends with an exec helper share its directory (helper.py)."""
+        raise NotImplementedError
 
 
 def parse_memory_mib(value: object, field: str = "memory") -> int | None:

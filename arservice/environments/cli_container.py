@@ -28,9 +28,8 @@ from ..logs import EventLog
 from ..protocol import ServiceError
 from ..schemas import Text
 from . import hostdir, process, safefs
-from .base import Amount, Environment, Shell, Spec, SpecModel, resolve_path, shell_argv
-from .helper import MOUNT, ExecHelper, helper_argv, plain_exec_argv, plain_result, revived, script_for, start_process
-from .process import Watched
+from .base import Amount, Shell, Spec, SpecModel, resolve_path, shell_argv
+from .helper import MOUNT, ExecHelper, HelperEnvironment, helper_argv, plain_exec_argv, plain_result, script_for
 
 log = EventLog("cli_container")
 
@@ -66,12 +65,10 @@ class CLIContainerSpec(Spec):
     fast_exec: bool = Field(True, description="Commands through the exec helper; false: an exec each.")
 
 
-class CLIContainerEnvironment(Environment):
+class CLIContainerEnvironment(HelperEnvironment):
     image_suffix: str = None  # type: ignore[assignment]  # each backend sets it; file name suffix of a converted image in the cache (".sif", ".sqsh")
     spec_model: ClassVar[SpecModel] = CLIContainerSpec
     executables: tuple[str, ...] = ()  # tool names to look for, preferred first
-    helper: ExecHelper | None = None
-    helper_proc: subprocess.Popen[bytes] | None = None
     host_dir: str = None  # type: ignore[assignment]  # made by start(), before any use but close()'s
     name: str = None  # type: ignore[assignment]  # start() names the container; None again once closed
     tool: str  # the tool's path, found by start()
@@ -139,12 +136,12 @@ class CLIContainerEnvironment(Environment):
             run_tool(argv, timeout=self.config["start_timeout"], what=f"starting {self.type} {self.name}")
         self.cwd = self.config["cwd"]
         if self.config["fast_exec"]:
-            helper = ExecHelper(self.host_dir)
+            self.helper = ExecHelper(self.host_dir)
             try:
-                self.helper_proc = start_process(self.enter_argv(helper_argv()), helper)
-                self.helper = helper
+                self.start_helper_process(self.enter_argv(helper_argv()))
             except (ServiceError, OSError) as exc:
-                helper.close()
+                self.helper.close()
+                self.helper = None  # commands run without it
                 log.warning("fast_exec_unavailable", instance=self.instance_id, error=str(exc))
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else "sh")
         return {"container": self.name, "image": image_path, "shell": self.shell, "fast_exec": self.helper is not None}
@@ -193,29 +190,17 @@ class CLIContainerEnvironment(Environment):
                     raise
                 time.sleep(min(60, 2 ** attempt))
 
-    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
-              output_limit: int) -> Watched | None:
-        if self.helper is None or not self.helper.alive():
-            return None
-        return self.helper.spawn(command, timeout, resolve_path(cwd, self.cwd or "/") if cwd else self.cwd,
-                                 {**self.config["env"], **(env or {})}, output_limit,
-                                 self.shell)
+    def command_context(self, cwd: str | None, env: dict[str, str] | None) -> tuple[str | None, dict[str, str]]:
+        # The container was started without the spec's env: every command is given it.
+        return resolve_path(cwd, self.cwd or "/") if cwd else self.cwd, {**self.config["env"], **(env or {})}
 
-    def _launch_helper(self):
-        process.kill_group(self.helper_proc.pid)  # what is left of the dead one
-        self.helper_proc.wait()
-        self.helper_proc = start_process(self.enter_argv(helper_argv()), self.helper)
+    def restart_helper(self) -> None:
+        self.start_helper_process(self.enter_argv(helper_argv()))
 
-    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
-                      output_limit: int) -> dict[str, Any]:
-        """Where there is no helper (fast_exec false, or it could not start): one exec per command.
-        Where it died, it is started again, and the command runs through it."""
-        if self.helper is not None:
-            self.helper.revive(self._launch_helper)
-            return revived(self.spawn(command, timeout, cwd, env, output_limit))
-        cwd = resolve_path(cwd, self.cwd or "/") if cwd else self.cwd
-        env = {**self.config["env"], **(env or {})}
-        script = script_for(shell_argv(self.shell, command), cwd, env).decode()
+    def execute_without_helper(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                               output_limit: int) -> dict[str, Any]:
+        """fast_exec false, or the helper could not start: one exec per command."""
+        script = script_for(shell_argv(self.shell, command), *self.command_context(cwd, env)).decode()
         argv = self.enter_argv(plain_exec_argv(["sh", "-c", script], timeout))
         # The in-container watchdog kills on time; the host-side timeout is the backstop.
         return plain_result(process.Command(argv, timeout=timeout + 5, output_limit=output_limit, groups=set()).wait(),
@@ -256,12 +241,7 @@ class CLIContainerEnvironment(Environment):
                 os.unlink(os.path.join(self.host_dir, staged))
 
     def close(self) -> None:
-        if self.helper_proc is not None:
-            process.kill_group(self.helper_proc.pid)
-            self.helper_proc.wait()
-            self.helper_proc = None
-        if self.helper is not None:
-            self.helper.close()
+        self.close_helper()
         if self.name is not None:
             try:
                 run_tool(self.stop_argv(), what=f"stopping {self.name}")

@@ -23,17 +23,9 @@ from ..logs import EventLog
 from ..protocol import ServiceError
 from ..schemas import Text, finite_everywhere
 from . import hostdir
-from .base import Amount, Environment, Shell, Spec, Words, check_command, resolve_path, shell_argv
-from .helper import (
-    MOUNT,
-    ExecHelper,
-    backstop,
-    helper_argv,
-    plain_exec_argv,
-    plain_result,
-    revived,
-)
-from .process import BoundedOutput, Watched
+from .base import Amount, Shell, Spec, Words, check_command, resolve_path, shell_argv
+from .helper import MOUNT, ExecHelper, HelperEnvironment, backstop, helper_argv, plain_exec_argv, plain_result
+from .process import BoundedOutput
 
 if TYPE_CHECKING:
     import docker
@@ -102,14 +94,13 @@ class DockerSpec(Spec):
     fast_exec: bool = Field(True, description="Commands through the exec helper (a fork each); false: an exec session each.")
 
 
-class DockerEnvironment(Environment):
+class DockerEnvironment(HelperEnvironment):
     type = "docker"
     can_fork = True
     starts_in_threads = True  # the engine starts the container: it waits on the engine, nothing else
     enforces = {"cpus", "memory", "pids", "network", "disk"}
     spec_model = DockerSpec
     helper_prelude = ""  # shell code the helper runs first, to make its environment what an exec's would be
-    helper: ExecHelper | None = None
     create_sent = False  # the engine may hold a container of this instance, made or being made
     container: "Container" = None  # type: ignore[assignment]  # start() creates it, before any use but close()'s
     host_dir: str | None = None
@@ -271,26 +262,19 @@ class DockerEnvironment(Environment):
         self.container.reload()
         return self.container.status == "running"
 
-    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
-              output_limit: int) -> Watched | None:
-        if self.helper is None or not self.helper.alive():
-            return None
-        return self.helper.spawn(command, timeout, self._cwd(cwd), env or {},
-                                 output_limit, self.shell)
+    def command_context(self, cwd: str | None, env: dict[str, str] | None) -> tuple[str | None, dict[str, str]]:
+        # The spec's env is the container's own (create's environment): a command gets only its own.
+        return resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None, env or {}
 
-    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
-                      output_limit: int) -> dict[str, Any]:
-        """Where there is no helper (fast_exec false): one exec session per command, output
-        streamed into a bounded buffer. Where the helper died, the container (whose main process
-        it was) is started again with a new one, and the command runs through it."""
-        if self.helper is not None:
-            self.helper.revive(self._restart)
-            return revived(self.spawn(command, timeout, cwd, env, output_limit))
+    def execute_without_helper(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                               output_limit: int) -> dict[str, Any]:
+        """fast_exec false: one exec session per command, output streamed into a bounded buffer."""
         started = time.monotonic()
         api = self.docker.api
-        check_command(command, env or {})
+        cwd, variables = self.command_context(cwd, env)
+        check_command(command, variables)
         argv = plain_exec_argv(shell_argv(self.shell, command), timeout)
-        exec_id = api.exec_create(self.container.id, argv, workdir=self._cwd(cwd), environment=env or None)["Id"]
+        exec_id = api.exec_create(self.container.id, argv, workdir=cwd, environment=variables or None)["Id"]
         output = BoundedOutput(output_limit)
         for chunk in api.exec_start(exec_id, stream=True):
             output.feed(chunk)
@@ -298,7 +282,9 @@ class DockerEnvironment(Environment):
         return plain_result({"output": data, "returncode": api.exec_inspect(exec_id)["ExitCode"], "timed_out": False,
                              "truncated": truncated, "duration_s": round(time.monotonic() - started, 6)}, timeout)
 
-    def _restart(self):
+    def restart_helper(self) -> None:
+        """The helper was the container's main process: the container starts again (its filesystem
+        kept) with a new one, unless it ended as container_timeout asked."""
         if time.monotonic() >= self.ends_at:  # the backstop ended it, as container_timeout asks: no revival
             raise ServiceError("instance_lost", f"the container ended: its container_timeout of "
                                 f"{self.config['container_timeout']:g}s has passed")
@@ -306,10 +292,7 @@ class DockerEnvironment(Environment):
             self.container.restart(timeout=0)  # its filesystem is kept
         except Exception as exc:
             raise ServiceError("instance_lost", f"{self.type} could not restart the instance after its helper died: {exc}") from exc
-        self.helper.wait_ready(self._running)
-
-    def _cwd(self, cwd):
-        return resolve_path(cwd, self.config["cwd"] or self.workdir) if cwd else None
+        self.helper.wait_ready(self._running)  # type: ignore[union-attr]  # revived: it has one
 
     def write_file(self, path: str, content: bytes, mode: int) -> dict[str, Any]:
         path = resolve_path(path, self.config["cwd"] or self.workdir)
@@ -373,8 +356,7 @@ class DockerEnvironment(Environment):
             if self.create_sent:
                 self._remove_container()
         finally:
-            if self.helper is not None:
-                self.helper.close()
+            self.close_helper()
             if self.host_dir:
                 hostdir.remove(self.host_dir)
             if self.fork_image is not None:

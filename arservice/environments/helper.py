@@ -50,7 +50,7 @@ from typing import Any
 from ..logs import EventLog
 from ..protocol import ServiceError
 from . import safefs
-from .base import check_command, shell_argv
+from .base import Environment, check_command, shell_argv
 from .process import Watched, command_answer, command_output, kill_group, signal_name
 
 log = EventLog("helper")
@@ -238,14 +238,21 @@ class ExecHelper:
 
     def revive(self, launch: Callable[[], object]) -> None:
         """Start the helper again if it has died (OOM, a bug): launch() starts it over new FIFOs
-        and waits until it is ready. Called from a worker thread, never the agent's loop."""
+        and waits until it is ready, or raises (instance_lost where the instance is not revived).
+        Called from a worker thread, never the agent's loop."""
         with self._revive_lock:
             if self.alive():
                 return
-            log.warning("helper_restarted", directory=self.host_dir)
             self.close()
             self._make_fifos()
-            launch()
+            try:
+                launch()
+            except BaseException:
+                # New FIFOs that no helper has opened read as a live helper: commands would wait
+                # on them until their timeout instead of failing as this one does.
+                self.close()
+                raise
+            log.warning("helper_restarted", directory=self.host_dir)
 
     def wait_ready(self, running: Callable[[], bool], timeout: float = READY_TIMEOUT_S) -> None:
         """Wait for the helper's `ready` line; running() says whether what hosts it still runs."""
@@ -440,13 +447,6 @@ class HelperCommand(Watched):
                 "the next command starts the helper again")
 
 
-def revived(started: Watched | None) -> dict[str, Any]:
-    """Drive a command spawned right after the helper was started again; an error if it died again."""
-    if started is None:
-        raise ServiceError("environment_error", "the exec helper inside the instance died again as it restarted")
-    return started.wait()
-
-
 def _remove(base, keep=()):
     for suffix in {".cmd", ".out", ".pid", ".st"}.difference(keep):
         try:
@@ -455,18 +455,99 @@ def _remove(base, keep=()):
             pass  # gone, or a directory the instance put there: close() removes it
 
 
-def start_process(argv: list[str], helper: ExecHelper) -> subprocess.Popen[bytes]:
-    """Start a helper as a host process (`argv` ends in helper_argv()) and wait until it is ready.
+class HelperEnvironment(Environment):
+    """A backend whose commands run through an exec helper where it has one (fast_exec). This class
+    owns the helper once start() has made it: a command goes through it while it runs; a command
+    that finds it dead starts it again and goes through the new one; without a helper, the
+    backend's own way runs it; close_helper() ends it.
 
-    Returns the Popen; the process is in its own session, so killing its group ends it and
-    every command it started.
+    start() sets `helper` (and `helper_proc`, through start_helper_process, where the helper is a
+    host process), and the backend says:
+
+        restart_helper()          how the helper starts again once it has died, if it may
+        command_context()         the directory and variables a command gets inside the instance
+        spawn_without_helper()    how a command runs without a helper: as a Watched,
+        execute_without_helper()  or else on a worker thread
     """
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        helper.wait_ready(lambda: proc.poll() is None)
-    except ServiceError:
-        kill_group(proc.pid)
-        proc.wait()
-        raise
-    return proc
+
+    helper: ExecHelper | None = None
+    # The helper's host process, where it is one (a container's helper is its main process instead).
+    helper_proc: subprocess.Popen[bytes] | None = None
+    shell: str | list[str]  # what commands run in (the spec's `shell`, base.Shell): start() picks it
+
+    # --- what a backend provides ------------------------------------------------------------
+    def restart_helper(self) -> None:
+        """Start the helper again over the new FIFOs of `helper` and wait until it is ready; raise
+        instance_lost where the instance is not to be revived. Called once per death, from a
+        worker thread (ExecHelper.revive)."""
+        raise NotImplementedError
+
+    def command_context(self, cwd: str | None, env: dict[str, str] | None) -> tuple[str | None, dict[str, str]]:
+        """(directory, variables) a command given `cwd` and `env` runs with, as the instance takes them."""
+        raise NotImplementedError
+
+    def spawn_without_helper(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                             output_limit: int) -> Watched | None:
+        """spawn() where there is no helper: None hands the command to execute_without_helper."""
+        return None
+
+    def execute_without_helper(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                               output_limit: int) -> dict[str, Any]:
+        """plain_execute() where there is no helper (and spawn_without_helper gave None)."""
+        raise NotImplementedError
+
+    # --- the helper's lifecycle -------------------------------------------------------------
+    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+              output_limit: int) -> Watched | None:
+        if self.helper is None:
+            return self.spawn_without_helper(command, timeout, cwd, env, output_limit)
+        if not self.helper.alive():
+            return None  # plain_execute starts it again: on a worker thread, never the agent's loop
+        return self.helper.spawn(command, timeout, *self.command_context(cwd, env), output_limit, self.shell)
+
+    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                      output_limit: int) -> dict[str, Any]:
+        """spawn() gave None: the helper died (it starts again, and the command goes through the new
+        one), or there is none."""
+        if self.helper is None:
+            return self.execute_without_helper(command, timeout, cwd, env, output_limit)
+        self.helper.revive(self.restart_helper)
+        started = self.spawn(command, timeout, cwd, env, output_limit)
+        if started is None:
+            raise ServiceError("environment_error", "the exec helper inside the instance died again as it restarted")
+        return started.wait()
+
+    def start_helper_process(self, argv: list[str]) -> None:
+        """Start the helper as a host process running argv (it ends in helper_argv()) and wait until
+        it is ready; first end what is left of a dead one. The process is in its own session, so
+        killing its group ends it and every command it started."""
+        self._end_helper_process()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            self.helper.wait_ready(lambda: proc.poll() is None)  # type: ignore[union-attr]  # start() made it first
+        except ServiceError:
+            kill_group(proc.pid)
+            proc.wait()
+            raise
+        self.helper_proc = proc
+
+    def session_dir(self) -> tuple[str, str, int | None, bool]:
+        """Sessions run through the exec helper, so they share its directory."""
+        if self.helper is None or not self.helper.alive():
+            raise ServiceError("invalid_request", f"sessions need the exec helper, which this {self.type} instance "
+                                                   "does not run (fast_exec false, or it could not start)")
+        return self.helper.host_dir, MOUNT, self.helper.owner, False
+
+    def close_helper(self) -> None:
+        """close()'s part: end the helper's host process (and every command it started) and close
+        the FIFOs. Safe to call twice."""
+        self._end_helper_process()
+        if self.helper is not None:
+            self.helper.close()
+
+    def _end_helper_process(self):
+        if self.helper_proc is not None:
+            kill_group(self.helper_proc.pid)
+            self.helper_proc.wait()
+            self.helper_proc = None

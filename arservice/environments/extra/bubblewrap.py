@@ -22,7 +22,6 @@ agent puts there (write_file, the helper's FIFOs) are made that uid's too.
 import os
 import shutil
 import stat
-import subprocess
 from typing import Any
 
 from pydantic import Field
@@ -30,8 +29,8 @@ from pydantic import Field
 from ...protocol import ServiceError
 from ...schemas import Text
 from .. import hostdir, process, safefs
-from ..base import Environment, Shell, Spec, Words, check_command, resolve_path, shell_argv
-from ..helper import MOUNT, ExecHelper, helper_argv, revived, start_process
+from ..base import Shell, Spec, Words, check_command, resolve_path, shell_argv
+from ..helper import MOUNT, ExecHelper, HelperEnvironment, helper_argv
 from ..process import Watched
 
 WORK = "/work"
@@ -84,7 +83,7 @@ class BubblewrapSpec(Spec):
                                             "or the instance is lost.")
 
 
-class BubblewrapEnvironment(Environment):
+class BubblewrapEnvironment(HelperEnvironment):
     type = "bubblewrap"
     can_fork = True
     enforces = {"network", "disk"}
@@ -92,8 +91,6 @@ class BubblewrapEnvironment(Environment):
     workdir: str = None  # type: ignore[assignment]  # made by start(), before any use but close()'s
     tmp_dir: str | None = None
     host_dir: str | None = None
-    helper: ExecHelper | None = None
-    helper_proc: subprocess.Popen[bytes] | None = None
     owner: int | None = None
     groups: set[int] = ()  # type: ignore[assignment]  # a set from start() on; empty for a close() before it
 
@@ -155,41 +152,34 @@ class BubblewrapEnvironment(Environment):
             self.host_dir = hostdir.make(self.workdir_root, f"{self.instance_id}-exec-", hostdir.helper_dir_mib(self.config),
                                          owner=self.owner)
             self.helper = ExecHelper(self.host_dir, pid_one=True, owner=self.owner)
-            self._launch_helper()
+            self.start_helper_process(self._helper_sandbox())
         self.shell = self.config["shell"] or (self.helper.best_shell if self.helper else
                                               "bash" if os.path.exists(os.path.join(root or "/", "bin/bash")) else "sh")
         return {"workdir": self.workdir, "shell": self.shell, "fast_exec": self.helper is not None}
 
-    def _launch_helper(self):
-        if self.helper_proc is not None:  # a dead helper's sandbox: end what is left of it
-            process.kill_group(self.helper_proc.pid)
-            self.helper_proc.wait()
-        # --as-pid-1: the helper is the sandbox's PID 1, which no command can signal.
-        self.helper_proc = start_process(
-            [*self.prefix, "--as-pid-1", "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()],
-            self.helper)
+    def _helper_sandbox(self):
+        """The sandbox that runs the helper for the instance's life. --as-pid-1: the helper is its
+        PID 1, which no command can signal."""
+        return [*self.prefix, "--as-pid-1", "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()]
 
-    def plain_execute(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
-                      output_limit: int) -> dict[str, Any]:
-        """Only where the helper died (spawn returned None). It is the sandbox's PID 1, which nothing
-        inside can signal: the sandbox was killed from outside, and its processes and /tmp went with
-        it. The instance is lost (a command answered from a new sandbox would describe another
-        machine than the one the earlier commands built), unless its spec asks for `revive`: then a
-        new sandbox over the same /work, and the command through it."""
+    def restart_helper(self) -> None:
+        """The helper is the sandbox's PID 1, which nothing inside can signal: the sandbox was
+        killed from outside, and its processes and /tmp went with it. The instance is lost (a
+        command answered from a new sandbox would describe another machine than the one the earlier
+        commands built), unless its spec asks for `revive`: then a new sandbox over the same /work."""
         if not self.config["revive"]:
             raise ServiceError("instance_lost", "the instance's sandbox was killed from outside: its processes and "
                                                  "/tmp are gone (`revive: true` in a spec starts a new sandbox instead)")
-        self.helper.revive(self._launch_helper)  # type: ignore[union-attr]  # spawn() returned None: it has one
-        return revived(self.spawn(command, timeout, cwd, env, output_limit))
+        self.start_helper_process(self._helper_sandbox())
 
-    def spawn(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
-              output_limit: int) -> Watched | None:
-        if self.helper is not None and not self.helper.alive():
-            return None
-        cwd = resolve_path(cwd, self.cwd) if cwd else self.cwd
-        variables = {**self.config["env"], **(env or {})}
-        if self.helper is not None:
-            return self.helper.spawn(command, timeout, cwd, variables, output_limit, self.shell)
+    def command_context(self, cwd: str | None, env: dict[str, str] | None) -> tuple[str, dict[str, str]]:
+        # Sandboxes start with a clear environment (--clearenv): every command is given the spec's env.
+        return resolve_path(cwd, self.cwd) if cwd else self.cwd, {**self.config["env"], **(env or {})}
+
+    def spawn_without_helper(self, command: str, timeout: float, cwd: str | None, env: dict[str, str] | None,
+                             output_limit: int) -> Watched | None:
+        """fast_exec false: a new sandbox per command, a host process."""
+        cwd, variables = self.command_context(cwd, env)
         check_command(command, variables)
         argv = [*self.prefix, "--chdir", cwd]
         for name, value in variables.items():
@@ -220,12 +210,7 @@ class BubblewrapEnvironment(Environment):
         return {"content": safefs.read_limited(fd, limit, path)}
 
     def close(self) -> None:
-        if self.helper_proc is not None:
-            process.kill_group(self.helper_proc.pid)
-            self.helper_proc.wait()
-            self.helper_proc = None
-        if self.helper is not None:
-            self.helper.close()
+        self.close_helper()
         for pgid in list(self.groups):
             process.kill_group(pgid)
         for directory in (self.workdir, self.tmp_dir, self.host_dir):
