@@ -14,7 +14,6 @@ docs/protocol.md describes every message type and its fields.
 
 import hmac
 import math
-from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -309,29 +308,6 @@ def error(id_: object, code: str, message: str) -> Message:
     return {"v": VERSION, "type": ERROR, "id": id_, "error": {"code": code, "message": message}}
 
 
-def field(msg: Message, name: str, kind: type | tuple[type, ...], default: Any = ...,
-          check: Callable[[Any], Any] | None = None, what: str | None = None) -> Any:
-    """Read msg[name], requiring it to be of `kind`; raise invalid_request naming the field otherwise.
-
-    `default` makes the field optional (None counts as absent); `check` is a predicate
-    the value must pass, described by `what` in the error.
-    """
-    value = msg.get(name)
-    if value is None:
-        if default is ...:
-            raise ServiceError("invalid_request", f"missing required field '{name}'")
-        return default
-    if kind is float:
-        kind = (int, float)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ServiceError("invalid_request", f"field '{name}' has the wrong type: {type(value).__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ServiceError("invalid_request", f"field '{name}' must be a finite number, not {value!r}")
-    if check is not None and not check(value):
-        raise ServiceError("invalid_request", f"field '{name}' must be {what}")
-    return value
-
-
 def check_value(value: Any, name: str, what: str = "field") -> Any:
     """Every string (key or value, at any depth) without NUL, every number finite: what may reach an
     argv, a path, an environment, or a JSON answer."""
@@ -349,14 +325,6 @@ def check_value(value: Any, name: str, what: str = "field") -> Any:
     return value
 
 
-def text(msg: Message, name: str, default: Any = ...) -> Any:
-    """A string field that reaches an argv, a path or an environment: no NUL byte (exec and open refuse it)."""
-    value = field(msg, name, str, default=default)
-    if isinstance(value, str) and "\0" in value:
-        raise ServiceError("invalid_request", f"field '{name}' must not contain a NUL byte")
-    return value
-
-
 def environment_map(value: Any, name: str) -> dict[str, str]:
     """Check {name: value} environment variables as exec needs them; return the map."""
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
@@ -368,8 +336,3 @@ def environment_map(value: Any, name: str) -> dict[str, str]:
         if "\0" in item:
             raise ServiceError("invalid_request", f"field '{name}': variable {key!r} must not contain a NUL byte")
     return value
-
-
-def string_map(msg: Message, name: str) -> dict[str, str]:
-    """An optional field of environment variables."""
-    return environment_map(field(msg, name, dict, default={}), name)

@@ -250,6 +250,89 @@ REQUESTS: dict[str, type[Request]] = {
     RELEASE_AGENT: ReleaseAgent,
 }
 
+
+# What the broker sends an agent: a client's request as validated, with the instance named and
+# every default filled in (an agent never picks a default of its own).
+class AgentStart(OnInstance):
+    """Start this instance (its id chosen by the broker) from a spec."""
+
+    environment: Annotated[dict[str, Any], AfterValidator(finite_everywhere)]
+
+
+class AgentExecute(Execute):
+    timeout: Seconds  # required here: the broker fills it in
+    output_limit: Bytes
+
+
+class AgentFork(OnInstance):
+    """Fork the instance into new ones, with these ids."""
+
+    new_ids: list[str] = Field(min_length=1, max_length=MAX_FORKS)
+
+
+class AgentRunInSession(RunInSession):
+    timeout: Seconds  # required here: the broker fills it in
+    output_limit: Bytes
+
+
+# Each request type an agent serves, and its model.
+AGENT_REQUESTS: dict[str, type[Request]] = {
+    START_INSTANCE: AgentStart,
+    EXECUTE: AgentExecute,
+    CLOSE_INSTANCE: CloseInstance,
+    WRITE_FILE: WriteFile,
+    READ_FILE: ReadFile,
+    FORK_INSTANCE: AgentFork,
+    SNAPSHOT_INSTANCE: SnapshotInstance,
+    DELETE_SNAPSHOT: DeleteSnapshot,
+    CREATE_SESSION: CreateSession,
+    RUN_IN_SESSION: AgentRunInSession,
+    CLOSE_SESSION: CloseSession,
+}
+
+
+class Capacity(BaseModel):
+    """What an agent offers; null: not counted."""
+
+    model_config = STRICT
+    instances: Count | None = None
+    cpus: Annotated[float, Field(ge=0, le=MAX_INT)] | None = None
+    memory: Count | None = Field(None, description="MiB.")
+
+
+class Register(Request):
+    """An agent joins the broker (its secret, in the envelope, says it may)."""
+
+    agent_id: str = Field(description="The agent's DEALER identity.")
+    capacity: Capacity
+    env_types: list[str]
+    hostname: str = ""
+    pid: int | None = Field(None, ge=0, le=MAX_INT)
+    slurm_job_id: str | None = None
+    instances: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "The instances it holds ({instance_id, environment, info}): a restarted broker adopts them."))
+    snapshots: list[dict[str, Any]] = Field(default_factory=list, description="The snapshots it keeps ({name, type, source}).")
+
+
+class HeldInstance(BaseModel):
+    """One of register's `instances`: each is adopted, or refused, on its own."""
+
+    model_config = STRICT
+    instance_id: str
+    environment: Annotated[dict[str, Any], AfterValidator(finite_everywhere)]
+    info: Annotated[dict[str, Any], AfterValidator(finite_everywhere)] = Field(default_factory=dict)
+
+
+class Heartbeat(Request):
+    """Both ways, every heartbeat_s; an agent's says how many instances it holds."""
+
+    instances: Count | None = None
+
+
+class Disconnect(Request):
+    """An agent leaves: its instances are gone."""
+
+
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -282,6 +365,11 @@ def describe(model: type[BaseModel], exc: ValidationError, what: str = "field") 
     return f"{what} '{name}' {problem}, not {given if len(given) <= 80 else given[:77] + '...'}"
 
 
+def fields_of(msg: Message, model: type[Model]) -> Model:
+    """A message's fields (all but the envelope's) as `model`."""
+    return validated(model, {name: value for name, value in msg.items() if name not in ENVELOPE_FIELDS})
+
+
 def request_of(msg: Message) -> Request:
-    """A client request's fields (all but the envelope's) as its model."""
-    return validated(REQUESTS[msg["type"]], {name: value for name, value in msg.items() if name not in ENVELOPE_FIELDS})
+    """A client request's fields as its model."""
+    return fields_of(msg, REQUESTS[msg["type"]])

@@ -157,8 +157,12 @@ def test_agent_survives_bad_messages_from_its_broker():
     answer_to = broker.answer_to
     try:
         broker.send(b"\x00\xffnot msgpack")  # no id to answer to: logged and dropped
-        bad = answer_to(protocol.encode(protocol.request("execute", "x1", instance_id="i-none", command="true", timeout=5)))
+        bad = answer_to(protocol.encode(protocol.request("execute", "x1", instance_id="i-none", command="true", timeout=5,
+                                                         output_limit=1000)))
         assert bad["type"] == "error" and bad["error"]["code"] == "not_found" and bad["id"] == "x1"
+        # A broker fills in every default: an execute without output_limit is not one a broker sends.
+        bad = answer_to(protocol.encode(protocol.request("execute", "x1b", instance_id="i-none", command="true", timeout=5)))
+        assert bad["error"]["code"] == "invalid_request" and "output_limit" in bad["error"]["message"]
         bad = answer_to(protocol.encode(protocol.request("start_instance", "x2", instance_id="i-1", environment={"type": "nope"})))
         assert bad["error"]["code"] == "invalid_request"
         bad = answer_to(protocol.encode(protocol.request("bogus", "x3")))

@@ -6,7 +6,7 @@ import math
 import msgpack
 import pytest
 
-from arservice import protocol
+from arservice import environments, protocol, schemas
 from arservice.client import DEFAULT_WAIT_S, EXECUTE_MARGIN_S, Calls, wait_budget
 from arservice.environments.base import check_command, parse_memory_mib
 from arservice.protocol import ServiceError
@@ -95,25 +95,51 @@ def test_joined_refuses_more_than_the_largest_message():
     assert code_of(lambda: protocol.joined(parts))[0] == "payload_too_large"
 
 
-@pytest.mark.parametrize("value, kind, ok", [
-    (3, float, True), (2.5, float, True), (True, float, False), (True, bool, True),
-    (math.nan, float, False), (math.inf, float, False), ("3", int, False), ([], dict, False),
+@pytest.mark.parametrize("timeout, ok", [
+    (3, True), (2.5, True), (86400, True), (True, False), (math.nan, False), (math.inf, False), ("3", False),
+    (0, False), (86400.5, False), (1 << 70, False),
 ])
-def test_a_field_must_be_of_its_kind_and_finite(value, kind, ok):
-    msg = {"f": value}
+def test_a_number_field_is_strict_finite_and_bounded(timeout, ok):
+    msg = {"instance_id": "i-1", "command": "true", "timeout": timeout}
     if ok:
-        assert protocol.field(msg, "f", kind) == value
+        assert schemas.validated(schemas.Execute, msg).timeout == timeout
     else:
-        code, message = code_of(lambda: protocol.field(msg, "f", kind))
-        assert code == "invalid_request" and "'f'" in message
+        code, message = code_of(lambda: schemas.validated(schemas.Execute, msg))
+        assert code == "invalid_request" and message.startswith("field 'timeout' ") and repr(timeout)[:20] in message
 
 
-def test_a_field_default_check_and_absence():
-    assert protocol.field({}, "f", int, default=9) == 9
-    assert protocol.field({"f": None}, "f", int, default=9) == 9  # None counts as absent
-    assert "missing required field 'f'" in code_of(lambda: protocol.field({}, "f", int))[1]
-    message = code_of(lambda: protocol.field({"f": -1}, "f", int, check=lambda v: v >= 0, what="at least 0"))[1]
-    assert message == "field 'f' must be at least 0"
+def test_requests_take_null_as_absent_and_refuse_what_they_do_not_have():
+    assert schemas.validated(schemas.Execute, {"instance_id": "i", "command": "x", "timeout": None}).timeout is None
+    assert code_of(lambda: schemas.validated(schemas.Execute, {"command": "x"}))[1] == "missing required field 'instance_id'"
+    assert code_of(lambda: schemas.validated(schemas.Ping, {"pong": 1}))[1] == "unknown field 'pong'"
+    assert code_of(lambda: schemas.validated(schemas.Execute, {"instance_id": "i", "command": "a\0b"}))[1] == \
+        "field 'command' must not contain a NUL byte, not 'a\\x00b'"
+    assert "must be a session name" in code_of(lambda: schemas.validated(
+        schemas.CloseSession, {"instance_id": "i", "session": "no spaces"}))[1]
+    # The envelope is the protocol's: a request's model never sees it.
+    ping = schemas.request_of(protocol.request(protocol.PING, 7, token="t"))
+    assert isinstance(ping, schemas.Ping)
+
+
+def test_what_the_broker_sends_an_agent_has_every_default_filled_in():
+    fields = {"instance_id": "i", "command": "true"}
+    assert schemas.validated(schemas.Execute, fields).output_limit is None
+    assert "missing required field 'timeout'" in code_of(lambda: schemas.validated(schemas.AgentExecute, fields))[1]
+
+
+def test_a_spec_is_its_backends_model_with_defaults():
+    config = environments.backend("local").parse_config({"type": "local", "timeout": 5})
+    assert (config["timeout"], config["shell"], config["output_limit"]) == (5.0, "bash", 1 << 20)
+    config = environments.backend("docker").parse_config({"type": "docker", "image": "x", "memory": "1g"})
+    assert (config["memory"], config["pull"], config["shell"]) == (1024, "missing", None)
+    for spec, words in [({"type": "local", "imgae": "x"}, "unknown local environment field 'imgae'"),
+                        ({"type": "docker"}, "missing required docker environment field 'image'"),
+                        ({"type": "docker", "image": "x", "pull": "sometimes"}, "field 'pull'"),
+                        ({"type": "docker", "image": "x", "run_options": {"a": [math.nan]}}, "field 'run_options'"),
+                        ({"type": "local", "shell": [""]}, "field 'shell'"),
+                        ({"type": "local", "cpus": 1}, "cannot enforce cpus")]:
+        code, message = code_of(lambda spec=spec: environments.backend(spec["type"]).parse_config(spec))
+        assert code == "invalid_request" and words in message, message
 
 
 def test_check_value_finds_a_nul_or_a_non_finite_number_at_any_depth():

@@ -114,10 +114,10 @@ def test_bad_bytes_in_a_file_path_are_400(service, instance, what, path, fields)
 
 
 def test_agent_survives_what_a_backend_raises():
-    """The last-resort guard, on a real agent behind a broker played by the test (no broker
-    validation in between): what the backend refuses is invalid_request, and what makes it raise
-    (a NUL in cwd, which the broker never lets through) costs that request only. The fields a
-    broker always fills in (output_limit) are checked by the agent too."""
+    """On a real agent behind a broker played by the test (no broker validation in between): the
+    agent validates what it is sent with the same schemas (a NUL in cwd, which the broker never
+    lets through, is invalid_request; so is a field a broker always fills in, missing), and what
+    makes the backend fail (a cwd too long for exec) costs that request only."""
     broker = PlayedBroker("--types", "local")
 
     def answer_to(msg):
@@ -127,7 +127,8 @@ def test_agent_survives_what_a_backend_raises():
         assert ok["type"] == "reply", ok
         for n, (fields, code) in enumerate([({"command": "echo a\0b"}, "invalid_request"),
                                             ({"command": "true", "env": {"A=B": "x"}}, "invalid_request"),
-                                            ({"command": "true", "cwd": "x\0"}, "environment_error"),
+                                            ({"command": "true", "cwd": "x\0"}, "invalid_request"),
+                                            ({"command": "true", "cwd": "x" * 5000}, "environment_error"),
                                             ({"command": "true", "output_limit": "x"}, "invalid_request"),
                                             ({"command": "true", "output_limit": None}, "invalid_request")]):
             fields = {"output_limit": 1000, **fields}  # as a broker sends it, unless the case says otherwise

@@ -28,7 +28,7 @@ from .. import curve, environments, protocol, schemas
 from ..environments import session
 from ..environments.process import Watched, marked_processes
 from ..logs import EventLog
-from ..protocol import Message, ServiceError
+from ..protocol import ServiceError
 from . import streams, workdirs
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ class Agent:
             self._on_broker_error(msg.get("error") or {})
         elif kind in REQUEST_HANDLERS:
             try:
-                REQUEST_HANDLERS[kind](self, msg)
+                REQUEST_HANDLERS[kind](self, msg["id"], schemas.fields_of(msg, schemas.AGENT_REQUESTS[kind]))
             except ServiceError as exc:
                 self._send(protocol.error(msg.get("id"), exc.code, exc.message))
             except Exception as exc:  # noqa: BLE001 (a backend's surprise costs this request only)
@@ -289,11 +289,11 @@ class Agent:
 
     # -- instance requests: validate on the loop, run on the pool ----------------
 
-    def _on_start_instance(self, msg):
-        instance_id = protocol.field(msg, "instance_id", str)
+    def _on_start_instance(self, request_id: Any, req: schemas.AgentStart) -> None:
+        instance_id = req.instance_id
         if instance_id in self.envs:
             raise ServiceError("conflict", f"instance {instance_id} exists already")
-        spec = protocol.field(msg, "environment", dict)
+        spec = req.environment
         cls = environments.backend(spec.get("type"))
         env = cls(instance_id, cls.parse_config(spec), self.agent_id, self.workdir)
         env.spec, env.info = spec, {}  # what a broker needs to adopt the instance
@@ -301,14 +301,13 @@ class Agent:
             if env.config["snapshot"] not in self.snapshots:
                 raise ServiceError("not_found", f"no snapshot {env.config['snapshot']!r} on agent {self.agent_id}")
             env.seed = self.snapshots[env.config["snapshot"]][1]
-        started = self.pool.submit(self._start, msg["id"], env)
+        started = self.pool.submit(self._start, request_id, env)
         self.envs[instance_id] = (env, started)
 
-    def _on_fork_instance(self, msg):
-        source, source_started = self._instance(msg)
-        new_ids = protocol.field(msg, "new_ids", list)
-        if not new_ids or not all(isinstance(i, str) and i not in self.envs for i in new_ids) \
-                or len(set(new_ids)) != len(new_ids):
+    def _on_fork_instance(self, request_id: Any, req: schemas.AgentFork) -> None:
+        source, source_started = self._instance(req.instance_id)
+        new_ids = req.new_ids
+        if any(i in self.envs for i in new_ids) or len(set(new_ids)) != len(new_ids):
             raise ServiceError("invalid_request", "new_ids must be new, distinct instance ids")
         cls = type(source)
         forks = [cls(new_id, source.config, self.agent_id, self.workdir) for new_id in new_ids]
@@ -327,36 +326,35 @@ class Agent:
             return {"instances": [{"instance_id": f.instance_id, "info": f.info} for f in forks]}
 
         def forked():
-            if not self._answer(msg["id"], fork_all, drop_on_error=" ".join(new_ids)):
+            if not self._answer(request_id, fork_all, drop_on_error=" ".join(new_ids)):
                 raise RuntimeError("fork failed")  # fails the work queued behind it
         done = self.pool.submit(forked)
         for fork in forks:
             self.envs[fork.instance_id] = (fork, done)
 
-    def _on_snapshot_instance(self, msg):
-        env, started = self._instance(msg)
-        name = protocol.field(msg, "name", str)
-        if name in self.snapshots or not name or "/" in name or name.startswith("."):
-            raise ServiceError("conflict", f"snapshot {name!r} exists or is no name")
+    def _on_snapshot_instance(self, request_id: Any, req: schemas.SnapshotInstance) -> None:
+        env, started = self._instance(req.instance_id)
+        name = req.name  # a name the schema allows cannot leave the snapshots' directory
+        if name in self.snapshots:
+            raise ServiceError("conflict", f"snapshot {name!r} exists")
         directory = os.path.join(self.workdir, SNAPSHOTS_DIR, name)
 
         def snapshot():
             self.snapshots[name] = (type(env), env.snapshot(directory), env.instance_id)
             return {"name": name}
-        self._submit(msg["id"], started, snapshot)
+        self._submit(request_id, started, snapshot)
 
-    def _on_delete_snapshot(self, msg):
-        name = protocol.field(msg, "name", str)
+    def _on_delete_snapshot(self, request_id: Any, req: schemas.DeleteSnapshot) -> None:
+        name = req.name
         if name not in self.snapshots:
             raise ServiceError("not_found", f"no snapshot {name!r} on agent {self.agent_id}")
         cls, handle, _ = self.snapshots.pop(name)
-        self.pool.submit(self._answer, msg["id"], lambda: cls.drop_snapshot(handle))
+        self.pool.submit(self._answer, request_id, lambda: cls.drop_snapshot(handle))
 
-    def _on_execute(self, msg):
-        env, started = self._instance(msg)
-        args = (protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
-                msg.get("cwd"), msg.get("env"), protocol.field(msg, "output_limit", int))  # the broker fills it in
-        if msg.get("stream"):  # only a command the loop drives streams: let a start that just answered settle
+    def _on_execute(self, request_id: Any, req: schemas.AgentExecute) -> None:
+        env, started = self._instance(req.instance_id)
+        args = (req.command, req.timeout, req.cwd, req.env, req.output_limit)
+        if req.stream:  # only a command the loop drives streams: let a start that just answered settle
             wait([started], timeout=START_SETTLE_S)
         if started.done() and started.exception() is None:
             try:
@@ -364,13 +362,10 @@ class Agent:
             except OSError as exc:
                 raise ServiceError("environment_error", f"cannot start the command: {exc}") from exc
             if command is not None:
-                self.commands[msg["id"]] = command
-                for fd in command.fds:
-                    self.command_fds[fd] = msg["id"]
-                    self.poller.register(fd, zmq.POLLIN)
-                self._follow(msg, command)
+                self._watch(request_id, command)
+                self._follow(request_id, req.stream, command)
                 return
-        self._submit(msg["id"], started, env.execute, *args)
+        self._submit(request_id, started, env.execute, *args)
 
     # -- commands driven by the loop ---------------------------------------------
 
@@ -415,30 +410,28 @@ class Agent:
             tail.close()
         self._send(msg)
 
-    def _on_write_file(self, msg):
-        env, started = self._instance(msg)
-        content = protocol.field(msg, "content", (bytes, str))
-        self._submit(msg["id"], started, env.write_file, protocol.field(msg, "path", str),
-                     content.encode() if isinstance(content, str) else content,
-                     protocol.field(msg, "mode", int, default=0o644))
+    def _on_write_file(self, request_id: Any, req: schemas.WriteFile) -> None:
+        env, started = self._instance(req.instance_id)
+        content = req.content.encode() if isinstance(req.content, str) else req.content
+        self._submit(request_id, started, env.write_file, req.path, content, req.mode)
 
-    def _on_read_file(self, msg):
-        env, started = self._instance(msg)
-        self._submit(msg["id"], started, env.read_file, protocol.field(msg, "path", str), protocol.field(msg, "limit", int))
+    def _on_read_file(self, request_id: Any, req: schemas.ReadFile) -> None:
+        env, started = self._instance(req.instance_id)
+        self._submit(request_id, started, env.read_file, req.path, req.limit)
 
-    def _on_close_instance(self, msg):
-        env, started = self._instance(msg)
+    def _on_close_instance(self, request_id: Any, req: schemas.CloseInstance) -> None:
+        env, started = self._instance(req.instance_id)
         del self.envs[env.instance_id]
         self._close_sessions(env.instance_id)
-        self._submit(msg["id"], started, env.close)
+        self._submit(request_id, started, env.close)
 
     # -- streamed output ----------------------------------------------------------
 
-    def _follow(self, msg, command):
-        if protocol.field(msg, "stream", bool, default=False):
+    def _follow(self, request_id: Any, stream: bool, command: Watched) -> None:
+        if stream:
             tail = streams.tail_of(command)
             if tail is not None:
-                self.streams[msg["id"]] = tail
+                self.streams[request_id] = tail
 
     def _pump_streams(self):
         for request_id, tail in list(self.streams.items()):
@@ -460,8 +453,8 @@ class Agent:
             self.command_fds[fd] = request_id
             self.poller.register(fd, zmq.POLLIN)
 
-    def _session_table(self, msg):
-        env, started = self._instance(msg)
+    def _session_table(self, instance_id: str) -> "tuple[Environment, session.SessionTable]":
+        env, started = self._instance(instance_id)
         # The start's answer goes out just before its future is marked done: a client may be that quick.
         wait([started], timeout=START_SETTLE_S)
         if not started.done() or started.exception() is not None:
@@ -471,14 +464,14 @@ class Agent:
             table = self.sessions[env.instance_id] = session.SessionTable(env)
         return env, table
 
-    def _on_create_session(self, msg):
-        env, table = self._session_table(msg)
-        name = protocol.field(msg, "session", str, default=schemas.DEFAULT_SESSION)
-        shell = session.check_shell(protocol.field(msg, "shell", str, default="bash"))
-        new = table.create(name)
+    def _on_create_session(self, request_id: Any, req: schemas.CreateSession) -> None:
+        env, table = self._session_table(req.instance_id)
+        shell = session.check_shell(req.shell or "bash")
+        new = table.create(req.session)
         try:
             # Its own output is what bash says outside commands (they write to files): the spec's limit.
-            watch = env.spawn(new.launcher(shell), protocol.MAX_SECONDS, None, None, env.config["output_limit"])
+            watch: Watched | OSError | None = env.spawn(new.launcher(shell), protocol.MAX_SECONDS, None, None,
+                                                       env.config["output_limit"])
         except OSError as exc:
             watch = exc
         if not isinstance(watch, Watched):
@@ -488,26 +481,25 @@ class Agent:
         new.shell_watch = watch
         self._watch(("session", new), watch)
         step = new.running = session.SessionStep(new, session.START_TIMEOUT_S, starting=True)
-        self._watch(msg["id"], step)
+        self._watch(request_id, step)
 
-    def _on_run_in_session(self, msg):
-        env, table = self._session_table(msg)
-        found = table.get(protocol.field(msg, "session", str))
+    def _on_run_in_session(self, request_id: Any, req: schemas.AgentRunInSession) -> None:
+        _, table = self._session_table(req.instance_id)
+        found = table.get(req.session)
         if found.ended is not None:
             raise ServiceError("conflict", f"session {found.name!r} has ended: {found.ended}")
         if found.running is not None:
             raise ServiceError("conflict", f"session {found.name!r} is running a command (one at a time)")
-        step = found.start_command(protocol.field(msg, "command", str), protocol.field(msg, "timeout", float),
-                                   protocol.field(msg, "output_limit", int))  # the broker fills it in
-        self._watch(msg["id"], step)
-        self._follow(msg, step)
+        step = found.start_command(req.command, req.timeout, req.output_limit)
+        self._watch(request_id, step)
+        self._follow(request_id, req.stream, step)
 
-    def _on_close_session(self, msg):
-        _, table = self._session_table(msg)
-        found = table.get(protocol.field(msg, "session", str))
+    def _on_close_session(self, request_id: Any, req: schemas.CloseSession) -> None:
+        _, table = self._session_table(req.instance_id)
+        found = table.get(req.session)
         table.remove(found)
         self._end_session(found, "the session was closed")
-        self._send(protocol.reply(msg["id"], {"session": found.name, "closed": True}))
+        self._send(protocol.reply(request_id, {"session": found.name, "closed": True}))
 
     def _end_session(self, found, why):
         """Kill a session's bash; answer the command in flight, if any."""
@@ -542,8 +534,7 @@ class Agent:
         found.close_fds()
         found.remove_files()
 
-    def _instance(self, msg):
-        instance_id = protocol.field(msg, "instance_id", str)
+    def _instance(self, instance_id: str) -> "tuple[Environment, Future[Any]]":
         if instance_id not in self.envs:
             raise ServiceError("not_found", f"no instance {instance_id} on agent {self.agent_id}")
         return self.envs[instance_id]
@@ -616,7 +607,7 @@ class Agent:
 
 
 # The requests the broker passes on to agents, each with its one handler.
-REQUEST_HANDLERS: dict[str, Callable[[Agent, Message], None]] = {
+REQUEST_HANDLERS: dict[str, Callable[[Agent, Any, Any], None]] = {  # (agent, request id, its model)
     protocol.START_INSTANCE: Agent._on_start_instance,
     protocol.EXECUTE: Agent._on_execute,
     protocol.CLOSE_INSTANCE: Agent._on_close_instance,

@@ -17,7 +17,7 @@ import zmq
 from .. import curve, environments, protocol, schemas
 from ..environments.session import INTERRUPT_GRACE_S
 from ..logs import EventLog
-from ..protocol import MAX_MESSAGE_BYTES, Message, ServiceError, field
+from ..protocol import MAX_MESSAGE_BYTES, Message, ServiceError
 from .metrics import BrokerMetrics, waiting_by_type
 from .pools import WarmPools
 from .state import (
@@ -326,32 +326,28 @@ class Broker:
 
     def on_register(self, envelope: Envelope, msg: Message) -> None:
         identity = envelope[0]
-        agent_id = field(msg, "agent_id", str)
+        reg = schemas.fields_of(msg, schemas.Register)
+        agent_id = reg.agent_id
         if agent_id.encode() != identity:
             raise ServiceError("invalid_request", "agent_id must be the agent socket's identity")
-        capacity = field(msg, "capacity", dict)
-        capacity = {name: field(capacity, name, float, default=None, check=lambda n: 0 <= n <= protocol.MAX_INT,
-                                what="a non-negative number") for name in ("instances", "cpus", "memory")}
-        env_types = field(msg, "env_types", list)
+        capacity = reg.capacity.model_dump()
+        env_types = reg.env_types
         old = self.pool.agents.get(identity)
         if old is not None:
             self._lose_agent(old, "registered again")
-        held = field(msg, "instances", list, default=[])
+        held = reg.instances
         now = time.monotonic()
-        agent = self.pool.agents[identity] = Agent(
-            identity, agent_id, to_units(capacity),
-            [t for t in env_types if isinstance(t, str)], str(msg.get("hostname", "")), msg.get("pid"),
-            msg.get("slurm_job_id"), now,
-        )
+        agent = self.pool.agents[identity] = Agent(identity, agent_id, to_units(capacity), env_types, reg.hostname,
+                                                   reg.pid, reg.slurm_job_id, now)
         drop = [self._adopt(agent, item) for item in held]
         drop = [instance_id for instance_id in drop if instance_id]
-        for item in field(msg, "snapshots", list, default=[]):  # what it kept through a broker restart
+        for item in reg.snapshots:  # what it kept through a broker restart
             if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"] not in self.snapshots:
                 self.snapshots[item["name"]] = Snapshot(item["name"], agent_id, str(item.get("type")),
                                                         str(item.get("source")), ready=True)
         self.metrics.agent_registered()
         log.info("agent_registered", agent=agent_id, capacity=capacity, types=",".join(map(str, env_types)),
-                 slurm_job=msg.get("slurm_job_id"), adopted=len(held) - len(drop), dropped=len(drop))
+                 slurm_job=reg.slurm_job_id, adopted=len(held) - len(drop), dropped=len(drop))
         self.send(envelope, protocol.reply(msg.get("id"), {"registered": True, "heartbeat_s": self.heartbeat_s,
                                                            "drop": drop}))
         if self.waiting:
@@ -370,15 +366,15 @@ class Broker:
                         error="back after the broker's grace: its requests were answered not_found")
             return instance_id
         try:
-            spec = protocol.check_value(field(item, "environment", dict), "environment")
-            config = environments.backend(spec.get("type")).parse_config(spec)
+            held = schemas.validated(schemas.HeldInstance, item)
+            config = environments.backend(held.environment.get("type")).parse_config(held.environment)
         except ServiceError as exc:
             log.warning("adoption_refused", agent=agent.agent_id, instance=instance_id, error=exc.message)
             return instance_id
-        inst = Instance(instance_id, agent.agent_id, spec, config, ttl_s=config["ttl"] or self.instance_ttl_s,
-                        idle_s=config["idle_timeout"] or self.idle_timeout_s)
+        inst = Instance(instance_id, agent.agent_id, held.environment, config,
+                        ttl_s=config["ttl"] or self.instance_ttl_s, idle_s=config["idle_timeout"] or self.idle_timeout_s)
         inst.started()
-        inst.info = protocol.check_value(item.get("info") if isinstance(item.get("info"), dict) else {}, "info")
+        inst.info = held.info
         self.pool.admit(inst, agent)
         self._remember(instance_id)
         log.info("instance_adopted", instance=instance_id, agent=agent.agent_id, type=config["type"])

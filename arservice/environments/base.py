@@ -98,6 +98,10 @@ class Environment:
     seed: dict[str, Any] | None = None  # a snapshot's handle (snapshot()) that start() begins from, or None: the image as it is
     # Which of LIMITS this backend can enforce; asking for another one is an error.
     enforces: set[str] = set()
+    # What its agent keeps for a restarted broker to adopt it: the spec it started from, and what
+    # start() told of it.
+    spec: dict[str, Any]
+    info: dict[str, Any]
     # Its spec's fields, with their types, defaults, bounds and docs. Backends subclass Spec.
     spec_model: ClassVar[SpecModel] = Spec
 
