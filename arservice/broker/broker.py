@@ -44,6 +44,7 @@ def stream_field(stream: bool) -> dict[str, bool]:
     """`stream: true` asks for the output as chunk messages before the answer."""
     return {"stream": True} if stream else {}
 
+
 INPROC_ADDRESS = "inproc://arservice-broker"
 # An agent answers after the command's own time limit; allow it this much more.
 ANSWER_GRACE_S = 10.0
