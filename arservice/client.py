@@ -360,6 +360,11 @@ def may_send_again(kind: str, exc: ServiceError) -> bool:
 _S = TypeVar("_S", bound=zmq.Socket)
 
 
+# The ZMQ sockets of one thread's link to a broker over TCP: the DEALER, and its monitor's two PAIR
+# sockets (libzmq's end and ours). A context serving N threads needs N times this.
+LINK_SOCKETS = 3
+
+
 def broker_socket(ctx: "zmq.Context[_S]", address: str, token: str | None) -> tuple[_S, _S | None]:
     """A DEALER to the broker with ZMTP heartbeats (and CURVE keys of the token, if any), and the
     monitor socket that says when it is connected or refused; no monitor in-process (inproc has no

@@ -213,3 +213,25 @@ def test_large_payloads_leave_the_service_process_near_idle():
         assert max(grown) < 48, f"MiB over idle after each round: {grown}"
     finally:
         assert svc.stop() == 0
+
+
+@pytest.mark.timeout(300)
+def test_an_http_worker_serves_from_hundreds_of_threads_at_once():
+    """Before, a worker's ZMQ context counted one socket per waitress thread, while each thread's
+    link to the broker holds three (a DEALER and its monitor's two): once more than 512 threads had
+    served a request, every request a new thread took was a 500 (EMFILE)."""
+    svc = Service("--runner", "local", "--http-workers", "1", "--http-threads", "700",
+                  "--max-resources", '{"instances": 8}').wait_ready()
+    try:
+        ids = [svc.client.start_instance({"type": "local"})["instance_id"] for _ in range(8)]
+        barrier = threading.Barrier(700)
+
+        def request(n):
+            http = HTTPClient(svc.url)
+            barrier.wait(timeout=120)  # all 700 in flight together: each takes its own waitress thread
+            return http.execute(ids[n % 8], "sleep 2; echo ok", timeout=60)["output"]
+        with ThreadPoolExecutor(700) as pool:
+            outputs = list(pool.map(request, range(700)))
+        assert outputs == ["ok\n"] * 700
+    finally:
+        assert svc.stop() == 0

@@ -20,6 +20,7 @@ import threading
 import zmq
 
 from .. import allocator, logs
+from ..client import LINK_SOCKETS
 from ..logs import EventLog
 from .app import HTTPServer, create_app
 
@@ -98,7 +99,10 @@ def main() -> None:
     threads, connections, idle_timeout_s, max_body = os.environ[ENV_SETTINGS].split(",")
     token = os.environ.get(ENV_TOKEN) or None
     context: zmq.Context = zmq.Context.instance()
-    context.set(zmq.MAX_SOCKETS, int(threads) + 1024)
+    # Each waitress thread that serves a request keeps its own link to the broker. Counting one
+    # socket per thread, the 513th thread's link failed (EMFILE: libzmq's socket limit) and every
+    # request that thread served was a 500.
+    context.set(zmq.MAX_SOCKETS, LINK_SOCKETS * int(threads) + 1024)
     app = create_app(context, token, int(max_body), broker_address=os.environ[ENV_BROKER])
     server = HTTPServer(app, threads=int(threads), max_body=int(max_body), connections=int(connections),
                         idle_timeout_s=float(idle_timeout_s), sockets=[sock])
