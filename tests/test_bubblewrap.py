@@ -5,6 +5,7 @@ import os
 import pytest
 
 from arservice.client import ServiceError
+from arservice.environments.process import AGENT_MARK, marked_processes
 
 from backends import ROOTFS, SPECS, params
 from helpers import Service
@@ -103,3 +104,24 @@ def test_symlinks_planted_in_the_sandbox_do_not_reach_the_host(client, tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["host-secret"]
     finally:
         client.close_instance(instance_id)
+
+
+def test_a_sandboxed_helper_carries_its_agents_mark_and_no_command_sees_it(client, spec):
+    """Before, a sandbox's clear environment dropped the agent's mark: a helper that outlived its
+    bwrap and its agent (the chaos run left one, its parent init) could not be found by the next
+    agent's reap, and ran on."""
+    started = client.start_instance(spec)
+    try:
+        mark = f"{AGENT_MARK}={started['agent_id']}".encode()
+        # The helper itself (PID 1 of its sandbox's PID namespace), not only the bwrap that started it.
+        pid_ones = [pid for pid, _ in marked_processes(mark) if _namespace_pid(pid) == "1"]
+        assert len(pid_ones) == 1, pid_ones
+        assert AGENT_MARK not in client.execute(started["instance_id"], "env")["output"]
+    finally:
+        client.close_instance(started["instance_id"])
+
+
+def _namespace_pid(pid):
+    """A process's pid in its own PID namespace (the last of NSpid)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split()[-1] for line in f if line.startswith("NSpid:"))

@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from .. import curve, environments, protocol, schemas
 from ..environments import session
-from ..environments.process import Watched, marked_processes
+from ..environments.process import AGENT_MARK, Watched, marked_processes
 from ..logs import EventLog
 from ..protocol import ServiceError
 from . import streams, workdirs
@@ -40,7 +40,6 @@ SNAPSHOTS_DIR = "snapshots"  # in the agent's directory: the files of its named 
 DEFAULT_STOP_TIMEOUT_S = 20.0
 # Every process an agent starts inherits this variable naming the agent: what a later agent of the
 # host finds them by, once their agent died without closing them (SIGKILL, OOM kill).
-AGENT_MARK = "ARSERVICE_AGENT"
 # How often the output of streamed commands is looked at (files do not wake a poller).
 STREAM_POLL_S = 0.002
 # How long a session request waits for its instance's start to be marked done after its answer went out.

@@ -51,7 +51,7 @@ from ..logs import EventLog
 from ..protocol import ServiceError
 from . import safefs
 from .base import Environment, check_command, shell_argv
-from .process import Watched, command_answer, command_output, kill_group, signal_name
+from .process import AGENT_MARK, Watched, command_answer, command_output, kill_group, signal_name
 
 log = EventLog("helper")
 
@@ -66,6 +66,7 @@ READY_TIMEOUT_S = 30.0
 # nothing a command leaves behind keeps them open.
 SH_LOOP = r"""
 trap '' INT  # sh catches SIGINT, so as PID 1 it would get one from a command (its commands ignore it anyway, as background jobs)
+unset MARK  # kept in the helper's own environment, where the reap finds it; commands never see it
 d=MOUNT ss=
 command -v setsid >/dev/null 2>&1 && ss=setsid
 exec <"$d/in" 2>/dev/null
@@ -80,7 +81,7 @@ while read -r op id; do
     quit) exit ;;
   esac
 done
-""".replace("MOUNT", MOUNT, 1)
+""".replace("MOUNT", MOUNT, 1).replace("MARK", AGENT_MARK, 1)
 
 # The bash loop (see the module's doc): `next` starts the child that waits for the next batch of
 # lines on `in` and hands them over in the file `lines`; `wait -n -p` wakes the loop when that
@@ -90,6 +91,7 @@ done
 BASH_LOOP = r"""
 ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] >= 501)) || exec sh -c "$2"
 if [ "$1" = - ]; then unset SHLVL; else export SHLVL="$1"; fi
+unset MARK  # as in the sh loop: bash's own environment (/proc/PID/environ) keeps it, commands do not
 d=MOUNT
 exec <"$d/in" 2>/dev/null
 set -m
@@ -138,7 +140,7 @@ ended() {  # the CHLD trap, never run inside itself; what ends meanwhile gets an
 trap ended CHLD
 next
 while :; do wait -n; ended; done
-""".replace("MOUNT", MOUNT, 1)
+""".replace("MOUNT", MOUNT, 1).replace("MARK", AGENT_MARK, 1)
 
 
 def helper_argv(before: str = "") -> list[str]:

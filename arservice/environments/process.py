@@ -169,6 +169,11 @@ def shell_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+# The variable an agent puts in its environment (its id), so that every process it starts carries
+# it: a later agent on the host finds what a dead one left by it (marked_processes), and kills it.
+AGENT_MARK = "ARSERVICE_AGENT"
+
+
 def marked_processes(prefix: bytes) -> Iterator[tuple[int, bytes]]:
     """(pid, entry) of every other process whose initial environment has an entry starting with
     `prefix` (NAME=...): how processes that left every group and parent are still found."""

@@ -31,7 +31,7 @@ from ...schemas import Text
 from .. import hostdir, process, safefs
 from ..base import Shell, Spec, Words, check_command, resolve_path, shell_argv
 from ..helper import MOUNT, ExecHelper, HelperEnvironment, helper_argv
-from ..process import Watched
+from ..process import AGENT_MARK, Watched
 
 WORK = "/work"
 HOST_DIRS = ("usr", "etc", "bin", "sbin", "lib", "lib32", "lib64")
@@ -159,8 +159,12 @@ class BubblewrapEnvironment(HelperEnvironment):
 
     def _helper_sandbox(self):
         """The sandbox that runs the helper for the instance's life. --as-pid-1: the helper is its
-        PID 1, which no command can signal."""
-        return [*self.prefix, "--as-pid-1", "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()]
+        PID 1, which no command can signal. Its environment starts with the agent's mark, which the
+        sandbox's clear environment would drop: a helper that outlives its bwrap and agent (a kill
+        that lands while bwrap sets up --die-with-parent; the chaos test left one) is then found and
+        killed by the next agent's reap. The helper's loop unsets it, so no command sees it."""
+        return [*self.prefix, "--as-pid-1", "--setenv", AGENT_MARK, os.environ.get(AGENT_MARK, ""),
+                "--bind", self.host_dir, MOUNT, "--chdir", self.cwd, *helper_argv()]
 
     def restart_helper(self) -> None:
         """The helper is the sandbox's PID 1, which nothing inside can signal: the sandbox was
