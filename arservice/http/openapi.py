@@ -44,9 +44,11 @@ def _errors() -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
+    """The OpenAPI document: each route of ROUTES with its request model (the body of a POST, the
+    query of a GET), its result and every error status; the other routes; every spec model."""
     specs = dict.fromkeys(environments.backend(name).spec_model for name in environments.BACKENDS)
     models = [*REQUESTS.values(), *specs]
-    refs, components = models_json_schema([(model, "validation") for model in models], ref_template=REF)
+    _, components = models_json_schema([(model, "validation") for model in models], ref_template=REF)
     schemas = components.get("$defs", {})
     schemas["Error"] = _error_schema()
     errors = _errors()
@@ -77,7 +79,6 @@ def document() -> dict[str, Any]:
         paths[path] = {"get": {"summary": description, "responses": {
             "200": {"description": description, "content": {media: {"schema": {
                 "type": "object" if media == "application/json" else "string"}}}}, **errors}}}
-    del refs
     return {
         "openapi": "3.1.0",
         "info": {"title": "arservice", "version": __version__,
