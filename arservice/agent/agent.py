@@ -200,7 +200,8 @@ class Agent:
             log.info("reaped_processes", count=len(killed), pids=",".join(map(str, killed)))
         failed = list(self.env_types)
         for attempt in range(REAP_TRIES):  # an engine restarting now answers in a while
-            if attempt and self.stopping.wait(REAP_RETRY_S):
+            # Done once every backend has answered: the agent's exit waits for this reap.
+            if not failed or (attempt and self.stopping.wait(REAP_RETRY_S)):
                 return
             for name in list(failed):
                 try:
