@@ -339,8 +339,12 @@ Model = TypeVar("Model", bound=BaseModel)
 def validated(model: type[Model], fields: Mapping[str, Any], what: str = "field") -> Model:
     """`fields` (nulls as absent) as `model`; invalid_request naming the first field that is wrong
     otherwise. `what` names the fields in messages ("local environment field")."""
+    return _checked(model, {name: value for name, value in fields.items() if value is not None}, what)
+
+
+def _checked(model: type[Model], fields: dict[str, Any], what: str = "field") -> Model:
     try:
-        return model.model_validate({name: value for name, value in fields.items() if value is not None})
+        return model.model_validate(fields)
     except ValidationError as exc:
         raise ServiceError("invalid_request", describe(model, exc, what)) from None
 
@@ -366,8 +370,10 @@ def describe(model: type[BaseModel], exc: ValidationError, what: str = "field") 
 
 
 def fields_of(msg: Message, model: type[Model]) -> Model:
-    """A message's fields (all but the envelope's) as `model`."""
-    return validated(model, {name: value for name, value in msg.items() if name not in ENVELOPE_FIELDS})
+    """A message's fields (all but the envelope's; nulls as absent) as `model`. One pass over the
+    message: this runs for every request, in the broker and again in the agent."""
+    return _checked(model, {name: value for name, value in msg.items()
+                            if value is not None and name not in ENVELOPE_FIELDS})
 
 
 def request_of(msg: Message) -> Request:
