@@ -10,7 +10,8 @@ p50 as a ratio of `subprocess.run(["bash", "-c", "true"])` in this process:
     waiting shell         a bash started ahead, waiting on a pipe, that is handed the backend's
                           command file and execs `bash -c true` from it (a new one is started,
                           untimed, after each command): the design of issue 16's part 3, measured
-                          before building it into the backend
+                          before building it into the backend. Its output goes to /dev/null, not
+                          to a pipe read as the backend's is: what it saves is at most this
     service ZMQ           execute through a running service (client, broker, agent, back)
     broker round trip     a ZMQ ping: the part of the service's cost that is messaging alone
 
