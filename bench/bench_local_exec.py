@@ -22,6 +22,7 @@ the waiting shell's own start included): on a machine whose cores are busy, thro
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,8 +98,9 @@ def main() -> None:
     with open(script, "wb") as f:
         f.write(script_for(shell_argv("bash", "true"), env.cwd, {}))
     waiting = WaitingShell(script)
-    svc = Service("--runner", "local", "--log-level", "WARNING").wait_ready()
+    svc = None
     try:
+        svc = Service("--runner", "local", "--log-level", "WARNING").wait_ready()
         instance = svc.client.start_instance({"type": "local"})["instance_id"]
         in_process = {
             "subprocess.run (baseline)": (lambda: subprocess.run(["bash", "-c", "true"], check=True), lambda _: None),
@@ -111,9 +113,11 @@ def main() -> None:
                             "broker round trip (ping)": svc.client.ping}, args.n)
         cpu = {name: cpu_per_call(*calls, args.n // 2) for name, calls in in_process.items()}
     finally:
-        svc.stop()
+        if svc is not None:
+            svc.stop()
         waiting.close()
         env.close()
+        shutil.rmtree(root, ignore_errors=True)  # the command file; env.close() removed its own directory
     base = statistics.median(series["subprocess.run (baseline)"])
     print(f"execute `true`, {args.n} each, sampled in turn (ms)")
     print(f"{'':28} {'p50':>7} {'p99':>7} {'p50 / baseline':>15} {'CPU ms':>7}")
