@@ -170,17 +170,22 @@ def test_the_token_works_over_zmq_and_http_workers_with_messages_larger_than_a_f
         guarded.client.close_instance(inst)
 
 
-def test_agents_with_a_wrong_token_or_none_exit_saying_so(guarded):
+def test_agents_with_a_wrong_token_or_none_exit_saying_so(guarded, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARSERVICE_")}
-    for extra, words in (({"ARSERVICE_TOKEN": "wrong"}, "token"), ({"ARSERVICE_AGENT_SECRET": "not the token"},
-                                                                   "requires a token")):
+    # An agent offering docker on a host whose engine is down: its start-up reap fails and retries.
+    not_a_socket = tmp_path / "docker.sock"
+    not_a_socket.touch()
+    engine_down = {"DOCKER_HOST": f"unix://{not_a_socket}"}
+    for extra, words, types in (({"ARSERVICE_TOKEN": "wrong"}, "token", "local"),
+                                ({"ARSERVICE_AGENT_SECRET": "not the token"}, "requires a token", "local"),
+                                ({"ARSERVICE_TOKEN": "wrong", **engine_down}, "token", "local,docker")):
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "arservice", "agent", "--broker", guarded.zmq, "--types", "local"],
+        proc = subprocess.run([sys.executable, "-m", "arservice", "agent", "--broker", guarded.zmq, "--types", types],
                               check=False, env=dict(env, **extra), capture_output=True, text=True, timeout=30)
         assert proc.returncode == 3, proc.stderr
         assert "wrong agent secret" in proc.stderr and words in proc.stderr
-        # Refused within a second; its exit once waited for the start-up reap's retries (15 s) even
-        # though every backend had answered.
+        # Refused within a second; its exit once waited for the start-up reap's retries (15 s):
+        # even though every backend had answered, and still where one (an engine that is down) had not.
         assert time.monotonic() - started < 10, proc.stderr
     assert len(guarded.client.available_resources()["agents"]) == 1
 

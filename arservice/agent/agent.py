@@ -147,6 +147,9 @@ class Agent:
                 self._guarded(self._expire_commands)
                 self._guarded(self._pump_streams)
         finally:
+            # However the loop ended (stop(), refused, broker gone): what waits on stopping ends now,
+            # the start-up reap's retries for an engine that is down among them.
+            self.stopping.set()
             self._close_all()
             for cls, handle, _ in self.snapshots.values():  # after the instances: none uses them now
                 try:
