@@ -26,6 +26,8 @@ BROKEN_COMMANDS = ("bwrap", "docker", "podman", "sbatch", "squeue", "scancel", "
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--core", action="store_true",
                      help="run only the tests that need no system daemon (docker, podman, bwrap, Slurm, sshd)")
+    # CI runs these beside the core suites (one of them on this Python): the full suite in two parts.
+    parser.addoption("--daemons", action="store_true", help="run only the tests that --core leaves out")
 
 
 def needs_daemon(item: pytest.Item) -> bool:
@@ -38,6 +40,8 @@ def needs_daemon(item: pytest.Item) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("core") and config.getoption("daemons"):
+        raise pytest.UsageError("--core and --daemons each leave out what the other runs: give one")
     if not config.getoption("core"):
         return
     # Environment variables reach the services the tests start, so their agents get the same.
@@ -61,11 +65,15 @@ def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if not config.getoption("core"):
+    if not (config.getoption("core") or config.getoption("daemons")):
         return
     core, daemon = [], []
     for item in items:
         (daemon if needs_daemon(item) else core).append(item)
+    if config.getoption("daemons"):
+        config.hook.pytest_deselected(items=core)
+        items[:] = daemon
+        return
     config.hook.pytest_deselected(items=daemon)
     # ARSERVICE_CORE_ROTATE=K/N starts the run at the K-th of N equal parts of the module list:
     # suites run side by side (scripts/test-matrix.sh) then rarely run the same test (its fixed

@@ -103,6 +103,9 @@ def test_the_core_suite_leaves_out_exactly_the_tests_that_need_a_daemon():
     assert "tests/test_environments.py::test_exit_codes_and_merged_output[local]" in core
     assert "tests/test_lifecycle.py::test_token_guards_every_endpoint_but_health" in core
     left_out = set(every) - set(core)
+    # CI runs the full suite as --core beside --daemons: together, every test once.
+    daemons = collected("--daemons")
+    assert len(daemons) == len(set(daemons)) and set(daemons) == left_out
     assert "tests/test_environments.py::test_exit_codes_and_merged_output[docker-busybox]" in left_out
     assert "tests/test_environments.py::test_long_commands_hold_no_worker_thread[bubblewrap]" in left_out
     assert not [t for t in core if t.split("::")[0] in ("tests/test_containers.py", "tests/test_bubblewrap.py",
