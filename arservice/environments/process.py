@@ -7,7 +7,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..protocol import ServiceError
 from . import safefs
@@ -15,6 +15,11 @@ from . import safefs
 # How long output may keep flowing after a command's main process has exited
 # (from background children that still hold the pipe) before they are killed.
 AFTER_EXIT_GRACE_S = 0.2
+# Longer while one of them runs or waits for a CPU (or the disk): on a loaded host a child forked just before its
+# parent exited may not have run yet, and redirecting its output (`daemon >/dev/null &`) would be
+# its first act. Looked at again every AFTER_EXIT_RECHECK_S.
+AFTER_EXIT_RUNNABLE_GRACE_S = 2.0
+AFTER_EXIT_RECHECK_S = 0.1
 
 
 class BoundedOutput:
@@ -97,19 +102,25 @@ def read_bounded(path: str, limit: int, upto: int | None = None) -> tuple[bytes,
         return joined(head, tail, size - len(head) - len(tail))
 
 
+class ProcessTable(NamedTuple):
+    """One look at every process in /proc."""
+    children: dict[int, list[int]]  # parent pid -> child pids
+    busy_groups: set[int]  # process groups with a process that runs or waits for a CPU or the disk (R, D)
+
+
 _table_lock = threading.Lock()
-_table: tuple[float, dict[int, list[int]]] = (-1.0, {})  # (when it was read, parent pid -> child pids): one read serves many kills
+_table: tuple[float, ProcessTable] = (-1.0, ProcessTable({}, set()))  # (when it was read, what it found): one read serves many commands
 
 
-def _process_table(newer_than: float) -> dict[int, list[int]]:
-    """parent pid -> child pids of every process, read from /proc after `newer_than` (monotonic
-    time). A busy host has thousands of processes (tens of milliseconds to read): commands that
-    time out together share one read."""
+def _process_table(newer_than: float) -> ProcessTable:
+    """Every process, read from /proc after `newer_than` (monotonic time). A busy host has
+    thousands of processes (tens of milliseconds to read): commands that time out together share
+    one read."""
     global _table
     with _table_lock:
         taken, table = _table
         if taken <= newer_than:
-            taken, table = time.monotonic(), {}
+            taken, table = time.monotonic(), ProcessTable({}, set())
             for entry in os.listdir("/proc"):
                 if not entry.isdigit():
                     continue
@@ -118,14 +129,23 @@ def _process_table(newer_than: float) -> dict[int, list[int]]:
                         stat = f.read()
                 except OSError:
                     continue
-                table.setdefault(int(stat.rsplit(b")", 1)[1].split()[1]), []).append(int(entry))
+                state, parent, group = stat.rsplit(b")", 1)[1].split()[:3]
+                table.children.setdefault(int(parent), []).append(int(entry))
+                if state in (b"R", b"D"):
+                    table.busy_groups.add(int(group))
             _table = (taken, table)
         return table
 
 
+def runs_or_waits(pgid: int, newer_than: float) -> bool:
+    """Whether a process of the group runs or waits for a CPU or the disk, from a look at /proc
+    taken after `newer_than`."""
+    return pgid in _process_table(newer_than).busy_groups
+
+
 def descendants(pid: int, newer_than: float | None = None) -> list[int]:
     """Every live descendant of pid, from a look at /proc taken after `newer_than` (now if None)."""
-    table = _process_table(time.monotonic() if newer_than is None else newer_than)
+    table = _process_table(time.monotonic() if newer_than is None else newer_than).children
     found, todo = [], [pid]
     while todo:
         for child in table.get(todo.pop(), ()):
@@ -266,6 +286,7 @@ class Command(Watched):
         os.set_blocking(self.pipe, False)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.deadline = self.started + timeout
+        self.last_deadline = self.deadline  # how long background children may hold the pipe, from the exit on
         self.exited = self.eof = self.timed_out = self.done = False
         self.stopped_at: float | None = None
 
@@ -276,7 +297,9 @@ class Command(Watched):
     def on_readable(self, fd: int) -> bool:
         if fd == self.pidfd:
             self.exited = True
-            self.deadline = min(self.deadline, time.monotonic() + AFTER_EXIT_GRACE_S)
+            now = time.monotonic()
+            self.last_deadline = min(self.deadline, now + AFTER_EXIT_RUNNABLE_GRACE_S)
+            self.deadline = min(self.deadline, now + AFTER_EXIT_GRACE_S)
             finished = True
         else:
             try:
@@ -290,6 +313,14 @@ class Command(Watched):
 
     def on_deadline(self) -> None:
         if self.exited:  # only background children still hold the pipe
+            now = time.monotonic()
+            if now < self.last_deadline and runs_or_waits(self.proc.pid, self.deadline):
+                self.deadline = min(self.last_deadline, now + AFTER_EXIT_RECHECK_S)
+                return
+            # Looked at after that look: one that let go and went to sleep meanwhile is not killed.
+            if _drain(self.pipe, self.output):
+                self.eof = self.done = True
+                return
             kill_group(self.proc.pid)
         elif self.stopped_at is None:
             # Freeze it now, and kill it at the next turn: the commands that time out together
@@ -316,13 +347,13 @@ class Command(Watched):
         return command_answer(data, truncated, shell_status(returncode), self.timed_out, self.started)
 
 
-def _drain(fd: int, output: BoundedOutput) -> None:
-    """Read what is in the pipe now, without waiting for more."""
+def _drain(fd: int, output: BoundedOutput) -> bool:
+    """Read what is in the pipe now, without waiting for more; True at its end."""
     while True:
         try:
             chunk = os.read(fd, 1 << 16)
         except BlockingIOError:
-            return
+            return False
         if not chunk:
-            return
+            return True
         output.feed(chunk)
