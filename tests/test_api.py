@@ -82,7 +82,7 @@ def test_background_children_holding_the_output_get_their_chance_to_let_go(clien
     assert asleep["output"] == "x\n" and asleep["duration_s"] < 1.9
     spinning = client.execute(instance, f"(exec -a {marker}-spin bash -c 'while :; do :; done') & echo x")
     assert spinning["output"] == "x\n" and 1.9 < spinning["duration_s"] < 10
-    assert not live_processes(f"{marker}-spin")
+    wait_for(lambda: not live_processes(f"{marker}-spin"), timeout=5, what="the spinning child killed")
 
 
 def test_output_limit_keeps_head_and_tail(client, instance):

@@ -211,8 +211,11 @@ class DockerEnvironment(HelperEnvironment):
         try:
             self.create_sent = True
             self.container = self.docker.containers.create(config["image"], **options)
+            # Counted from before the start: the backstop's sleep begins during it, and a container
+            # that it ended must never look young enough to revive (under load a start takes seconds).
+            starting = time.monotonic()
             self.container.start()
-            self.ends_at = time.monotonic() + config["container_timeout"]
+            self.ends_at = starting + config["container_timeout"]
         except Exception as exc:
             if config["disk"] and "storage-opt" in str(exc).lower():
                 raise ServiceError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}") from exc
