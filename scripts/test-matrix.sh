@@ -39,38 +39,70 @@ interpreter() {
   return 1
 }
 
-# Set up one after the other (pip calls), then run the suites at once (up to --jobs): they
-# mostly wait on the services they start, so on 2 cores three take little longer than one. Each
-# one's output is printed whole when all are done.
-failed=()
-ran=()
-started=0
+# The suites run at once (up to --jobs): they mostly wait on the services they start, so on 2
+# cores three take little longer than one. The venvs are set up one at a time (each pip call
+# writes arservice.egg-info in the checkout) while the suites already set up run: the default
+# venv's first. Every job writes its exit status to $logs/NAME.status as it ends; `wait -n` only
+# wakes the loop. Each suite's output is printed whole when all are done.
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
+job() {  # job NAME COMMAND...: in the background, its output in $logs/NAME
+  (status=0; "${@:2}" </dev/null >"$logs/$1" 2>&1 || status=$?; echo $status >"$logs/$1.status") &
+}
+ended() { [ -e "$logs/$1.status" ]; }
+succeeded() { [ "$(cat "$logs/$1.status")" = 0 ]; }
+
+failed=()
+ready=()     # versions whose venv is ready and whose suite has not started, in order
+to_set_up=() # the others, in order
+declare -A venv_of python_of
 for version in "${versions[@]}"; do
   if [ "$version" = "$default" ]; then
-    venv=$default_venv
-    log "Python $version: the core suite in $venv"
-  elif ! python=$(interpreter "$version"); then
-    log "Python $version: SKIPPED: no interpreter found (pyenv's versions/$version.*, python$version on PATH)"
-    continue
+    venv_of[$version]=$default_venv
+    ready=("$version" "${ready[@]}")
+    log "Python $version: the core suite in $default_venv"
+  elif python_of[$version]=$(interpreter "$version"); then
+    venv_of[$version]=$PWD/.venv-$version
+    to_set_up+=("$version")
+    log "Python $version (${python_of[$version]}): the core suite in ${venv_of[$version]}"
   else
-    venv=$PWD/.venv-$version
-    log "Python $version ($python): the core suite in $venv"
-    ARSERVICE_VENV=$venv PYTHON=$python scripts/setup.sh --no-system || { failed+=("$version (setup)"); continue; }
+    log "Python $version: SKIPPED: no interpreter found (pyenv's versions/$version.*, python$version on PATH)"
   fi
-  # Each suite starts at another part of the test modules (tests/conftest.py), so side by side
-  # they rarely run the same test at once.
-  # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-  (status=0
-   ARSERVICE_CORE_ROTATE=$started/${#versions[@]} "$venv/bin/python" -m pytest --core -q -p no:cacheprovider ${PYTEST_ARGS:-} \
-     </dev/null >"$logs/$version" 2>&1 || status=$?
-   echo $status >"$logs/$version.status") &
-  while [ "$(jobs -rp | wc -l)" -ge "$max_jobs" ]; do wait -n || true; done
-  started=$((started + 1))
-  ran+=("$version")
 done
-wait
+
+ran=()
+setting_up=
+while :; do
+  if [ -n "$setting_up" ] && ended "$setting_up.setup"; then
+    if succeeded "$setting_up.setup"; then
+      ready+=("$setting_up")
+    else
+      log "Python $setting_up: setup FAILED:"; cat "$logs/$setting_up.setup" >&2
+      failed+=("$setting_up (setup)")
+    fi
+    setting_up=
+  fi
+  if [ -z "$setting_up" ] && [ ${#to_set_up[@]} -gt 0 ]; then
+    setting_up=${to_set_up[0]}
+    to_set_up=("${to_set_up[@]:1}")
+    job "$setting_up.setup" env ARSERVICE_VENV="${venv_of[$setting_up]}" PYTHON="${python_of[$setting_up]}" scripts/setup.sh --no-system
+  fi
+  running=0
+  for version in "${ran[@]}"; do ended "$version" || running=$((running + 1)); done
+  while [ $running -lt "$max_jobs" ] && [ ${#ready[@]} -gt 0 ]; do
+    version=${ready[0]}
+    ready=("${ready[@]:1}")
+    # Each suite starts at another part of the test modules (tests/conftest.py), so side by side
+    # they rarely run the same test at once.
+    # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+    job "$version" env ARSERVICE_CORE_ROTATE=${#ran[@]}/${#versions[@]} \
+      "${venv_of[$version]}/bin/python" -m pytest --core -q -p no:cacheprovider ${PYTEST_ARGS:-}
+    ran+=("$version")
+    running=$((running + 1))
+  done
+  [ -n "$setting_up" ] || [ $running -gt 0 ] || break
+  wait -n || true  # a job that ended just before is seen at the next job's end: a late start, never a lost one
+done
 
 for version in "${ran[@]}"; do
   status=$(cat "$logs/$version.status")

@@ -4,6 +4,7 @@ reuse, and which tests the core suite (pytest --core) leaves out."""
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,13 +99,14 @@ def collected(*args: str) -> list[str]:
 
 
 def test_the_core_suite_leaves_out_exactly_the_tests_that_need_a_daemon():
-    every, core = collected(), collected("--core")
+    # Three collections of the whole suite, at once: each is mostly imports, seconds on a busy machine.
+    with ThreadPoolExecutor() as pool:
+        every, core, daemons = pool.map(lambda option: collected(*option), ((), ("--core",), ("--daemons",)))
     assert set(core) < set(every)
     assert "tests/test_environments.py::test_exit_codes_and_merged_output[local]" in core
     assert "tests/test_lifecycle.py::test_token_guards_every_endpoint_but_health" in core
     left_out = set(every) - set(core)
     # CI runs the full suite as --core beside --daemons: together, every test once.
-    daemons = collected("--daemons")
     assert len(daemons) == len(set(daemons)) and set(daemons) == left_out
     assert "tests/test_environments.py::test_exit_codes_and_merged_output[docker-busybox]" in left_out
     assert "tests/test_environments.py::test_long_commands_hold_no_worker_thread[bubblewrap]" in left_out
