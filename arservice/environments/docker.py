@@ -10,6 +10,7 @@ and agent pid, so an agent can reap the containers of dead agents of its host.
 """
 
 import io
+import math
 import os
 import socket
 import tarfile
@@ -86,7 +87,7 @@ class DockerSpec(Spec):
     pull: Literal["never", "missing", "always"] = "missing"
     pull_timeout: Amount = 600.0
     forward_env: Words = Field(default_factory=list, description="The agent's variables of these names, passed on.")
-    container_timeout: Amount = Field(24 * 3600.0, description="Seconds after which the container ends itself, "
+    container_timeout: Amount = Field(24 * 3600.0, description="Seconds (rounded up to whole ones) after which the container ends itself, "
                                                                "whatever happens to the agent.")
     run_options: Annotated[dict[str, Any], AfterValidator(finite_everywhere)] = Field(
         default_factory=dict, description="More keyword arguments of the SDK's containers.create.")
@@ -177,14 +178,14 @@ class DockerEnvironment(HelperEnvironment):
         env = {name: os.environ[name] for name in config["forward_env"] if name in os.environ}
         env.update(config["env"])
         network = config["network"]
-        lifetime = str(int(config["container_timeout"]))
+        lifetime = math.ceil(config["container_timeout"])  # the backstop counts whole seconds
         fast = config["fast_exec"]
         options: dict[str, Any] = dict(
             # The helper is the main process, PID 1, which no command can signal: no exec session
             # to pay for, and it reaps orphans itself. It ends when the agent dies (its FIFO
             # closes), and so does the container; the backstop ends it after container_timeout
             # whatever happens. Without it, Docker's init reaps the orphans.
-            entrypoint=helper_argv(self.helper_prelude + backstop(lifetime)) if fast else ["sleep", lifetime],
+            entrypoint=helper_argv(self.helper_prelude + backstop(lifetime)) if fast else ["sleep", str(lifetime)],
             init=not fast, environment=env,
             labels={LABEL: "1", f"{LABEL}.instance": self.instance_id, f"{LABEL}.agent": self.agent_id,
                     f"{LABEL}.host": socket.gethostname(), f"{LABEL}.pid": str(os.getpid())},
@@ -215,7 +216,7 @@ class DockerEnvironment(HelperEnvironment):
             # that it ended must never look young enough to revive (under load a start takes seconds).
             starting = time.monotonic()
             self.container.start()
-            self.ends_at = starting + config["container_timeout"]
+            self.ends_at = starting + lifetime
         except Exception as exc:
             if config["disk"] and "storage-opt" in str(exc).lower():
                 raise ServiceError("invalid_request", f"{self.type} on this agent cannot enforce disk: {exc}") from exc

@@ -156,10 +156,10 @@ def helper_argv(before: str = "") -> list[str]:
     return ["sh", "-c", before + boot, SH_LOOP, BASH_LOOP]
 
 
-def backstop(seconds: str | float) -> str:
+def backstop(seconds: int) -> str:
     """Code for helper_argv's `before` that ends the helper after `seconds` whatever happens to the
     agent: a signal would not do, as the helper is PID 1 and has no handler for one."""
-    return f"(sleep {int(seconds)}; echo quit 0 >{MOUNT}/in) >/dev/null 2>&1 & "
+    return f"(sleep {seconds}; echo quit 0 >{MOUNT}/in) >/dev/null 2>&1 & "
 
 
 # The fallback, one exec per command: `sh -c PLAIN_EXEC TIMEOUT ARGV...`. sh execs the command

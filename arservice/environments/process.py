@@ -1,5 +1,6 @@
 """Run one command as a host process: merged, bounded output; the whole tree killed on timeout."""
 
+import fcntl
 import os
 import selectors
 import signal
@@ -308,11 +309,14 @@ class Command(Watched):
                 return False
             self.output.feed(chunk)
             self.eof = finished = not chunk
-        self.done = self.exited and self.eof
+        # A command frozen at its timeout is done only once on_deadline has killed what is left of it.
+        self.done = self.exited and self.eof and self.stopped_at is None
         return finished
 
     def on_deadline(self) -> None:
-        if self.exited:  # only background children still hold the pipe
+        if self.stopped_at is not None:  # timed out and frozen at the last turn (it may have exited since)
+            kill_tree(self.proc.pid, self.stopped_at)
+        elif self.exited:  # only background children still hold the pipe
             now = time.monotonic()
             if now < self.last_deadline and runs_or_waits(self.proc.pid, self.deadline):
                 self.deadline = min(self.last_deadline, now + AFTER_EXIT_RECHECK_S)
@@ -322,14 +326,12 @@ class Command(Watched):
                 self.eof = self.done = True
                 return
             kill_group(self.proc.pid)
-        elif self.stopped_at is None:
+        else:
             # Freeze it now, and kill it at the next turn: the commands that time out together
             # are then killed after one look through /proc.
             self.timed_out = True
             self.stopped_at = stop_group(self.proc.pid)
             return
-        else:
-            kill_tree(self.proc.pid, self.stopped_at)
         self.done = True
 
     def kill(self) -> None:
@@ -348,12 +350,16 @@ class Command(Watched):
 
 
 def _drain(fd: int, output: BoundedOutput) -> bool:
-    """Read what is in the pipe now, without waiting for more; True at its end."""
-    while True:
+    """Read what is in the pipe now, without waiting for more; True at its end. At most what it
+    holds when full: writers still running could refill it as fast as it is read, for ever."""
+    budget = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    while budget > 0:
         try:
-            chunk = os.read(fd, 1 << 16)
+            chunk = os.read(fd, min(budget, 1 << 16))
         except BlockingIOError:
             return False
         if not chunk:
             return True
         output.feed(chunk)
+        budget -= len(chunk)
+    return False
