@@ -72,6 +72,27 @@ def test_limits_labels_and_network_are_applied(service, engine):
     assert labelled(spec["type"], inst["instance_id"]) == []
 
 
+def test_a_container_timeout_with_a_fraction_counts_whole_seconds(service, engine):
+    """The backstop sleeps whole seconds: the fraction was cut off (0.5 ended the container at once)
+    while the service counted it, and revived a container the backstop had ended."""
+    spec, sdk = engine
+    client = service.client
+    inst = client.start_instance({**spec, "container_timeout": 1.5})["instance_id"]
+    try:
+        (container,) = labelled(spec["type"], inst)
+        assert "(sleep 2;" in " ".join(sdk.containers.get(container["Id"]).attrs["Config"]["Entrypoint"])
+
+        def gone():
+            try:
+                client.execute(inst, "true")
+            except ServiceError as exc:
+                return exc.code
+            return None
+        assert wait_for(gone, timeout=30, interval=0.2, what="the container to end") == "instance_lost"
+    finally:
+        client.close_instance(inst)
+
+
 def test_memory_hog_is_killed(service, engine):
     spec, _ = engine
     client = service.client
