@@ -111,12 +111,17 @@ def test_crashed_service_agents_clean_up_by_themselves():
     svc.stop()
 
 
-def _alive(pid):
+def _state(pid):
+    """The process's state letter in /proc (b"T" stopped, b"Z" a zombie), None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+            return f.read().rsplit(b")", 1)[1].split()[0]
     except OSError:
-        return False
+        return None
+
+
+def _alive(pid):
+    return _state(pid) not in (None, b"Z")
 
 
 def test_agent_with_wrong_secret_is_refused():
@@ -272,8 +277,8 @@ def _fails_as_unavailable(call, *args, **kwargs):
 
 
 # In the core suites run beside the full suite in CI, the ping to the SIGSTOPped service was
-# answered in 2 of 3 runs (never alone, never in the full suite; cause not found: a SIGCONT from a
-# stale pid is one guess). It runs in the full suite only until that is understood.
+# answered in 2 of 3 runs, and once in the daemon tests beside four core suites (never alone;
+# cause not found). It runs with the daemon tests only until that is understood.
 @pytest.mark.daemon
 def test_clients_fail_fast_when_the_service_stalls_or_dies():
     svc = Service("--runner", "local").wait_ready()
@@ -284,8 +289,14 @@ def test_clients_fail_fast_when_the_service_stalls_or_dies():
             stalled = pool.submit(_fails_as_unavailable, svc.client.execute, inst, "sleep 50", timeout=60)
             wait_for(lambda: live_processes("sleep 50"), timeout=10, what="the command to start")
             svc.proc.send_signal(signal.SIGSTOP)  # the broker stops answering, its connections stay open
+            wait_for(lambda: _state(svc.proc.pid) == b"T", timeout=5, what="the service to stop")
             try:
-                assert _fails_as_unavailable(ZMQClient(svc.zmq).ping) < 10
+                try:
+                    assert _fails_as_unavailable(ZMQClient(svc.zmq).ping) < 10
+                except BaseException:
+                    # Seen twice under load, cause unknown: was the service woken, or the answer another's?
+                    print(f"the service's state after the ping: {_state(svc.proc.pid)!r}; its log ends:\n{svc.output()[-4000:]}")
+                    raise
                 assert stalled.result(timeout=20) < 15  # ZMTP heartbeats: not the command's 60 + 30 s
             finally:
                 svc.proc.send_signal(signal.SIGCONT)
