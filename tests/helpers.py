@@ -53,20 +53,53 @@ def run_in_threads(target, count):
         t.join()
 
 
+def proc_stat(pid):
+    """(command name, state letter, parent pid) of a process, from /proc/PID/stat; None once it is
+    gone. The state is b"Z" for a zombie, b"T" for a stopped process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            head, rest = f.read().rsplit(b")", 1)
+    except OSError:
+        return None
+    fields = rest.split()
+    return head.split(b"(", 1)[1].decode(errors="replace"), fields[0], int(fields[1])
+
+
+def parent(pid):
+    """The parent's pid of a process, None once it is gone."""
+    stat = proc_stat(pid)
+    return None if stat is None else stat[2]
+
+
+def alive(pid):
+    """Whether the process runs: neither gone nor a zombie."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[1] != b"Z"
+
+
+def proc_status(pid, field):
+    """The value of one field of /proc/PID/status (VmRSS, VmHWM, NSpid, ...), as written there."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith(field + ":"))
+
+
+def peak_rss_mib(pid):
+    """The most memory the process has held (VmHWM), in MiB."""
+    return int(proc_status(pid, "VmHWM").split()[0]) / 1024
+
+
 def live_processes(marker):
     """Pids of live (non-zombie) processes whose command line contains marker."""
     found = []
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ")
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker.encode() in cmdline and state != b"Z" and int(pid) != os.getpid():
+        if marker.encode() in cmdline and alive(pid):
             found.append(int(pid))
     return found
 
@@ -109,7 +142,7 @@ class Service:
 
     def agent_pids(self):
         pids = [a["pid"] for a in self.client.available_resources()["agents"]]
-        assert all(_parent(p) == self.proc.pid for p in pids), "an agent that is not the service's child"
+        assert all(parent(p) == self.proc.pid for p in pids), "an agent that is not the service's child"
         return pids
 
     def stop(self, sig=signal.SIGTERM, timeout=40):
@@ -124,14 +157,6 @@ class Service:
         self.client.close()
         os.unlink(self.log.name)
         return self.proc.returncode
-
-
-def _parent(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except OSError:
-        return None
 
 
 class PlayedBroker:

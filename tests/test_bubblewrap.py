@@ -8,7 +8,7 @@ from arservice.client import ServiceError
 from arservice.environments.process import AGENT_MARK, marked_processes
 
 from backends import ROOTFS, SPECS, params
-from helpers import Service
+from helpers import Service, proc_status
 
 
 @pytest.fixture(scope="module")
@@ -123,5 +123,4 @@ def test_a_sandboxed_helper_carries_its_agents_mark_and_no_command_sees_it(clien
 
 def _namespace_pid(pid):
     """A process's pid in its own PID namespace (the last of NSpid)."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(line.split()[-1] for line in f if line.startswith("NSpid:"))
+    return proc_status(pid, "NSpid").split()[-1]

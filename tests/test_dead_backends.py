@@ -16,7 +16,7 @@ from arservice.environments import hostdir
 
 from backends import SPECS, params
 from dockerd import Dockerd
-from helpers import Service, wait_for
+from helpers import Service, proc_stat, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,15 +40,10 @@ def state(svc, instance_id):
     return {i["instance_id"]: i["state"] for i in svc.client.instances()}.get(instance_id)
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(command name, parent pid) of a process, or None once it is gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            head, rest = f.read().rsplit(b")", 1)
-    except OSError:
-        return None
-    fields = rest.split()
-    return None if fields[0] == b"Z" else (head.split(b"(", 1)[1].decode(), int(fields[1]))
+def _live_stat(pid: int) -> tuple[str, bytes, int] | None:
+    """helpers.proc_stat, None for a zombie too."""
+    stat = proc_stat(pid)
+    return None if stat is None or stat[1] == b"Z" else stat
 
 
 def sandbox_processes(workdir: str) -> tuple[list[int], list[int]]:
@@ -67,11 +62,11 @@ def sandbox_processes(workdir: str) -> tuple[list[int], list[int]]:
     while found:  # every descendant of the outer bwrap
         found = False
         for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-            stat = _stat(pid)
-            if stat and stat[1] in family and pid not in family:
+            stat = _live_stat(pid)
+            if stat and stat[2] in family and pid not in family:
                 family.add(pid)
                 found = True
-    inside = [pid for pid in family if (_stat(pid) or ("bwrap",))[0] != "bwrap"]
+    inside = [pid for pid in family if (_live_stat(pid) or ("bwrap",))[0] != "bwrap"]
     return outer, inside
 
 

@@ -16,7 +16,7 @@ from arservice.agent.workdirs import DEFAULT_ROOT
 from arservice.aio import AsyncZMQClient
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 
-from helpers import PlayedBroker, Service, live_processes, wait_for
+from helpers import PlayedBroker, Service, alive, live_processes, proc_stat, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -93,7 +93,7 @@ def test_stopping_the_service_leaves_nothing_behind(sig):
     # The command returns once its shell exits; the background subshell may not have exec'd yet.
     wait_for(lambda: len(live_processes(marker)) == 3, timeout=10, what="the 3 background processes to start")
     assert svc.stop(sig) == 0
-    assert not [p for p in pids if _alive(p)]
+    assert not [p for p in pids if alive(p)]
     assert not [d for d in dirs if os.path.exists(d)]
     assert not agent_dirs(pids)
     wait_for(lambda: not live_processes(marker), timeout=5, what="instance processes to die")
@@ -106,22 +106,15 @@ def test_crashed_service_agents_clean_up_by_themselves():
     workdir = inst["info"]["workdir"]
     svc.proc.kill()  # SIGKILL: the service gets no chance to stop its agents
     svc.proc.wait()
-    wait_for(lambda: not _alive(pid), timeout=40, what="the orphaned agent to notice the broker is gone and exit")
+    wait_for(lambda: not alive(pid), timeout=40, what="the orphaned agent to notice the broker is gone and exit")
     assert not os.path.exists(workdir)
     svc.stop()
 
 
 def _state(pid):
-    """The process's state letter in /proc (b"T" stopped, b"Z" a zombie), None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return None
-
-
-def _alive(pid):
-    return _state(pid) not in (None, b"Z")
+    """The process's state letter (b"T" stopped), None once it is gone."""
+    stat = proc_stat(pid)
+    return None if stat is None else stat[1]
 
 
 def test_agent_with_wrong_secret_is_refused():
@@ -317,7 +310,7 @@ def test_clients_fail_fast_when_the_service_stalls_or_dies():
             assert all(f.result(timeout=20) < 10 for f in in_flight)
         assert _fails_as_unavailable(svc.http.ping) < 5
         assert _fails_as_unavailable(svc.client.ping) < 10
-        wait_for(lambda: not _alive(agent), timeout=40, what="the orphaned agent to exit")
+        wait_for(lambda: not alive(agent), timeout=40, what="the orphaned agent to exit")
     finally:
         svc.stop()
 

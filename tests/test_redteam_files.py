@@ -17,7 +17,7 @@ from arservice.client import ServiceError
 from arservice.environments import backend, hostdir
 
 from backends import SPECS, params
-from helpers import Service, live_processes, wait_for
+from helpers import Service, live_processes, proc_status, wait_for
 
 NOBODY = 65534
 
@@ -194,8 +194,7 @@ def agent_pid(client):
 
 
 def resident_kib(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return int(proc_status(pid, field).split()[0])
 
 
 @pytest.mark.parametrize("name", params("docker-busybox"))

@@ -10,7 +10,7 @@ import pytest
 from arservice.client import HTTPClient, HTTPRequest, ServiceError
 
 from backends import SPECS, params
-from helpers import Service, _parent, live_processes
+from helpers import Service, live_processes, parent, proc_status
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,7 +155,7 @@ def test_http_workers_serve_the_port_with_the_same_app():
     svc = Service("--runner", "local", "--http-workers", "2", "--max-request-bytes", "2048", token=token).wait_ready()
     try:
         workers = live_processes("arservice.http.workers")
-        workers = [pid for pid in workers if _parent(pid) == svc.proc.pid]
+        workers = [pid for pid in workers if parent(pid) == svc.proc.pid]
         assert len(workers) == 2
         for pid in workers:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -192,8 +192,7 @@ def test_http_workers_serve_the_port_with_the_same_app():
 
 
 def _rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    return int(proc_status(pid, "VmRSS").split()[0]) / 1024
 
 
 def test_large_payloads_leave_the_service_process_near_idle():

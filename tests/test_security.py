@@ -18,7 +18,7 @@ from arservice import curve, protocol
 from arservice.client import ServiceError, ZMQClient
 
 from backends import SPECS, params
-from helpers import PlayedBroker, Service, wait_for
+from helpers import PlayedBroker, Service, peak_rss_mib, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -240,13 +240,6 @@ def test_non_ascii_credentials_are_401(guarded, header):
 
 
 # -- 12.4: an unauthenticated peer costs its bytes at most, never a parse ---------------------
-
-def peak_rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def test_unauthenticated_frames_and_bodies_are_not_parsed(guarded):

@@ -18,7 +18,7 @@ from arservice import curve, protocol
 from arservice.aio import AsyncZMQClient
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 
-from helpers import Service, wait_for
+from helpers import Service, peak_rss_mib, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,13 +35,6 @@ def guarded():
     yield svc
     assert svc.stop() == 0
 
-
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
 
 
 def zmtp_greeting(mechanism: bytes) -> bytes:
