@@ -18,9 +18,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$dev" -c 'import build' 2>/dev/null || PIP_ROOT_USER_ACTION=ignore "$dev" -m pip install -q --disable-pip-version-check build
+# From a copy of the checkout's files (tracked, and new ones git does not ignore): a build writes
+# arservice.egg-info into the tree it builds, as `pip install -e` does, and in CI the venvs of
+# scripts/test-matrix.sh are set up meanwhile.
+mkdir "$work/src"
+git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$work/src"
 log "python -m build (sdist, then the wheel from the sdist)"
-"$dev" -m build --outdir "$work/dist" . >"$work/build.log" 2>&1 || { tail -30 "$work/build.log" >&2; fail "python -m build"; }
+"$dev" -m build --outdir "$work/dist" "$work/src" >"$work/build.log" 2>&1 || { tail -30 "$work/build.log" >&2; fail "python -m build"; }
 wheel=$(echo "$work"/dist/arservice-*.whl)
 sdist=$(echo "$work"/dist/arservice-*.tar.gz)
 [ -f "$wheel" ] && [ -f "$sdist" ] || fail "build made no wheel and sdist: $(ls "$work/dist")"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install arservice, and what its tests need, into a virtual environment of its own; as root on
 # Debian/Ubuntu also install the system packages and start the daemons the tests use.
-# Idempotent: safe to run again. Usage: scripts/setup.sh [--no-system]
+# Idempotent: safe to run again. Usage: scripts/setup.sh [--no-system | --venv-only]
 #   --no-system  only the package and its test tools (no apt, no daemons): enough for the local runner.
+#   --venv-only  the venv the full setup makes, with every extra it installs, and nothing else: CI
+#                makes it first, so that the core suites run while the system part is set up.
 # Environment: PYTHON (the interpreter the venv is made from; default the first python3 >= 3.10
 # on PATH), ARSERVICE_VENV (where the venv goes; default .venv in the checkout).
 # Never installs into the system Python: Debian and Ubuntu forbid it (PEP 668).
@@ -12,11 +14,16 @@ cd "$(dirname "$0")/.."
 log() { echo "setup: $*" >&2; }
 venv=${ARSERVICE_VENV:-$PWD/.venv}
 
-system=yes
-[ "${1:-}" = "--no-system" ] && system=no
+system=yes full_venv=yes
+case "${1:-}" in
+  --no-system) system=no full_venv=no ;;
+  --venv-only) system=no ;;
+  "") ;;
+  *) log "usage: scripts/setup.sh [--no-system | --venv-only]"; exit 2 ;;
+esac
 if [ "$system" = yes ] && { [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; }; then
   log "not root on Debian/Ubuntu: no system packages or daemons (the local runner and the core tests need none)"
-  system=no
+  system=no full_venv=no
 fi
 
 if [ "$system" = yes ]; then
@@ -38,7 +45,7 @@ scripts/venv.sh "$venv"
 # integrations are tested; the core suite (scripts/test-matrix.sh) runs without them. The lint
 # extra (ruff, mypy: scripts/lint.sh) goes in either way.
 extras=test,lint
-[ "$system" = yes ] && extras=test,lint,litellm,minisweagent
+[ "$full_venv" = yes ] && extras=test,lint,litellm,minisweagent
 # pip runs only when something is missing: pyproject.toml changed since the last install, or an
 # extra asked for now was not installed then. The package is editable, so code edits need none.
 stamp="$venv/.arservice-setup"  # line 1: checksum of pyproject.toml; line 2: the extras installed

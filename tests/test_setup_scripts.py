@@ -112,3 +112,27 @@ def test_the_core_suite_leaves_out_exactly_the_tests_that_need_a_daemon():
     assert "tests/test_environments.py::test_long_commands_hold_no_worker_thread[bubblewrap]" in left_out
     assert not [t for t in core if t.split("::")[0] in ("tests/test_containers.py", "tests/test_bubblewrap.py",
                                                         "tests/test_slurm.py")]
+
+
+def test_setup_options_choose_the_extras_and_leave_the_system_alone(tmp_path):
+    """--venv-only (CI's first step) installs every extra the full setup does, so the full setup
+    after it runs no pip under the core suites already running; --no-system only test and lint.
+    pip is the one part stood in for: its calls are recorded, and the venv is otherwise real."""
+    calls = tmp_path / "pip-calls"
+    for option, extras in (("--no-system", "test,lint"), ("--venv-only", "test,lint,litellm,minisweagent")):
+        venv = tmp_path / option.strip("-")
+        assert run("venv.sh", str(venv), sys.executable).returncode == 0
+        real = venv / "bin" / "python"
+        real.rename(venv / "bin" / "real-python")
+        real.write_text(f'#!/bin/sh\n[ "$1 $2 $3" = "-m pip install" ] && {{ echo "$*" >>{calls}; exit 0; }}\n'
+                        f'exec {venv}/bin/real-python "$@"\n')
+        real.chmod(0o755)
+        done = run("setup.sh", option, env={"ARSERVICE_VENV": str(venv)})
+        assert done.returncode == 0, done.stderr
+        assert calls.read_text().splitlines()[-1].endswith(f"-e .[{extras}]")
+        assert not any(word in done.stderr for word in ("apt-get", "docker-up", "slurm-up")), done.stderr
+        again = run("setup.sh", option, env={"ARSERVICE_VENV": str(venv)})  # the stamp: no pip the second time
+        assert again.returncode == 0 and "pip install" not in again.stderr, again.stderr
+    assert len(calls.read_text().splitlines()) == 2
+    wrong = run("setup.sh", "--no-sytem")
+    assert wrong.returncode == 2 and "usage: scripts/setup.sh [--no-system | --venv-only]" in wrong.stderr
