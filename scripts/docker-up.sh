@@ -13,8 +13,7 @@ cache=${ARSERVICE_CACHE:-/var/cache/arservice}
 if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null || ! command -v debootstrap >/dev/null \
    || ! command -v curl >/dev/null; then
   log "installing docker.io busybox-static debootstrap curl"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io busybox-static debootstrap curl >/dev/null
+  scripts/apt-install.sh docker.io busybox-static debootstrap curl
 fi
 
 # Every `docker info` is bounded: a wedged engine must fail the setup, not hang it.

@@ -15,8 +15,7 @@ conf=${ARSERVICE_CACHE:-/var/cache/arservice}/podman-containers.conf
 
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null || [ ! -x /usr/libexec/podman/catatonit ]; then
   log "installing podman runc catatonit"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc catatonit >/dev/null
+  "$(dirname "$0")/apt-install.sh" podman runc catatonit
 fi
 
 for image in local/arservice-busybox:test local/arservice-bookworm:test; do  # bookworm: the fidelity tests' bash

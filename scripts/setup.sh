@@ -3,8 +3,9 @@
 # Debian/Ubuntu also install the system packages and start the daemons the tests use.
 # Idempotent: safe to run again. Usage: scripts/setup.sh [--no-system | --venv-only]
 #   --no-system  only the package and its test tools (no apt, no daemons): enough for the local runner.
-#   --venv-only  the venv the full setup makes, with every extra it installs, and nothing else: CI
-#                makes it first, so that the core suites run while the system part is set up.
+#   --venv-only  the venv the full setup makes, with every extra it installs, and no daemons (apt
+#                only for python3-venv, where the Python lacks it): CI makes it first, so that the
+#                core suites run while the system part is set up.
 # Environment: PYTHON (the interpreter the venv is made from; default the first python3 >= 3.10
 # on PATH), ARSERVICE_VENV (where the venv goes; default .venv in the checkout).
 # Never installs into the system Python: Debian and Ubuntu forbid it (PEP 668).
@@ -14,12 +15,14 @@ cd "$(dirname "$0")/.."
 log() { echo "setup: $*" >&2; }
 venv=${ARSERVICE_VENV:-$PWD/.venv}
 
+usage() { log "usage: scripts/setup.sh [--no-system | --venv-only]"; exit 2; }
 system=yes full_venv=yes
+[ $# -le 1 ] || usage
 case "${1:-}" in
   --no-system) system=no full_venv=no ;;
   --venv-only) system=no ;;
   "") ;;
-  *) log "usage: scripts/setup.sh [--no-system | --venv-only]"; exit 2 ;;
+  *) usage ;;
 esac
 if [ "$system" = yes ] && { [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; }; then
   log "not root on Debian/Ubuntu: no system packages or daemons (the local runner and the core tests need none)"
@@ -34,8 +37,7 @@ if [ "$system" = yes ]; then
   done
   if [ ${#need[@]} -gt 0 ]; then
     log "apt-get install ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    scripts/apt-install.sh "${need[@]}"
   fi
 fi
 

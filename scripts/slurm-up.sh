@@ -9,8 +9,7 @@ log() { echo "slurm-up: $*" >&2; }
 
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   log "installing slurm-wlm munge"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
+  "$(dirname "$0")/apt-install.sh" slurm-wlm munge
 fi
 
 [ -f /etc/munge/munge.key ] || mungekey --create

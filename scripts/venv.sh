@@ -46,8 +46,7 @@ if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
   [ "$(minor /usr/bin/python3 2>/dev/null || true)" = "$version" ] && package=python3-venv
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "$python lacks venv/ensurepip: apt-get install $package"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$package" >/dev/null
+    "$(dirname "$0")/apt-install.sh" "$package"
   fi
   if ! "$python" -c 'import ensurepip, venv' >/dev/null 2>&1; then
     log "$python ($("$python" -V 2>&1)) cannot make a virtual environment: it lacks venv/ensurepip."
