@@ -21,6 +21,7 @@ trap cleanup EXIT
 # From a copy of the checkout's files (tracked, and new ones git does not ignore): a build writes
 # arservice.egg-info into the tree it builds, as `pip install -e` does, and in CI the venvs of
 # scripts/test-matrix.sh are set up meanwhile.
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 || fail "$PWD is not a git checkout: the build copies the files git lists"
 mkdir "$work/src"
 git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$work/src"
 log "python -m build (sdist, then the wheel from the sdist)"

@@ -114,11 +114,20 @@ def test_the_core_suite_leaves_out_exactly_the_tests_that_need_a_daemon():
                                                         "tests/test_slurm.py")]
 
 
+@pytest.mark.timeout(120)  # two venvs made, beside CI's system setup
 def test_setup_options_choose_the_extras_and_leave_the_system_alone(tmp_path):
     """--venv-only (CI's first step) installs every extra the full setup does, so the full setup
     after it runs no pip under the core suites already running; --no-system only test and lint.
-    pip is the one part stood in for: its calls are recorded, and the venv is otherwise real."""
+    pip is the one part stood in for: its calls are recorded, and the venvs are otherwise real.
+    setup.sh is shown a user that is not root, so that no misread option can reach apt or the
+    daemons: a non-root --venv-only still installs every extra, a misread one does not."""
     calls = tmp_path / "pip-calls"
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for name, script in (("id", "echo 1000"), ("apt-get", "echo apt-get called >&2; exit 1")):
+        (shims / name).write_text(f"#!/bin/sh\n{script}\n")
+        (shims / name).chmod(0o755)
+    user = {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
     for option, extras in (("--no-system", "test,lint"), ("--venv-only", "test,lint,litellm,minisweagent")):
         venv = tmp_path / option.strip("-")
         assert run("venv.sh", str(venv), sys.executable).returncode == 0
@@ -127,12 +136,13 @@ def test_setup_options_choose_the_extras_and_leave_the_system_alone(tmp_path):
         real.write_text(f'#!/bin/sh\n[ "$1 $2 $3" = "-m pip install" ] && {{ echo "$*" >>{calls}; exit 0; }}\n'
                         f'exec {venv}/bin/real-python "$@"\n')
         real.chmod(0o755)
-        done = run("setup.sh", option, env={"ARSERVICE_VENV": str(venv)})
+        done = run("setup.sh", option, env={**user, "ARSERVICE_VENV": str(venv)})
         assert done.returncode == 0, done.stderr
         assert calls.read_text().splitlines()[-1].endswith(f"-e .[{extras}]")
-        assert not any(word in done.stderr for word in ("apt-get", "docker-up", "slurm-up")), done.stderr
-        again = run("setup.sh", option, env={"ARSERVICE_VENV": str(venv)})  # the stamp: no pip the second time
+        again = run("setup.sh", option, env={**user, "ARSERVICE_VENV": str(venv)})  # the stamp: no pip the second time
         assert again.returncode == 0 and "pip install" not in again.stderr, again.stderr
     assert len(calls.read_text().splitlines()) == 2
-    wrong = run("setup.sh", "--no-sytem")
-    assert wrong.returncode == 2 and "usage: scripts/setup.sh [--no-system | --venv-only]" in wrong.stderr
+    for wrong in (["--no-sytem"], ["--venv-only", "--no-system"]):
+        refused = run("setup.sh", *wrong, env={**user, "ARSERVICE_VENV": str(tmp_path / "untouched")})
+        assert refused.returncode == 2 and "usage: scripts/setup.sh [--no-system | --venv-only]" in refused.stderr
+    assert not (tmp_path / "untouched").exists()
