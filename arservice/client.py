@@ -363,6 +363,19 @@ _S = TypeVar("_S", bound=zmq.Socket)
 # The ZMQ sockets of one thread's link to a broker over TCP: the DEALER, and its monitor's two PAIR
 # sockets (libzmq's end and ours). A context serving N threads needs N times this.
 LINK_SOCKETS = 3
+# Threads of one process that a ZMQClient without a context of its own serves at once. Each link
+# also holds 4 file descriptors, so the process's RLIMIT_NOFILE must allow them too.
+CLIENT_THREADS = 4096
+
+
+class ClientContext(zmq.Context):
+    """ZMQClient's context where it is given none, one per process (ClientContext.instance(), made
+    again in a forked child). ZeroMQ's default context takes 1,023 sockets: 341 threads' links, so
+    a pool of 400 threads making requests through one client had 60 fail with EMFILE."""
+
+    def __init__(self, io_threads: int = 1) -> None:
+        super().__init__(io_threads)
+        self.set(zmq.MAX_SOCKETS, LINK_SOCKETS * CLIENT_THREADS + 1024)  # before its first socket: later, libzmq ignores it
 
 
 def broker_socket(ctx: "zmq.Context[_S]", address: str, token: str | None) -> tuple[_S, _S | None]:
@@ -423,7 +436,7 @@ class ZMQClient(Client):
     def __init__(self, address: str, token: str | None = None, context: zmq.Context | None = None) -> None:
         self.address = address
         self.token = token if token is not None else os.environ.get("ARSERVICE_TOKEN")
-        self.ctx = context or zmq.Context.instance()
+        self.ctx = context or ClientContext.instance()
         self._local = threading.local()
         self._sockets: dict[threading.Thread, _Link] = {}  # thread -> its socket
         self._lock = threading.Lock()

@@ -1,7 +1,9 @@
 """The service end to end, through both clients: real `arservice` process, real sockets."""
 
 import os
+import resource
 import subprocess
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -216,6 +218,32 @@ def test_threads_that_come_and_go_leave_no_sockets_behind(service):
     try:
         for _ in range(60):
             run_in_threads(ping, 20)
+        assert errors == []
+    finally:
+        client.close()
+
+
+def test_hundreds_of_threads_at_once_share_one_client(service):
+    """Each thread holds a link of three ZeroMQ sockets: in ZeroMQ's default context (1,023
+    sockets) the 342nd thread at once failed with EMFILE, and the 300 commands of
+    test_long_commands_hold_no_worker_thread failed so under load. 400 threads hold theirs at
+    once here (1,600 descriptors, so the test asks for them)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Raised for good: lowered again while closed sockets' descriptors linger, the next tests' opens would fail.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    client = ZMQClient(service.zmq)
+    together = threading.Barrier(400)
+    errors = []
+
+    def ping(_):
+        try:
+            client.ping()
+        except Exception as exc:  # collected: an error in a thread would be lost
+            errors.append(repr(exc))
+        together.wait(timeout=60)  # every thread's link open at once
+
+    try:
+        run_in_threads(ping, 400)
         assert errors == []
     finally:
         client.close()

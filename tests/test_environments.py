@@ -155,8 +155,11 @@ def test_long_commands_hold_no_worker_thread(service, name):
 
         threads = ThreadPoolExecutor(MANY)
         threads.map(run, range(MANY))
-        wait_for(lambda: len(live_processes(f"sleep {marker}")) == MANY, timeout=60,
-                 what=f"{MANY} commands to run at once")
+
+        def all_running():
+            assert not answers, f"a command was answered before all {MANY} ran: {answers[:3]}"
+            return len(live_processes(f"sleep {marker}")) == MANY
+        wait_for(all_running, timeout=60, what=f"{MANY} commands to run at once")
         other = client.start_instance({"type": "local"})["instance_id"]
         assert client.execute(other, "echo ok")["output"] == "ok\n"
         client.close_instance(other)
