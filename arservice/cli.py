@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import sys
 import threading
@@ -33,6 +32,7 @@ from .runners.base import BaseRunner
 from .runners.local import LocalRunner
 from .runners.shell import ShellError
 from .runners.slurm import JOB_PREFIX, SlurmOptions, slurm_seconds
+from .signals import on_signals, wait_until
 
 DEFAULT_MAX_RESOURCES = '{"instances": 10}'
 LIMIT_KEYS = ("instances", "cpus", "memory", "jobs")
@@ -320,7 +320,7 @@ def agent_command(broker_address: str, instances: int, cpus: float | None, memor
     agent = Agent(broker_address, instances=instances, cpus=cpus, memory=memory_mib, env_types=env_types,
                   token=token, secret=agent_secret, heartbeat_s=heartbeat, broker_timeout_s=broker_timeout,
                   workdir_root=workdir_root, stop_timeout_s=stop_timeout)
-    _on_signals(agent.stop)
+    on_signals(agent.stop)
     code = 0
     try:
         agent.run()
@@ -405,7 +405,7 @@ def serve(runner_name: str | None, host: str, port: int, zmq_port: int, max_reso
         if stop.is_set() and runner is not None:
             runner.abort.set()
         stop.set()
-    _on_signals(on_signal)
+    on_signals(on_signal)
     broker_thread = threading.Thread(target=broker.run, name="broker")
     broker_thread.start()
     http.start()
@@ -422,7 +422,7 @@ def serve(runner_name: str | None, host: str, port: int, zmq_port: int, max_reso
             if not runner.wait_ready(READY_TIMEOUT_S, stop) and not stop.is_set():
                 click.echo("arservice: warning: not every agent registered in time; serving with what is there", err=True)
         click.echo(f"arservice ready http=http://{host}:{http.port} zmq={zmq_address}", err=True)
-        stop.wait()
+        wait_until(stop)
     except ShellError as exc:  # the runner could not reach Slurm (or SSH refused us): nothing to serve
         raise CliError(str(exc)) from exc
     finally:
@@ -436,11 +436,6 @@ def serve(runner_name: str | None, host: str, port: int, zmq_port: int, max_reso
         click.echo(f"arservice: error: could not confirm that Slurm job(s) {' '.join(left)} ended; "
                    f"end them with: {runner.cancel_command(left)}", err=True)  # type: ignore[union-attr]  # the Slurm runner's
         sys.exit(1)
-
-
-def _on_signals(handler: Callable[[], None]) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: handler())
 
 
 console.add_commands(main)

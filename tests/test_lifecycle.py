@@ -1,6 +1,7 @@
 """Agents dying, the service stopping or crashing: nothing lost, nothing left behind."""
 
 import asyncio
+import ctypes
 import glob
 import os
 import signal
@@ -16,7 +17,7 @@ from arservice.agent.workdirs import DEFAULT_ROOT
 from arservice.aio import AsyncZMQClient
 from arservice.client import HTTPClient, ServiceError, ZMQClient
 
-from helpers import PlayedBroker, Service, alive, live_processes, proc_stat, wait_for
+from helpers import PlayedBroker, Service, alive, live_processes, parent, proc_stat, proc_status, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -109,6 +110,34 @@ def test_crashed_service_agents_clean_up_by_themselves():
     wait_for(lambda: not alive(pid), timeout=40, what="the orphaned agent to notice the broker is gone and exit")
     assert not os.path.exists(workdir)
     svc.stop()
+
+
+def _signal_another_thread(pid, sig):
+    """Send `sig` to a thread of process `pid` other than its main one, and one that does not block
+    it (ZeroMQ's threads block every signal): where the kernel may deliver a signal to the process."""
+    def taker():
+        for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid):
+            if not int(proc_status(tid, "SigBlk"), 16) & (1 << (sig - 1)):
+                return tid
+        return None
+    tid = wait_for(taker, timeout=10, what=f"a thread of {pid} besides the main one that takes signal {sig}")
+    assert ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, sig) == 0, os.strerror(ctypes.get_errno())
+
+
+def test_a_signal_caught_by_another_thread_stops_the_service_and_its_http_workers():
+    """A SIGTERM handed to a thread other than the main one still stops the service and an HTTP
+    worker. Their main threads waited untimed, so CPython never ran the handler (a service under
+    load did not stop within 40 s)."""
+    svc = Service("--runner", "local", "--http-workers", "1").wait_ready()
+    try:
+        [worker] = [pid for pid in live_processes("arservice.http.workers") if parent(pid) == svc.proc.pid]
+        assert svc.http.ping()["pong"]  # answered by the worker: it serves, its handler is set
+        _signal_another_thread(worker, signal.SIGTERM)
+        wait_for(lambda: not alive(worker), timeout=10, what="the HTTP worker to stop")
+        _signal_another_thread(svc.proc.pid, signal.SIGTERM)
+        assert svc.proc.wait(timeout=30) == 0
+    finally:
+        svc.stop()
 
 
 def _state(pid):

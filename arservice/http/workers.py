@@ -22,6 +22,7 @@ import zmq
 from .. import allocator, logs
 from ..client import LINK_SOCKETS
 from ..logs import EventLog
+from ..signals import on_signals, wait_until
 from .app import HTTPServer, create_app
 
 log = EventLog("http.workers")
@@ -107,10 +108,9 @@ def main() -> None:
     server = HTTPServer(app, threads=int(threads), max_body=int(max_body), connections=int(connections),
                         idle_timeout_s=float(idle_timeout_s), sockets=[sock])
     stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopped.set())
+    on_signals(stopped.set)
     server.start()
-    stopped.wait()
+    wait_until(stopped)
     server.stop()
     # Not a normal exit: it would join waitress's threads, and one may wait on a long command.
     logging.shutdown()
