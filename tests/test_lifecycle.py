@@ -117,8 +117,11 @@ def _signal_another_thread(pid, sig):
     it (ZeroMQ's threads block every signal): where the kernel may deliver a signal to the process."""
     def taker():
         for tid in sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid):
-            if not int(proc_status(tid, "SigBlk"), 16) & (1 << (sig - 1)):
-                return tid
+            try:
+                if not int(proc_status(tid, "SigBlk"), 16) & (1 << (sig - 1)):
+                    return tid
+            except OSError:
+                pass  # a thread that has just ended
         return None
     tid = wait_for(taker, timeout=10, what=f"a thread of {pid} besides the main one that takes signal {sig}")
     assert ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, sig) == 0, os.strerror(ctypes.get_errno())
