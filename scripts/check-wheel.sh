@@ -19,8 +19,7 @@ cleanup() {
 trap cleanup EXIT
 
 # From a copy of the checkout's files (tracked, and new ones git does not ignore): a build writes
-# arservice.egg-info into the tree it builds, as `pip install -e` does, and in CI the venvs of
-# scripts/test-matrix.sh are set up meanwhile.
+# arservice.egg-info into the tree it builds, and this check writes nothing under the checkout.
 git rev-parse --is-inside-work-tree >/dev/null 2>&1 || fail "$PWD is not a git checkout: the build copies the files git lists"
 mkdir "$work/src"
 git ls-files -z --cached --others --exclude-standard | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$work/src"

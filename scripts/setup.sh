@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Install arservice, and what its tests need, into a virtual environment of its own; as root on
 # Debian/Ubuntu also install the system packages and start the daemons the tests use.
-# Idempotent: safe to run again. Usage: scripts/setup.sh [--no-system | --venv-only]
+# Idempotent: safe to run again. Usage: scripts/setup.sh [--no-system]
 #   --no-system  only the package and its test tools (no apt, no daemons): enough for the local runner.
-#   --venv-only  the venv the full setup makes, with every extra it installs, and no daemons (apt
-#                only for python3-venv, where the Python lacks it): CI makes it first, so that the
-#                core suites run while the system part is set up.
 # Environment: PYTHON (the interpreter the venv is made from; default the first python3 >= 3.10
 # on PATH), ARSERVICE_VENV (where the venv goes; default .venv in the checkout).
 # Never installs into the system Python: Debian and Ubuntu forbid it (PEP 668).
@@ -15,18 +12,17 @@ cd "$(dirname "$0")/.."
 log() { echo "setup: $*" >&2; }
 venv=${ARSERVICE_VENV:-$PWD/.venv}
 
-usage() { log "usage: scripts/setup.sh [--no-system | --venv-only]"; exit 2; }
-system=yes full_venv=yes
+usage() { log "usage: scripts/setup.sh [--no-system]"; exit 2; }
+system=yes
 [ $# -le 1 ] || usage
 case "${1:-}" in
-  --no-system) system=no full_venv=no ;;
-  --venv-only) system=no ;;
+  --no-system) system=no ;;
   "") ;;
   *) usage ;;
 esac
 if [ "$system" = yes ] && { [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; }; then
   log "not root on Debian/Ubuntu: no system packages or daemons (the local runner and the core tests need none)"
-  system=no full_venv=no
+  system=no
 fi
 
 if [ "$system" = yes ]; then
@@ -47,7 +43,7 @@ scripts/venv.sh "$venv"
 # integrations are tested; the core suite (scripts/test-matrix.sh) runs without them. The lint
 # extra (ruff, mypy: scripts/lint.sh) goes in either way.
 extras=test,lint
-[ "$full_venv" = yes ] && extras=test,lint,litellm,minisweagent
+[ "$system" = yes ] && extras=test,lint,litellm,minisweagent
 # pip runs only when something is missing: pyproject.toml changed since the last install, or an
 # extra asked for now was not installed then. The package is editable, so code edits need none.
 stamp="$venv/.arservice-setup"  # line 1: checksum of pyproject.toml; line 2: the extras installed

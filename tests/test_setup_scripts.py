@@ -114,13 +114,12 @@ def test_the_core_suite_leaves_out_exactly_the_tests_that_need_a_daemon():
                                                         "tests/test_slurm.py")]
 
 
-def test_setup_options_choose_the_extras_and_leave_the_system_alone(tmp_path):
-    """--venv-only (CI's first step) installs every extra the full setup does, so the full setup
-    after it runs no pip under the core suites already running; --no-system only test and lint.
-    The venv is this Python behind a wrapper that records pip's installs (setup.sh's choice is
-    under test, not venv.sh, tested above, nor pip; making two venvs took 9 s per CI suite).
-    setup.sh is shown a user that is not root, so that no misread option can reach apt or the
-    daemons: a non-root --venv-only still installs every extra, a misread one does not."""
+def test_setup_without_the_system_installs_test_and_lint_once_and_refuses_unknown_options(tmp_path):
+    """--no-system, and a user that is not root, get the test and lint extras, pip only once (the
+    stamp), and nothing of the system; an unknown option or a second one is a usage error, where
+    it ran the full setup. The venv is this Python behind a wrapper that records pip's installs
+    (setup.sh's choices are under test; venv.sh is tested above). setup.sh is shown a user that
+    is not root and an apt-get that fails, so that nothing here can reach the system."""
     calls = tmp_path / "pip-calls"
     shims = tmp_path / "shims"
     shims.mkdir()
@@ -128,21 +127,21 @@ def test_setup_options_choose_the_extras_and_leave_the_system_alone(tmp_path):
         (shims / name).write_text(f"#!/bin/sh\n{script}\n")
         (shims / name).chmod(0o755)
     user = {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
-    for option, extras in (("--no-system", "test,lint"), ("--venv-only", "test,lint,litellm,minisweagent")):
-        venv = tmp_path / option.strip("-")
+    for options in (["--no-system"], []):
+        venv = tmp_path / ("venv" + "".join(options))
         (venv / "bin").mkdir(parents=True)
         (venv / "pyvenv.cfg").write_text(f"home = {os.path.dirname(sys.executable)}\n")  # venv.sh reuses it
         python = venv / "bin" / "python"
         python.write_text(f'#!/bin/sh\n[ "$1 $2 $3" = "-m pip install" ] && {{ echo "$*" >>{calls}; exit 0; }}\n'
                           f'exec {sys.executable} "$@"\n')
         python.chmod(0o755)
-        done = run("setup.sh", option, env={**user, "ARSERVICE_VENV": str(venv)})
+        done = run("setup.sh", *options, env={**user, "ARSERVICE_VENV": str(venv)})
         assert done.returncode == 0, done.stderr
-        assert calls.read_text().splitlines()[-1].endswith(f"-e .[{extras}]")
-        again = run("setup.sh", option, env={**user, "ARSERVICE_VENV": str(venv)})  # the stamp: no pip the second time
+        assert calls.read_text().splitlines()[-1].endswith("-e .[test,lint]")
+        again = run("setup.sh", *options, env={**user, "ARSERVICE_VENV": str(venv)})  # the stamp: no pip the second time
         assert again.returncode == 0 and "pip install" not in again.stderr, again.stderr
     assert len(calls.read_text().splitlines()) == 2
-    for wrong in (["--no-sytem"], ["--venv-only", "--no-system"]):
+    for wrong in (["--no-sytem"], ["--no-system", "--no-system"]):
         refused = run("setup.sh", *wrong, env={**user, "ARSERVICE_VENV": str(tmp_path / "untouched")})
-        assert refused.returncode == 2 and "usage: scripts/setup.sh [--no-system | --venv-only]" in refused.stderr
+        assert refused.returncode == 2 and "usage: scripts/setup.sh [--no-system]" in refused.stderr
     assert not (tmp_path / "untouched").exists()
