@@ -10,6 +10,10 @@ answered with a result or a documented error code within its deadline, instances
 agent died or, for docker ones, their dockerd restarted, and nothing left of this test's agents
 (containers, processes, directories). ARSERVICE_CHAOS_SEED replays a run; ARSERVICE_CHAOS_CYCLES sets
 how many cycles, ARSERVICE_CHAOS_MAX_S how long they may take.
+
+The driver acts at finished-cycle marks CYCLES_PER_ACTION apart, not every few seconds: a slower
+machine then gets as much chaos per cycle as a fast one, rather than more (which slowed it further),
+and MAX_S bounds a wedge, not the machine's speed.
 """
 
 import collections
@@ -38,7 +42,9 @@ from dockerd import Dockerd
 from helpers import Service, wait_for
 
 CYCLES = int(os.environ.get("ARSERVICE_CHAOS_CYCLES", "1000"))
-MAX_S = float(os.environ.get("ARSERVICE_CHAOS_MAX_S", "150"))
+MAX_S = float(os.environ.get("ARSERVICE_CHAOS_MAX_S", "300"))
+CYCLES_PER_ACTION = (25, 55)  # so about 25 actions in 1,000 cycles, and the seed says which and when
+ACTION_GAP_S = 1.0  # the least time from one action's end to the next, so that a slow spell brings no storm
 CLIENTS = 16
 AGENTS = 3
 TOKEN = "chaos"
@@ -134,6 +140,8 @@ def leftovers(fleet: Fleet) -> dict:
 class Tally:
     def __init__(self):
         self.lock = threading.Lock()
+        self.cycle_finished = threading.Condition(self.lock)
+        self.stopped = False
         self.counts = collections.Counter()
         self.codes = collections.Counter()
         self.wrong: list[str] = []
@@ -152,6 +160,22 @@ class Tally:
     def add(self, key: str, n: int = 1) -> None:
         with self.lock:
             self.counts[key] += n
+
+    def finish_cycle(self) -> None:
+        with self.lock:
+            self.counts["cycles"] += 1
+            self.cycle_finished.notify_all()
+
+    def wait_cycles(self, n: int) -> bool:
+        """Wait until n cycles have finished: False if the clients are done first."""
+        with self.lock:
+            self.cycle_finished.wait_for(lambda: self.stopped or self.counts["cycles"] >= n)
+            return not self.stopped
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+            self.cycle_finished.notify_all()
 
 
 def spec_of(kind: str) -> dict:
@@ -245,7 +269,7 @@ def run_client(index: int, fleet: Fleet, kinds: list[str], tally: Tally, rng_see
                     tally.add("not closed")
                     break
                 time.sleep(0.2)
-            tally.add("cycles")
+            tally.finish_cycle()
     except Exception as exc:  # noqa: BLE001 (a client that crashed did not finish its cycles: the test fails on it)
         with tally.lock:
             tally.crashes.append(repr(exc))
@@ -254,11 +278,14 @@ def run_client(index: int, fleet: Fleet, kinds: list[str], tally: Tally, rng_see
             client.close()
 
 
-def drive(fleet: Fleet, rng: random.Random, done: threading.Event, events: collections.Counter) -> None:
-    """Every 1-3 s one of: SIGKILL an agent (and start a new one), SIGSTOP one for a while, restart the
-    broker, restart dockerd; until the clients are done."""
+def drive(fleet: Fleet, rng: random.Random, tally: Tally, events: collections.Counter) -> None:
+    """At finished-cycle marks CYCLES_PER_ACTION apart (and ACTION_GAP_S at least), one of: SIGKILL an agent
+    (and start a new one), SIGSTOP one for a while, restart the broker, restart dockerd; until the
+    clients are done."""
     actions = ["kill", "stop", "stop", "broker", *(["dockerd"] if fleet.dockerd else [])]
-    while not done.wait(rng.uniform(1.0, 3.0)):
+    mark, next_action = 0, time.monotonic()
+    while tally.wait_cycles(mark := mark + rng.randint(*CYCLES_PER_ACTION)):
+        time.sleep(max(0.0, next_action - time.monotonic()))
         live = [a for a in fleet.agents if a.poll() is None]
         action = rng.choice(actions)
         if action == "kill" and live:
@@ -277,6 +304,7 @@ def drive(fleet: Fleet, rng: random.Random, done: threading.Event, events: colle
         elif action == "dockerd":
             fleet.dockerd.restart()
         events[action] += 1
+        next_action = time.monotonic() + ACTION_GAP_S
 
 
 def test_chaos():
@@ -303,14 +331,13 @@ def test_chaos():
             until = started + MAX_S
             threads = [threading.Thread(target=run_client, args=(i, fleet, kinds, tally, rng.randrange(1 << 32), until))
                        for i in range(CLIENTS)]
-            done = threading.Event()
-            driver = threading.Thread(target=drive, args=(fleet, random.Random(rng.randrange(1 << 32)), done, events))
+            driver = threading.Thread(target=drive, args=(fleet, random.Random(rng.randrange(1 << 32)), tally, events))
             for t in [*threads, driver]:
                 t.start()
             for t in threads:
                 t.join(timeout=MAX_S + REQUEST_DEADLINE_S + 60)
             report["cycles s"] = round(time.monotonic() - started, 1)
-            done.set()
+            tally.stop()
             driver.join()
             assert not any(t.is_alive() for t in threads), "a client thread did not finish"
             if dockerd is not None:  # left up and healthy, whatever the driver did last
