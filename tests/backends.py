@@ -18,6 +18,7 @@ BOOKWORM = "local/arservice-bookworm:test"
 
 SPECS = {
     "local": {"type": "local"},
+    "local-fast": {"type": "local", "fast_exec": True},
     "docker-busybox": {"type": "docker", "image": BUSYBOX, "pull": "never"},
     "docker-bookworm": {"type": "docker", "image": BOOKWORM, "pull": "never"},
     "docker-plain-exec": {"type": "docker", "image": BUSYBOX, "pull": "never", "fast_exec": False},

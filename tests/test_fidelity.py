@@ -27,7 +27,7 @@ from fidelity_corpus import CORPUS
 from helpers import wait_for
 
 TIMEOUT_S = 20.0
-BASH_SPECS = ("local", "docker-bookworm", "podman-bookworm", "bubblewrap", "bubblewrap-rootfs",
+BASH_SPECS = ("local", "local-fast", "docker-bookworm", "podman-bookworm", "bubblewrap", "bubblewrap-rootfs",
               "docker-bookworm-plain-exec", "bubblewrap-per-command")
 # A plain docker exec costs ~60 ms a side: the plain docker path runs every fifth command of the
 # corpus (the whole of it takes a minute), bubblewrap-per-command the whole.

@@ -46,7 +46,7 @@ def probe(client, instance_id):
     return result["output"].replace(workdir, "WORKDIR"), result["returncode"]
 
 
-@pytest.mark.parametrize("name", params("local", "docker-busybox", "podman", "bubblewrap"))
+@pytest.mark.parametrize("name", params("local", "local-fast", "docker-busybox", "podman", "bubblewrap"))
 def test_a_start_of_the_preset_gets_a_ready_instance_as_good_as_a_fresh_one(tmp_path, name):
     svc = pooled_service(tmp_path, {"p": SPECS[name], "pools": {"p": 2}})
     try:

@@ -76,7 +76,7 @@ def alive_agents(service):
     return sorted(a["agent_id"] for a in service.client.available_resources()["agents"])
 
 
-@pytest.fixture(params=["local", *params("bubblewrap-per-command")])
+@pytest.fixture(params=["local", "local-fast", *params("bubblewrap-per-command")])
 def exec_instance(request, service):
     inst = service.client.start_instance(SPECS[request.param])
     yield inst["instance_id"]

@@ -16,7 +16,7 @@ from helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
-BACKENDS = params("local", "docker-bookworm", "podman-bookworm", "bubblewrap")
+BACKENDS = params("local", "local-fast", "docker-bookworm", "podman-bookworm", "bubblewrap")
 
 
 @pytest.fixture(params=["zmq", "http"])

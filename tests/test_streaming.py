@@ -33,7 +33,7 @@ def same_answer(a, b):
     return {k: v for k, v in a.items() if k != "duration_s"} == {k: v for k, v in b.items() if k != "duration_s"}
 
 
-@pytest.mark.parametrize("backend", params("local", "docker-bookworm"))
+@pytest.mark.parametrize("backend", params("local", "local-fast", "docker-bookworm"))
 def test_ten_megabytes_arrive_in_order_and_add_up_to_the_answer(one_agent_service, client, backend):
     inst = client.start_instance(SPECS[backend])["instance_id"]
     try:

@@ -412,6 +412,7 @@ class Agent:
             self._pump(request_id, tail, everything=True)
             tail.close()
         self._send(msg)
+        command.answered()
 
     def _on_write_file(self, request_id: Any, req: schemas.WriteFile) -> None:
         env, started = self._instance(req.instance_id)

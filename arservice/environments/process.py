@@ -239,6 +239,8 @@ class Watched:
         on_deadline()    the deadline passed: end the command, or move the deadline for a grace
         result()         release what the command holds; the result dict `execute` answers with
         kill()           end it now (the agent is shutting down)
+
+    and may have answered(), called once the answer is sent: for work that must not delay it.
     """
 
     if TYPE_CHECKING:  # what a subclass has
@@ -263,7 +265,21 @@ class Watched:
                 for key, _ in sel.select(remaining):
                     if self.on_readable(key.fd):
                         sel.unregister(key.fd)
-        return self.result()
+        try:
+            return self.result()
+        finally:
+            self.answered()
+
+    def answered(self) -> None:
+        pass
+
+
+def start_process(argv: list[str], cwd: str | None, env: dict[str, str] | None,
+                  stdin: int = subprocess.DEVNULL) -> "subprocess.Popen[bytes]":
+    """A command's process as Command watches it: its output and errors one pipe, in a session and
+    process group of its own (its pid), so that its whole tree can be found and killed."""
+    return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                            start_new_session=True)
 
 
 class Command(Watched):
@@ -274,12 +290,11 @@ class Command(Watched):
     """
 
     def __init__(self, argv: list[str], *, timeout: float, output_limit: int, groups: set[int], cwd: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, process: "subprocess.Popen[bytes] | None" = None) -> None:
+        """`process`: the command's process, already started by start_process() (a waiting shell
+        just handed its command); argv, cwd and env are then its business."""
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            cwd=cwd, env=env, start_new_session=True,
-        )
+        self.proc = process or start_process(argv, cwd, env)
         self.groups = groups
         groups.add(self.proc.pid)
         self.output = BoundedOutput(output_limit)

@@ -1,0 +1,167 @@
+"""`local` with fast_exec (issue 16 part 3): a command's process is a spare shell started ahead.
+
+The fidelity corpus runs through it (tests/test_fidelity.py, `local-fast`), and so do the backend
+tests of tests/test_environments.py. Here: that commands really run in the spare, that every case
+a spare cannot serve as the direct spawn would (a long command, PATH set, a cwd that is gone, a
+spare killed, stopped or its pipe filled by a process of the instance) answers as fast_exec off
+does, and that nothing of a spare outlives its instance.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+
+import pytest
+
+from arservice.environments import backend
+from arservice.environments.local import SPARE_STARTER, TAG
+from arservice.environments.process import marked_processes
+
+from helpers import alive, proc_stat, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def root():
+    with tempfile.TemporaryDirectory(prefix="arservice-fast-exec-") as path:
+        yield path
+
+
+def started(root, fast_exec=True, **spec):
+    cls = backend("local")
+    env = cls(f"i-{uuid.uuid4().hex[:12]}", cls.parse_config({"type": "local", "fast_exec": fast_exec, **spec}),
+              "test", root)
+    env.start()
+    return env
+
+
+def spare_pid(env):
+    """The instance's spare, once the thread that starts it has run."""
+    SPARE_STARTER.submit(lambda: None).result(timeout=10)  # its queue is in order: what came before is done
+    assert env.spare is not None, "no spare was started"
+    return env.spare.proc.pid
+
+
+def tagged(env):
+    return [pid for pid, _ in marked_processes(f"{TAG}={env.instance_id}".encode())]
+
+
+def test_commands_run_in_the_spare_and_the_next_is_started_after_the_answer(root):
+    env = started(root)
+    try:
+        for _ in range(3):
+            spare = spare_pid(env)
+            result = env.execute("echo $$; echo $PPID", 10)
+            assert result["output"].decode().split() == [str(spare), str(os.getpid())]
+            assert spare_pid(env) != spare
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("command, env_vars, cwd", [
+    ("echo " + "x" * 5000 + " | wc -c", None, None),  # a script longer than one atomic pipe write
+    ("echo $PATH; command -v ls", {"PATH": "/usr/bin:/bin"}, None),  # Popen looks the shell up in it
+    ("pwd; echo $PWD $OLDPWD", {"PWD": "/nowhere", "OLDPWD": "/else"}, None),
+    ("pwd; echo $PWD; cd -; env | grep -c PWD=", None, "sub"),
+], ids=["long", "path", "cd-variables", "cwd"])
+@pytest.mark.parametrize("agent_has_them", [True, False], ids=["agent-pwd", "agent-no-pwd"])
+def test_what_a_spare_cannot_serve_answers_as_the_direct_spawn(root, monkeypatch, command, env_vars, cwd,
+                                                                agent_has_them):
+    """Through the cases, and with an agent whose own environment has PWD and OLDPWD or not (the
+    spare's `cd` sets them: the command sees what the direct spawn gives)."""
+    for name in ("PWD", "OLDPWD"):
+        if agent_has_them:
+            monkeypatch.setenv(name, "/")
+        else:
+            monkeypatch.delenv(name, raising=False)
+    envs = [started(root, fast_exec) for fast_exec in (False, True)]
+    try:
+        results = []
+        for env in envs:
+            if cwd:
+                os.mkdir(os.path.join(env.cwd, cwd))
+            results.append(env.execute(command, 10, cwd=cwd, env=env_vars))
+        direct, fast = [(r["output"].replace(env.cwd.encode(), b"CWD"), r["returncode"])
+                        for r, env in zip(results, envs, strict=True)]
+        assert fast == direct and direct[1] == 0
+    finally:
+        for env in envs:
+            env.close()
+
+
+def test_a_cwd_that_is_gone_fails_as_it_does_directly(root):
+    errors = []
+    for fast_exec in (False, True):
+        env = started(root, fast_exec)
+        try:
+            with pytest.raises(OSError) as error:
+                env.execute("true", 10, cwd="gone")
+            errors.append((type(error.value), error.value.errno))
+        finally:
+            env.close()
+    assert errors[0] == errors[1] == (FileNotFoundError, 2)
+
+
+@pytest.mark.parametrize("hostile", ["kill", "stop", "fill"])
+def test_a_spare_the_instance_broke_is_passed_over(root, hostile):
+    env = started(root)
+    try:
+        spare = spare_pid(env)
+        if hostile == "kill":
+            os.kill(spare, signal.SIGKILL)
+            wait_for(lambda: proc_stat(spare)[1] == b"Z", timeout=10, what="the spare to die")
+        elif hostile == "stop":
+            os.kill(spare, signal.SIGSTOP)
+            wait_for(lambda: proc_stat(spare)[1] == b"T", timeout=10, what="the spare to stop")
+        else:  # its stdin is a pipe: anyone of its uid may fill it through /proc
+            fd = os.open(f"/proc/{spare}/fd/0", os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                while True:
+                    os.write(fd, b"#" * 4096)
+            except BlockingIOError:
+                pass
+            finally:
+                os.close(fd)
+        result = env.execute("echo $(( 6 * 7 ))", 10)
+        assert (result["output"], result["returncode"], result["timed_out"]) == (b"42\n", 0, False)
+        wait_for(lambda: not alive(spare), timeout=10, what="the broken spare to be ended")
+        assert spare_pid(env) != spare  # and a new one is there for the next command
+    finally:
+        env.close()
+
+
+def test_nothing_of_the_spares_outlives_the_instance(root):
+    env = started(root)
+    spares = [spare_pid(env)]
+    env.execute("sleep 30 &", 10)
+    spares.append(env.spare.proc.pid if env.spare else None)
+    env.execute("true", 10)  # and close at once, while the next spare may still be starting
+    env.close()
+    SPARE_STARTER.submit(lambda: None).result(timeout=10)
+    assert tagged(env) == []
+    assert not any(alive(pid) for pid in spares if pid)
+    assert env.spare is None
+
+
+def test_a_spare_whose_agent_was_killed_exits_by_itself(root):
+    """No reap needed: the dead agent's end of its pipe is closed, and the spare reads end of file."""
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import sys, time
+from arservice.environments import backend
+cls = backend("local")
+env = cls("i-killedagent1", cls.parse_config({{"type": "local", "fast_exec": True}}), "test", {root!r})
+env.start()
+print(env.spare.proc.pid, flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        spare = int(holder.stdout.readline())
+        assert alive(spare)
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_for(lambda: not alive(spare), timeout=10, what="the spare to exit")
