@@ -51,23 +51,30 @@ class Pair:
         self.env.start()
         self.shell = self.env.shell
 
-    def ours(self, command):
-        result = self.env.execute(command, TIMEOUT_S)
+    def ours(self, command, env=None):
+        result = self.env.execute(command, TIMEOUT_S, env=env)
         return without_pids(result["output"]), result["returncode"]
 
-    def raw(self, command):
+    def raw(self, command, env=None):
+        """The command run by the backend's own tool; `env`: variables it passes as given."""
+        env = env or {}
         argv = shell_argv(self.shell, command)
         kind = self.env.type
         if kind in ("docker", "podman"):
             # sh execs the shell, so its pid, parent and $0 are what `docker exec C bash -c` gives.
-            exit_code, output = self.env.container.exec_run(["sh", "-c", 'exec "$@" </dev/null 2>&1', "sh", *argv])
+            # Variables go through `env`, after sh: sh would read them (dash resets IFS and PPID,
+            # and refuses OPTIND=x), as a `docker exec --env` does not.
+            given = ["env", *(f"{name}={value}" for name, value in env.items())] if env else []
+            exit_code, output = self.env.container.exec_run(
+                ["sh", "-c", 'exec "$@" </dev/null 2>&1', "sh", *given, *argv])
             return without_pids(output), exit_code
         if kind == "bubblewrap":
-            argv = [*self.env.prefix, "--chdir", self.env.cwd, *argv]
+            argv = [*self.env.prefix, "--chdir", self.env.cwd,
+                    *[word for name, value in env.items() for word in ("--setenv", name, value)], *argv]
         local = kind == "local"
         # Its own session: `kill 0` in a command must not reach pytest.
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              cwd=self.env.cwd if local else None, env=self.env.env if local else None,
+                              cwd=self.env.cwd if local else None, env={**self.env.env, **env} if local else None,
                               start_new_session=True, timeout=TIMEOUT_S, check=False)
         return without_pids(done.stdout), shell_status(done.returncode)
 
@@ -105,6 +112,30 @@ def test_every_command_behaves_as_bash_c(pair):
         if ours != raw:
             differences.append(f"{command!r}\n   ours: {ours!r:.300}\n   raw:  {raw!r:.300}")
     assert not differences, f"{len(differences)} of {len(corpus)} differ on {pair.name}:\n" + "\n".join(differences)
+
+
+# Names shells give a meaning to (every one of helper.SHELL_VARIABLES, with bash's that begin with
+# BASH or LC_), and plain ones beside them.
+VARIABLE_NAMES = ["_", "BASH", "BASHOPTS", "BASHPID", "BASH_ALIASES", "BASH_ARGC", "BASH_ARGV", "BASH_ARGV0",
+                  "BASH_CMDS", "BASH_COMMAND", "BASH_COMPAT", "BASH_ENV", "BASH_LINENO", "BASH_SOURCE",
+                  "BASH_SUBSHELL", "BASH_VERSINFO", "BASH_XTRACEFD", "CDPATH", "DIRSTACK", "ENV", "EPOCHREALTIME",
+                  "EPOCHSECONDS", "EUID", "FUNCNAME", "GROUPS", "HISTCMD", "HOME", "IFS", "LANG", "LC_ALL",
+                  "LC_CTYPE", "LC_NUMERIC", "LINENO", "OPTIND", "PIPESTATUS", "PPID", "PS4", "RANDOM", "SECONDS",
+                  "SHELLOPTS", "SHLVL", "SRANDOM", "TMPDIR", "UID", "GREETING"]
+
+
+def test_variables_reach_the_command_as_given(pair):
+    """A command's env is in its shell's environment as given (bash reading it at its start is
+    then what `bash -c` does), whatever the name: the command file once exported them from a bash,
+    which refused the read-only ones with an error in the output and passed others changed."""
+    differences = []
+    for name in VARIABLE_NAMES:
+        for value in ("5", "a b"):
+            command = f"tr '\\0' '\\n' </proc/$$/environ | grep -x '{name}=.*'; echo $?"
+            ours, raw = pair.ours(command, {name: value}), pair.raw(command, {name: value})
+            if ours != raw:
+                differences.append(f"{name}={value!r}\n   ours: {ours!r:.300}\n   raw:  {raw!r:.300}")
+    assert not differences, f"{len(differences)} differ on {pair.name}:\n" + "\n".join(differences)
 
 
 # What kills every process it can reach, or starves the helper: only ever run in a PID namespace.

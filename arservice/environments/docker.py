@@ -277,8 +277,10 @@ class DockerEnvironment(HelperEnvironment):
         api = self.docker.api
         cwd, variables = self.command_context(cwd, env)
         check_command(command, variables)
-        argv = plain_exec_argv(shell_argv(self.shell, command), timeout)
-        exec_id = api.exec_create(self.container.id, argv, workdir=cwd, environment=variables or None)["Id"]
+        argv = shell_argv(self.shell, command)
+        if variables:  # through env, after the wrapper: its sh would read them (dash resets IFS and PPID)
+            argv = ["env", *(f"{name}={value}" for name, value in variables.items()), *argv]
+        exec_id = api.exec_create(self.container.id, plain_exec_argv(argv, timeout), workdir=cwd)["Id"]
         output = BoundedOutput(output_limit)
         for chunk in api.exec_start(exec_id, stream=True):
             output.feed(chunk)

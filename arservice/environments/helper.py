@@ -195,13 +195,28 @@ def plain_result(result: dict[str, Any], timeout: float) -> dict[str, Any]:
     return result
 
 
+# Variables a shell sourcing the command file does not export as given: read-only in bash (UID,
+# PPID, SHELLOPTS, BASHOPTS...), computed when read (RANDOM, SECONDS, LINENO...), acted on with a
+# warning in the output (LC_*, BASH_COMPAT, BASH_XTRACEFD), changed on the way (SHLVL, which bash's
+# `exec` lowers, and `_`), or refused by dash (OPTIND). tests/test_fidelity.py tries each.
+SHELL_VARIABLES = frozenset({"_", "DIRSTACK", "EPOCHREALTIME", "EPOCHSECONDS", "EUID", "FUNCNAME", "GROUPS",
+                             "HISTCMD", "LINENO", "OPTIND", "PIPESTATUS", "PPID", "RANDOM", "SECONDS", "SHELLOPTS",
+                             "SHLVL", "SRANDOM", "UID"})
+
+
+def exported_as_given(name: str) -> bool:
+    return name not in SHELL_VARIABLES and not name.startswith(("BASH", "LC_"))
+
+
 def script_for(argv: list[str], cwd: str | None, env: dict[str, str]) -> bytes:
     """The command file: change directory, export the variables, then exec argv (the user's shell
-    with the command). OLDPWD is the one variable the `cd` sets that `docker exec -w` does not."""
+    with the command); through `env` where a variable is one a shell would not export as given.
+    OLDPWD is the one variable the `cd` sets that `docker exec -w` does not."""
     check_command(argv[-1], env)
     lines = [f"cd -- {shlex.quote(cwd)} || exit 126", "unset OLDPWD"] if cwd else []
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()]
-    lines.append("exec " + " ".join(shlex.quote(arg) for arg in argv))
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items() if exported_as_given(name)]
+    given = [f"{name}={value}" for name, value in env.items() if not exported_as_given(name)]
+    lines.append("exec " + " ".join(shlex.quote(arg) for arg in [*(["env", *given] if given else []), *argv]))
     return "\n".join([*lines, ""]).encode()
 
 

@@ -11,10 +11,10 @@ changes directory, sets the environment back to what the direct spawn gives (PWD
 included), and execs the user's shell with the command: the command is the same process, group
 and `bash -c` as without fast_exec. The next spare is started once the command's answer is sent,
 on a thread of its own. Where a spare cannot give the same result (a script longer than an atomic
-pipe write, PATH set for the command, a cwd it may not enter) or cannot take it (gone, stopped, not
-started yet, or its pipe filled by someone else), the command is spawned directly. It is off by
-default: measured, it is no faster than the direct spawn and costs a shell's start more CPU per
-command (README, bench/bench_local_exec.py).
+pipe write; PATH, or a variable a shell would not export as given, set for the command; a cwd it
+may not enter) or cannot take it (gone, stopped, not started yet, or its pipe filled by someone
+else), the command is spawned directly. It is off by default: measured, it is no faster than the
+direct spawn and costs a shell's start more CPU per command (README, bench/bench_local_exec.py).
 """
 
 import os
@@ -35,7 +35,7 @@ from ..logs import EventLog
 from ..protocol import ServiceError
 from . import hostdir, process, safefs
 from .base import Environment, Shell, Spec, check_command, resolve_path, shell_argv
-from .helper import script_for
+from .helper import exported_as_given, script_for
 from .process import Watched
 
 log = EventLog("local")
@@ -181,8 +181,10 @@ class LocalEnvironment(Environment):
                        merged: dict[str, str]) -> "subprocess.Popen[bytes] | None":
         """The spare's process, running argv as Popen(argv, cwd, merged) would; None where it cannot
         be the same, or the spare is gone: the caller spawns it then."""
-        if "PATH" in env or not (os.path.isdir(cwd) and os.access(cwd, os.X_OK)):
-            return None  # Popen looks argv up, or fails on cwd, in ways a shell does not
+        if "PATH" in env or not all(map(exported_as_given, env)):
+            return None  # Popen looks argv up in PATH, and passes every variable as given
+        if not (os.path.isdir(cwd) and os.access(cwd, os.X_OK)):
+            return None  # Popen fails on it in its own way
         # After the `cd`, what the direct spawn's environment has of PWD and OLDPWD, or nothing.
         restore = "".join(f"unset {name}\n" for name in CD_VARIABLES if name not in merged)
         script = f"exec </dev/null\ncd -- {shlex.quote(cwd)} || exit 126\n{restore}".encode() + script_for(
