@@ -286,6 +286,8 @@ def drive(fleet: Fleet, rng: random.Random, tally: Tally, events: collections.Co
     mark, next_action = 0, time.monotonic()
     while tally.wait_cycles(mark := mark + rng.randint(*CYCLES_PER_ACTION)):
         time.sleep(max(0.0, next_action - time.monotonic()))
+        if tally.stopped:  # the clients finished meanwhile
+            break
         live = [a for a in fleet.agents if a.poll() is None]
         action = rng.choice(actions)
         if action == "kill" and live:
@@ -353,6 +355,7 @@ def test_chaos():
                 except ServiceError as exc:  # on an agent killed since, or still being declared lost
                     assert exc.code in LOST, exc
         finally:
+            tally.stop()  # also where the test failed before its own stop: the driver must not wait for ever
             report.update({"seed": seed, **events, **tally.counts, "orphaned starts closed": len(orphans),
                            "error codes": dict(tally.codes), "wrong outputs": len(tally.wrong),
                            "undocumented codes": len(tally.undocumented), "wrongly lost": len(tally.wrongly_lost),
@@ -383,4 +386,5 @@ def test_chaos():
     assert not tally.wrongly_lost, tally.wrongly_lost[:5]
     assert tally.slowest <= REQUEST_DEADLINE_S
     assert all(tally.counts[f"started {kind}"] for kind in kinds), tally.counts
+    assert sum(events.values()) > 0, "the driver never acted (fewer cycles than CYCLES_PER_ACTION?)"
     assert tally.counts["cycles"] == CYCLES, f"{tally.counts['cycles']} of {CYCLES} cycles within {MAX_S:g}s"
