@@ -17,8 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from arservice.environments import backend
+from arservice.environments import backend, spare
 from arservice.environments.base import shell_argv
+from arservice.environments.helper import SHELL_VARIABLES
 from arservice.environments.process import shell_status
 from arservice.protocol import ServiceError
 
@@ -52,7 +53,14 @@ class Pair:
         self.shell = self.env.shell
 
     def ours(self, command, env=None):
+        spares = getattr(self.env, "spares", None)  # local with fast_exec
+        if spares is not None:  # the command runs in a spare, not in the direct spawn that stands in for a missing one
+            spare.STARTER.submit(lambda: None).result(timeout=10)
+            waiting = spares.spare
+            assert waiting is not None
         result = self.env.execute(command, TIMEOUT_S, env=env)
+        if spares is not None and env is None:
+            assert spares.spare is not waiting, f"{command!r} did not run in the spare"
         return without_pids(result["output"]), result["returncode"]
 
     def raw(self, command, env=None):
@@ -114,14 +122,12 @@ def test_every_command_behaves_as_bash_c(pair):
     assert not differences, f"{len(differences)} of {len(corpus)} differ on {pair.name}:\n" + "\n".join(differences)
 
 
-# Names shells give a meaning to (every one of helper.SHELL_VARIABLES, with bash's that begin with
+# Names shells give a meaning to (every one of helper.SHELL_VARIABLES, and bash's that begin with
 # BASH or LC_), and plain ones beside them.
-VARIABLE_NAMES = ["_", "BASH", "BASHOPTS", "BASHPID", "BASH_ALIASES", "BASH_ARGC", "BASH_ARGV", "BASH_ARGV0",
-                  "BASH_CMDS", "BASH_COMMAND", "BASH_COMPAT", "BASH_ENV", "BASH_LINENO", "BASH_SOURCE",
-                  "BASH_SUBSHELL", "BASH_VERSINFO", "BASH_XTRACEFD", "CDPATH", "DIRSTACK", "ENV", "EPOCHREALTIME",
-                  "EPOCHSECONDS", "EUID", "FUNCNAME", "GROUPS", "HISTCMD", "HOME", "IFS", "LANG", "LC_ALL",
-                  "LC_CTYPE", "LC_NUMERIC", "LINENO", "OPTIND", "PIPESTATUS", "PPID", "PS4", "RANDOM", "SECONDS",
-                  "SHELLOPTS", "SHLVL", "SRANDOM", "TMPDIR", "UID", "GREETING"]
+VARIABLE_NAMES = [*sorted(SHELL_VARIABLES), "BASH", "BASHOPTS", "BASHPID", "BASH_ALIASES", "BASH_ARGC", "BASH_ARGV",
+                  "BASH_ARGV0", "BASH_CMDS", "BASH_COMMAND", "BASH_COMPAT", "BASH_ENV", "BASH_LINENO", "BASH_SOURCE",
+                  "BASH_SUBSHELL", "BASH_VERSINFO", "BASH_XTRACEFD", "LC_ALL", "LC_CTYPE", "LC_NUMERIC", "CDPATH",
+                  "ENV", "HOME", "LANG", "PS4", "TMPDIR", "GREETING"]
 
 
 def test_variables_reach_the_command_as_given(pair):

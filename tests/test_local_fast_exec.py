@@ -1,10 +1,12 @@
 """`local` with fast_exec (issue 16 part 3): a command's process is a spare shell started ahead.
 
-The fidelity corpus runs through it (tests/test_fidelity.py, `local-fast`), and so do the backend
-tests of tests/test_environments.py. Here: that commands really run in the spare, that every case
-a spare cannot serve as the direct spawn would (a long command, PATH set, a cwd that is gone, a
-spare killed, stopped or its pipe filled by a process of the instance) answers as fast_exec off
-does, and that nothing of a spare outlives its instance.
+The fidelity corpus and the variables test run through it (tests/test_fidelity.py, `local-fast`,
+which checks each command ran in a spare), and so do the backend tests of tests/test_environments.py.
+Here: that commands really run in the spare, that every case a spare cannot serve as the direct
+spawn would (a long command, PATH or a shell's variable set, a cwd through a link or relative, a
+cwd that is gone) answers as fast_exec off does, that a spare killed, stopped or its pipe filled
+by a process of the instance is passed over, and that nothing of a spare outlives its instance
+or its agent.
 """
 
 import os
@@ -16,8 +18,8 @@ import uuid
 
 import pytest
 
-from arservice.environments import backend
-from arservice.environments.local import SPARE_STARTER, TAG
+from arservice.environments import backend, spare
+from arservice.environments.local import TAG
 from arservice.environments.process import marked_processes
 
 from helpers import alive, proc_stat, wait_for
@@ -40,37 +42,35 @@ def started(root, fast_exec=True, **spec):
 
 
 def spare_pid(env):
-    """The instance's spare, once the thread that starts it has run."""
-    SPARE_STARTER.submit(lambda: None).result(timeout=10)  # its queue is in order: what came before is done
-    assert env.spare is not None, "no spare was started"
-    return env.spare.proc.pid
-
-
-def tagged(env):
-    return [pid for pid, _ in marked_processes(f"{TAG}={env.instance_id}".encode())]
+    """The instance's spare, once the thread that starts spares has run."""
+    spare.STARTER.submit(lambda: None).result(timeout=10)  # its queue is in order: what came before is done
+    assert env.spares.spare is not None, "no spare was started"
+    return env.spares.spare.proc.pid
 
 
 def test_commands_run_in_the_spare_and_the_next_is_started_after_the_answer(root):
     env = started(root)
     try:
         for _ in range(3):
-            spare = spare_pid(env)
+            pid = spare_pid(env)
             result = env.execute("echo $$; echo $PPID", 10)
-            assert result["output"].decode().split() == [str(spare), str(os.getpid())]
-            assert spare_pid(env) != spare
+            assert result["output"].decode().split() == [str(pid), str(os.getpid())]
+            assert spare_pid(env) != pid
     finally:
         env.close()
 
 
-@pytest.mark.parametrize("command, env_vars, cwd", [
+@pytest.mark.parametrize("command, variables, cwd", [
     ("echo " + "x" * 5000 + " | wc -c", None, None),  # a script longer than one atomic pipe write
     ("echo $PATH; command -v ls", {"PATH": "/usr/bin:/bin"}, None),  # Popen looks the shell up in it
+    ("echo $SHLVL $OPTIND $IFS", {"SHLVL": "7", "OPTIND": "x", "IFS": ","}, None),  # dash would not pass them
     ("pwd; echo $PWD $OLDPWD", {"PWD": "/nowhere", "OLDPWD": "/else"}, None),
     ("pwd; echo $PWD; cd -; env | grep -c PWD=", None, "sub"),
-], ids=["long", "path", "cd-variables", "cwd"])
+    ("pwd; pwd -P", None, "link/.."),  # chdir follows the link before the `..`: a logical cd would not
+    ("echo to stdin >&0; echo $?; read -r x; echo $?", None, None),  # /dev/null, opened for both
+], ids=["long", "path", "shell-variables", "cd-variables", "cwd", "cwd-through-a-link", "stdin"])
 @pytest.mark.parametrize("agent_has_them", [True, False], ids=["agent-pwd", "agent-no-pwd"])
-def test_what_a_spare_cannot_serve_answers_as_the_direct_spawn(root, monkeypatch, command, env_vars, cwd,
-                                                                agent_has_them):
+def test_what_a_spare_runs_answers_as_the_direct_spawn(root, monkeypatch, command, variables, cwd, agent_has_them):
     """Through the cases, and with an agent whose own environment has PWD and OLDPWD or not (the
     spare's `cd` sets them: the command sees what the direct spawn gives)."""
     for name in ("PWD", "OLDPWD"):
@@ -82,43 +82,54 @@ def test_what_a_spare_cannot_serve_answers_as_the_direct_spawn(root, monkeypatch
     try:
         results = []
         for env in envs:
-            if cwd:
-                os.mkdir(os.path.join(env.cwd, cwd))
-            results.append(env.execute(command, 10, cwd=cwd, env=env_vars))
+            os.makedirs(os.path.join(env.cwd, "sub", "inner"))
+            os.symlink(os.path.join(env.cwd, "sub", "inner"), os.path.join(env.cwd, "link"))
+            results.append(env.execute(command, 10, cwd=cwd, env=variables))
         direct, fast = [(r["output"].replace(env.cwd.encode(), b"CWD"), r["returncode"])
                         for r, env in zip(results, envs, strict=True)]
-        assert fast == direct and direct[1] == 0
+        assert fast == direct and direct[1] in (0, 1)
     finally:
         for env in envs:
             env.close()
 
 
-def test_a_cwd_that_is_gone_fails_as_it_does_directly(root):
-    errors = []
+def test_a_relative_cwd_is_the_agents_and_a_gone_one_fails_as_it_does_directly(root):
+    answers, errors = [], []
     for fast_exec in (False, True):
-        env = started(root, fast_exec)
+        env = started(root, fast_exec, cwd=os.path.relpath(root))
         try:
+            answers.append(env.execute("pwd", 10)["output"])
             with pytest.raises(OSError) as error:
                 env.execute("true", 10, cwd="gone")
             errors.append((type(error.value), error.value.errno))
         finally:
             env.close()
+    assert answers[0] == answers[1] == f"{os.path.realpath(root)}\n".encode()
     assert errors[0] == errors[1] == (FileNotFoundError, 2)
+
+
+def test_an_environment_dash_would_reset_gets_no_spares(root):
+    env = started(root, env={"IFS": ","})
+    try:
+        assert env.spares is None
+        assert env.execute("tr '\\0' '\\n' </proc/$$/environ | grep ^IFS=", 10)["output"] == b"IFS=,\n"
+    finally:
+        env.close()
 
 
 @pytest.mark.parametrize("hostile", ["kill", "stop", "fill"])
 def test_a_spare_the_instance_broke_is_passed_over(root, hostile):
     env = started(root)
     try:
-        spare = spare_pid(env)
+        pid = spare_pid(env)
         if hostile == "kill":
-            os.kill(spare, signal.SIGKILL)
-            wait_for(lambda: proc_stat(spare)[1] == b"Z", timeout=10, what="the spare to die")
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: proc_stat(pid)[1] == b"Z", timeout=10, what="the spare to die")
         elif hostile == "stop":
-            os.kill(spare, signal.SIGSTOP)
-            wait_for(lambda: proc_stat(spare)[1] == b"T", timeout=10, what="the spare to stop")
+            os.kill(pid, signal.SIGSTOP)
+            wait_for(lambda: proc_stat(pid)[1] == b"T", timeout=10, what="the spare to stop")
         else:  # its stdin is a pipe: anyone of its uid may fill it through /proc
-            fd = os.open(f"/proc/{spare}/fd/0", os.O_WRONLY | os.O_NONBLOCK)
+            fd = os.open(f"/proc/{pid}/fd/0", os.O_WRONLY | os.O_NONBLOCK)
             try:
                 while True:
                     os.write(fd, b"#" * 4096)
@@ -128,8 +139,8 @@ def test_a_spare_the_instance_broke_is_passed_over(root, hostile):
                 os.close(fd)
         result = env.execute("echo $(( 6 * 7 ))", 10)
         assert (result["output"], result["returncode"], result["timed_out"]) == (b"42\n", 0, False)
-        wait_for(lambda: not alive(spare), timeout=10, what="the broken spare to be ended")
-        assert spare_pid(env) != spare  # and a new one is there for the next command
+        assert spare_pid(env) != pid  # a new one is there for the next command
+        assert proc_stat(pid) is None  # the broken one was killed and reaped
     finally:
         env.close()
 
@@ -138,30 +149,30 @@ def test_nothing_of_the_spares_outlives_the_instance(root):
     env = started(root)
     spares = [spare_pid(env)]
     env.execute("sleep 30 &", 10)
-    spares.append(env.spare.proc.pid if env.spare else None)
+    spares.append(spare_pid(env))
     env.execute("true", 10)  # and close at once, while the next spare may still be starting
     env.close()
-    SPARE_STARTER.submit(lambda: None).result(timeout=10)
-    assert tagged(env) == []
-    assert not any(alive(pid) for pid in spares if pid)
-    assert env.spare is None
+    spare.STARTER.submit(lambda: None).result(timeout=10)
+    assert [pid for pid, _ in marked_processes(f"{TAG}={env.instance_id}".encode())] == []
+    assert all(proc_stat(pid) is None for pid in spares)  # killed and reaped, not left as zombies
+    assert env.spares.spare is None
 
 
 def test_a_spare_whose_agent_was_killed_exits_by_itself(root):
     """No reap needed: the dead agent's end of its pipe is closed, and the spare reads end of file."""
     holder = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time
+import time
 from arservice.environments import backend
 cls = backend("local")
 env = cls("i-killedagent1", cls.parse_config({{"type": "local", "fast_exec": True}}), "test", {root!r})
 env.start()
-print(env.spare.proc.pid, flush=True)
+print(env.spares.spare.proc.pid, flush=True)
 time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
     try:
-        spare = int(holder.stdout.readline())
-        assert alive(spare)
+        pid = int(holder.stdout.readline())
+        assert alive(pid)
     finally:
         holder.kill()
         holder.wait()
-    wait_for(lambda: not alive(spare), timeout=10, what="the spare to exit")
+    wait_for(lambda: not alive(pid), timeout=10, what="the spare to exit")

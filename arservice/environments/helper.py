@@ -195,13 +195,14 @@ def plain_result(result: dict[str, Any], timeout: float) -> dict[str, Any]:
     return result
 
 
-# Variables a shell sourcing the command file does not export as given: read-only in bash (UID,
-# PPID, SHELLOPTS, BASHOPTS...), computed when read (RANDOM, SECONDS, LINENO...), acted on with a
-# warning in the output (LC_*, BASH_COMPAT, BASH_XTRACEFD), changed on the way (SHLVL, which bash's
-# `exec` lowers, and `_`), or refused by dash (OPTIND). tests/test_fidelity.py tries each.
-SHELL_VARIABLES = frozenset({"_", "DIRSTACK", "EPOCHREALTIME", "EPOCHSECONDS", "EUID", "FUNCNAME", "GROUPS",
-                             "HISTCMD", "LINENO", "OPTIND", "PIPESTATUS", "PPID", "RANDOM", "SECONDS", "SHELLOPTS",
-                             "SHLVL", "SRANDOM", "UID"})
+# Variables a shell sourcing the command file does not export as given, or that change what it
+# does: read-only in bash (UID, PPID, SHELLOPTS, BASHOPTS...), computed when read (RANDOM, SECONDS,
+# LINENO...), acted on with a warning in the output (LC_*, BASH_COMPAT, BASH_XTRACEFD), changed on
+# the way (SHLVL, which bash's `exec` lowers, and `_`), refused or reset by dash (OPTIND, IFS), or
+# making its `exec` fail (EXECIGNORE). tests/test_fidelity.py tries each.
+SHELL_VARIABLES = frozenset({"_", "DIRSTACK", "EPOCHREALTIME", "EPOCHSECONDS", "EUID", "EXECIGNORE", "FUNCNAME",
+                             "GROUPS", "HISTCMD", "IFS", "LINENO", "OPTIND", "PIPESTATUS", "PPID", "RANDOM",
+                             "SECONDS", "SHELLOPTS", "SHLVL", "SRANDOM", "UID"})
 
 
 def exported_as_given(name: str) -> bool:
@@ -210,14 +211,17 @@ def exported_as_given(name: str) -> bool:
 
 def script_for(argv: list[str], cwd: str | None, env: dict[str, str]) -> bytes:
     """The command file: change directory, export the variables, then exec argv (the user's shell
-    with the command); through `env` where a variable is one a shell would not export as given.
-    OLDPWD is the one variable the `cd` sets that `docker exec -w` does not."""
+    with the command); through `env` where a variable is one a shell would not export as given
+    (with PATH, so that `env` is looked up where it was). OLDPWD is the one variable the `cd` sets
+    that `docker exec -w` does not. Encoded as Popen encodes arguments (lone surrogates as bytes)."""
     check_command(argv[-1], env)
+    via_env = not all(map(exported_as_given, env))
     lines = [f"cd -- {shlex.quote(cwd)} || exit 126", "unset OLDPWD"] if cwd else []
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items() if exported_as_given(name)]
-    given = [f"{name}={value}" for name, value in env.items() if not exported_as_given(name)]
-    lines.append("exec " + " ".join(shlex.quote(arg) for arg in [*(["env", *given] if given else []), *argv]))
-    return "\n".join([*lines, ""]).encode()
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()
+              if exported_as_given(name) and not (via_env and name == "PATH")]
+    given = [f"{name}={value}" for name, value in env.items() if not exported_as_given(name) or name == "PATH"]
+    lines.append("exec " + " ".join(shlex.quote(arg) for arg in [*(["env", *given] if via_env else []), *argv]))
+    return "\n".join([*lines, ""]).encode("utf-8", "surrogateescape")
 
 
 class ExecHelper:

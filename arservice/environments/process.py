@@ -240,7 +240,8 @@ class Watched:
         result()         release what the command holds; the result dict `execute` answers with
         kill()           end it now (the agent is shutting down)
 
-    and may have answered(), called once the answer is sent: for work that must not delay it.
+    and may have answered(), called once the answer is made (by the agent once it has sent it, by
+    wait() once result() returned): for work that must not delay it.
     """
 
     if TYPE_CHECKING:  # what a subclass has
