@@ -144,6 +144,16 @@ def test_variables_reach_the_command_as_given(pair):
     assert not differences, f"{len(differences)} differ on {pair.name}:\n" + "\n".join(differences)
 
 
+@pytest.mark.parametrize("name", params("docker-bookworm", "podman-bookworm", "docker-bookworm-plain-exec"))
+def test_a_path_without_env_in_it_beside_a_shell_variable(name, workdir_root):
+    """Such variables go through `env`, found where it was, not in the command's PATH: with no bash
+    in that PATH either, the command fails as `docker exec --env` does. (Not on local or bubblewrap,
+    whose own tools fail before any shell: Popen raises, bwrap fails its execvp.)"""
+    variables = {"PATH": "/nonexistent", "UID": "5"}
+    with Pair(name, SPECS[name], workdir_root) as pair:
+        assert pair.ours("echo $UID", variables) == pair.raw("echo $UID", variables)
+
+
 # What kills every process it can reach, or starves the helper: only ever run in a PID namespace.
 KILLERS = [
     "kill -9 $$",

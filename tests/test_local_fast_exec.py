@@ -137,10 +137,24 @@ def test_a_spare_the_instance_broke_is_passed_over(root, hostile):
                 pass
             finally:
                 os.close(fd)
+        broken = env.spares.spare
         result = env.execute("echo $(( 6 * 7 ))", 10)
         assert (result["output"], result["returncode"], result["timed_out"]) == (b"42\n", 0, False)
         assert spare_pid(env) != pid  # a new one is there for the next command
-        assert proc_stat(pid) is None  # the broken one was killed and reaped
+        assert proc_stat(pid) is None and broken.proc.stdout.closed  # the broken one killed, reaped, its pipe closed
+    finally:
+        env.close()
+
+
+def test_spares_come_back_after_a_command_whose_answer_is_never_sent(root):
+    """A session's bash is spawned as any command, but no answer is ever sent for it."""
+    env = started(root)
+    try:
+        session_shell = env.spawn("sleep 30", 60, None, None, 1000)
+        assert isinstance(session_shell, spare.SpareCommand)
+        env.execute("true", 10)  # no spare: spawned directly, and one is asked for
+        pid = spare_pid(env)
+        assert env.execute("echo $$", 10)["output"] == f"{pid}\n".encode()
     finally:
         env.close()
 
