@@ -68,7 +68,10 @@ def test_commands_run_in_the_spare_and_the_next_is_started_after_the_answer(root
     ("pwd; echo $PWD; cd -; env | grep -c PWD=", None, "sub"),
     ("pwd; pwd -P", None, "link/.."),  # chdir follows the link before the `..`: a logical cd would not
     ("echo to stdin >&0; echo $?; read -r x; echo $?", None, None),  # /dev/null, opened for both
-], ids=["long", "path", "shell-variables", "cd-variables", "cwd", "cwd-through-a-link", "stdin"])
+    ("pwd; pwd -P", None, "/proc/self/cwd"),  # the agent's, as in Popen's child, not the spare's
+    ("tr '\\0' '\\n' </proc/$$/environ | sort", {"X": "1"}, None),  # the same variables (in dash's order)
+], ids=["long", "path", "shell-variables", "cd-variables", "cwd", "cwd-through-a-link", "stdin", "cwd-in-proc-self",
+        "environment-block"])
 @pytest.mark.parametrize("agent_has_them", [True, False], ids=["agent-pwd", "agent-no-pwd"])
 def test_what_a_spare_runs_answers_as_the_direct_spawn(root, monkeypatch, command, variables, cwd, agent_has_them):
     """Through the cases, and with an agent whose own environment has PWD and OLDPWD or not (the
@@ -85,8 +88,8 @@ def test_what_a_spare_runs_answers_as_the_direct_spawn(root, monkeypatch, comman
             os.makedirs(os.path.join(env.cwd, "sub", "inner"))
             os.symlink(os.path.join(env.cwd, "sub", "inner"), os.path.join(env.cwd, "link"))
             results.append(env.execute(command, 10, cwd=cwd, env=variables))
-        direct, fast = [(r["output"].replace(env.cwd.encode(), b"CWD"), r["returncode"])
-                        for r, env in zip(results, envs, strict=True)]
+        direct, fast = [(r["output"].replace(env.cwd.encode(), b"CWD").replace(env.instance_id.encode(), b"ID"),
+                         r["returncode"]) for r, env in zip(results, envs, strict=True)]
         assert fast == direct and direct[1] in (0, 1)
     finally:
         for env in envs:
@@ -108,11 +111,13 @@ def test_a_relative_cwd_is_the_agents_and_a_gone_one_fails_as_it_does_directly(r
     assert errors[0] == errors[1] == (FileNotFoundError, 2)
 
 
-def test_an_environment_dash_would_reset_gets_no_spares(root):
-    env = started(root, env={"IFS": ","})
+@pytest.mark.parametrize("name", ["IFS", "a-b"])
+def test_an_environment_dash_would_not_pass_on_as_given_gets_no_spares(root, name):
+    """dash resets IFS, OPTIND and PPID, and drops names that are no shell variable's."""
+    env = started(root, env={name: ","})
     try:
         assert env.spares is None
-        assert env.execute("tr '\\0' '\\n' </proc/$$/environ | grep ^IFS=", 10)["output"] == b"IFS=,\n"
+        assert env.execute(f"tr '\\0' '\\n' </proc/$$/environ | grep ^{name}=", 10)["output"] == f"{name}=,\n".encode()
     finally:
         env.close()
 

@@ -75,9 +75,14 @@ class Spec(BaseModel):
 SpecModel = type[Spec]  # (in Environment's body, `type` is the backend's name)
 
 
+def is_variable_name(name: str) -> bool:
+    """A name a shell takes as a variable's (one that is not, it drops from the environment it passes on)."""
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None
+
+
 def check_command(command: str, env: dict[str, str]) -> None:
     """Refuse what no exec could pass: a NUL byte in the command or a variable, a bad variable name."""
-    bad = [name for name in env if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name)]
+    bad = [name for name in env if not is_variable_name(name)]
     if bad:
         raise ServiceError("invalid_request", f"not a valid environment variable name: {bad[0]!r}")
     if "\0" in command or any("\0" in value for value in env.values()):

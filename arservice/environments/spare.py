@@ -4,14 +4,16 @@ A spare is `dash -c '. /dev/stdin'`, its output already the pipe the agent reads
 in one write of at most PIPE_BUF bytes (which a pipe takes whole or not at all, so a pipe another
 process filled is passed over, never waited on), it changes directory as Popen's `cwd` does, sets
 PWD and OLDPWD back to what Popen's `env` has, exports the command's variables, and execs argv: the
-command is then the process, group and environment Popen(argv, cwd, env) would have made.
+command is then the process, group and environment Popen(argv, cwd, env) would have made (the
+same variables; only their order in the environment block, /proc/PID/environ, is dash's).
 What it cannot make the same (a longer script, PATH or a variable a shell does not export as given,
 a cwd Popen fails on) or cannot take (gone, stopped, not started yet) is left to the direct spawn.
 
 The next spare is started once the command's answer is sent (SpareCommand.answered), on one thread
 for every instance: started beside the command, it competed with it for the CPU. A spare whose agent
 died reads end of file and exits. dash, because it passes on every variable it inherits except
-DASH_RESETS (and PWD, which the script sets back); bash, as /bin/sh on some systems, rewrites `_`.
+DASH_RESETS (and PWD, which the script sets back) and names that are no shell variable's; bash, as
+/bin/sh on some systems, rewrites `_`. An instance whose environment has one of those gets no spares.
 """
 
 import os
@@ -25,6 +27,7 @@ from typing import Any
 
 from ..logs import EventLog
 from . import process
+from .base import is_variable_name
 from .helper import exported_as_given, script_for
 
 log = EventLog("spare")
@@ -42,7 +45,10 @@ def unusable(env: dict[str, str]) -> str | None:
     if shutil.which(WAITING_SHELL, path=env.get("PATH")) is None:
         return f"{WAITING_SHELL} is not installed"
     reset = [name for name in DASH_RESETS if name in env]
-    return f"{WAITING_SHELL} resets {reset[0]}, which the environment sets" if reset else None
+    if reset:
+        return f"{WAITING_SHELL} resets {reset[0]}, which the environment sets"
+    dropped = [name for name in env if not is_variable_name(name)]
+    return f"{WAITING_SHELL} drops {dropped[0]!r}, not a shell variable's name" if dropped else None
 
 
 def command_script(argv: list[str], cwd: str, variables: dict[str, str], env: dict[str, str]) -> bytes | None:
@@ -52,9 +58,10 @@ def command_script(argv: list[str], cwd: str, variables: dict[str, str], env: di
         return None  # Popen looks argv up in PATH, and passes every variable as given
     if not (os.path.isdir(cwd) and os.access(cwd, os.X_OK)):
         return None  # Popen fails on it in its own way
-    # Physically, as chdir does (a logical `cd` reads `link/..` as text), from the agent's directory.
+    # Resolved here, as chdir in a child of the agent would (a logical `cd` reads `link/..` as text,
+    # and /proc/self is the spare's own, not the agent's).
     unset = "".join(f"unset {name}\n" for name in CD_VARIABLES if name not in env)
-    script = (f"exec <>/dev/null\ncd -P -- {shlex.quote(os.path.join(os.getcwd(), cwd))} || exit 126\n{unset}"
+    script = (f"exec <>/dev/null\ncd -P -- {shlex.quote(os.path.realpath(cwd))} || exit 126\n{unset}"
               .encode("utf-8", "surrogateescape")) + script_for(
         argv, None, {**{name: env[name] for name in CD_VARIABLES if name in env}, **variables})
     return script if len(script) <= select.PIPE_BUF else None
