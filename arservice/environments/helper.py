@@ -215,12 +215,13 @@ def script_for(argv: list[str], cwd: str | None, env: dict[str, str]) -> bytes:
     (with PATH, so that `env` is looked up where it was). OLDPWD is the one variable the `cd` sets
     that `docker exec -w` does not. Encoded as Popen encodes arguments (lone surrogates as bytes)."""
     check_command(argv[-1], env)
-    via_env = not all(map(exported_as_given, env))
+    through_env = {name for name in env if not exported_as_given(name)}
+    if through_env and "PATH" in env:
+        through_env.add("PATH")
     lines = [f"cd -- {shlex.quote(cwd)} || exit 126", "unset OLDPWD"] if cwd else []
-    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items()
-              if exported_as_given(name) and not (via_env and name == "PATH")]
-    given = [f"{name}={value}" for name, value in env.items() if not exported_as_given(name) or name == "PATH"]
-    lines.append("exec " + " ".join(shlex.quote(arg) for arg in [*(["env", *given] if via_env else []), *argv]))
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in env.items() if name not in through_env]
+    given = [f"{name}={value}" for name, value in env.items() if name in through_env]
+    lines.append("exec " + " ".join(shlex.quote(arg) for arg in [*(["env", *given] if given else []), *argv]))
     return "\n".join([*lines, ""]).encode("utf-8", "surrogateescape")
 
 

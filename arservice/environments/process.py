@@ -103,6 +103,15 @@ def read_bounded(path: str, limit: int, upto: int | None = None) -> tuple[bytes,
         return joined(head, tail, size - len(head) - len(tail))
 
 
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state, parent, group, ...); None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+
+
 class ProcessTable(NamedTuple):
     """One look at every process in /proc."""
     children: dict[int, list[int]]  # parent pid -> child pids
@@ -123,14 +132,10 @@ def _process_table(newer_than: float) -> ProcessTable:
         if taken <= newer_than:
             taken, table = time.monotonic(), ProcessTable({}, set())
             for entry in os.listdir("/proc"):
-                if not entry.isdigit():
+                fields = stat_fields(entry) if entry.isdigit() else None
+                if fields is None:
                     continue
-                try:
-                    with open(f"/proc/{entry}/stat", "rb") as f:
-                        stat = f.read()
-                except OSError:
-                    continue
-                state, parent, group = stat.rsplit(b")", 1)[1].split()[:3]
+                state, parent, group = fields[:3]
                 table.children.setdefault(int(parent), []).append(int(entry))
                 if state in (b"R", b"D"):
                     table.busy_groups.add(int(group))

@@ -87,11 +87,11 @@ class Spare:
         (`local` isolates nothing): a spare stopped just after the look at its state waits for the
         command's timeout."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t", b"Z"):
-                    return False
+            fields = process.stat_fields(self.proc.pid)
+            if fields is None or fields[0] in (b"T", b"t", b"Z"):
+                return False
             return os.write(self.trigger, script) == len(script)
-        except OSError:  # gone (ENOENT, EPIPE), or its pipe filled by someone else (EAGAIN: nothing written)
+        except OSError:  # gone (EPIPE), or its pipe filled by someone else (EAGAIN: nothing written)
             return False
         finally:
             os.close(self.trigger)
